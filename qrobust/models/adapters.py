@@ -1,0 +1,263 @@
+"""One interface over both kinds of code LM: generate, loss, and the layers to quantize."""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust.models.diffusion import SamplerConfig, diffusion_generate, masked_diffusion_loss
+
+
+@dataclass
+class Generation:
+    """One completion and what it cost. seconds and forward_passes are those of its batch."""
+
+    text: str
+    num_tokens: int
+    seconds: float
+    forward_passes: int
+    batch_size: int
+
+
+@dataclass
+class BlockLayers:
+    """The quantizable linear layers of one transformer block, in forward order.
+
+    groups: layers that read the same input (q/k/v; gate/up) form one group; GPTQ's
+    "true sequential" mode quantizes group by group.
+    """
+
+    index: int
+    prefix: str
+    groups: list[list[str]]
+
+    @property
+    def names(self) -> list[str]:
+        return [n for g in self.groups for n in g]
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+class ModelAdapter(ABC):
+    kind: ClassVar[str]
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, num_layers: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.num_layers = num_layers
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._layers: list[BlockLayers] | None = None
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def blocks_module(self) -> tuple[str, nn.Module]:
+        """The container of transformer blocks (a ModuleList or Sequential of num_layers)."""
+        candidates = [
+            (name, m)
+            for name, m in self.model.named_modules()
+            if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) == self.num_layers
+        ]
+        if not candidates:
+            raise RuntimeError(f"no list of {self.num_layers} transformer blocks found in {self.name}")
+        return min(candidates, key=lambda c: (not c[0].endswith("layers"), len(c[0])))
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.blocks_module()[1])
+
+    def quantizable_layers(self) -> list[BlockLayers]:
+        """Linear layers per block in the order a forward pass calls them, grouped by input."""
+        if self._layers is None:
+            self._layers = self._trace_layers()
+        return self._layers
+
+    def _trace_layers(self) -> list[BlockLayers]:
+        from qrobust.quant.qlinear import QuantLinear  # the quant package builds on this module
+
+        prefix, container = self.blocks_module()
+        calls: list[tuple[str, int]] = []
+        hooks = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, (nn.Linear, QuantLinear)) and name.startswith(prefix + "."):
+                hooks.append(module.register_forward_hook(
+                    lambda m, inp, out, name=name: calls.append((name, id(inp[0])))))
+        try:
+            ids = torch.arange(8, device=self.device)[None] % 4 + 1
+            with torch.no_grad():
+                self.logits(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        per_block: list[BlockLayers] = [BlockLayers(i, f"{prefix}.{i}", []) for i in range(len(container))]
+        last_input: dict[int, int] = {}
+        for name, input_id in calls:
+            i = int(name[len(prefix) + 1:].split(".")[0])
+            block = per_block[i]
+            if any(name in g for g in block.groups):
+                continue
+            if block.groups and last_input.get(i) == input_id:
+                block.groups[-1].append(name)
+            else:
+                block.groups.append([name])
+            last_input[i] = input_id
+        return per_block
+
+    def linear_layer_names(self) -> list[str]:
+        return [n for b in self.quantizable_layers() for n in b.names]
+
+    # ---- computation -----------------------------------------------------------------------
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if hasattr(out, "logits"):
+            return out.logits
+        return out[0] if isinstance(out, tuple) else out
+
+    @abstractmethod
+    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+        """The model's own training objective on a batch (AR: next-token CE; diffusion: ELBO)."""
+
+    @abstractmethod
+    def calibration_inputs(self, input_ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """What the model sees in use, for calibration: clean text (AR) or masked text (diffusion)."""
+
+    @abstractmethod
+    def _generate_batch(self, enc, max_new_tokens: int, stop: Sequence[str], temperature: float,
+                        top_p: float, generator: torch.Generator, on_step) -> tuple[list[str], list[int], int]:
+        """(texts, generated token counts, forward passes) for one tokenized, left-padded batch."""
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 8,
+        on_step: Callable[[], None] | None = None,
+    ) -> list[Generation]:
+        """Complete each prompt; the text is cut at the first stop sequence."""
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        results: list[Generation] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            enc = tok(chunk, return_tensors="pt", padding=True).to(self.device)
+            t0 = time.perf_counter()
+            texts, counts, passes = self._generate_batch(enc, max_new_tokens, stop, temperature, top_p,
+                                                         generator, on_step)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            for text, n in zip(texts, counts):
+                results.append(Generation(cut_at_stop(text, stop), n, seconds, passes, len(chunk)))
+        return results
+
+    def apply_chat_template(self, prompt: str, prefill: str = "") -> str:
+        """The prompt as a chat turn when the tokenizer has a template, else unchanged."""
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return text + prefill
+        return prompt + prefill
+
+
+class ARAdapter(ModelAdapter):
+    """Any transformers causal LM (Qwen3 is the reference)."""
+
+    kind = "ar"
+
+    def logits(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def loss(self, input_ids, attention_mask=None, seed=0):
+        logits = self.logits(input_ids, attention_mask)[:, :-1].float()
+        targets = input_ids[:, 1:]
+        if attention_mask is not None:
+            targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
+        return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100)
+
+    def calibration_inputs(self, input_ids, seed=0):
+        return input_ids
+
+    def _generate_batch(self, enc, max_new_tokens, stop, temperature, top_p, generator, on_step):
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+        with torch.no_grad():
+            out = self.model.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1]:]
+        counts = []
+        for row in new:
+            n = int((row != self.tokenizer.pad_token_id).sum()) if self.tokenizer.pad_token_id is not None else len(row)
+            counts.append(n)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return texts, counts, new.shape[1]
+
+
+class DiffusionAdapter(ModelAdapter):
+    """A masked-diffusion LM: the native TransformerLM(causal=False) or CoDA's remote code."""
+
+    kind = "diffusion"
+
+    def __init__(self, model, tokenizer, name, num_layers, mask_token_id: int, shift_logits: bool,
+                 sampler: SamplerConfig | None = None, eps: float = 1e-3):
+        super().__init__(model, tokenizer, name, num_layers)
+        self.mask_token_id = mask_token_id
+        self.shift_logits = shift_logits
+        self.sampler = sampler or SamplerConfig()
+        self.eps = eps
+
+    def _ratios(self, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return self.eps + (1 - self.eps) * torch.rand(n, generator=g)
+
+    def loss(self, input_ids, attention_mask=None, seed=0):
+        g = torch.Generator().manual_seed(seed + 1)
+        return masked_diffusion_loss(self.logits, input_ids, self._ratios(input_ids.shape[0], seed),
+                                     self.mask_token_id, self.shift_logits, g, attention_mask)
+
+    def elbo(self, input_ids, attention_mask=None, n_samples: int = 4, seed: int = 0) -> torch.Tensor:
+        """Monte-Carlo estimate of the per-token negative ELBO (an upper bound on the NLL)."""
+        return torch.stack([self.loss(input_ids, attention_mask, seed + 7919 * k) for k in range(n_samples)]).mean()
+
+    def calibration_inputs(self, input_ids, seed=0):
+        """Mask ratios stratified over (eps, 1) across sequences, so the layer Hessians cover
+        every noise level the sampler visits, from the all-masked start to the last commits."""
+        from qrobust.models.diffusion import mask_tokens, stratified_mask_ratios
+
+        n = input_ids.shape[0]
+        t = stratified_mask_ratios(n, self.eps)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+        noisy, _ = mask_tokens(input_ids, t, self.mask_token_id, torch.Generator().manual_seed(seed + 1))
+        return noisy
+
+    def _generate_batch(self, enc, max_new_tokens, stop, temperature, top_p, generator, on_step):
+        cfg = SamplerConfig(steps=self.sampler.steps, block_length=self.sampler.block_length,
+                            alg=self.sampler.alg, temperature=temperature, top_p=top_p)
+        out, passes = diffusion_generate(self.logits, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                                         self.mask_token_id, self.shift_logits, cfg, generator, on_step)
+        texts, counts = [], []
+        ends = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
+        for row in out.tolist():
+            n = next((i for i, t in enumerate(row) if t in ends), len(row))
+            counts.append(n)
+            texts.append(self.tokenizer.decode(row[:n], skip_special_tokens=True))
+        return texts, counts, passes

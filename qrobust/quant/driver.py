@@ -1,0 +1,205 @@
+"""Quantize a whole model, block by block, with GPTQ or round-to-nearest.
+
+GPTQ follows the reference driver: capture the first block's inputs on calibration data, then
+for each block accumulate every linear layer's Hessian from its inputs — which come from the
+already-quantized blocks before it — quantize, and run the block again to feed the next one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qrobust.errors import QrobustError
+from qrobust.models.adapters import ModelAdapter
+from qrobust.quant.gptq import GPTQ, output_error
+from qrobust.quant.grid import QuantSpec, rtn
+from qrobust.quant.pack import values_per_chunk
+from qrobust.quant.plan import check_plan_layers
+from qrobust.quant.qlinear import QuantLinear, set_module
+
+METHODS = ("gptq", "rtn")
+
+
+@dataclass
+class QuantizeConfig:
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    percdamp: float = 0.01
+    blocksize: int = 128
+    true_sequential: bool = True
+    nsamples: int = 128
+    seqlen: int = 2048
+    calib: str = "stdlib"
+    seed: int = 0
+    plan: dict[str, QuantSpec] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise QrobustError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        QuantSpec(self.bits, self.group_size, self.sym)  # validates bits and group size
+
+    @property
+    def default_spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.sym)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("plan")
+        d["plan"] = None if self.plan is None else {k: asdict(v) for k, v in self.plan.items()}
+        return d
+
+
+@dataclass
+class LayerRecord:
+    """One row of the per-layer log written next to a checkpoint."""
+
+    name: str
+    block: int
+    bits: int
+    group_size: int
+    method: str
+    weight_error: float  # ‖W − Ŵ‖²_F
+    output_error: float | None  # mean per sequence ‖WX − ŴX‖² on calibration inputs (GPTQ only)
+    gptq_loss: float | None
+    seconds: float
+
+
+def layer_specs(adapter: ModelAdapter, config: QuantizeConfig) -> dict[str, QuantSpec]:
+    """Every quantizable layer's spec, checked before any work starts."""
+    names = adapter.linear_layer_names()
+    plan = config.plan or {}
+    check_plan_layers(plan, names)
+    specs = {n: plan.get(n, config.default_spec) for n in names}
+    for name, spec in specs.items():
+        layer = adapter.model.get_submodule(name)
+        out_f, in_f = layer.weight.shape
+        spec.groups_for(in_f, name)
+        for dim, what in ((in_f, "input"), (out_f, "output")):
+            if dim % values_per_chunk(spec.bits):
+                raise QrobustError(f"{name} has {dim} {what} features; {spec.bits}-bit GPTQ packing needs a "
+                                   f"multiple of {values_per_chunk(spec.bits)}: leave it out of the plan")
+    return specs
+
+
+def _replace(adapter: ModelAdapter, name: str, result) -> QuantLinear:
+    old = adapter.model.get_submodule(name)
+    new = QuantLinear.from_result(result, old.bias, old.weight.dtype)
+    set_module(adapter.model, name, new)
+    return new
+
+
+def _weight_error(weight: torch.Tensor, new: QuantLinear) -> float:
+    return float(((weight.float() - new.dequantized_weight().to(weight.device)) ** 2).sum())
+
+
+def quantize_rtn(adapter: ModelAdapter, config: QuantizeConfig, progress: bool = True) -> list[LayerRecord]:
+    specs = layer_specs(adapter, config)
+    records = []
+    for block in tqdm(adapter.quantizable_layers(), desc="rtn blocks", disable=not progress):
+        for name in block.names:
+            t0 = time.perf_counter()
+            weight = adapter.model.get_submodule(name).weight.detach()
+            new = _replace(adapter, name, rtn(weight, specs[name], name))
+            records.append(LayerRecord(name, block.index, specs[name].bits, specs[name].group_size, "rtn",
+                                       _weight_error(weight, new), None, None, time.perf_counter() - t0))
+    return records
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _capture_block_inputs(adapter: ModelAdapter, calib: torch.Tensor, batch_size: int):
+    """(args, kwargs) of the first block for each calibration batch."""
+    first = adapter.blocks()[0]
+    captured = []
+
+    def hook(module, args, kwargs):
+        captured.append((list(args), dict(kwargs)))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            ids = adapter.calibration_inputs(calib[start:start + batch_size], seed=start)
+            try:
+                adapter.logits(ids.to(adapter.device))
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, hidden):
+    if args:
+        return [hidden, *args[1:]], kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _run_block(block: nn.Module, inputs) -> list[torch.Tensor]:
+    outs = []
+    for args, kwargs in inputs:
+        out = block(*args, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+@torch.no_grad()
+def quantize_gptq(adapter: ModelAdapter, config: QuantizeConfig, calib: torch.Tensor, progress: bool = True,
+                  batch_size: int = 1) -> list[LayerRecord]:
+    specs = layer_specs(adapter, config)
+    inputs = _capture_block_inputs(adapter, calib, batch_size)
+    blocks = adapter.blocks()
+    records = []
+    bar = tqdm(adapter.quantizable_layers(), desc="gptq blocks", disable=not progress)
+    for layers in bar:
+        block = blocks[layers.index]
+        groups = layers.groups if config.true_sequential else [layers.names]
+        for group in groups:
+            gptq = {name: GPTQ(adapter.model.get_submodule(name)) for name in group}
+            hooks = [adapter.model.get_submodule(name).register_forward_hook(
+                lambda m, inp, out, name=name: gptq[name].add_batch(inp[0].detach())) for name in group]
+            try:
+                _run_block(block, inputs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for name in group:
+                t0 = time.perf_counter()
+                spec = specs[name]
+                weight = gptq[name].layer.weight.detach()
+                result, loss = gptq[name].quantize(spec, config.blocksize, config.percdamp, config.act_order,
+                                                   config.static_groups, name)
+                new = _replace(adapter, name, result)
+                out_err = output_error(weight, new.dequantized_weight().to(weight.device), gptq[name].H)
+                records.append(LayerRecord(name, layers.index, spec.bits, spec.group_size, "gptq",
+                                           _weight_error(weight, new), out_err, loss, time.perf_counter() - t0))
+                gptq[name].free()
+            bar.set_postfix(layer=group[-1].rsplit(".", 1)[-1], loss=f"{records[-1].gptq_loss:.3g}")
+        outs = _run_block(block, inputs)
+        inputs = [_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(inputs, outs)]
+    return records
+
+
+def quantize_model(adapter: ModelAdapter, config: QuantizeConfig, calib: torch.Tensor | None = None,
+                   progress: bool = True) -> list[LayerRecord]:
+    """Quantize every linear layer of the blocks in place; returns the per-layer log."""
+    adapter.model.eval()
+    if config.method == "rtn":
+        return quantize_rtn(adapter, config, progress)
+    if calib is None:
+        raise QrobustError("GPTQ needs calibration data: pass --calib (a file, 'stdlib' or 'random')")
+    return quantize_gptq(adapter, config, calib, progress)

@@ -1,0 +1,83 @@
+"""A linear layer stored as a GPTQ checkpoint stores it: packed codes, scales, zero points.
+
+On CPU (and wherever no packed kernel is used) forward dequantizes in torch, caching the
+result; the buffers stay the packed tensors, so what is saved is what was run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust.quant.grid import QuantResult, QuantSpec
+from qrobust.quant.pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
+
+# "gptq" (v1) stores zero − 1, the historical AutoGPTQ convention; "gptq_v2" stores zero as is.
+# Asymmetric grids can have zero = 0, which v1 cannot represent, so they are written as v2.
+FORMAT_OFFSET = {"gptq": 1, "gptq_v2": 0}
+
+
+def checkpoint_format(spec: QuantSpec) -> str:
+    return "gptq" if spec.sym else "gptq_v2"
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool,
+                 dtype: torch.dtype = torch.float16, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.format = checkpoint_format(spec)
+        n_groups = spec.groups_for(in_features)
+        b = spec.bits
+        self.register_buffer("qweight", torch.zeros(in_features * b // 32, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(n_groups, out_features * b // 32, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._weight: torch.Tensor | None = None
+
+    @classmethod
+    def from_result(cls, result: QuantResult, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantLinear":
+        out_features, in_features = result.q.shape
+        spec = result.spec
+        layer = cls(in_features, out_features, spec, bias is not None, dtype, result.q.device)
+        offset = FORMAT_OFFSET[layer.format]
+        layer.qweight.copy_(pack_qweight(result.q.to(torch.int32), spec.bits))
+        zeros = (result.zeros.round().to(torch.int64) - offset) & spec.maxq
+        layer.qzeros.copy_(pack_qzeros(zeros, spec.bits))
+        layer.scales.copy_(result.scales.to(torch.float16))
+        layer.g_idx.copy_(result.g_idx.to(torch.int32))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def codes(self) -> torch.Tensor:
+        return unpack_qweight(self.qweight, self.spec.bits, self.in_features)
+
+    def zero_points(self) -> torch.Tensor:
+        z = unpack_qzeros(self.qzeros, self.spec.bits, self.out_features).to(torch.int64)
+        return (z + FORMAT_OFFSET[self.format]) & self.spec.maxq
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """[out, in] float32 weight: scale · (q − zero), the same arithmetic as the quantizer."""
+        g = self.g_idx.long()
+        q = self.codes().float()
+        return self.scales.float()[g].t() * (q - self.zero_points().float()[g].t())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._weight = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight is None or self._weight.dtype != x.dtype or self._weight.device != x.device:
+            self._weight = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
+        return F.linear(x, self._weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.spec.bits}, "
+                f"group_size={self.spec.group_size}, sym={self.spec.sym}")
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
