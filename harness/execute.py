@@ -1,0 +1,91 @@
+"""Run solutions against their tests in the sandbox, in parallel, and score them."""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+from tqdm.auto import tqdm
+
+from harness.metrics import bootstrap_mean, per_problem_pass_at_k
+from harness.sandbox import Limits, Sandbox
+from harness.tasks import Problem, Task
+from qrobust.errors import QrobustError
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise QrobustError(f"{path} does not exist")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise QrobustError(f"{path}:{i} is not valid JSON: fix or regenerate the file") from None
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write atomically, so an interrupted run never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def normalise_task_id(task: Task, task_id) -> str:
+    if task.name == "mbpp" and not str(task_id).startswith("mbpp/"):
+        return f"mbpp/{task_id}"
+    return str(task_id)
+
+
+def execute_samples(samples: list[dict], task: Task, problems: list[Problem], workers: int = 2,
+                    limits: Limits = Limits(), style: str | None = None, progress: bool = True,
+                    sandbox: Sandbox | None = None) -> list[dict]:
+    """One result row per sample. A sample has `solution` (a module) or `completion`."""
+    by_id = {p.task_id: p for p in problems}
+    style = task.check_style(style or task.default_style)
+    jobs = []
+    for i, s in enumerate(samples):
+        tid = normalise_task_id(task, s.get("task_id"))
+        if tid not in by_id:
+            raise QrobustError(f"sample {i} has task_id {s.get('task_id')!r}, which is not in {task.name}: "
+                               "check --benchmark")
+        solution = s["solution"] if "solution" in s else task.solution(by_id[tid], s.get("completion", ""), style)
+        jobs.append((i, tid, s.get("sample_idx", 0), task.program(by_id[tid], solution)))
+    sandbox = sandbox or Sandbox(limits)
+
+    def run(job):
+        i, tid, idx, program = job
+        r = sandbox.run(program)
+        return {"task_id": tid, "sample_idx": idx, "status": r.status, "passed": r.passed,
+                "reason": r.reason, "seconds": round(r.seconds, 4), "isolation": sandbox.isolation}
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(tqdm(pool.map(run, jobs), total=len(jobs), desc=f"execute {task.name}",
+                            disable=not progress))
+    return results
+
+
+def score(results: list[dict], ks: tuple[int, ...] = (1, 10, 100)) -> dict:
+    """pass@k with bootstrap CIs over problems, and counts per status."""
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    statuses: dict[str, int] = defaultdict(int)
+    for r in results:
+        per_task[r["task_id"]].append(bool(r["passed"]))
+        statuses[r["status"]] += 1
+    counts = [(len(v), sum(v)) for v in per_task.values()]
+    n_min = min((n for n, _ in counts), default=0)
+    summary = {"problems": len(per_task), "samples": len(results), "statuses": dict(statuses),
+               "isolation": sorted({r.get("isolation", "") for r in results})}
+    for k in ks:
+        if k <= n_min:
+            summary[f"pass@{k}"] = bootstrap_mean(per_problem_pass_at_k(counts, k)).as_dict()
+    return summary
