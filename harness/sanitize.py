@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 
 from qrobust.models.adapters import cut_at_stop
 
@@ -19,12 +20,18 @@ def strip_fences(text: str) -> str:
     return "\n".join(blocks) if blocks else text
 
 
+def _parse(code: str) -> ast.Module:
+    with warnings.catch_warnings():  # invalid escape sequences in model or reference code
+        warnings.simplefilter("ignore", (SyntaxWarning, DeprecationWarning))
+        return ast.parse(code)
+
+
 def longest_parsable_prefix(code: str) -> str:
     lines = code.splitlines()
     for end in range(len(lines), 0, -1):
         candidate = "\n".join(lines[:end])
         try:
-            ast.parse(candidate)
+            _parse(candidate)
             return candidate
         except SyntaxError:
             continue
@@ -43,7 +50,7 @@ def _defined_names(node: ast.stmt) -> set[str]:
 def keep_needed_definitions(code: str, entry_point: str | None, also_needed: frozenset[str] = frozenset()) -> str:
     """Imports plus the definitions reachable from entry_point and from names the tests use
     (all definitions if the entry point is absent)."""
-    tree = ast.parse(code)
+    tree = _parse(code)
     imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     defs = [n for n in tree.body if _defined_names(n)]
     by_name: dict[str, list[ast.stmt]] = {}

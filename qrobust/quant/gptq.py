@@ -125,7 +125,7 @@ class GPTQ:
 
 def output_error(weight: torch.Tensor, weight_hat: torch.Tensor, H: torch.Tensor) -> float:
     """Mean per-sequence ‖WX − ŴX‖² from the accumulated H = (2/N) Σ XXᵀ."""
-    D = (weight.float() - weight_hat.float())
+    D = weight.detach().float() - weight_hat.detach().float()
     return float(torch.sum((D @ H) * D) / 2)
 
 

@@ -1,0 +1,193 @@
+"""The `qrobust` command: parses arguments and calls the packages' public APIs."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from qrobust.errors import QrobustError
+
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
+
+
+def parse_bits(text: str) -> list[int]:
+    from qrobust.quant.grid import SUPPORTED_BITS
+
+    try:
+        bits = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise QrobustError(f"bad bit list {text!r}: use comma-separated integers, e.g. 2,3,4") from None
+    bad = [b for b in bits if b not in SUPPORTED_BITS]
+    if not bits or bad:
+        raise QrobustError(f"unsupported bit width(s) {bad or text!r}: choose from {', '.join(map(str, SUPPORTED_BITS))}")
+    return bits
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise QrobustError(f"unknown dtype {name!r}: use float32, float16 or bfloat16")
+    return getattr(torch, name)
+
+
+# ---- models -----------------------------------------------------------------------------------
+def _models_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _models(args: argparse.Namespace) -> int:
+    from qrobust.models import MODELS
+
+    for spec in MODELS.values():
+        print(f"{spec.name:<16} {spec.kind:<10} {spec.source:<32} {spec.description}")
+    return 0
+
+
+# ---- quantize ---------------------------------------------------------------------------------
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="short name, hub id or local directory")
+    p.add_argument("--method", default="gptq", help="gptq or rtn")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+    p.add_argument("--group-size", type=int, default=128, help="columns per quantization group; -1 per channel")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (min-max with a zero point)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ: group grids from the unquantized weights")
+    p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean diag(H)")
+    p.add_argument("--calib", default="stdlib", help="calibration text: a .txt/.jsonl file, 'stdlib' or 'random'")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence")
+    p.add_argument("--plan", help="JSON plan of per-layer bits (from `qrobust plan`)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from qrobust.quant import QuantizeConfig, load_plan
+    from qrobust.quant.grid import QuantSpec
+    from qrobust.quant.run import check_out_dir, quantize_to_dir
+
+    parse_bits(str(args.bits))
+    config = QuantizeConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
+                            act_order=args.act_order, static_groups=args.static_groups, percdamp=args.percdamp,
+                            nsamples=args.nsamples, seqlen=args.calib_seqlen, calib=args.calib, seed=args.seed)
+    if args.plan:
+        config.plan = load_plan(args.plan, QuantSpec(args.bits, args.group_size, args.sym))
+    check_out_dir(args.out, args.overwrite)
+    out = quantize_to_dir(args.model, config, args.out, args.device, _dtype(args.dtype), args.overwrite)
+    print(f"wrote {out} (per-layer errors in {out / 'quant_log.csv'})")
+    return 0
+
+
+# ---- execute ----------------------------------------------------------------------------------
+def _execute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("samples", help="human-eval style JSONL: task_id and completion (or solution)")
+    p.add_argument("--benchmark", required=True, help="humaneval or mbpp")
+    p.add_argument("--style", default=None, help="prompt style the completions were made with")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    p.add_argument("--out", default=None, help="results file (default: SAMPLES_results.jsonl)")
+
+
+def _execute(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness import Limits, execute_samples, get_task, read_jsonl, score, write_jsonl
+
+    task = get_task(args.benchmark)
+    samples = read_jsonl(args.samples)
+    if not samples:
+        raise QrobustError(f"{args.samples} holds no samples")
+    results = execute_samples(samples, task, task.problems(), args.workers, Limits(timeout=args.timeout), args.style)
+    src = Path(args.samples)
+    out = Path(args.out) if args.out else src.with_name(src.stem + "_results.jsonl")
+    write_jsonl(out, results)
+    summary = score(results)
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in summary if k.startswith("pass@") or k == "statuses"}))
+    print(f"wrote {out}")
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------------
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model name/path, or 'reference' for the reference solutions")
+    p.add_argument("--quantized", help="a checkpoint directory written by `qrobust quantize`")
+    p.add_argument("--benchmarks", default="humaneval,mbpp")
+    p.add_argument("--n-samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
+    p.add_argument("--style", default=None, help="prompt style: completion/3shot/zeroshot/instruct")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps (default one per token)")
+    p.add_argument("--block-length", type=int, default=None, help="diffusion: semi-autoregressive block length")
+    p.add_argument("--alg", default="entropy", help="diffusion: confidence rule (confidence, margin, entropy, random)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from harness import EvalConfig, evaluate, summary_table
+    from harness.tasks import parse_benchmarks
+    from qrobust.models import SamplerConfig, load_model
+
+    benchmarks = tuple(parse_benchmarks(args.benchmarks))
+    if args.temperature == 0 and args.n_samples > 1:
+        raise QrobustError("greedy decoding gives identical samples: set --temperature > 0 with --n-samples > 1")
+    config = EvalConfig(benchmarks, args.n_samples, args.temperature, args.top_p, args.max_new_tokens, args.limit,
+                        args.style, args.batch_size, args.workers, args.timeout, args.seed)
+    if args.model == "reference":
+        adapter, name = None, "reference"
+    else:
+        sampler = SamplerConfig(steps=args.steps, block_length=args.block_length, alg=args.alg)
+        name = args.quantized or args.model
+        adapter = load_model(name, device=args.device, dtype=_dtype(args.dtype), sampler=sampler)
+    total = evaluate(adapter, config, args.out, name)
+    print(summary_table(total))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "models": (_models_args, _models, "list the registered model names"),
+    "quantize": (_quantize_args, _quantize, "quantize a model with GPTQ or RTN into a GPTQ checkpoint"),
+    "execute": (_execute_args, _execute, "run completions in the sandbox and score them"),
+    "eval": (_eval_args, _eval, "generate, execute and score HumanEval/MBPP"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qrobust", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, _, help_text) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except QrobustError as e:
+        print(f"qrobust: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qrobust: interrupted; finished files are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

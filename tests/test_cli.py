@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from qrobust.cli import main, parse_bits
+from qrobust.errors import QrobustError
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_quantize_then_eval_through_the_cli(tmp_path, tiny_dirs, capsys):
+    out = tmp_path / "q"
+    code, stdout, _ = run(capsys, "quantize", "--model", str(tiny_dirs["diffusion"]), "--bits", "3",
+                          "--group-size", "32", "--nsamples", "4", "--calib-seqlen", "32", "--out", str(out))
+    assert code == 0 and (out / "quant_log.csv").exists() and (out / "model.safetensors").exists()
+    code, stdout, _ = run(capsys, "eval", "--model", str(out), "--benchmarks", "humaneval", "--limit", "2",
+                          "--max-new-tokens", "8", "--out", str(tmp_path / "ev"))
+    assert code == 0 and "humaneval" in stdout
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())["benchmarks"]["humaneval"]
+    assert summary["problems"] == 2 and summary["generation"]["seconds_per_forward_pass"] > 0
+    for name in ("samples", "sanitized", "results"):
+        assert len((tmp_path / "ev" / "humaneval" / f"{name}.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bits", "5"], "unsupported bit width"),
+    (["--model", "nope"], "unknown model"),
+    (["--group-size", "48"], "does not divide"),
+    (["--method", "awq"], "unknown method"),
+    (["--plan", "PLAN"], "does not have"),
+    (["--calib", "EMPTY"], "empty"),
+])
+def test_quantize_errors_are_one_line_and_write_nothing(tmp_path, tiny_dirs, capsys, argv, message):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"model.layers.7.mlp.up_proj": 2}))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    argv = [str(plan) if a == "PLAN" else str(empty) if a == "EMPTY" else a for a in argv]
+    base = {"--model": str(tiny_dirs["ar"]), "--group-size": "32"}
+    for i in range(0, len(argv), 2):
+        base[argv[i]] = argv[i + 1]
+    args = ["quantize", *[x for kv in base.items() for x in kv], "--nsamples", "2", "--calib-seqlen", "16",
+            "--out", str(tmp_path / "out")]
+    code, _, err = run(capsys, *args)
+    ours = [line for line in err.splitlines() if line.startswith("qrobust: ")]
+    assert code == 2 and len(ours) == 1 and message in ours[0] and err.rstrip().endswith(ours[0])
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_quantize_refuses_to_overwrite_results(tmp_path, tiny_dirs, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_dirs["ar"]), "--out", str(out), "--method", "rtn",
+                       "--group-size", "32")
+    assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "earlier results"
+
+
+def test_parse_bits():
+    assert parse_bits("2,3,4") == [2, 3, 4]
+    for bad in ("5", "2,x", ""):
+        with pytest.raises(QrobustError):
+            parse_bits(bad)

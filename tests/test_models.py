@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qrobust.errors import QrobustError
+from qrobust.models import DiffusionAdapter, SamplerConfig, TransformerLM, load_model
+from qrobust.models.diffusion import masked_diffusion_loss
+from qrobust.models.loading import load_native, read_config
+from qrobust.models.tiny import tiny_config
+
+
+def test_native_causal_model_matches_transformers_qwen3(tiny_dirs, calib):
+    hf = load_model(str(tiny_dirs["ar"]))
+    assert type(hf.model).__name__ == "Qwen3ForCausalLM"
+    native = load_native(tiny_dirs["ar"], read_config(tiny_dirs["ar"]), causal=True, dtype=torch.float32, device="cpu")
+    mask = torch.ones(2, calib.shape[1], dtype=torch.long)
+    mask[0, :7] = 0  # left padding
+    with torch.no_grad():
+        assert torch.allclose(native(calib[:2]), hf.logits(calib[:2]), atol=1e-5)
+        assert torch.allclose(native(calib[:2], mask)[0, 7:], hf.logits(calib[:2], mask)[0, 7:], atol=1e-4)
+
+
+def test_diffusion_attention_is_bidirectional(tiny_dirs, calib):
+    adapter = load_model(str(tiny_dirs["diffusion"]))
+    ids = calib[:1].clone()
+    with torch.no_grad():
+        before = adapter.logits(ids)
+        ids[0, -1] = (ids[0, -1] + 1) % adapter.model.config.vocab_size
+        after = adapter.logits(ids)
+    assert not torch.allclose(before[0, 0], after[0, 0])  # the first position sees the last
+
+
+def test_coda_checkpoint_loads_natively(tmp_path, tokenizer):
+    """A CoDA-shaped checkpoint: model_type CoDA, config says tied, weights hold their own head."""
+    config = tiny_config(tokenizer, causal=False, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    reference = TransformerLM(config)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    cfg = {"model_type": "CoDA", "architectures": ["CoDALanguageModel"], "vocab_size": config.vocab_size,
+           "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+           "tie_word_embeddings": True, "mask_token_id": tokenizer.mask_token_id, "mask_block_sizes": [4, 8]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tokenizer.save_pretrained(str(tmp_path))
+    adapter = load_model(str(tmp_path))
+    assert isinstance(adapter, DiffusionAdapter) and adapter.shift_logits
+    assert not adapter.model.config.tie_word_embeddings
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(adapter.logits(ids), reference(ids))
+
+
+def test_layers_are_listed_in_forward_order_by_block(tiny_dirs):
+    blocks = load_model(str(tiny_dirs["diffusion"])).quantizable_layers()
+    assert len(blocks) == 2
+    short = [[n.rsplit(".", 1)[1] for n in g] for g in blocks[1].groups]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_masked_loss_weights_masked_tokens_by_one_over_t():
+    vocab, ids = 5, torch.tensor([[1, 2, 3, 4]])
+    uniform = lambda x, m: torch.zeros(x.shape[0], x.shape[1], vocab)  # noqa: E731
+    t = torch.tensor([0.5])
+    g = torch.Generator().manual_seed(0)
+    loss = masked_diffusion_loss(uniform, ids, t, mask_token_id=0, shift=False, generator=g)
+    g = torch.Generator().manual_seed(0)
+    n_masked = (torch.rand(ids.shape, generator=g) < 0.5).sum()
+    expected = n_masked * torch.log(torch.tensor(5.0)) / 0.5 / ids.numel()
+    assert torch.isclose(loss, expected)
+
+
+@pytest.mark.parametrize("block_length,steps", [(None, None), (4, 6)])
+def test_diffusion_sampler_fills_every_mask_and_keeps_the_prompt(tiny_dirs, block_length, steps):
+    adapter = load_model(str(tiny_dirs["diffusion"]), sampler=SamplerConfig(steps=steps, block_length=block_length))
+    captured = {}
+    original = adapter.logits
+
+    def spy(ids, mask=None):
+        captured["ids"] = ids.clone()
+        return original(ids, mask)
+
+    adapter.logits = spy
+    prompts = ["def add(a, b):\n", "import os\nprint("]
+    enc = adapter.tokenizer(prompts, return_tensors="pt", padding=True)
+    from qrobust.models.diffusion import diffusion_generate
+
+    out, passes = diffusion_generate(adapter.logits, enc["input_ids"], enc["attention_mask"], 12,
+                                     adapter.mask_token_id, True, adapter.sampler)
+    assert (out != adapter.mask_token_id).all()
+    assert torch.equal(captured["ids"][:, :enc["input_ids"].shape[1]], enc["input_ids"])
+    assert passes == (steps or 12)
+    gens = adapter.generate(prompts, max_new_tokens=12, temperature=0.7, seed=3)
+    assert len(gens) == 2 and all(g.forward_passes == (steps or 12) for g in gens)
+
+
+def test_ar_generation_honours_stop_sequences(tiny_dirs):
+    adapter = load_model(str(tiny_dirs["ar"]))
+    free = adapter.generate(["def f(x):\n"], max_new_tokens=24)[0].text
+    assert len(free) > 6
+    stop = free[3:6]
+    stopped = adapter.generate(["def f(x):\n"], max_new_tokens=24, stop=[stop])[0]
+    assert stop not in stopped.text and stopped.text == free[:free.index(stop)]
+    assert stopped.num_tokens < 24  # generation itself stopped, not just the text
+
+
+def test_unknown_models_fail_clearly(tmp_path):
+    with pytest.raises(QrobustError, match="unknown model"):
+        load_model("no-such-model")
+    with pytest.raises(QrobustError, match="model hub"):
+        load_model("no-such-org/no-such-model")
+    (tmp_path / "x").mkdir()
+    with pytest.raises(QrobustError, match="config.json"):
+        load_model(str(tmp_path / "x"))

@@ -1,0 +1,158 @@
+import json
+
+import pytest
+import torch
+
+from qrobust.calib import calibration_tokens
+from qrobust.errors import QrobustError
+from qrobust.models import load_model
+from qrobust.quant import GPTQ, QuantizeConfig, QuantLinear, QuantSpec, output_error, parse_plan, quantize_model, rtn
+from qrobust.quant.checkpoint import load_quantized, save_quantized
+from qrobust.quant.qlinear import set_module
+
+KINDS = ["ar", "diffusion"]
+
+
+def correlated_inputs(n_seq: int, seq: int, dim: int, seed: int) -> torch.Tensor:
+    """Non-white activations: a few strong directions and unequal feature scales, like LLM inputs."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=g) * torch.logspace(0, -2, dim)[:, None]
+    return torch.randn(n_seq, seq, dim, generator=g) @ mix + 0.3 * torch.randn(dim, generator=g)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bits,group_size,act_order", [(2, 32, False), (3, 32, True), (4, -1, False), (4, 32, True)])
+def test_gptq_output_error_below_rtn_for_every_layer(tiny_dirs, kind, bits, group_size, act_order):
+    adapter = load_model(str(tiny_dirs[kind]))
+    spec = QuantSpec(bits, group_size, sym=True)
+    for i, name in enumerate(adapter.linear_layer_names()):
+        layer = adapter.model.get_submodule(name)
+        gptq = GPTQ(layer)
+        gptq.add_batch(correlated_inputs(16, 32, layer.in_features, seed=i))
+        result, _ = gptq.quantize(spec, act_order=act_order)
+        err_gptq = output_error(layer.weight, result.dequantize(), gptq.H)
+        err_rtn = output_error(layer.weight, rtn(layer.weight, spec).dequantize(), gptq.H)
+        assert err_gptq < err_rtn, f"{name}: GPTQ {err_gptq:.4g} ≥ RTN {err_rtn:.4g}"
+
+
+def test_group_grids_see_in_block_updates():
+    """With groups smaller than the lazy block, a group's grid must come from the weights as
+    updated so far inside the block, so the block size changes only speed, not the result."""
+    layer = torch.nn.Linear(128, 16, bias=False)
+    torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(0))
+    gptq = GPTQ(layer)
+    gptq.add_batch(correlated_inputs(8, 64, 128, seed=1))
+    spec = QuantSpec(3, 32)
+    lazy, _ = gptq.quantize(spec, blocksize=128)
+    eager, _ = gptq.quantize(spec, blocksize=32)
+    assert torch.allclose(lazy.scales, eager.scales, rtol=1e-3)
+    assert (lazy.q == eager.q).float().mean() > 0.995
+
+
+def _quantized(tiny_dirs, calib, kind, **cfg):
+    adapter = load_model(str(tiny_dirs[kind]))
+    config = QuantizeConfig(nsamples=calib.shape[0], seqlen=calib.shape[1], **cfg)
+    records = quantize_model(adapter, config, calib, progress=False)
+    return adapter, config, records
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantize_save_reload_gives_same_logits(tmp_path, tiny_dirs, calib, kind, bits):
+    adapter, config, records = _quantized(tiny_dirs, calib, kind, bits=bits, group_size=32)
+    assert all(isinstance(adapter.model.get_submodule(n), QuantLinear) for n in adapter.linear_layer_names())
+    out = save_quantized(adapter, config, records, tmp_path / "q", base_model=str(tiny_dirs[kind]))
+    reloaded = load_quantized(out)
+    assert reloaded.kind == adapter.kind
+    with torch.no_grad():
+        assert torch.equal(adapter.logits(calib[:3]), reloaded.logits(calib[:3]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_asym_act_order_rtn_checkpoints_reload(tmp_path, tiny_dirs, calib, kind):
+    for i, cfg in enumerate([dict(sym=False, act_order=True, group_size=32), dict(method="rtn", bits=3, group_size=-1)]):
+        adapter, config, records = _quantized(tiny_dirs, calib, kind, **cfg)
+        out = save_quantized(adapter, config, records, tmp_path / f"q{i}", base_model="tiny")
+        with torch.no_grad():
+            assert torch.equal(adapter.logits(calib[:2]), load_quantized(out).logits(calib[:2]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eight_bit_gptq_loss_within_one_percent(tiny_dirs, calib, kind):
+    base = load_model(str(tiny_dirs[kind]))
+    with torch.no_grad():
+        fp = base.loss(calib[:8], seed=5).item()
+    adapter, _, _ = _quantized(tiny_dirs, calib, kind, bits=8, group_size=32)
+    with torch.no_grad():
+        q8 = adapter.loss(calib[:8], seed=5).item()
+    assert abs(q8 - fp) / fp < 0.01
+
+
+def test_checkpoint_layout_is_gptq(tmp_path, tiny_dirs, calib):
+    adapter, config, records = _quantized(tiny_dirs, calib, "ar", bits=4, group_size=32, act_order=True)
+    out = save_quantized(adapter, config, records, tmp_path / "q", base_model="tiny")
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj"
+    in_f, out_f = 128, 64
+    assert state[f"{name}.qweight"].shape == (in_f * 4 // 32, out_f) and state[f"{name}.qweight"].dtype == torch.int32
+    assert state[f"{name}.qzeros"].shape == (in_f // 32, out_f * 4 // 32)
+    assert state[f"{name}.scales"].dtype == torch.float16 and state[f"{name}.g_idx"].shape == (in_f,)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc | {} == json.loads((out / "quantize_config.json").read_text())
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"]) == ("gptq", 4, 32, True, True)
+    assert qc["checkpoint_format"] == "gptq"
+    # v1 format: stored zero point is zero − 1 (8 − 1 = 7 for symmetric 4-bit)
+    assert int(state[f"{name}.qzeros"][0, 0]) & 0xF == 7
+    log = (out / "quant_log.csv").read_text().splitlines()
+    assert log[0].startswith("name,block,bits") and len(log) == 1 + len(adapter.linear_layer_names())
+
+
+def test_plan_sets_bits_per_layer(tmp_path, tiny_dirs, calib):
+    names = load_model(str(tiny_dirs["ar"])).linear_layer_names()
+    plan = parse_plan({names[0]: 2, names[-1]: {"bits": 8, "group_size": 64}}, QuantSpec(4, 32))
+    adapter, config, records = _quantized(tiny_dirs, calib, "ar", bits=4, group_size=32, plan=plan)
+    got = {n: adapter.model.get_submodule(n).spec for n in names}
+    assert got[names[0]].bits == 2 and got[names[-1]] == QuantSpec(8, 64) and got[names[1]].bits == 4
+    out = save_quantized(adapter, config, records, tmp_path / "q", base_model="tiny")
+    dynamic = json.loads((out / "quantize_config.json").read_text())["dynamic"]
+    assert len(dynamic) == 2 and all(k.startswith("+:^") for k in dynamic)
+    assert load_quantized(out).model.get_submodule(names[0]).spec.bits == 2
+
+
+def test_plan_errors(tiny_dirs, calib, tmp_path):
+    with pytest.raises(QrobustError, match="supported"):
+        parse_plan({"x": 5}, QuantSpec())
+    plan = parse_plan({"model.layers.9.mlp.up_proj": 2}, QuantSpec(4, 32))
+    with pytest.raises(QrobustError, match="does not have"):
+        _quantized(tiny_dirs, calib, "ar", plan=plan, group_size=32)
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    from qrobust.quant import load_plan
+
+    with pytest.raises(QrobustError, match="not valid JSON"):
+        load_plan(bad, QuantSpec())
+
+
+def test_calibration_data_errors(tmp_path, tokenizer):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(QrobustError, match="empty"):
+        calibration_tokens(tokenizer, str(empty), 4, 32)
+    short = tmp_path / "short.txt"
+    short.write_text("def f(): pass\n")
+    with pytest.raises(QrobustError, match="fewer than one window"):
+        calibration_tokens(tokenizer, str(short), 4, 512)
+    with pytest.raises(QrobustError, match="does not exist"):
+        calibration_tokens(tokenizer, str(tmp_path / "missing.jsonl"), 4, 32)
+    ids = calibration_tokens(tokenizer, "stdlib", 4, 32, seed=1)
+    assert ids.shape == (4, 32) and torch.equal(ids, calibration_tokens(tokenizer, "stdlib", 4, 32, seed=1))
+
+
+def test_diffusion_calibration_is_masked_at_spread_ratios(tiny_dirs, calib):
+    adapter = load_model(str(tiny_dirs["diffusion"]))
+    noisy = adapter.calibration_inputs(calib, seed=0)
+    ratios = (noisy == adapter.mask_token_id).float().mean(1)
+    assert ratios.min() < 0.2 and ratios.max() > 0.8
+    assert torch.equal(noisy, adapter.calibration_inputs(calib, seed=0))
