@@ -89,3 +89,32 @@ def score(results: list[dict], ks: tuple[int, ...] = (1, 10, 100)) -> dict:
         if k <= n_min:
             summary[f"pass@{k}"] = bootstrap_mean(per_problem_pass_at_k(counts, k)).as_dict()
     return summary
+
+
+def per_problem_pass_at_1(results: list[dict]) -> dict[str, float]:
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    for r in results:
+        per_task[r["task_id"]].append(bool(r["passed"]))
+    return {t: sum(v) / len(v) for t, v in per_task.items()}
+
+
+def compare_runs(dir_a: str | Path, dir_b: str | Path) -> dict[str, dict]:
+    """Paired comparison, per benchmark, of two eval runs on the problems both ran (B − A)."""
+    from harness.metrics import paired_comparison
+
+    out = {}
+    for bench_a in sorted(p for p in Path(dir_a).iterdir() if (p / "results.jsonl").exists()):
+        path_b = Path(dir_b) / bench_a.name / "results.jsonl"
+        if not path_b.exists():
+            continue
+        a = per_problem_pass_at_1(read_jsonl(bench_a / "results.jsonl"))
+        b = per_problem_pass_at_1(read_jsonl(path_b))
+        common = sorted(set(a) & set(b))
+        if not common:
+            continue
+        cmp = paired_comparison([a[t] for t in common], [b[t] for t in common])
+        out[bench_a.name] = {"problems": len(common), "pass@1_a": sum(a[t] for t in common) / len(common),
+                             "pass@1_b": sum(b[t] for t in common) / len(common), **cmp.as_dict()}
+    if not out:
+        raise QrobustError(f"{dir_a} and {dir_b} share no benchmark results: point both at `qrobust eval --out` dirs")
+    return out

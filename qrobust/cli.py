@@ -161,11 +161,30 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- compare ----------------------------------------------------------------------------------
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_a", help="an eval output directory (the baseline)")
+    p.add_argument("run_b", help="another eval output directory on the same problems")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from harness import compare_runs
+
+    result = compare_runs(args.run_a, args.run_b)
+    print(f"{'benchmark':<10} {'problems':>8} {'pass@1 A':>9} {'pass@1 B':>9} {'B - A':>7} {'95% CI':>17} {'McNemar p':>10}")
+    for name, r in result.items():
+        ci = f"[{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]"
+        print(f"{name:<10} {r['problems']:>8} {r['pass@1_a']:>9.3f} {r['pass@1_b']:>9.3f} {r['diff_value']:>+7.3f} "
+              f"{ci:>17} {r['p_value']:>10.3g}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "models": (_models_args, _models, "list the registered model names"),
     "quantize": (_quantize_args, _quantize, "quantize a model with GPTQ or RTN into a GPTQ checkpoint"),
     "execute": (_execute_args, _execute, "run completions in the sandbox and score them"),
     "eval": (_eval_args, _eval, "generate, execute and score HumanEval/MBPP"),
+    "compare": (_compare_args, _compare, "paired comparison of two eval runs (difference, CI, McNemar)"),
 }
 
 

@@ -75,3 +75,20 @@ def test_mbpp_setup_code_follows_the_solution():
                                                                          also_needed=frozenset({"Node"}))}],
                           task, [p], progress=False)
     assert res[0]["passed"]
+
+
+def test_compare_two_runs(tmp_path, capsys):
+    for run, passed in (("a", [True, True, True, False]), ("b", [False, False, True, False])):
+        d = tmp_path / run / "mbpp"
+        d.mkdir(parents=True)
+        rows = [{"task_id": f"mbpp/{11 + i}", "sample_idx": 0, "passed": p, "status": "passed" if p else "failed"}
+                for i, p in enumerate(passed)]
+        (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from harness import compare_runs
+
+    result = compare_runs(tmp_path / "a", tmp_path / "b")["mbpp"]
+    assert result["problems"] == 4 and result["diff_value"] == pytest.approx(-0.5)
+    assert (result["only_a"], result["only_b"]) == (2, 0) and result["p_value"] == pytest.approx(0.5)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "mbpp" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path)]) == 2
