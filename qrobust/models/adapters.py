@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrobust.models.diffusion import SamplerConfig, diffusion_generate, masked_diffusion_loss
+from qrobust.models.diffusion import (
+    SamplerConfig, diffusion_generate, mask_tokens, masked_diffusion_loss, stratified_mask_ratios,
+)
 
 
 @dataclass
@@ -242,8 +244,6 @@ class DiffusionAdapter(ModelAdapter):
     def calibration_inputs(self, input_ids, seed=0):
         """Mask ratios stratified over (eps, 1) across sequences, so the layer Hessians cover
         every noise level the sampler visits, from the all-masked start to the last commits."""
-        from qrobust.models.diffusion import mask_tokens, stratified_mask_ratios
-
         n = input_ids.shape[0]
         t = stratified_mask_ratios(n, self.eps)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
         noisy, _ = mask_tokens(input_ids, t, self.mask_token_id, torch.Generator().manual_seed(seed + 1))
