@@ -156,3 +156,23 @@ def test_diffusion_calibration_is_masked_at_spread_ratios(tiny_dirs, calib):
     ratios = (noisy == adapter.mask_token_id).float().mean(1)
     assert ratios.min() < 0.2 and ratios.max() > 0.8
     assert torch.equal(noisy, adapter.calibration_inputs(calib, seed=0))
+
+
+def test_act_order_groups_follow_g_idx():
+    """Without static groups, act-order groups follow the permuted order (g_idx not monotone);
+    with static groups, g_idx is column // group size. Both dequantize from the stored grids."""
+    layer = torch.nn.Linear(64, 8, bias=False)
+    torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(2))
+    gptq = GPTQ(layer)
+    gptq.add_batch(correlated_inputs(4, 32, 64, seed=3))
+    spec = QuantSpec(4, 16)
+    dynamic, _ = gptq.quantize(spec, act_order=True)
+    static, _ = gptq.quantize(spec, act_order=True, static_groups=True)
+    assert not torch.equal(dynamic.g_idx, torch.arange(64, dtype=torch.int32) // 16)
+    assert torch.equal(static.g_idx, torch.arange(64, dtype=torch.int32) // 16)
+    assert sorted(torch.bincount(dynamic.g_idx.long()).tolist()) == [16] * 4
+    for result in (dynamic, static):
+        grid_w = result.scales[result.g_idx.long()].t() * (result.q.float() - result.zeros[result.g_idx.long()].t())
+        assert torch.equal(result.dequantize(), grid_w)
+        assert output_error(layer.weight, result.dequantize(), gptq.H) < output_error(
+            layer.weight, rtn(layer.weight, spec).dequantize(), gptq.H)

@@ -67,7 +67,6 @@ class GPTQ:
         Losses = torch.zeros(self.rows, device=W.device)
         scales, zeros = [None] * n_groups, [None] * n_groups
         g_order = torch.empty(self.columns, dtype=torch.int32, device=W.device)
-        scale = zero = None
 
         for i1 in range(0, self.columns, blocksize):
             i2 = min(i1 + blocksize, self.columns)
@@ -85,13 +84,12 @@ class GPTQ:
                 if static_grids is not None:
                     g = int(perm[col]) // gs if perm is not None else col // gs
                     scale, zero = static_grids[g]
-                elif col % gs == 0:
-                    # Block size is aligned to the group size, so the group's columns are either in
-                    # W1 (already updated by this block) or start at a block boundary of W.
+                else:
                     g = col // gs
-                    scale, zero = find_params(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs], spec)
-                if static_grids is None:
-                    g = col // gs
+                    if col % gs == 0:
+                        # Block size is aligned to the group size, so the group's columns are either
+                        # in W1 (already updated by this block) or start at a block boundary of W.
+                        scale, zero = find_params(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs], spec)
                 scales[g], zeros[g] = scale, zero
                 g_order[col] = g
                 q = quantize(w, scale, zero, spec.maxq)
