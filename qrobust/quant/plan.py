@@ -14,6 +14,8 @@ from qrobust.quant.grid import SUPPORTED_BITS, QuantSpec
 
 def parse_plan(data: object, default: QuantSpec, source: str = "plan") -> dict[str, QuantSpec]:
     if isinstance(data, dict) and "layers" in data:
+        if data.get("format") == "qrobust-plan" and data.get("version") != 1:
+            raise QrobustError(f"{source} has plan version {data.get('version')}; this qrobust reads version 1")
         data = data["layers"]
     if not isinstance(data, dict) or not data:
         raise QrobustError(f"{source} must map layer names to bits, e.g. {{\"model.layers.0.mlp.down_proj\": 4}}")

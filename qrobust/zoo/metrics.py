@@ -1,0 +1,55 @@
+"""Likelihood metrics shared by training, model cards and sweeps (nats per token)."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from qrobust.models.diffusion import masked_diffusion_loss
+
+Logits = Callable[..., torch.Tensor]
+
+
+def windows(tokens: torch.Tensor, seq_len: int, n: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows [n, seq_len] from a 1-D token stream."""
+    count = tokens.numel() // seq_len if n is None else min(n, tokens.numel() // seq_len)
+    return tokens[:count * seq_len].view(count, seq_len).long()
+
+
+@torch.no_grad()
+def ar_nll(logits_fn: Logits, ids: torch.Tensor, batch_size: int = 16) -> float:
+    """Exact next-token NLL per predicted token."""
+    total, count = 0.0, 0
+    for b in ids.split(batch_size):
+        logits = logits_fn(b)[:, :-1].float()
+        total += float(F.cross_entropy(logits.transpose(1, 2), b[:, 1:], reduction="sum"))
+        count += b[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def diffusion_nelbo(logits_fn: Logits, ids: torch.Tensor, mask_token_id: int, shift: bool = True,
+                    samples: int = 8, seed: int = 0, batch_size: int = 16) -> float:
+    """Monte-Carlo negative ELBO per token: `samples` mask ratios stratified over (0, 1) per
+    window, each with its own seeded mask. An upper bound on the NLL per token."""
+    total = 0.0
+    for k in range(samples):
+        t_value = (k + 0.5) / samples
+        for j, b in enumerate(ids.split(batch_size)):
+            g = torch.Generator().manual_seed(seed + 1000 * k + j)
+            t = torch.full((b.shape[0],), t_value)
+            total += float(masked_diffusion_loss(logits_fn, b, t, mask_token_id, shift, g)) * b.numel()
+    return total / (samples * ids.numel())
+
+
+def unigram_nll(train_tokens: torch.Tensor, val_tokens: torch.Tensor, vocab_size: int) -> float:
+    """NLL per token of a unigram model fit on the training tokens (add-one smoothing)."""
+    counts = torch.bincount(train_tokens.long(), minlength=vocab_size).double() + 1
+    logp = torch.log(counts / counts.sum())
+    return float(-logp[val_tokens.long()].mean())
+
+
+def top_files(counter: Counter, n: int) -> list[str]:
+    return [k for k, _ in counter.most_common(n)]
