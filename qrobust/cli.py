@@ -301,6 +301,61 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- sweep / report ---------------------------------------------------------------------------
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="tiny-ar,tiny-dllm", help="comma-separated names, hub ids or directories")
+    p.add_argument("--bits", default="2,3,4")
+    p.add_argument("--methods", default="gptq,rtn,hawq")
+    p.add_argument("--benchmarks", default="humaneval,mbpp")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--hawq-probes", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="sandbox workers")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--executor", default="local", help="local (this process) or ray")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
+    p.add_argument("--out", default="results/sweep")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from qrobust.sweep import SweepConfig, sweep
+
+    try:
+        seeds = tuple(int(s) for s in _csv(args.seeds))
+    except ValueError:
+        raise QrobustError(f"bad seed list {args.seeds!r}: use integers, e.g. 0,1,2") from None
+    config = SweepConfig(models=_csv(args.models), bits=tuple(parse_bits(args.bits)), methods=_csv(args.methods),
+                         benchmarks=_csv(args.benchmarks), seeds=seeds, limit=args.limit, group_size=args.group_size,
+                         nsamples=args.nsamples, seqlen=args.calib_seqlen, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, batch_size=args.batch_size, hawq_probes=args.hawq_probes,
+                         device=args.device, workers=args.workers)
+    out = sweep(config, args.out, args.executor, args.ray_address)
+    print(f"results in {out / 'results.parquet'} (and .csv); next: qrobust report {out}")
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a sweep output directory")
+    p.add_argument("--tolerance", type=float, default=0.02, help="allowed loss of the recommended config")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from qrobust.report import report
+
+    print(f"wrote {report(args.run_dir, args.tolerance)}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "models": (_models_args, _models, "list the registered model names"),
     "quantize": (_quantize_args, _quantize, "quantize a model with GPTQ or RTN into a GPTQ checkpoint"),
@@ -309,6 +364,8 @@ COMMANDS: dict[str, Command] = {
     "compare": (_compare_args, _compare, "paired comparison of two eval runs (difference, CI, McNemar)"),
     "zoo": (_zoo_args, _zoo, "build, train and evaluate the built-in model pair"),
     "plan": (_plan_args, _plan, "hawq: per-layer bits under a budget, from Hessian-trace sensitivities"),
+    "sweep": (_sweep_args, _sweep, "baseline and every model x method x bits x seed: quantize, evaluate, store"),
+    "report": (_report_args, _report, "Markdown report with plots, paired deltas and recommendations"),
 }
 
 

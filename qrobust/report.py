@@ -1,0 +1,270 @@
+"""`qrobust report`: a Markdown report with plots from a sweep's results table and config files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import ttest_rel
+
+from harness.metrics import bootstrap_mean, mcnemar_exact
+from qrobust.errors import QrobustError
+from qrobust.sweep import BASELINE
+
+
+def load_records(run_dir: Path) -> list[dict]:
+    recs = [json.loads(p.read_text()) for p in sorted((run_dir / "configs").glob("*.json"))]
+    return [r for r in recs if r["status"] == "ok"]
+
+
+def _group(records: list[dict]) -> dict[tuple, list[dict]]:
+    """Records by (model, method, bits), seeds together."""
+    out: dict[tuple, list[dict]] = {}
+    for r in records:
+        j = r["job"]
+        out.setdefault((j["model"], j["method"], j["bits"]), []).append(r)
+    return out
+
+
+def per_problem(recs: list[dict], bench: str) -> dict[str, float]:
+    """Pass rate of each problem averaged over seeds."""
+    tasks = recs[0]["benchmarks"][bench]["passed"].keys()
+    return {t: float(np.mean([r["benchmarks"][bench]["passed"][t] for r in recs])) for t in tasks}
+
+
+def per_window(recs: list[dict]) -> np.ndarray:
+    return np.mean([r["likelihood"]["per_window"] for r in recs], axis=0)
+
+
+def summary_table(records: list[dict], benchmarks: list[str]) -> pd.DataFrame:
+    rows = []
+    for (model, method, bits), recs in _group(records).items():
+        row = {"model": model, "kind": recs[0]["kind"], "method": method, "bits": bits,
+               "avg_bits": float(np.mean([r.get("avg_bits", bits) for r in recs])), "seeds": len(recs)}
+        lik = bootstrap_mean(per_window(recs))
+        row.update(likelihood=lik.value, likelihood_low=lik.low, likelihood_high=lik.high,
+                   likelihood_kind=recs[0]["likelihood"]["kind"])
+        for b in benchmarks:
+            est = bootstrap_mean(np.array(list(per_problem(recs, b).values())))
+            gens = [r["benchmarks"][b]["summary"].get("generation") or {} for r in recs]
+            row.update({f"{b}_pass1": est.value, f"{b}_low": est.low, f"{b}_high": est.high,
+                        f"{b}_tok_s": np.mean([g.get("tokens_per_second") or np.nan for g in gens]),
+                        f"{b}_peak_mib": np.mean([(g.get("peak_memory_bytes") or np.nan) / 2**20 for g in gens])})
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["model", "method", "bits"]).reset_index(drop=True)
+
+
+def paired_deltas(records: list[dict], benchmarks: list[str]) -> pd.DataFrame:
+    """Every config against its own model's full-precision baseline, on the same problems/windows."""
+    groups = _group(records)
+    rows = []
+    for (model, method, bits), recs in groups.items():
+        base = groups.get((model, BASELINE, 16))
+        if method == BASELINE or base is None:
+            continue
+        a, b = per_window(base), per_window(recs)
+        d = bootstrap_mean(b - a)
+        p = float(ttest_rel(b, a).pvalue) if len(a) > 1 and np.any(b != a) else 1.0
+        rows.append({"model": model, "method": method, "bits": bits, "metric": recs[0]["likelihood"]["kind"],
+                     "baseline": float(a.mean()), "value": float(b.mean()), "delta": d.value, "ci_low": d.low,
+                     "ci_high": d.high, "relative": d.value / float(a.mean()), "p_value": p, "test": "paired t over windows"})
+        for bench in benchmarks:
+            pa, pb = per_problem(base, bench), per_problem(recs, bench)
+            tasks = sorted(set(pa) & set(pb))
+            va, vb = np.array([pa[t] for t in tasks]), np.array([pb[t] for t in tasks])
+            d = bootstrap_mean(vb - va)
+            sa = base[0]["benchmarks"][bench]["passed"]
+            sb = next(r for r in recs if r["job"]["seed"] == base[0]["job"]["seed"])["benchmarks"][bench]["passed"] \
+                if any(r["job"]["seed"] == base[0]["job"]["seed"] for r in recs) else recs[0]["benchmarks"][bench]["passed"]
+            only_a = sum(sa[t] and not sb[t] for t in tasks)
+            only_b = sum(sb[t] and not sa[t] for t in tasks)
+            rows.append({"model": model, "method": method, "bits": bits, "metric": f"{bench} pass@1",
+                         "baseline": float(va.mean()), "value": float(vb.mean()), "delta": d.value, "ci_low": d.low,
+                         "ci_high": d.high, "relative": d.value / va.mean() if va.mean() else np.nan,
+                         "p_value": mcnemar_exact(only_a, only_b), "test": "exact McNemar (first seed)"})
+    return pd.DataFrame(rows)
+
+
+def recommend(table: pd.DataFrame, benchmarks: list[str], tolerance: float) -> pd.DataFrame:
+    """Per model: the config with the fewest average bits whose held-out loss is within
+    `tolerance` (relative) of full precision and whose pass@1 drops by at most `tolerance`."""
+    rows = []
+    for model, t in table.groupby("model"):
+        base = t[t.method == BASELINE]
+        if base.empty:
+            continue
+        base = base.iloc[0]
+        ok = t[(t.method != BASELINE) & (t.likelihood <= base.likelihood * (1 + tolerance))]
+        for b in benchmarks:
+            ok = ok[ok[f"{b}_pass1"] >= base[f"{b}_pass1"] - tolerance]
+        if ok.empty:
+            rows.append({"model": model, "recommendation": "none: keep full precision", "avg_bits": 16.0})
+            continue
+        best = ok.sort_values(["avg_bits", "likelihood"]).iloc[0]
+        rows.append({"model": model, "recommendation": f"{best.method} {best.bits}-bit", "avg_bits": best.avg_bits,
+                     "likelihood": best.likelihood, "baseline_likelihood": base.likelihood})
+    return pd.DataFrame(rows)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _x(bits: float) -> float:
+    return 5.0 if bits == 16 else bits  # full precision drawn at the right edge, labelled "fp"
+
+
+def plot_metric(table: pd.DataFrame, col: str, low: str, high: str, ylabel: str, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (kind, method), t in table[table.method != BASELINE].groupby(["kind", "method"]):
+        t = t.sort_values("bits")
+        base = table[(table.kind == kind) & (table.method == BASELINE)]
+        t = pd.concat([t, base])
+        xs = [_x(b) for b in t.bits]
+        ax.errorbar(xs, t[col], yerr=[t[col] - t[low], t[high] - t[col]], marker="o", capsize=3,
+                    ls="-" if kind == "ar" else "--", label=f"{kind} · {method}")
+    ax.set_xticks([2, 3, 4, 5], ["2", "3", "4", "fp"])
+    ax.set_xlabel("bits")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_degradation(table: pd.DataFrame, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (kind, method), t in table[table.method != BASELINE].groupby(["kind", "method"]):
+        base = table[(table.model == t.model.iloc[0]) & (table.method == BASELINE)].likelihood.iloc[0]
+        t = t.sort_values("bits")
+        ax.errorbar(t.bits, (t.likelihood - base) / base * 100,
+                    yerr=[(t.likelihood - t.likelihood_low) / base * 100, (t.likelihood_high - t.likelihood) / base * 100],
+                    marker="o", capsize=3, ls="-" if kind == "ar" else "--", label=f"{kind} · {method}")
+    ax.set_xlabel("bits")
+    ax.set_ylabel("held-out loss increase vs own baseline (%)")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_title("relative degradation: diffusion (dashed) vs AR (solid)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_cost(table: pd.DataFrame, benchmarks: list[str], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    b = benchmarks[0]
+    for (kind, method), t in table.groupby(["kind", "method"]):
+        t = t.sort_values("bits")
+        axes[0].plot([_x(x) for x in t.bits], t[f"{b}_tok_s"], "o-" if kind == "ar" else "s--", label=f"{kind} · {method}")
+        axes[1].plot([_x(x) for x in t.bits], t[f"{b}_peak_mib"], "o-" if kind == "ar" else "s--", label=f"{kind} · {method}")
+    for ax, label in zip(axes, ("tokens / s", "peak memory (MiB)")):
+        ax.set_xticks([2, 3, 4, 5], ["2", "3", "4", "fp"])
+        ax.set_xlabel("bits")
+        ax.set_ylabel(f"{label} ({b} generation)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_frontiers(run_dir: Path, path: Path) -> bool:
+    from hawq.allocate import layer_bytes, pareto_frontier
+
+    plans = {}
+    for p in sorted((run_dir / "plans").glob("*.json")) if (run_dir / "plans").exists() else []:
+        doc = json.loads(p.read_text())
+        plans.setdefault(doc["model"]["name"], doc)
+    if not plans:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (model, doc) in enumerate(plans.items()):
+        sens, gs = doc["sensitivities"], doc["config"]["group_size"]
+        bits = [int(b) for b in doc["config"]["bits"]]
+        costs = {n: {int(b): v for b, v in s["omega"].items()} for n, s in sens.items()}
+        n = {k: s["n_params"] for k, s in sens.items()}
+        sizes = {k: {b: layer_bytes(s["n_params"], *s["shape"], b, gs) for b in bits} for k, s in sens.items()}
+        rows = pareto_frontier(costs, n, sizes, bits)
+        opt = [r for r in rows if r["kind"] == "hawq"]
+        uni = [r for r in rows if r["kind"] == "uniform"]
+        ax.plot([r["total_bytes"] / 2**20 for r in opt], [r["sensitivity"] for r in opt], "-", color=f"C{i}", label=f"{model} hawq")
+        ax.plot([r["total_bytes"] / 2**20 for r in uni], [r["sensitivity"] for r in uni], "s", color=f"C{i}", label=f"{model} uniform")
+    ax.set_yscale("log")
+    ax.set_xlabel("quantized weights (MiB)")
+    ax.set_ylabel("total sensitivity Σ Ω")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _md(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(f"{v:{floatfmt}}" if isinstance(v, float) else str(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
+    run = Path(run_dir)
+    if not (run / "configs").exists():
+        raise QrobustError(f"{run} holds no sweep results: run `qrobust sweep --out {run}` first")
+    records = load_records(run)
+    if not records:
+        raise QrobustError(f"{run} has no finished configs yet")
+    sweep_info = json.loads((run / "sweep.json").read_text())
+    benchmarks = list(sweep_info["config"]["benchmarks"])
+    table = summary_table(records, benchmarks)
+    deltas = paired_deltas(records, benchmarks)
+    rec = recommend(table, benchmarks, tolerance)
+    table.to_csv(run / "summary.csv", index=False)
+    deltas.to_csv(run / "deltas.csv", index=False)
+    figs = []
+    for b in benchmarks:
+        plot_metric(table, f"{b}_pass1", f"{b}_low", f"{b}_high", f"{b} pass@1 (95% CI)", run / f"pass1_{b}.png")
+        figs.append((f"{b} pass@1 vs bits", f"pass1_{b}.png"))
+    plot_metric(table, "likelihood", "likelihood_low", "likelihood_high", "held-out loss, nats/token (95% CI)",
+                run / "likelihood.png")
+    figs.append(("Held-out loss (AR: NLL; diffusion: negative ELBO) vs bits", "likelihood.png"))
+    plot_degradation(table, run / "degradation.png")
+    figs.append(("Relative degradation vs each model's own full-precision baseline", "degradation.png"))
+    plot_cost(table, benchmarks, run / "latency_memory.png")
+    figs.append(("Generation speed and peak memory vs bits", "latency_memory.png"))
+    if plot_frontiers(run, run / "frontier.png"):
+        figs.append(("hawq Pareto frontier (uniform configs as squares)", "frontier.png"))
+    env = sweep_info["environment"]
+    failed = [json.loads(p.read_text()) for p in sorted((run / "configs").glob("*.json"))]
+    failed = [f for f in failed if f["status"] != "ok"]
+    cfg = sweep_info["config"]
+    text = [
+        "# qrobust sweep report", "",
+        f"Models {', '.join(cfg['models'])}; methods {', '.join(cfg['methods'])}; bits {cfg['bits']}; seeds "
+        f"{cfg['seeds']}; benchmarks {', '.join(benchmarks)} (limit {cfg['limit']}); group size {cfg['group_size']}.",
+        f"Environment: qrobust {env.get('qrobust')} (commit {env.get('commit')}), torch {env.get('torch')}, "
+        f"transformers {env.get('transformers')}, Python {env.get('python')}, device {env.get('gpu', env.get('device'))}, "
+        f"{env.get('cpus')} CPUs.", "",
+        "Seeds change the calibration windows (and the diffusion masks of the held-out loss); intervals are "
+        "bootstrap 95% CIs over problems (pass@1) or held-out windows (loss), seeds pooled.", "",
+        "## Recommendation", "",
+        f"Smallest config within {tolerance:g} of full precision (relative held-out loss, absolute pass@1):", "",
+        _md(rec), "",
+        "## Results", "", _md(table.drop(columns=[c for c in table.columns if c.endswith(("_tok_s", "_peak_mib"))])), "",
+        "## Paired deltas vs each model's own baseline", "", _md(deltas), "",
+    ]
+    for title, f in figs:
+        text += [f"### {title}", "", f"![{title}]({f})", ""]
+    if failed:
+        text += ["## Failed configs", ""] + [f"- `{f['id']}`: {f['error']}" for f in failed] + [""]
+    (run / "report.md").write_text("\n".join(text))
+    return run / "report.md"

@@ -1,0 +1,288 @@
+"""The degradation study: every (model × method × bits × seed) config, quantized, scored, stored.
+
+Each finished config is written atomically to configs/<id>.json as soon as it completes, so a
+killed sweep (even by SIGKILL) loses only the config in flight; a re-run skips finished
+configs and retries failed ones. results.parquet/.csv — one row per config × benchmark × seed —
+is rebuilt from those files and is what `qrobust report` reads.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from qrobust import __version__
+from qrobust.errors import QrobustError
+
+METHODS = ("gptq", "rtn", "hawq")
+BASELINE = "fp16"
+
+
+@dataclass
+class SweepConfig:
+    models: tuple[str, ...] = ("tiny-ar", "tiny-dllm")
+    bits: tuple[int, ...] = (2, 3, 4)
+    methods: tuple[str, ...] = METHODS
+    benchmarks: tuple[str, ...] = ("humaneval", "mbpp")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    limit: int | None = None
+    group_size: int = 128
+    nsamples: int = 32
+    seqlen: int = 512
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    batch_size: int = 8
+    hawq_candidates: tuple[int, ...] = (2, 3, 4, 8)
+    hawq_probes: int = 32
+    device: str = "cpu"
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    method: str
+    bits: int
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.model.replace('/', '--')}__{self.method}__{self.bits}__s{self.seed}"
+
+
+def plan_jobs(config: SweepConfig) -> list[Job]:
+    jobs = []
+    for model in config.models:
+        for seed in config.seeds:
+            jobs.append(Job(model, BASELINE, 16, seed))
+            jobs += [Job(model, m, b, seed) for m in config.methods for b in config.bits]
+    return jobs
+
+
+def validate(config: SweepConfig) -> None:
+    """Check arguments before any work starts."""
+    from harness.tasks import get_task
+    from qrobust.models.loading import MODELS, resolve_source
+    from qrobust.quant.grid import QuantSpec
+
+    for b in config.bits:
+        QuantSpec(b, config.group_size)
+    bad = [m for m in config.methods if m not in METHODS]
+    if bad:
+        raise QrobustError(f"unknown method(s) {', '.join(bad)}: choose from {', '.join(METHODS)}")
+    for name in config.benchmarks:
+        get_task(name)
+    for model in config.models:
+        if model not in MODELS:
+            resolve_source(model)  # raises a clear error for unknown names and missing directories
+    if not config.seeds:
+        raise QrobustError("no seeds given: use e.g. --seeds 0,1,2")
+
+
+def environment(device: str) -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    env = {"qrobust": __version__, "commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "device": device, "machine": platform.machine(),
+           "cpus": os.cpu_count()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def likelihood(adapter, seqlen: int, seed: int) -> dict:
+    """Held-out loss per token on the validation sample shipped with qrobust, per window too."""
+    from qrobust.zoo.card import read_val_sample
+    from qrobust.zoo.metrics import ar_nll, diffusion_nelbo, windows
+    from qrobust.zoo.train import tokenize_docs
+
+    ids = windows(tokenize_docs(adapter.tokenizer, read_val_sample()), seqlen).to(adapter.device)
+    per_window = []
+    with torch.no_grad():
+        for row in ids.split(1):
+            if adapter.kind == "ar":
+                per_window.append(ar_nll(adapter.logits, row))
+            else:
+                per_window.append(diffusion_nelbo(adapter.logits, row, adapter.mask_token_id, adapter.shift_logits,
+                                                  samples=4, seed=seed))
+    kind = "nll" if adapter.kind == "ar" else "neg_elbo"
+    return {"kind": kind, "value": sum(per_window) / len(per_window), "per_window": per_window}
+
+
+def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path):
+    """A quantized copy of the base model for this job, and facts about it."""
+    from qrobust.calib import calibration_tokens
+    from qrobust.quant import QuantizeConfig, QuantSpec, quantize_model
+
+    adapter = copy.deepcopy(base)
+    if job.method == BASELINE:
+        return adapter, {"avg_bits": 16.0}
+    calib = calibration_tokens(adapter.tokenizer, "stdlib", config.nsamples, config.seqlen, seed=job.seed)
+    facts: dict = {}
+    plan = None
+    if job.method == "hawq":
+        from hawq import Budget, PlanConfig, analyse, plan_document, solve
+
+        pconf = PlanConfig(bits=config.hawq_candidates, group_size=config.group_size, probes=config.hawq_probes,
+                           seed=job.seed)
+        sens = analyse(base, calib, pconf, progress=False)
+        alloc = solve(sens, pconf, Budget(avg_bits=float(job.bits)))
+        doc = plan_document(base, job.model, sens, pconf, Budget(avg_bits=float(job.bits)), alloc,
+                            {"source": "stdlib", "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": job.seed})
+        (out_dir / "plans").mkdir(exist_ok=True)
+        (out_dir / "plans" / f"{job.id}.json").write_text(json.dumps(doc, indent=2))
+        plan = {n: QuantSpec(b, config.group_size) for n, b in alloc.bits.items()}
+        facts["avg_bits"] = alloc.avg_bits
+    method = "rtn" if job.method == "rtn" else "gptq"
+    qconf = QuantizeConfig(method=method, bits=job.bits, group_size=config.group_size, nsamples=config.nsamples,
+                           seqlen=config.seqlen, seed=job.seed, plan=plan)
+    t0 = time.perf_counter()
+    records = quantize_model(adapter, qconf, calib if method == "gptq" else None, progress=False)
+    facts["quantize_seconds"] = time.perf_counter() - t0
+    facts.setdefault("avg_bits", float(job.bits))
+    facts["layer_output_error"] = sum(r.output_error or 0.0 for r in records)
+    return adapter, facts
+
+
+def run_job(job: Job, config: SweepConfig, out_dir: Path, base_cache: dict) -> dict:
+    """Quantize, measure likelihood, evaluate every benchmark; returns the config record."""
+    from harness import EvalConfig, evaluate
+    from qrobust.models import load_model
+
+    if job.model not in base_cache:
+        base_cache.clear()  # one base model in memory at a time
+        base_cache[job.model] = load_model(job.model, device=config.device)
+    base = base_cache[job.model]
+    torch.manual_seed(job.seed)
+    adapter, facts = quantize_for(job, base, config, out_dir)
+    record = {"job": asdict(job), "id": job.id, "kind": base.kind, **facts,
+              "likelihood": likelihood(adapter, config.seqlen, job.seed)}
+    eval_config = EvalConfig(tuple(config.benchmarks), 1, config.temperature, 0.95, config.max_new_tokens,
+                             config.limit, None, config.batch_size, config.workers, 10.0, job.seed)
+    total = evaluate(adapter, eval_config, out_dir / "runs" / job.id, job.model, progress=False)
+    record["benchmarks"] = {}
+    for name, s in total["benchmarks"].items():
+        rows = [json.loads(x) for x in (out_dir / "runs" / job.id / name / "results.jsonl").read_text().splitlines()]
+        record["benchmarks"][name] = {"summary": s, "passed": {r["task_id"]: r["passed"] for r in rows}}
+    return record
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def local_executor(jobs: list[Job], config: SweepConfig, out_dir: Path, on_done: Callable[[Job, dict], None],
+                   ray_address: str | None = None) -> None:
+    cache: dict = {}
+    for job in jobs:
+        on_done(job, _guarded(job, config, out_dir, cache))
+
+
+def _guarded(job: Job, config: SweepConfig, out_dir: Path, cache: dict) -> dict:
+    try:
+        return {"status": "ok", **run_job(job, config, out_dir, cache)}
+    except Exception as e:  # a failed config is recorded and the sweep goes on
+        return {"status": "failed", "id": job.id, "job": asdict(job), "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(limit=5)}
+
+
+def ray_executor(jobs: list[Job], config: SweepConfig, out_dir: Path, on_done: Callable[[Job, dict], None],
+                 ray_address: str | None = None) -> None:
+    """Each config as a Ray task (one GPU each when the device is CUDA) on a Ray cluster."""
+    try:
+        import ray
+    except ImportError:
+        raise QrobustError("--executor ray needs Ray: pip install 'qrobust[ray]'") from None
+    ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
+    gpus = 1 if config.device.startswith("cuda") else 0
+    task = ray.remote(num_gpus=gpus, max_retries=0)(lambda j: _guarded(j, config, out_dir, {}))
+    pending = {task.remote(j): j for j in jobs}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            on_done(pending.pop(ref), ray.get(ref))
+
+
+EXECUTORS = {"local": local_executor, "ray": ray_executor}
+
+
+def sweep(config: SweepConfig, out_dir: str | Path, executor: str = "local", ray_address: str | None = None,
+          progress: bool = True) -> Path:
+    validate(config)
+    if executor not in EXECUTORS:
+        raise QrobustError(f"unknown executor {executor!r}: choose from {', '.join(EXECUTORS)}")
+    out = Path(out_dir)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"config": asdict(config), "environment": environment(config.device)},
+                                               indent=2))
+    jobs = plan_jobs(config)
+    done = {p.stem for p in (out / "configs").glob("*.json")
+            if json.loads(p.read_text()).get("status") == "ok"}
+    todo = [j for j in jobs if j.id not in done]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep configs", disable=not progress)
+
+    def on_done(job: Job, record: dict) -> None:
+        _write_json(out / "configs" / f"{job.id}.json", record)
+        bar.update(1)
+        bar.set_postfix(last=job.id, status=record["status"])
+
+    EXECUTORS[executor](todo, config, out, on_done, ray_address)
+    bar.close()
+    write_table(out)
+    return out
+
+
+def result_rows(out_dir: str | Path) -> list[dict]:
+    """The tidy table: one row per config × benchmark × seed (likelihood rows use benchmark 'heldout')."""
+    out = Path(out_dir)
+    env = json.loads((out / "sweep.json").read_text())["environment"] if (out / "sweep.json").exists() else {}
+    rows = []
+    for path in sorted((out / "configs").glob("*.json")):
+        rec = json.loads(path.read_text())
+        job = rec["job"]
+        common = {"config_id": rec["id"], "model": job["model"], "kind": rec.get("kind"), "method": job["method"],
+                  "bits": job["bits"], "avg_bits": rec.get("avg_bits"), "seed": job["seed"], "status": rec["status"],
+                  "error": rec.get("error"), "quantize_seconds": rec.get("quantize_seconds"),
+                  **{f"env_{k}": v for k, v in env.items()}}
+        if rec["status"] != "ok":
+            rows.append({**common, "benchmark": None})
+            continue
+        lik = rec["likelihood"]
+        rows.append({**common, "benchmark": "heldout", "metric": lik["kind"], "value": lik["value"]})
+        for name, b in rec["benchmarks"].items():
+            s, g = b["summary"], b["summary"].get("generation") or {}
+            p1 = s.get("pass@1", {})
+            rows.append({**common, "benchmark": name, "metric": "pass@1", "value": p1.get("value"),
+                         "ci_low": p1.get("ci_low"), "ci_high": p1.get("ci_high"), "problems": s["problems"],
+                         "passed": sum(b["passed"].values()), "tokens_per_second": g.get("tokens_per_second"),
+                         "seconds_per_batch": g.get("seconds_per_batch_median"),
+                         "seconds_per_forward_pass": g.get("seconds_per_forward_pass"),
+                         "peak_memory_bytes": g.get("peak_memory_bytes"), "peak_memory_kind": g.get("peak_memory_kind")})
+    return rows
+
+
+def write_table(out_dir: str | Path) -> Path:
+    import pandas as pd
+
+    out = Path(out_dir)
+    df = pd.DataFrame(result_rows(out))
+    df.to_csv(out / "results.csv", index=False)
+    df.to_parquet(out / "results.parquet", index=False)
+    return out / "results.parquet"
