@@ -20,9 +20,16 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
         raise OSError(ctypes.get_errno(), f"mount {source} on {target} failed")
 
 
-def _mount_private_tmp() -> None:
+def _mount_private_tmp(keep: list) -> None:
+    """A fresh /tmp; directories in `keep` that lie under /tmp (an interpreter in a virtual
+    environment there) stay visible, bound back from file descriptors opened before the mount."""
     _mount("none", "/", None, MS_REC | MS_PRIVATE)
+    kept = [(p, os.open(p, os.O_PATH)) for p in keep if p == "/tmp" or p.startswith("/tmp/")]
     _mount("tmpfs", "/tmp", "tmpfs", 0, "size=64m,mode=1777")
+    for path, fd in kept:
+        os.makedirs(path, exist_ok=True)
+        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        os.close(fd)
 
 
 def _closed_ancestor(path: str) -> str | None:
@@ -66,7 +73,7 @@ def _limits(cfg: dict) -> None:
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     if cfg["private_tmp"]:
-        _mount_private_tmp()
+        _mount_private_tmp(cfg["expose"])
         if cfg["uid"] is not None:
             _expose(cfg["expose"])
     workdir = cfg["workdir"] or os.path.join("/tmp", "sandbox")

@@ -108,11 +108,9 @@ def write_frontier(rows: list[dict], agreement: dict[int, float] | None, out_dir
     if agreement is not None:
         (out / "agreement.csv").write_text("bits,spearman_hawq_vs_proxy\n" +
                                            "".join(f"{b},{r:.4f}\n" for b, r in agreement.items()))
-    import matplotlib
+    from qrobust.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     opt = [r for r in rows if r["kind"] == "hawq"]
     uni = [r for r in rows if r["kind"] == "uniform"]
@@ -126,7 +124,5 @@ def write_frontier(rows: list[dict], agreement: dict[int, float] | None, out_dir
     ax.set_ylabel("total sensitivity Σ Ω")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "frontier.png", dpi=120)
-    plt.close(fig)
+    save(fig, out / "frontier.png")
     return out

@@ -49,10 +49,10 @@ def quantized_loss(base, bits: dict[str, int], group_size: int, calib: torch.Ten
 
 
 def validate_model(name: str, config: PlanConfig, nsamples: int, seqlen: int, budgets=BUDGETS,
-                   random_seeds: int = 2) -> tuple[list[dict], dict, list[dict]]:
-    base = load_model(name)
+                   random_seeds: int = 2, device: str = "cpu") -> tuple[list[dict], dict, list[dict]]:
+    base = load_model(name, device=device)
     calib = calibration_tokens(base.tokenizer, "stdlib", nsamples, seqlen, seed=config.seed)
-    ids = windows(tokenize_docs(base.tokenizer, read_val_sample()), seqlen)
+    ids = windows(tokenize_docs(base.tokenizer, read_val_sample()), seqlen).to(base.device)
     t0 = time.perf_counter()
     sens = analyse(base, calib, config)
     analysis_seconds = time.perf_counter() - t0
@@ -80,11 +80,9 @@ def validate_model(name: str, config: PlanConfig, nsamples: int, seqlen: int, bu
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from qrobust.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -100,9 +98,47 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("validation loss (nats/token)")
         ax.set_title(model)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
+
+
+def uniform_at(rows: list[dict], avg_bits: float) -> float:
+    """Loss of uniform quantization at avg_bits, linear between the measured integer widths."""
+    pts = sorted((r["avg_bits"], r["val_loss"]) for r in rows if r["method"] == "uniform")
+    for (b0, l0), (b1, l1) in zip(pts, pts[1:]):
+        if b0 <= avg_bits <= b1:
+            return l0 + (l1 - l0) * (avg_bits - b0) / (b1 - b0)
+    raise ValueError(f"no uniform configs around {avg_bits} bits")
+
+
+def summary(rows: list[dict]) -> tuple[list[dict], bool]:
+    """Per model and budget: hawq against uniform (interpolated between integer widths) and random."""
+    table, wins = [], True
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        for budget in sorted({r["budget"] for r in mine if r["method"] == "hawq"}):
+            at = {r["method"]: r for r in mine if r["budget"] == budget}
+            rand = [r["val_loss"] for m, r in at.items() if m.startswith("random")]
+            hawq = at["hawq"]
+            uniform = uniform_at(mine, hawq["avg_bits"])
+            wins &= hawq["val_loss"] < uniform
+            table.append({"model": model, "budget": budget, "avg_bits": round(hawq["avg_bits"], 4),
+                          "hawq": round(hawq["val_loss"], 4), "hawq_proxy": round(at["hawq-proxy"]["val_loss"], 4),
+                          "uniform": round(uniform, 4), "random_mean": round(sum(rand) / len(rand), 4),
+                          "hawq_beats_uniform": hawq["val_loss"] < uniform})
+    return table, wins
+
+
+def write_summary(rows: list[dict], infos: dict, path: Path) -> bool:
+    table, wins = summary(rows)
+    cols = list(table[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in table]
+    lines += ["", "Spearman agreement of the trace-weighted and proxy rankings, per bit width:", ""]
+    lines += [f"- {m}: " + ", ".join(f"{b} bits {v:.3f}" for b, v in info["agreement"].items())
+              for m, info in infos.items()]
+    lines += ["", f"hawq below uniform at every budget: {'yes' if wins else 'no'}", ""]
+    path.write_text("\n".join(lines))
+    return wins
 
 
 def main() -> None:
@@ -113,13 +149,14 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", default="results/hawq")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = PlanConfig(group_size=args.group_size, probes=args.probes)
     all_rows, infos = [], {}
     for name in args.models.split(","):
-        rows, info, frontier = validate_model(name, config, args.nsamples, args.seqlen)
+        rows, info, frontier = validate_model(name, config, args.nsamples, args.seqlen, device=args.device)
         all_rows += rows
         infos[name] = info
         write_frontier(frontier, info["agreement"], out / name, f"{name}: sensitivity vs size")
@@ -129,8 +166,10 @@ def main() -> None:
         w.writerows(all_rows)
     (out / "validation_info.json").write_text(json.dumps(infos, indent=2))
     plot(all_rows, out / "validation.png")
+    wins = write_summary(all_rows, infos, out / "summary.md")
     for r in all_rows:
         print(f"{r['model']:<10} {r['method']:<11} budget {r['budget']:>5} avg {r['avg_bits']:.3f} loss {r['val_loss']:.4f}")
+    print(f"hawq below uniform at every budget: {'yes' if wins else 'no'} (table: {out / 'summary.md'})")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="stdlib", help="calibration text: a .txt/.jsonl file, 'stdlib' or 'random'")
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence")
+    p.add_argument("--calib-batch-size", type=int, default=1, help="calibration sequences per block forward")
     p.add_argument("--plan", help="JSON plan of per-layer bits (from `qrobust plan`)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -78,7 +79,8 @@ def _quantize(args: argparse.Namespace) -> int:
     parse_bits(str(args.bits))
     config = QuantizeConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                             act_order=args.act_order, static_groups=args.static_groups, percdamp=args.percdamp,
-                            nsamples=args.nsamples, seqlen=args.calib_seqlen, calib=args.calib, seed=args.seed)
+                            nsamples=args.nsamples, seqlen=args.calib_seqlen, calib=args.calib, seed=args.seed,
+                            batch_size=args.calib_batch_size)
     if args.plan:
         config.plan = load_plan(args.plan, QuantSpec(args.bits, args.group_size, args.sym))
     check_out_dir(args.out, args.overwrite)
@@ -198,6 +200,8 @@ def _zoo_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--headers", type=int, default=100)
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--workers", type=int, default=2, help="sandboxed test processes")
 
 
 def _zoo(args: argparse.Namespace) -> int:
@@ -225,7 +229,8 @@ def _zoo(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model_dir)
     out = args.out or str(model_dir.parent / f"eval-{model_dir.name}")
-    card = evaluate_zoo_model(model_dir, args.corpus, out, args.headers, args.limit, device=args.device)
+    card = evaluate_zoo_model(model_dir, args.corpus, out, args.headers, args.limit, args.workers,
+                              args.device, args.batch_size)
     print(json.dumps(card["quality"], indent=2))
     return 0
 
@@ -310,7 +315,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="tiny-ar,tiny-dllm", help="comma-separated names, hub ids or directories")
     p.add_argument("--bits", default="2,3,4")
     p.add_argument("--methods", default="gptq,rtn,hawq")
-    p.add_argument("--benchmarks", default="humaneval,mbpp")
+    p.add_argument("--benchmarks", default="humaneval,mbpp", help="comma-separated, or 'none' for the held-out loss only")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
     p.add_argument("--group-size", type=int, default=128)
@@ -322,6 +327,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hawq-probes", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="sandbox workers")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--probe", action="store_true", help="also run `qrobust probe` on each model's configs")
     p.add_argument("--executor", default="local", help="local (this process) or ray")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
     p.add_argument("--out", default="results/sweep")
@@ -334,13 +340,92 @@ def _sweep(args: argparse.Namespace) -> int:
         seeds = tuple(int(s) for s in _csv(args.seeds))
     except ValueError:
         raise QrobustError(f"bad seed list {args.seeds!r}: use integers, e.g. 0,1,2") from None
+    benchmarks = () if args.benchmarks == "none" else _csv(args.benchmarks)
     config = SweepConfig(models=_csv(args.models), bits=tuple(parse_bits(args.bits)), methods=_csv(args.methods),
-                         benchmarks=_csv(args.benchmarks), seeds=seeds, limit=args.limit, group_size=args.group_size,
+                         benchmarks=benchmarks, seeds=seeds, limit=args.limit, group_size=args.group_size,
                          nsamples=args.nsamples, seqlen=args.calib_seqlen, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, batch_size=args.batch_size, hawq_probes=args.hawq_probes,
-                         device=args.device, workers=args.workers)
+                         device=args.device, workers=args.workers, probe=args.probe)
     out = sweep(config, args.out, args.executor, args.ray_address)
     print(f"results in {out / 'results.parquet'} (and .csv); next: qrobust report {out}")
+    return 0
+
+
+# ---- bench ------------------------------------------------------------------------------------
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench_command", required=True)
+    q = sub.add_parser("quantize", help="GPTQ time per stage and peak memory at a real model shape")
+    q.add_argument("--shape", default="qwen3-1.7b")
+    q.add_argument("--kind", default="ar", help="ar or diffusion")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=2048)
+    q.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (quick runs)")
+    q.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (quick runs)")
+    q.add_argument("--device", default="cuda")
+    q.add_argument("--peer", default=None, help="gptqmodel: quantize the same model with it, same run")
+    q.add_argument("--calib-batch-size", type=int, default=1, help="calibration sequences per block forward")
+    q.add_argument("--no-fuse", action="store_true", help="one GPTQ solve per layer even where inputs are shared")
+    q.add_argument("--work-dir", default=None, help="where the random model is written (default: a temp dir)")
+    q.add_argument("--out", default=None, help="JSON file for the measurements")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from qrobust.bench import QuantBench, bench_quantize, summary_lines
+
+    bench = QuantBench(shape=args.shape, kind=args.kind, bits=args.bits, group_size=args.group_size,
+                       nsamples=args.nsamples, seqlen=args.seqlen, layers=args.layers, vocab_size=args.vocab_size,
+                       device=args.device, peer=args.peer, fuse_shared=not args.no_fuse,
+                       calib_batch_size=args.calib_batch_size)
+    parse_bits(str(args.bits))
+    results = bench_quantize(bench, args.work_dir, args.out)
+    for line in summary_lines(results):
+        print(line)
+    return 0
+
+
+# ---- probe ------------------------------------------------------------------------------------
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="short name, hub id or local directory")
+    p.add_argument("--quantized", action="append", default=[], help="a quantized checkpoint (repeatable)")
+    p.add_argument("--method", default=None, help="quantize here: gptq, rtn or hawq")
+    p.add_argument("--bits", default=None, help="with --method: comma-separated widths, e.g. 2,3,4")
+    p.add_argument("--plan", default=None, help="quantize here with a plan from `qrobust plan`")
+    p.add_argument("--tasks", default="humaneval,mbpp", help="humaneval, mbpp, gsm8k")
+    p.add_argument("--gsm8k", default=None, help="GSM8K test split as JSONL (question, answer); else the hub")
+    p.add_argument("--shots", default="0,3")
+    p.add_argument("--questions", default="state,bits")
+    p.add_argument("--limit", type=int, default=None, help="first K problems of each task")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2, help="sandbox workers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from qrobust.models import load_model
+    from qrobust.probe import ProbeConfig, build_targets, check_tasks, run_probe
+
+    try:
+        shots = tuple(int(k) for k in _csv(args.shots))
+    except ValueError:
+        raise QrobustError(f"bad --shots {args.shots!r}: use integers, e.g. 0,3") from None
+    config = ProbeConfig(tasks=_csv(args.tasks), shots=shots, questions=_csv(args.questions), limit=args.limit,
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, workers=args.workers,
+                         seed=args.seed, gsm8k_path=args.gsm8k)
+    bits = parse_bits(args.bits) if args.bits else []
+    check_tasks(config)
+    base = load_model(args.model, device=args.device)
+    targets = build_targets(args.model, base, args.out, args.quantized, args.method, bits, args.plan,
+                            args.group_size, args.nsamples, args.calib_seqlen, args.seed)
+    path = run_probe(base, targets, config, args.out, "qrobust " + " ".join(sys.argv[1:]))
+    print(f"wrote {path}")
     return 0
 
 
@@ -366,6 +451,8 @@ COMMANDS: dict[str, Command] = {
     "plan": (_plan_args, _plan, "hawq: per-layer bits under a budget, from Hessian-trace sensitivities"),
     "sweep": (_sweep_args, _sweep, "baseline and every model x method x bits x seed: quantize, evaluate, store"),
     "report": (_report_args, _report, "Markdown report with plots, paired deltas and recommendations"),
+    "bench": (_bench_args, _bench, "performance benchmarks at real model shapes (random weights, no hub)"),
+    "probe": (_probe_args, _probe, "ask full-precision and quantized models whether they are quantized"),
 }
 
 

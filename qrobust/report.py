@@ -10,6 +10,7 @@ from scipy.stats import ttest_rel
 
 from harness.metrics import bootstrap_mean, mcnemar_exact
 from qrobust.errors import QrobustError
+from qrobust.plotting import pyplot, save
 from qrobust.sweep import BASELINE
 
 
@@ -107,21 +108,12 @@ def recommend(table: pd.DataFrame, benchmarks: list[str], tolerance: float) -> p
     return pd.DataFrame(rows)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _x(bits: float) -> float:
     return 5.0 if bits == 16 else bits  # full precision drawn at the right edge, labelled "fp"
 
 
 def plot_metric(table: pd.DataFrame, col: str, low: str, high: str, ylabel: str, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (kind, method), t in table[table.method != BASELINE].groupby(["kind", "method"]):
         t = t.sort_values("bits")
@@ -134,14 +126,12 @@ def plot_metric(table: pd.DataFrame, col: str, low: str, high: str, ylabel: str,
     ax.set_xlabel("bits")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_degradation(table: pd.DataFrame, deltas: pd.DataFrame, path: Path) -> None:
     """Relative held-out loss increase with paired 95% CIs (same windows, same masks)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     kinds = dict(zip(table.model, table.kind))
     lik = deltas[deltas.metric.isin(["nll", "neg_elbo"])]
@@ -156,13 +146,11 @@ def plot_degradation(table: pd.DataFrame, deltas: pd.DataFrame, path: Path) -> N
     ax.set_yscale("symlog", linthresh=1)
     ax.set_title("relative degradation: diffusion (dashed) vs AR (solid), paired 95% CI")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_cost(table: pd.DataFrame, benchmarks: list[str], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     b = benchmarks[0]
     for (kind, method), t in table.groupby(["kind", "method"]):
@@ -174,9 +162,7 @@ def plot_cost(table: pd.DataFrame, benchmarks: list[str], path: Path) -> None:
         ax.set_xlabel("bits")
         ax.set_ylabel(f"{label} ({b} generation)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_frontiers(run_dir: Path, path: Path) -> bool:
@@ -188,7 +174,7 @@ def plot_frontiers(run_dir: Path, path: Path) -> bool:
         plans.setdefault(doc["model"]["name"], doc)
     if not plans:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (model, doc) in enumerate(plans.items()):
         sens, gs = doc["sensitivities"], doc["config"]["group_size"]
@@ -205,9 +191,7 @@ def plot_frontiers(run_dir: Path, path: Path) -> bool:
     ax.set_xlabel("quantized weights (MiB)")
     ax.set_ylabel("total sensitivity Σ Ω")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
     return True
 
 
@@ -217,6 +201,23 @@ def _md(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
     for _, r in df.iterrows():
         lines.append("| " + " | ".join(f"{v:{floatfmt}}" if isinstance(v, float) else str(v) for v in r) + " |")
     return "\n".join(lines)
+
+
+def probe_section(run: Path) -> list[str]:
+    """The probe results of a sweep run with --probe: overall balanced accuracy per model."""
+    summaries = sorted((run / "probe").glob("*/summary.csv")) if (run / "probe").exists() else []
+    if not summaries:
+        return []
+    text = ["## Probe: can the model tell that it is quantized?", "",
+            "Accuracy on class-balanced sets (each quantized config with the full-precision answers to the same "
+            "problems); the majority-class baseline is 0.5 by construction. Details: `probe/MODEL/probe.md`.", ""]
+    for path in summaries:
+        s = pd.read_csv(path)
+        s = s[s.set == "balanced:all"][["question", "shots", "n", "accuracy", "ci_low", "ci_high",
+                                        "majority_baseline", "parse_failure_rate", "task_accuracy"]]
+        rel = path.parent.relative_to(run)
+        text += [f"### {path.parent.name}", "", _md(s.reset_index(drop=True)), "", f"![probe]({rel}/probe.png)", ""]
+    return text
 
 
 def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
@@ -242,8 +243,9 @@ def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
     figs.append(("Held-out loss (AR: NLL; diffusion: negative ELBO) vs bits", "likelihood.png"))
     plot_degradation(table, deltas, run / "degradation.png")
     figs.append(("Relative degradation vs each model's own full-precision baseline", "degradation.png"))
-    plot_cost(table, benchmarks, run / "latency_memory.png")
-    figs.append(("Generation speed and peak memory vs bits", "latency_memory.png"))
+    if benchmarks:
+        plot_cost(table, benchmarks, run / "latency_memory.png")
+        figs.append(("Generation speed and peak memory vs bits", "latency_memory.png"))
     if plot_frontiers(run, run / "frontier.png"):
         figs.append(("hawq Pareto frontier (uniform configs as squares)", "frontier.png"))
     env = sweep_info["environment"]
@@ -253,7 +255,8 @@ def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
     text = [
         "# qrobust sweep report", "",
         f"Models {', '.join(cfg['models'])}; methods {', '.join(cfg['methods'])}; bits {cfg['bits']}; seeds "
-        f"{cfg['seeds']}; benchmarks {', '.join(benchmarks)} (limit {cfg['limit']}); group size {cfg['group_size']}.",
+        f"{cfg['seeds']}; benchmarks {', '.join(benchmarks) or 'none (held-out loss only)'} (limit {cfg['limit']}); "
+        f"group size {cfg['group_size']}.",
         f"Environment: qrobust {env.get('qrobust')} (commit {env.get('commit')}), torch {env.get('torch')}, "
         f"transformers {env.get('transformers')}, Python {env.get('python')}, device {env.get('gpu', env.get('device'))}, "
         f"{env.get('cpus')} CPUs.", "",
@@ -267,6 +270,7 @@ def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
     ]
     for title, f in figs:
         text += [f"### {title}", "", f"![{title}]({f})", ""]
+    text += probe_section(run)
     if failed:
         text += ["## Failed configs", ""] + [f"- `{f['id']}`: {f['error']}" for f in failed] + [""]
     (run / "report.md").write_text("\n".join(text))

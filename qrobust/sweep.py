@@ -46,6 +46,7 @@ class SweepConfig:
     hawq_probes: int = 32
     device: str = "cpu"
     workers: int = 2
+    probe: bool = False  # after the configs: `qrobust probe` on each model's quantized configs
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def validate(config: SweepConfig) -> None:
     if bad:
         raise QrobustError(f"unknown method(s) {', '.join(bad)}: choose from {', '.join(METHODS)}")
     for name in config.benchmarks:
-        get_task(name)
+        get_task(name).problems(limit=1)  # the data must load now, not after the first quantization
     for model in config.models:
         if model not in MODELS:
             resolve_source(model)  # raises a clear error for unknown names and missing directories
@@ -124,7 +125,7 @@ def likelihood(adapter, seqlen: int, seed: int) -> dict:
     return {"kind": kind, "value": sum(per_window) / len(per_window), "per_window": per_window}
 
 
-def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path):
+def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path, progress: bool = False):
     """A quantized copy of the base model for this job, and facts about it."""
     from qrobust.calib import calibration_tokens
     from qrobust.quant import QuantizeConfig, QuantSpec, quantize_model
@@ -152,14 +153,14 @@ def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path):
     qconf = QuantizeConfig(method=method, bits=job.bits, group_size=config.group_size, nsamples=config.nsamples,
                            seqlen=config.seqlen, seed=job.seed, plan=plan)
     t0 = time.perf_counter()
-    records = quantize_model(adapter, qconf, calib if method == "gptq" else None, progress=False)
+    records = quantize_model(adapter, qconf, calib if method == "gptq" else None, progress=progress)
     facts["quantize_seconds"] = time.perf_counter() - t0
     facts.setdefault("avg_bits", float(job.bits))
     facts["layer_output_error"] = sum(r.output_error or 0.0 for r in records)
     return adapter, facts
 
 
-def run_job(job: Job, config: SweepConfig, out_dir: Path, base_cache: dict) -> dict:
+def run_job(job: Job, config: SweepConfig, out_dir: Path, base_cache: dict, progress: bool = False) -> dict:
     """Quantize, measure likelihood, evaluate every benchmark; returns the config record."""
     from harness import EvalConfig, evaluate
     from qrobust.models import load_model
@@ -169,13 +170,15 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path, base_cache: dict) -> d
         base_cache[job.model] = load_model(job.model, device=config.device)
     base = base_cache[job.model]
     torch.manual_seed(job.seed)
-    adapter, facts = quantize_for(job, base, config, out_dir)
+    adapter, facts = quantize_for(job, base, config, out_dir, progress)
     record = {"job": asdict(job), "id": job.id, "kind": base.kind, **facts,
               "likelihood": likelihood(adapter, config.seqlen, job.seed)}
+    record["benchmarks"] = {}
+    if not config.benchmarks:
+        return record
     eval_config = EvalConfig(tuple(config.benchmarks), 1, config.temperature, 0.95, config.max_new_tokens,
                              config.limit, None, config.batch_size, config.workers, 10.0, job.seed)
-    total = evaluate(adapter, eval_config, out_dir / "runs" / job.id, job.model, progress=False)
-    record["benchmarks"] = {}
+    total = evaluate(adapter, eval_config, out_dir / "runs" / job.id, job.model, progress=progress)
     for name, s in total["benchmarks"].items():
         rows = [json.loads(x) for x in (out_dir / "runs" / job.id / name / "results.jsonl").read_text().splitlines()]
         record["benchmarks"][name] = {"summary": s, "passed": {r["task_id"]: r["passed"] for r in rows}}
@@ -189,35 +192,41 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def local_executor(jobs: list[Job], config: SweepConfig, out_dir: Path, on_done: Callable[[Job, dict], None],
-                   ray_address: str | None = None) -> None:
+                   ray_address: str | None = None, progress: bool = True) -> None:
     cache: dict = {}
     for job in jobs:
-        on_done(job, _guarded(job, config, out_dir, cache))
+        on_done(job, _guarded(job, config, out_dir, cache, progress))
 
 
-def _guarded(job: Job, config: SweepConfig, out_dir: Path, cache: dict) -> dict:
+def _guarded(job: Job, config: SweepConfig, out_dir: Path, cache: dict, progress: bool = False) -> dict:
     try:
-        return {"status": "ok", **run_job(job, config, out_dir, cache)}
+        return {"status": "ok", **run_job(job, config, out_dir, cache, progress)}
     except Exception as e:  # a failed config is recorded and the sweep goes on
         return {"status": "failed", "id": job.id, "job": asdict(job), "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc(limit=5)}
 
 
 def ray_executor(jobs: list[Job], config: SweepConfig, out_dir: Path, on_done: Callable[[Job, dict], None],
-                 ray_address: str | None = None) -> None:
+                 ray_address: str | None = None, progress: bool = True) -> None:
     """Each config as a Ray task (one GPU each when the device is CUDA) on a Ray cluster."""
     try:
         import ray
     except ImportError:
         raise QrobustError("--executor ray needs Ray: pip install 'qrobust[ray]'") from None
-    ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
+    started_here = not ray.is_initialized()
+    if started_here:  # a local instance when no address is given; workers must import qrobust
+        ray.init(address=ray_address, log_to_driver=False, include_dashboard=False)
     gpus = 1 if config.device.startswith("cuda") else 0
     task = ray.remote(num_gpus=gpus, max_retries=0)(lambda j: _guarded(j, config, out_dir, {}))
     pending = {task.remote(j): j for j in jobs}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            on_done(pending.pop(ref), ray.get(ref))
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                on_done(pending.pop(ref), ray.get(ref))
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 EXECUTORS = {"local": local_executor, "ray": ray_executor}
@@ -243,10 +252,30 @@ def sweep(config: SweepConfig, out_dir: str | Path, executor: str = "local", ray
         bar.update(1)
         bar.set_postfix(last=job.id, status=record["status"])
 
-    EXECUTORS[executor](todo, config, out, on_done, ray_address)
+    EXECUTORS[executor](todo, config, out, on_done, ray_address, progress)
     bar.close()
     write_table(out)
+    if config.probe:
+        probe_models(config, out, progress)
     return out
+
+
+def probe_models(config: SweepConfig, out: Path, progress: bool = True) -> None:
+    """The probe study over the sweep's configs (first seed), one directory per model."""
+    from qrobust.models import load_model
+    from qrobust.probe import ProbeConfig, build_targets, run_probe
+
+    pconf = ProbeConfig(tasks=tuple(config.benchmarks) or ("humaneval",), shots=(0, 3), limit=config.limit,
+                        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, workers=config.workers,
+                        seed=config.seeds[0])
+    for model in config.models:
+        base = load_model(model, device=config.device)
+        probe_dir = out / "probe" / model.replace("/", "--")
+        per_method = [build_targets(model, base, probe_dir, method=m, bits=list(config.bits),
+                                    group_size=config.group_size, nsamples=config.nsamples, seqlen=config.seqlen,
+                                    seed=config.seeds[0]) for m in config.methods]
+        targets = per_method[0][:1] + [t for ts in per_method for t in ts[1:]]
+        run_probe(base, targets, pconf, probe_dir, f"qrobust sweep --probe (model {model})", progress)
 
 
 def result_rows(out_dir: str | Path) -> list[dict]:

@@ -66,3 +66,21 @@ def test_working_directory_is_private_and_removed(sandbox):
     marker = "/tmp/qrobust-sandbox-leak-test"
     assert sandbox.run(f"open({marker!r}, 'w').write('x')\nopen('local', 'w').write('ok')").status == "passed"
     assert not os.path.exists(marker)
+
+
+def test_interpreter_in_a_virtual_environment_under_tmp(tmp_path):
+    """The private /tmp must not hide the interpreter when it lives there (a venv in /tmp)."""
+    import sys
+    from pathlib import Path
+
+    venv = Path("/tmp") / f"qrobust-venv-{os.getpid()}"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    try:
+        root = Path(__file__).resolve().parents[1]
+        script = ("from harness.sandbox import Limits, Sandbox\n"
+                  "print(Sandbox(Limits(timeout=5)).run('assert 1 + 1 == 2').status)")
+        out = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True,
+                             cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, timeout=60)
+        assert out.stdout.strip() == "passed", out.stderr[-2000:]
+    finally:
+        subprocess.run(["rm", "-rf", str(venv)], check=False)

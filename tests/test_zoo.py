@@ -37,7 +37,7 @@ def test_builtin_models_load_offline_and_generate(builtin):
 def test_builtin_loss_matches_model_card(builtin, name):
     adapter = builtin[name]
     card = json.loads((Path(MODELS[name].source) / "card.json").read_text())
-    expected = (card.get("quality") or card["quality_partial"])["val_sample_loss"]
+    expected = card["quality"]["val_sample_loss"]
     cfg = card["config"]
     got = sample_loss(adapter, cfg["seq_len"], cfg["elbo_samples"], cfg["seed"])
     assert got == pytest.approx(expected, rel=0.01)
@@ -100,7 +100,10 @@ def test_training_writes_both_models_with_cards(tmp_path):
 def test_parse_check_needs_a_written_body():
     docs = [Document("m.py", 'def f(x):\n    """Double."""\n    return 2 * x\n')]
     header = function_headers(docs, 5)[0]
-    assert header.endswith('"""Double."""\n')
-    assert completes_to_python(header, "    return x\nprint(1)")
+    assert header.endswith('"""Double."""')  # no trailing newline: the model writes it with the indentation
+    assert completes_to_python(header, "\n    return x\nprint(1)")
     assert not completes_to_python(header, "")
-    assert not completes_to_python(header, "    return (")
+    assert not completes_to_python(header, "\n    return (\nprint(1)")
+    # cut by the token budget: only the complete lines are judged
+    assert completes_to_python(header, "\n    y = x\n    return (")
+    assert not completes_to_python(header, "\n    return (")

@@ -7,6 +7,8 @@ already-quantized blocks before it — quantize, and run the block again to feed
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,7 +17,7 @@ from tqdm.auto import tqdm
 
 from qrobust.errors import QrobustError
 from qrobust.models.adapters import ModelAdapter
-from qrobust.quant.gptq import GPTQ, output_error
+from qrobust.quant.gptq import GPTQ, output_error, quantize_jointly
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.pack import values_per_chunk
 from qrobust.quant.plan import check_plan_layers
@@ -35,6 +37,8 @@ class QuantizeConfig:
     percdamp: float = 0.01
     blocksize: int = 128
     true_sequential: bool = True
+    fuse_shared: bool = True  # one GPTQ solve for layers that share their input (q/k/v, gate/up)
+    batch_size: int = 1  # calibration sequences per block forward; more is faster on GPUs
     nsamples: int = 128
     seqlen: int = 2048
     calib: str = "stdlib"
@@ -42,6 +46,8 @@ class QuantizeConfig:
     plan: dict[str, QuantSpec] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise QrobustError(f"calibration batch size {self.batch_size} must be at least 1")
         if self.method not in METHODS:
             raise QrobustError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         QuantSpec(self.bits, self.group_size, self.sym)  # validates bits and group size
@@ -70,6 +76,25 @@ class LayerRecord:
     output_error: float | None  # mean per sequence ‖WX − ŴX‖² on calibration inputs (GPTQ only)
     gptq_loss: float | None
     seconds: float
+
+
+class StageTimer:
+    """Seconds per named stage. On CUDA it synchronizes at each boundary, so asynchronous kernels
+    are charged to the stage that launched them."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.cuda = device is not None and device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, stage: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[stage] += time.perf_counter() - t0
 
 
 def layer_specs(adapter: ModelAdapter, config: QuantizeConfig) -> dict[str, QuantSpec]:
@@ -157,11 +182,32 @@ def _run_block(block: nn.Module, inputs) -> list[torch.Tensor]:
     return outs
 
 
+def _solve_group(group: list[str], gptq: dict[str, GPTQ], specs: dict[str, QuantSpec], config: QuantizeConfig,
+                 timer: StageTimer) -> dict[str, tuple]:
+    """name -> (result, loss, seconds). Layers with the same spec and the same Hessian (they read
+    the same input) are solved in one pass over their stacked rows; the results are identical."""
+    args = (config.blocksize, config.percdamp, config.act_order, config.static_groups)
+    first = gptq[group[0]]
+    shared = (config.fuse_shared and len(group) > 1 and len({specs[n] for n in group}) == 1
+              and all(torch.equal(gptq[n].H, first.H) for n in group[1:]))
+    t0 = time.perf_counter()
+    with timer("solve"):
+        if shared:
+            parts = quantize_jointly([gptq[n] for n in group], specs[group[0]], *args, name=", ".join(group))
+            out = {n: (result, loss) for n, (result, loss) in zip(group, parts)}
+        else:
+            out = {n: gptq[n].quantize(specs[n], *args, name=n) for n in group}
+    seconds = (time.perf_counter() - t0) / len(group)
+    return {n: (*out[n], seconds) for n in group}
+
+
 @torch.no_grad()
 def quantize_gptq(adapter: ModelAdapter, config: QuantizeConfig, calib: torch.Tensor, progress: bool = True,
-                  batch_size: int = 1) -> list[LayerRecord]:
+                  batch_size: int = 1, timer: StageTimer | None = None) -> list[LayerRecord]:
+    timer = timer or StageTimer()
     specs = layer_specs(adapter, config)
-    inputs = _capture_block_inputs(adapter, calib, batch_size)
+    with timer("capture"):
+        inputs = _capture_block_inputs(adapter, calib, batch_size)
     blocks = adapter.blocks()
     records = []
     bar = tqdm(adapter.quantizable_layers(), desc="gptq blocks", disable=not progress)
@@ -173,33 +219,38 @@ def quantize_gptq(adapter: ModelAdapter, config: QuantizeConfig, calib: torch.Te
             hooks = [adapter.model.get_submodule(name).register_forward_hook(
                 lambda m, inp, out, name=name: gptq[name].add_batch(inp[0].detach())) for name in group]
             try:
-                _run_block(block, inputs)
+                with timer("hessian"):
+                    _run_block(block, inputs)
             finally:
                 for h in hooks:
                     h.remove()
+            solved = _solve_group(group, gptq, specs, config, timer)
             for name in group:
                 t0 = time.perf_counter()
                 spec = specs[name]
                 weight = gptq[name].layer.weight.detach()
-                result, loss = gptq[name].quantize(spec, config.blocksize, config.percdamp, config.act_order,
-                                                   config.static_groups, name)
-                new = _replace(adapter, name, result)
-                out_err = output_error(weight, new.dequantized_weight().to(weight.device), gptq[name].H)
+                result, loss, solve_seconds = solved[name]
+                with timer("pack"):
+                    new = _replace(adapter, name, result)
+                with timer("error"):
+                    out_err = output_error(weight, new.dequantized_weight().to(weight.device), gptq[name].H)
                 records.append(LayerRecord(name, layers.index, spec.bits, spec.group_size, "gptq",
-                                           _weight_error(weight, new), out_err, loss, time.perf_counter() - t0))
+                                           _weight_error(weight, new), out_err, loss,
+                                           solve_seconds + time.perf_counter() - t0))
                 gptq[name].free()
             bar.set_postfix(layer=group[-1].rsplit(".", 1)[-1], loss=f"{records[-1].gptq_loss:.3g}")
-        outs = _run_block(block, inputs)
+        with timer("block_forward"):
+            outs = _run_block(block, inputs)
         inputs = [_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(inputs, outs)]
     return records
 
 
 def quantize_model(adapter: ModelAdapter, config: QuantizeConfig, calib: torch.Tensor | None = None,
-                   progress: bool = True) -> list[LayerRecord]:
+                   progress: bool = True, timer: StageTimer | None = None) -> list[LayerRecord]:
     """Quantize every linear layer of the blocks in place; returns the per-layer log."""
     adapter.model.eval()
     if config.method == "rtn":
         return quantize_rtn(adapter, config, progress)
     if calib is None:
         raise QrobustError("GPTQ needs calibration data: pass --calib (a file, 'stdlib' or 'random')")
-    return quantize_gptq(adapter, config, calib, progress)
+    return quantize_gptq(adapter, config, calib, progress, config.batch_size, timer)

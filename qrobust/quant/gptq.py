@@ -42,83 +42,107 @@ class GPTQ:
         name: str = "layer",
     ) -> tuple[QuantResult, float]:
         """Quantize the layer's weight; returns the result and GPTQ's loss Σ (w−q)²/Hinv[i,i]² / 2."""
-        W = self.layer.weight.detach().clone().float()
-        H = self.H.clone()
-        n_groups = spec.groups_for(self.columns, name)
-        gs = self.columns // n_groups
-        blocksize = _aligned_blocksize(blocksize, gs)
-
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
-
-        static_grids = None
-        if static_groups:
-            static_grids = [find_params(W[:, g * gs:(g + 1) * gs], spec) for g in range(n_groups)]
-
-        perm = None
-        if act_order:
-            perm = torch.argsort(torch.diag(H), descending=True)
-            W, H = W[:, perm], H[perm][:, perm]
-
-        Hinv = _inverse_cholesky(H, percdamp, name)
-
-        Q = torch.zeros_like(W)
-        Losses = torch.zeros(self.rows, device=W.device)
-        scales, zeros = [None] * n_groups, [None] * n_groups
-        g_order = torch.empty(self.columns, dtype=torch.int32, device=W.device)
-
-        for i1 in range(0, self.columns, blocksize):
-            i2 = min(i1 + blocksize, self.columns)
-            count = i2 - i1
-            W1 = W[:, i1:i2].clone()
-            Q1 = torch.zeros_like(W1)
-            Err1 = torch.zeros_like(W1)
-            Losses1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-
-            for i in range(count):
-                col = i1 + i
-                w = W1[:, i]
-                d = Hinv1[i, i]
-                if static_grids is not None:
-                    g = int(perm[col]) // gs if perm is not None else col // gs
-                    scale, zero = static_grids[g]
-                else:
-                    g = col // gs
-                    if col % gs == 0:
-                        # Block size is aligned to the group size, so the group's columns are either
-                        # in W1 (already updated by this block) or start at a block boundary of W.
-                        scale, zero = find_params(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs], spec)
-                scales[g], zeros[g] = scale, zero
-                g_order[col] = g
-                q = quantize(w, scale, zero, spec.maxq)
-                wq = dequantize(q, scale, zero)
-                Q1[:, i] = q
-                Losses1[:, i] = (w - wq) ** 2 / d**2
-                err1 = (w - wq) / d
-                W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-                Err1[:, i] = err1
-
-            Q[:, i1:i2] = Q1
-            Losses += torch.sum(Losses1, 1) / 2
-            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-
-        g_idx = g_order
-        if perm is not None:
-            invperm = torch.argsort(perm)
-            Q, g_idx = Q[:, invperm], g_order[invperm]
-        result = QuantResult(
-            q=Q.to(torch.uint8),
-            scales=torch.stack(scales),
-            zeros=torch.stack(zeros),
-            g_idx=g_idx,
-            spec=spec,
-        )
-        return result, float(Losses.sum())
+        result, row_losses = gptq_solve(self.layer.weight, self.H, spec, blocksize, percdamp, act_order,
+                                        static_groups, name)
+        return result, float(row_losses.sum())
 
     def free(self) -> None:
         self.H = None
+
+
+def quantize_jointly(layers: list[GPTQ], spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
+                     act_order: bool = False, static_groups: bool = False, name: str = "layers") \
+        -> list[tuple[QuantResult, float]]:
+    """Layers that read the same input (q/k/v; gate/up) share one Hessian, and GPTQ treats rows
+    independently given H: one solve over their stacked rows equals one solve per layer, with a
+    single column loop instead of several."""
+    W = torch.cat([g.layer.weight.detach() for g in layers], dim=0)
+    result, row_losses = gptq_solve(W, layers[0].H, spec, blocksize, percdamp, act_order, static_groups, name)
+    out, start = [], 0
+    for g in layers:
+        rows = slice(start, start + g.rows)
+        part = QuantResult(q=result.q[rows], scales=result.scales[:, rows], zeros=result.zeros[:, rows],
+                           g_idx=result.g_idx, spec=spec)
+        out.append((part, float(row_losses[rows].sum())))
+        start += g.rows
+    return out
+
+
+def gptq_solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128,
+               percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+               name: str = "layer") -> tuple[QuantResult, torch.Tensor]:
+    """The GPTQ column loop on one weight matrix [rows, columns]; returns the result and the
+    loss of each row."""
+    W = weight.detach().clone().float()
+    H = H.clone()
+    rows, columns = W.shape
+    n_groups = spec.groups_for(columns, name)
+    gs = columns // n_groups
+    blocksize = _aligned_blocksize(blocksize, gs)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static_grids = None
+    if static_groups:
+        static_grids = [find_params(W[:, g * gs:(g + 1) * gs], spec) for g in range(n_groups)]
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    Hinv = _inverse_cholesky(H, percdamp, name)
+
+    Q = torch.zeros_like(W)
+    Losses = torch.zeros(rows, device=W.device)
+    scales, zeros = [None] * n_groups, [None] * n_groups
+    g_order = torch.empty(columns, dtype=torch.int32, device=W.device)
+
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+
+        for i in range(count):
+            col = i1 + i
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if static_grids is not None:
+                g = int(perm[col]) // gs if perm is not None else col // gs
+                scale, zero = static_grids[g]
+            else:
+                g = col // gs
+                if col % gs == 0:
+                    # Block size is aligned to the group size, so the group's columns are either
+                    # in W1 (already updated by this block) or start at a block boundary of W.
+                    scale, zero = find_params(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs], spec)
+            scales[g], zeros[g] = scale, zero
+            g_order[col] = g
+            q = quantize(w, scale, zero, spec.maxq)
+            wq = dequantize(q, scale, zero)
+            Q1[:, i] = q
+            Losses1[:, i] = (w - wq) ** 2 / d**2
+            err1 = (w - wq) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+
+        Q[:, i1:i2] = Q1
+        Losses += torch.sum(Losses1, 1) / 2
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+
+    g_idx = g_order
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        Q, g_idx = Q[:, invperm], g_order[invperm]
+    result = QuantResult(q=Q.to(torch.uint8), scales=torch.stack(scales), zeros=torch.stack(zeros), g_idx=g_idx,
+                         spec=spec)
+    return result, Losses
 
 
 def output_error(weight: torch.Tensor, weight_hat: torch.Tensor, H: torch.Tensor) -> float:

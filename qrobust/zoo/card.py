@@ -33,7 +33,9 @@ def function_headers(docs: list[Document], n: int, seed: int = 0) -> list[str]:
                     and isinstance(first.value.value, str)
                 end = first.end_lineno if is_doc else node.body[0].lineno - 1
                 start = min([node.lineno] + [x.lineno for x in node.decorator_list])
-                header = textwrap.dedent("\n".join(lines[start - 1:end])) + "\n"
+                # No trailing newline: BPE merges "\n" with the next line's indentation, so a prompt
+                # ending in "\n" would cut that token in half and push the model to module level.
+                header = textwrap.dedent("\n".join(lines[start - 1:end])).rstrip()
                 if len(header) < 1500:
                     headers.append(header)
     random.Random(seed).shuffle(headers)
@@ -41,23 +43,28 @@ def function_headers(docs: list[Document], n: int, seed: int = 0) -> list[str]:
 
 
 def completes_to_python(header: str, completion: str) -> bool:
-    body = []
-    for line in completion.splitlines():
+    """Does header + completion parse, up to where the completion returns to module level?"""
+    first, *rest = completion.split("\n")
+    body, ended = [], False
+    for line in rest:
         if line.strip() and not line.startswith((" ", "\t")):
-            break  # dedent back to module level: the function is over
+            ended = True  # dedent back to module level: the function is over
+            break
         body.append(line)
+    if not ended and body:
+        body.pop()  # cut off by the token budget, not by the model: judge the complete lines only
     if not any(line.strip() for line in body):
         return False  # the model must write some of the body; a docstring alone would parse
     try:
-        ast.parse(header + "\n".join(body))
+        ast.parse("\n".join([header + first, *body]))
         return True
     except SyntaxError:
         return False
 
 
-def parse_rate(adapter, docs: list[Document], n: int = 100, max_new_tokens: int = 128) -> dict:
+def parse_rate(adapter, docs: list[Document], n: int = 100, max_new_tokens: int = 128, batch_size: int = 8) -> dict:
     headers = function_headers(docs, n)
-    gens = adapter.generate(headers, max_new_tokens=max_new_tokens, batch_size=8)
+    gens = adapter.generate(headers, max_new_tokens=max_new_tokens, batch_size=batch_size)
     ok = sum(completes_to_python(h, g.text) for h, g in zip(headers, gens))
     return {"headers": len(headers), "parses": ok, "rate": ok / len(headers) if headers else float("nan"),
             "max_new_tokens": max_new_tokens}
@@ -87,7 +94,7 @@ def sample_loss(adapter, seq_len: int, elbo_samples: int, seed: int) -> float:
 
 
 def evaluate_zoo_model(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path, headers: int = 100,
-                       limit: int | None = None, workers: int = 2, device: str = "cpu") -> dict:
+                       limit: int | None = None, workers: int = 2, device: str = "cpu", batch_size: int = 8) -> dict:
     """Parse rate, HumanEval/MBPP pass@1 and the shipped-sample loss, added to card.json."""
     from harness import EvalConfig, evaluate
     from qrobust.models import load_model
@@ -98,13 +105,15 @@ def evaluate_zoo_model(model_dir: str | Path, corpus_dir: str | Path, out_dir: s
     cfg = card["config"]
     with torch.no_grad():
         quality = {
-            "parse_rate": parse_rate(adapter, read_split(corpus_dir, "val"), headers),
+            "parse_rate": parse_rate(adapter, read_split(corpus_dir, "val"), headers, batch_size=batch_size),
             "val_sample_loss": sample_loss(adapter, cfg["seq_len"], cfg["elbo_samples"], cfg["seed"]),
         }
-    total = evaluate(adapter, EvalConfig(max_new_tokens=128, limit=limit, workers=workers), out_dir,
-                     card["name"], progress=False)
+    eval_config = EvalConfig(max_new_tokens=128, limit=limit, batch_size=batch_size, workers=workers)
+    total = evaluate(adapter, eval_config, out_dir, card["name"], progress=False)
     quality["pass@1"] = {b: s["pass@1"] for b, s in total["benchmarks"].items()}
-    quality["eval_command"] = f"qrobust zoo evaluate {model_dir} --corpus {corpus_dir}"
+    quality["eval_command"] = (f"qrobust zoo evaluate {model_dir} --corpus {corpus_dir} --device {device} "
+                               f"--batch-size {batch_size}")
+    quality["eval_device"] = torch.cuda.get_device_name() if adapter.device.type == "cuda" else "cpu"
     card["quality"] = quality
     (model_dir / "card.json").write_text(json.dumps(card, indent=2))
     (model_dir / "README.md").write_text(render_card(card))
@@ -166,7 +175,7 @@ def render_card(card: dict) -> str:
             + ". Near zero is expected at this size and data.",
             f"- Loss on the validation sample shipped in the package (`qrobust/zoo/{VAL_SAMPLE}`): "
             f"{q['val_sample_loss']:.3f}",
-            f"- Measured with `{q['eval_command']}`.",
+            f"- Measured on {q.get('eval_device', 'an unrecorded device')} with `{q['eval_command']}`.",
         ]
     lines += ["", "Produced by `qrobust zoo train`; see the repository README for the exact commands.", ""]
     return "\n".join(lines)

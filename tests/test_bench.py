@@ -1,0 +1,39 @@
+import json
+
+import pytest
+
+from qrobust.bench import QuantBench, shape_config
+from qrobust.cli import main
+
+
+@pytest.mark.parametrize("kind", ["ar", "diffusion"])
+def test_bench_quantize_reports_stages_and_losses(tmp_path, kind, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "quantize", "--shape", "qwen3-0.6b", "--kind", kind, "--layers", "1", "--vocab-size", "256",
+            "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--work-dir", str(tmp_path / "w"), "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    run = result["runs"][0]
+    assert run["tool"] == "qrobust" and run["layers"] == 7 and len(run["losses"]) == 7
+    assert {"capture", "hessian", "solve", "pack", "block_forward"} <= set(run["stages"])
+    assert sum(run["stages"].values()) <= run["seconds"] * 1.05  # the stages are parts of the whole
+    assert result["config"]["hidden_size"] == 1024 and result["config"]["causal"] == (kind == "ar")
+    assert "qrobust" in capsys.readouterr().out
+
+
+def test_real_shape_is_qwen3_1_7b():
+    cfg = shape_config(QuantBench())
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.vocab_size) == (2048, 6144, 28, 16, 8, 151936)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--shape", "llama-70b"], "unknown shape"),
+    (["--kind", "encoder"], "unknown kind"),
+    (["--peer", "autogptq"], "unknown peer"),
+    (["--kind", "diffusion", "--peer", "gptqmodel"], "cannot load our diffusion"),
+    (["--bits", "5"], "unsupported bit width"),
+])
+def test_bench_bad_arguments(tmp_path, capsys, extra, message):
+    assert main(["bench", "quantize", "--device", "cpu", "--work-dir", str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
