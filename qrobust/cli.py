@@ -328,6 +328,9 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="sandbox workers")
     p.add_argument("--device", default="cpu")
     p.add_argument("--probe", action="store_true", help="also run `qrobust probe` on each model's configs")
+    p.add_argument("--attribution", action="store_true",
+                   help="also compare each quantized config's training-data attribution with full precision")
+    p.add_argument("--attribution-limit", type=int, default=200, help="corpus documents for --attribution")
     p.add_argument("--executor", default="local", help="local (this process) or ray")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
     p.add_argument("--out", default="results/sweep")
@@ -345,7 +348,8 @@ def _sweep(args: argparse.Namespace) -> int:
                          benchmarks=benchmarks, seeds=seeds, limit=args.limit, group_size=args.group_size,
                          nsamples=args.nsamples, seqlen=args.calib_seqlen, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, batch_size=args.batch_size, hawq_probes=args.hawq_probes,
-                         device=args.device, workers=args.workers, probe=args.probe)
+                         device=args.device, workers=args.workers, probe=args.probe, attribution=args.attribution,
+                         attribution_limit=args.attribution_limit)
     out = sweep(config, args.out, args.executor, args.ray_address)
     print(f"results in {out / 'results.parquet'} (and .csv); next: qrobust report {out}")
     return 0
@@ -386,25 +390,32 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 # ---- probe ------------------------------------------------------------------------------------
-def _probe_args(p: argparse.ArgumentParser) -> None:
+def _target_args(p: argparse.ArgumentParser, several: bool) -> None:
+    """Which model configurations a command runs on: the full-precision model and quantized ones."""
     p.add_argument("--model", required=True, help="short name, hub id or local directory")
-    p.add_argument("--quantized", action="append", default=[], help="a quantized checkpoint (repeatable)")
+    p.add_argument("--quantized", action="append" if several else "store", default=[] if several else None,
+                   help="a quantized checkpoint" + (" (repeatable)" if several else ""))
     p.add_argument("--method", default=None, help="quantize here: gptq, rtn or hawq")
-    p.add_argument("--bits", default=None, help="with --method: comma-separated widths, e.g. 2,3,4")
+    p.add_argument("--bits", default=None,
+                   help="with --method: " + ("comma-separated widths, e.g. 2,3,4" if several else "one width, e.g. 4"))
     p.add_argument("--plan", default=None, help="quantize here with a plan from `qrobust plan`")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    _target_args(p, several=True)
     p.add_argument("--tasks", default="humaneval,mbpp", help="humaneval, mbpp, gsm8k")
     p.add_argument("--gsm8k", default=None, help="GSM8K test split as JSONL (question, answer); else the hub")
     p.add_argument("--shots", default="0,3")
     p.add_argument("--questions", default="state,bits")
     p.add_argument("--limit", type=int, default=None, help="first K problems of each task")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
-    p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="sandbox workers")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
 
 
@@ -426,6 +437,69 @@ def _probe(args: argparse.Namespace) -> int:
                             args.group_size, args.nsamples, args.calib_seqlen, args.seed)
     path = run_probe(base, targets, config, args.out, "qrobust " + " ".join(sys.argv[1:]))
     print(f"wrote {path}")
+    return 0
+
+
+# ---- attribution -------------------------------------------------------------------------------
+def _attribute_args(p: argparse.ArgumentParser) -> None:
+    _target_args(p, several=False)
+    p.add_argument("--corpus", default="builtin",
+                   help="'builtin' (the stdlib train split), a `qrobust zoo corpus` directory, or JSONL with text")
+    p.add_argument("--queries", default="humaneval,mbpp", help="benchmark names (comma-separated) or JSONL with text")
+    p.add_argument("--limit", type=int, default=None, help="an evenly spaced subset of K corpus documents")
+    p.add_argument("--query-limit", type=int, default=None, help="first K problems of each benchmark")
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--projection-dim", type=int, default=16, help="p: p x p features per layer")
+    p.add_argument("--projection-seed", type=int, default=0, help="keep it equal across the runs you compare")
+    p.add_argument("--max-tokens", type=int, default=1024, help="of each document")
+    p.add_argument("--no-precondition", action="store_true", help="skip the second-moment scaling")
+    p.add_argument("--no-bm25", action="store_true", help="skip the lexical baseline")
+    p.add_argument("--out", required=True)
+
+
+def _attribute(args: argparse.Namespace) -> int:
+    from qrobust.attribution import AttributionConfig, GradientConfig, attribute, load_inputs
+    from qrobust.models import load_model
+    from qrobust.probe import build_targets
+
+    if args.top_k < 1:
+        raise QrobustError(f"--top-k must be at least 1, got {args.top_k}")
+    bits = parse_bits(args.bits) if args.bits else []
+    if len(bits) > 1:
+        raise QrobustError(f"one width per run, got --bits {args.bits}: run attribute once per width")
+    gcfg = GradientConfig(projection_dim=args.projection_dim, projection_seed=args.projection_seed,
+                          mask_seed=args.seed, max_tokens=args.max_tokens, precondition=not args.no_precondition)
+    config = AttributionConfig(corpus=args.corpus, queries=args.queries, limit=args.limit,
+                               query_limit=args.query_limit, top_k=args.top_k, bm25=not args.no_bm25, gradients=gcfg)
+    inputs = load_inputs(config)
+    base = load_model(args.model, device=args.device)
+    target, adapter = None, base
+    if args.quantized or args.method or args.plan:
+        targets = build_targets(args.model, base, args.out, [args.quantized] if args.quantized else [], args.method,
+                                bits, args.plan, args.group_size, args.nsamples, args.calib_seqlen, args.seed)
+        if len(targets) != 2:
+            raise QrobustError("give one of --quantized, --method with --bits, or --plan")
+        target, make = targets[1]
+        adapter = make()
+    label = f"{args.model} {target.label if target else 'full precision'}"
+    meta = attribute(adapter, label, config, args.out)
+    print(f"{label}: {meta['documents']} documents x {meta['queries']} queries, "
+          f"{meta['bytes_per_example'] / 1024:.1f} KiB per example; wrote {args.out}")
+    return 0
+
+
+def _attribute_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_a", help="an attribution run (e.g. full precision)")
+    p.add_argument("run_b", help="another run over the same corpus and queries (e.g. quantized)")
+    p.add_argument("--out", default=None, help="default: RUN_B/compare-NAME_OF_RUN_A")
+
+
+def _attribute_compare(args: argparse.Namespace) -> int:
+    from qrobust.attribution import compare_attributions
+
+    result = compare_attributions(args.run_a, args.run_b, args.out)
+    m = result["metrics"]
+    print("  ".join(f"{k} {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]" for k, v in m.items()))
     return 0
 
 
@@ -453,6 +527,9 @@ COMMANDS: dict[str, Command] = {
     "report": (_report_args, _report, "Markdown report with plots, paired deltas and recommendations"),
     "bench": (_bench_args, _bench, "performance benchmarks at real model shapes (random weights, no hub)"),
     "probe": (_probe_args, _probe, "ask full-precision and quantized models whether they are quantized"),
+    "attribute": (_attribute_args, _attribute, "training-data influence of a full-precision or quantized model"),
+    "attribute-compare": (_attribute_compare_args, _attribute_compare,
+                          "rank agreement and bin-share shifts between two attribution runs"),
 }
 
 

@@ -220,6 +220,21 @@ def probe_section(run: Path) -> list[str]:
     return text
 
 
+def attribution_section(run: Path) -> list[str]:
+    """Agreement of each quantized config's attribution with full precision (sweep --attribution)."""
+    path = run / "attribution" / "attribution.csv"
+    if not path.exists():
+        return []
+    df = pd.read_csv(path)
+    df = df[df.metric.isin(["spearman", "jaccard@20", "top1_same"])]
+    table = df.pivot_table(index=["model", "method", "bits"], columns="metric", values="value").reset_index()
+    return ["## Attribution: does the quantized model rely on the same training data?", "",
+            "Per-query agreement with the full-precision model's influence ranking over the same documents "
+            "(mean over queries; CIs in `attribution/attribution.csv`). `fp16-reseeded` is full precision "
+            "with another projection seed: the noise floor of the method itself.", "",
+            _md(table), ""]
+
+
 def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
     run = Path(run_dir)
     if not (run / "configs").exists():
@@ -271,6 +286,7 @@ def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
     for title, f in figs:
         text += [f"### {title}", "", f"![{title}]({f})", ""]
     text += probe_section(run)
+    text += attribution_section(run)
     if failed:
         text += ["## Failed configs", ""] + [f"- `{f['id']}`: {f['error']}" for f in failed] + [""]
     (run / "report.md").write_text("\n".join(text))

@@ -14,7 +14,7 @@ import platform
 import subprocess
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +47,8 @@ class SweepConfig:
     device: str = "cpu"
     workers: int = 2
     probe: bool = False  # after the configs: `qrobust probe` on each model's quantized configs
+    attribution: bool = False  # after the configs: attribution of each quantized config vs full precision
+    attribution_limit: int = 200  # corpus documents (evenly spaced over the built-in corpus)
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,8 @@ def sweep(config: SweepConfig, out_dir: str | Path, executor: str = "local", ray
     write_table(out)
     if config.probe:
         probe_models(config, out, progress)
+    if config.attribution:
+        attribution_models(config, out, progress)
     return out
 
 
@@ -276,6 +280,48 @@ def probe_models(config: SweepConfig, out: Path, progress: bool = True) -> None:
                                     seed=config.seeds[0]) for m in config.methods]
         targets = per_method[0][:1] + [t for ts in per_method for t in ts[1:]]
         run_probe(base, targets, pconf, probe_dir, f"qrobust sweep --probe (model {model})", progress)
+
+
+def attribution_models(config: SweepConfig, out: Path, progress: bool = True) -> Path:
+    """Attribution of full precision, of full precision with another projection seed (the noise
+    floor), and of each method × bits (first seed); agreement with full precision in one tidy table,
+    attribution/attribution.csv. Finished runs are reused."""
+    import pandas as pd
+
+    from qrobust.attribution import AttributionConfig, attribute, compare_attributions, load_inputs
+    from qrobust.attribution.run import finished
+    from qrobust.models import load_model
+    from qrobust.probe import build_targets
+
+    aconf = AttributionConfig(queries=",".join(config.benchmarks) or "humaneval", limit=config.attribution_limit,
+                              query_limit=config.limit or 20)
+    reseeded = replace(aconf, gradients=replace(aconf.gradients, projection_seed=aconf.gradients.projection_seed + 1))
+    inputs = load_inputs(aconf)
+    rows = []
+
+    def add(model: str, method: str, bits: int, run_a: Path, run_b: Path) -> None:
+        for metric, m in compare_attributions(run_a, run_b)["metrics"].items():
+            rows.append({"model": model, "method": method, "bits": bits, "seed": config.seeds[0],
+                         "benchmark": "attribution", "metric": metric, **m})
+
+    for model in config.models:
+        base = load_model(model, device=config.device)
+        root = out / "attribution" / model.replace("/", "--")
+        runs = [(BASELINE, 16, root / "fp16", aconf, lambda: copy.deepcopy(base)),
+                ("fp16-reseeded", 16, root / "fp16-seed1", reseeded, lambda: copy.deepcopy(base))]
+        for method in config.methods:
+            for target, make in build_targets(model, base, root, method=method, bits=list(config.bits),
+                                              group_size=config.group_size, nsamples=config.nsamples,
+                                              seqlen=config.seqlen, seed=config.seeds[0])[1:]:
+                runs.append((method, target.bits, root / target.label, aconf, make))
+        for method, bits, run_dir, conf, make in runs:
+            if not finished(run_dir, conf):
+                attribute(make(), f"{model} {run_dir.name}", conf, run_dir, inputs, progress)
+            if run_dir != root / "fp16":
+                add(model, method, bits, root / "fp16", run_dir)
+    path = out / "attribution" / "attribution.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
 
 
 def result_rows(out_dir: str | Path) -> list[dict]:

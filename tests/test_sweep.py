@@ -121,3 +121,19 @@ def test_ray_executor_matches_local(tmp_path, tiny_dirs, monkeypatch):
     # Ray workers run torch with another thread count, so GPTQ's matmuls round differently in the
     # last bits and a few codes can flip: the same numbers up to that rounding, not bit for bit.
     assert ray.value.to_dict() == pytest.approx(local.value.to_dict(), rel=5e-3)
+
+
+def test_sweep_attribution_table_and_resume(tmp_path, tiny_dirs):
+    pytest.importorskip("bergson")
+    out = tmp_path / "sweep"
+    args = sweep_args(str(tiny_dirs["ar"]), out, "--methods", "rtn", "--attribution", "--attribution-limit", "6")
+    assert main(args) == 0
+    table = pd.read_csv(out / "attribution" / "attribution.csv")
+    assert set(table.method) == {"fp16-reseeded", "rtn"} and set(table.benchmark) == {"attribution"}
+    assert {"spearman", "jaccard@5", "top1_same"} <= set(table.metric)
+    assert table.value.between(-1, 1).all()
+    scores = next((out / "attribution").glob("*/rtn-4/scores.npy"))
+    stamp = scores.stat().st_mtime_ns
+    assert main(args) == 0 and scores.stat().st_mtime_ns == stamp  # finished runs are reused
+    assert main(["report", str(out)]) == 0
+    assert "## Attribution" in (out / "report.md").read_text()

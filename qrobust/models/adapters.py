@@ -127,8 +127,11 @@ class ModelAdapter(ABC):
         return out[0] if isinstance(out, tuple) else out
 
     @abstractmethod
-    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
-        """The model's own training objective on a batch (AR: next-token CE; diffusion: ELBO)."""
+    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, seed: int = 0,
+             reduction: str = "mean") -> torch.Tensor:
+        """The model's own training objective on a batch (AR: next-token CE; diffusion: ELBO),
+        averaged over tokens ('mean') or summed ('sum': a sequence's gradient then does not depend
+        on what else is in its batch)."""
 
     @abstractmethod
     def calibration_inputs(self, input_ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -186,12 +189,12 @@ class ARAdapter(ModelAdapter):
     def logits(self, input_ids, attention_mask=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def loss(self, input_ids, attention_mask=None, seed=0):
+    def loss(self, input_ids, attention_mask=None, seed=0, reduction="mean"):
         logits = self.logits(input_ids, attention_mask)[:, :-1].float()
         targets = input_ids[:, 1:]
         if attention_mask is not None:
             targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
-        return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100)
+        return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction=reduction)
 
     def calibration_inputs(self, input_ids, seed=0):
         return input_ids
@@ -232,10 +235,10 @@ class DiffusionAdapter(ModelAdapter):
         g = torch.Generator().manual_seed(seed)
         return self.eps + (1 - self.eps) * torch.rand(n, generator=g)
 
-    def loss(self, input_ids, attention_mask=None, seed=0):
+    def loss(self, input_ids, attention_mask=None, seed=0, reduction="mean"):
         g = torch.Generator().manual_seed(seed + 1)
         return masked_diffusion_loss(self.logits, input_ids, self._ratios(input_ids.shape[0], seed),
-                                     self.mask_token_id, self.shift_logits, g, attention_mask)
+                                     self.mask_token_id, self.shift_logits, g, attention_mask, reduction)
 
     def elbo(self, input_ids, attention_mask=None, n_samples: int = 4, seed: int = 0) -> torch.Tensor:
         """Monte-Carlo estimate of the per-token negative ELBO (an upper bound on the NLL)."""

@@ -50,8 +50,9 @@ def masked_diffusion_loss(
     shift: bool,
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Σ_masked CE / t, divided by B × L (the number of real tokens)."""
+    """Σ_masked CE / t, divided by B × L (the number of real tokens) unless reduction is 'sum'."""
     maskable = attention_mask.bool() if attention_mask is not None else None
     if shift:  # the first token has no logits predicting it, so it stays visible
         first = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -61,6 +62,8 @@ def masked_diffusion_loss(
     logits = align_logits(logits_fn(noisy, attention_mask), shift).float()
     ce = F.cross_entropy(logits.transpose(1, 2), input_ids, reduction="none")
     ce = ce.masked_fill(~masked, 0) / t.to(ce.device)[:, None]
+    if reduction == "sum":
+        return ce.sum()
     n_tokens = attention_mask.sum() if attention_mask is not None else input_ids.numel()
     return ce.sum() / n_tokens
 

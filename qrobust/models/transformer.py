@@ -151,6 +151,10 @@ class TransformerLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def device(self) -> torch.device:  # as transformers models have; Bergson's collectors read it
+        return self.lm_head.weight.device
+
     def attention_mask(self, attention_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
         """Boolean [B or 1, 1, T, T] mask: causal or not, padded keys hidden, every row non-empty."""
         allowed = torch.ones(T, T, dtype=torch.bool, device=device)

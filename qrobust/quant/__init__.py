@@ -4,12 +4,12 @@ from qrobust.quant.driver import METHODS, LayerRecord, QuantizeConfig, StageTime
 from qrobust.quant.gptq import GPTQ, output_error
 from qrobust.quant.grid import SUPPORTED_BITS, QuantResult, QuantSpec, rtn
 from qrobust.quant.plan import load_plan, parse_plan
-from qrobust.quant.qlinear import QuantLinear
+from qrobust.quant.qlinear import QuantLinear, dequantize_modules
 
 quantize = quantize_model
 
 __all__ = [
-    "GPTQ", "LayerRecord", "METHODS", "QuantLinear", "QuantResult", "QuantSpec", "QuantizeConfig",
+    "GPTQ", "LayerRecord", "dequantize_modules", "METHODS", "QuantLinear", "QuantResult", "QuantSpec", "QuantizeConfig",
     "SUPPORTED_BITS", "StageTimer", "load_plan", "load_quantized", "output_error", "parse_plan", "quantize",
     "quantize_model", "rtn", "save_quantized",
 ]

@@ -81,3 +81,20 @@ class QuantLinear(nn.Module):
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def dequantize_modules(root: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Replace every QuantLinear by an nn.Linear holding its dequantized weight (fake quantization),
+    for code that needs plain Linear layers with gradients, such as attribution. Returns the count."""
+    names = [n for n, m in root.named_modules() if isinstance(m, QuantLinear)]
+    for name in names:
+        q = root.get_submodule(name)
+        w_dtype = dtype or (q.bias.dtype if q.bias is not None else q.scales.dtype)
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.qweight.device,
+                           dtype=w_dtype)
+        with torch.no_grad():
+            linear.weight.copy_(q.dequantized_weight())
+            if q.bias is not None:
+                linear.bias.copy_(q.bias)
+        set_module(root, name, linear)
+    return len(names)
