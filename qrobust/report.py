@@ -226,11 +226,12 @@ def attribution_section(run: Path) -> list[str]:
     if not path.exists():
         return []
     df = pd.read_csv(path)
-    df = df[df.metric.isin(["spearman", "jaccard@20", "top1_same"])]
+    df = df[df.metric.isin(["spearman", "jaccard@20", "top1_same", "gradient_cosine"])]
     table = df.pivot_table(index=["model", "method", "bits"], columns="metric", values="value").reset_index()
     return ["## Attribution: does the quantized model rely on the same training data?", "",
             "Per-query agreement with the full-precision model's influence ranking over the same documents "
-            "(mean over queries; CIs in `attribution/attribution.csv`). `fp16-reseeded` is full precision "
+            "(mean over queries) and the cosine between the two models' gradient features per document "
+            "(mean over documents); CIs in `attribution/attribution.csv`. `fp16-reseeded` is full precision "
             "with another projection seed: the noise floor of the method itself.", "",
             _md(table), ""]
 

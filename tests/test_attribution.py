@@ -54,6 +54,7 @@ def test_eight_bit_keeps_the_ranking_and_two_bit_changes_it(builtin_runs):
     two = compare_attributions(builtin_runs["fp"], builtin_runs["rtn2"])["metrics"]
     assert eight["spearman"]["value"] > 0.95
     assert two["spearman"]["value"] < eight["spearman"]["value"] - 0.1
+    assert eight["gradient_cosine"]["value"] > 0.95 > two["gradient_cosine"]["value"]
     assert (builtin_runs["rtn2"] / "compare-fp" / "compare.png").exists()
 
 

@@ -200,22 +200,29 @@ def test_joint_solve_equals_one_solve_per_layer_on_a_shared_hessian(act_order):
 def test_driver_solves_shared_input_layers_jointly(tiny_dirs, calib, kind, act_order, monkeypatch):
     import qrobust.quant.gptq as gptq_module
 
-    calls = []
-    real = gptq_module.gptq_solve
+    calls, accumulations = [], []
+    real_solve, real_add = gptq_module.gptq_solve, gptq_module.GPTQ.add_batch
 
-    def counting(weight, *args, **kwargs):
+    def counting_solve(weight, *args, **kwargs):
         calls.append(weight.shape[0])
-        return real(weight, *args, **kwargs)
+        return real_solve(weight, *args, **kwargs)
 
-    monkeypatch.setattr(gptq_module, "gptq_solve", counting)
-    records, solves = {}, {}
+    def counting_add(self, inp):
+        accumulations.append(self.columns)
+        return real_add(self, inp)
+
+    monkeypatch.setattr(gptq_module, "gptq_solve", counting_solve)
+    monkeypatch.setattr(gptq_module.GPTQ, "add_batch", counting_add)
+    records, solves, hessians = {}, {}, {}
     for fuse in (False, True):
         adapter = load_model(str(tiny_dirs[kind]))
         config = QuantizeConfig(bits=3, group_size=16, act_order=act_order, nsamples=4, seqlen=64, fuse_shared=fuse)
         calls.clear()
+        accumulations.clear()
         records[fuse] = {r.name: r for r in quantize_model(adapter, config, calib[:4], progress=False)}
-        solves[fuse] = len(calls)
+        solves[fuse], hessians[fuse] = len(calls), len(accumulations)
     assert solves == {False: 2 * 7, True: 2 * 4}  # per block: q/k/v as one, o, gate/up as one, down
+    assert hessians == {False: 2 * 7 * 4, True: 2 * 4 * 4}  # the same groups, once per calibration sequence
     # The stacked matmuls round differently in the last bits, and later blocks see those inputs,
     # so the whole-model results agree up to floating-point rounding, not bit for bit.
     for name, rec in records[False].items():

@@ -37,7 +37,7 @@ class QuantizeConfig:
     percdamp: float = 0.01
     blocksize: int = 128
     true_sequential: bool = True
-    fuse_shared: bool = True  # one GPTQ solve for layers that share their input (q/k/v, gate/up)
+    fuse_shared: bool = True  # layers sharing their input (q/k/v, gate/up): one Hessian, one GPTQ solve
     batch_size: int = 1  # calibration sequences per block forward; more is faster on GPUs
     nsamples: int = 128
     seqlen: int = 2048
@@ -216,14 +216,18 @@ def quantize_gptq(adapter: ModelAdapter, config: QuantizeConfig, calib: torch.Te
         groups = layers.groups if config.true_sequential else [layers.names]
         for group in groups:
             gptq = {name: GPTQ(adapter.model.get_submodule(name)) for name in group}
+            # A group's layers read one input tensor, so one accumulation serves them all.
+            accumulate = group[:1] if config.fuse_shared else group
             hooks = [adapter.model.get_submodule(name).register_forward_hook(
-                lambda m, inp, out, name=name: gptq[name].add_batch(inp[0].detach())) for name in group]
+                lambda m, inp, out, name=name: gptq[name].add_batch(inp[0].detach())) for name in accumulate]
             try:
                 with timer("hessian"):
                     _run_block(block, inputs)
             finally:
                 for h in hooks:
                     h.remove()
+            for name in group[len(accumulate):]:
+                gptq[name].H, gptq[name].nsamples = gptq[group[0]].H, gptq[group[0]].nsamples
             solved = _solve_group(group, gptq, specs, config, timer)
             for name in group:
                 t0 = time.perf_counter()
