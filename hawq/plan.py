@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from hawq.allocate import Allocation, Budget, allocate, layer_bytes, pareto_frontier
-from hawq.sensitivity import LayerSensitivity, measure_sensitivities, ranking_agreement
+from hawq.allocate import Allocation, Budget, allocate, layer_bytes
+from hawq.sensitivity import LayerSensitivity, measure_sensitivities
 from hawq.trace import hutchinson_traces
 from qrobust.errors import QrobustError
 

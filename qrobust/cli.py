@@ -482,7 +482,7 @@ def _attribute(args: argparse.Namespace) -> int:
         target, make = targets[1]
         adapter = make()
     label = f"{args.model} {target.label if target else 'full precision'}"
-    meta = attribute(adapter, label, config, args.out)
+    meta = attribute(adapter, label, config, args.out, inputs)
     print(f"{label}: {meta['documents']} documents x {meta['queries']} queries, "
           f"{meta['bytes_per_example'] / 1024:.1f} KiB per example; wrote {args.out}")
     return 0

@@ -162,3 +162,17 @@ def test_jsonl_corpus_labels_and_mismatched_runs(tmp_path, tiny_dirs):
     assert main([*args[:-2], "--top-k", "2", "--queries", "humaneval", "--query-limit", "1",
                  "--out", str(tmp_path / "c")]) == 0
     assert main(["attribute-compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2  # other queries
+
+
+def test_validation_removes_the_top_bin_and_a_random_set_of_the_same_size():
+    import random
+
+    from qrobust.attribution.validate import random_removal, top_bin
+
+    shares = pd.DataFrame({"query": ["q1", "q1", "q2", "q2", "q3", "q3"], "group": ["he", "he", "he", "he", "mb", "mb"],
+                           "bin": ["a", "b", "a", "b", "a", "b"], "share": [0.2, 0.8, 0.4, 0.6, 1.0, 0.0]})
+    assert top_bin(shares, "he") == ("b", pytest.approx(0.7)) and top_bin(shares, "mb")[0] == "a"
+    counts = np.array([100, 50, 50, 200, 10, 40])
+    chosen = random_removal(counts, 150, random.Random(0))
+    assert counts[list(chosen)].sum() >= 150 and counts[list(chosen)].sum() - 150 < counts.max()
+    assert chosen == random_removal(counts, 150, random.Random(0))  # a seeded draw

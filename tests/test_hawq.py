@@ -2,7 +2,6 @@ import itertools
 import json
 
 import pytest
-import torch
 
 from hawq import Budget, PlanConfig, allocate, analyse, hutchinson_traces, pareto_frontier, ranking_agreement
 from hawq.plan import costs_of, sizes_of, solve, to_gptqmodel_dynamic

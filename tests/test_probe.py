@@ -8,7 +8,6 @@ import torch
 from qrobust.cli import main
 from qrobust.probe import (
     FULL, FULL_TARGET, QUANTIZED, QUESTIONS, ProbeConfig, Target, balanced_sets, parse_bits, parse_state, run_probe,
-    score_rows,
 )
 
 

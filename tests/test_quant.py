@@ -8,7 +8,6 @@ from qrobust.errors import QrobustError
 from qrobust.models import load_model
 from qrobust.quant import GPTQ, QuantizeConfig, QuantLinear, QuantSpec, output_error, parse_plan, quantize_model, rtn
 from qrobust.quant.checkpoint import load_quantized, save_quantized
-from qrobust.quant.qlinear import set_module
 
 KINDS = ["ar", "diffusion"]
 

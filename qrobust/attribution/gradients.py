@@ -20,7 +20,6 @@ from qrobust.errors import QrobustError
 
 def _bergson():
     try:
-        import bergson  # noqa: F401
         from bergson import GradientProcessor, InMemoryCollector
         from bergson.config.config import IndexConfig
         from bergson.gradients import AdafactorNormalizer

@@ -61,6 +61,14 @@ def random_removal(counts: np.ndarray, target: int, rng: random.Random) -> set[i
     return chosen
 
 
+def top_bin(shares: pd.DataFrame, group: str) -> tuple[str, float]:
+    """The bin holding the largest mean share of the group's top-k documents, and that share."""
+    means = shares[shares.group == group].groupby("bin").share.mean().sort_values(ascending=False, kind="stable")
+    if means.empty:
+        raise SystemExit(f"no queries in group {group!r}: pick one of {sorted(set(shares.group))}")
+    return str(means.index[0]), float(means.iloc[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-ar")
@@ -89,20 +97,18 @@ def main() -> None:
     meta = attribute(base, f"{args.model} full precision", aconf, out / "run")
     attribution_seconds = time.perf_counter() - t0
 
-    shares = pd.read_csv(out / "run" / "influence" / "bin_shares.csv")
-    group_shares = shares[shares.group == args.group].groupby("bin").share.mean().sort_values(ascending=False)
-    top_bin = group_shares.index[0]
+    chosen, chosen_share = top_bin(pd.read_csv(out / "run" / "influence" / "bin_shares.csv"), args.group)
     docs = load_corpus(args.corpus, args.limit)
     bins = [f"{d.labels['topic']} | {d.labels['kind']}" for d in docs]
     counts = token_counts(tokenizer, docs)
-    removed_top = {i for i, b in enumerate(bins) if b == top_bin}
+    removed_top = {i for i, b in enumerate(bins) if b == chosen}
     removed_tokens = int(counts[list(removed_top)].sum())
     queries = load_queries(args.queries, args.query_limit)
     groups = sorted({q.group for q in queries})
 
     cfg = replace(ZooConfig(), steps=args.steps, warmup=min(200, args.steps // 10))
     context = cfg.seq_len
-    variants = [("full corpus", set()), (f"without top bin ({top_bin})", removed_top)]
+    variants = [("full corpus", set()), (f"without top bin ({chosen})", removed_top)]
     for draw in range(args.random_draws):
         variants.append((f"without random documents (draw {draw})",
                          random_removal(counts, removed_tokens, random.Random(1000 + draw))))
@@ -124,8 +130,8 @@ def main() -> None:
     table.to_csv(out / "validation.csv", index=False)
     random_rise = table[f"rise_{args.group}"].iloc[2:]
     result = {
-        "model": args.model, "group": args.group, "top_bin": top_bin, "top_bin_share": float(group_shares.iloc[0]),
-        "top_bin_corpus_share": float(np.mean([b == top_bin for b in bins])),
+        "model": args.model, "group": args.group, "top_bin": chosen, "top_bin_share": chosen_share,
+        "top_bin_corpus_share": float(np.mean([b == chosen for b in bins])),
         "rise_without_top_bin": float(table[f"rise_{args.group}"].iloc[1]),
         "rise_without_random_mean": float(random_rise.mean()),
         "passed": bool(table[f"rise_{args.group}"].iloc[1] > random_rise.max()),
