@@ -159,6 +159,12 @@ def test_jsonl_corpus_labels_and_mismatched_runs(tmp_path, tiny_dirs):
     assert set(meta["summary"]["influence"]["sources"]["sources"]) == {"ft", "pt"}
     assert main([*args, "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", str(tmp_path / "b")]) == 0
     assert main(["attribute-compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    ckpt = tmp_path / "ckpt"  # the same RTN model written as a GPTQ checkpoint and loaded back
+    assert main(["quantize", "--model", str(tiny_dirs["ar"]), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--out", str(ckpt)]) == 0
+    assert main([*args, "--quantized", str(ckpt), "--out", str(tmp_path / "from-ckpt")]) == 0
+    assert np.allclose(np.load(tmp_path / "from-ckpt" / "scores.npy"), np.load(tmp_path / "b" / "scores.npy"),
+                       atol=1e-4)
     assert main([*args[:-2], "--top-k", "2", "--queries", "humaneval", "--query-limit", "1",
                  "--out", str(tmp_path / "c")]) == 0
     assert main(["attribute-compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2  # other queries
