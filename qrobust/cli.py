@@ -453,6 +453,7 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--projection-seed", type=int, default=0, help="keep it equal across the runs you compare")
     p.add_argument("--max-tokens", type=int, default=1024, help="of each document")
     p.add_argument("--no-precondition", action="store_true", help="skip the second-moment scaling")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per backward pass (diffusion masks depend on it)")
     p.add_argument("--no-bm25", action="store_true", help="skip the lexical baseline")
     p.add_argument("--out", required=True)
 
@@ -462,13 +463,14 @@ def _attribute(args: argparse.Namespace) -> int:
     from qrobust.models import load_model
     from qrobust.probe import build_targets
 
-    if args.top_k < 1:
-        raise QrobustError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_k < 1 or args.batch_size < 1:
+        raise QrobustError(f"--top-k and --batch-size must be at least 1, got {args.top_k} and {args.batch_size}")
     bits = parse_bits(args.bits) if args.bits else []
     if len(bits) > 1:
         raise QrobustError(f"one width per run, got --bits {args.bits}: run attribute once per width")
     gcfg = GradientConfig(projection_dim=args.projection_dim, projection_seed=args.projection_seed,
-                          mask_seed=args.seed, max_tokens=args.max_tokens, precondition=not args.no_precondition)
+                          mask_seed=args.seed, max_tokens=args.max_tokens, precondition=not args.no_precondition,
+                          batch_size=args.batch_size)
     config = AttributionConfig(corpus=args.corpus, queries=args.queries, limit=args.limit,
                                query_limit=args.query_limit, top_k=args.top_k, bm25=not args.no_bm25, gradients=gcfg)
     inputs = load_inputs(config)

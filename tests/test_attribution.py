@@ -182,3 +182,11 @@ def test_validation_removes_the_top_bin_and_a_random_set_of_the_same_size():
     chosen = random_removal(counts, 150, random.Random(0))
     assert counts[list(chosen)].sum() >= 150 and counts[list(chosen)].sum() - 150 < counts.max()
     assert chosen == random_removal(counts, 150, random.Random(0))  # a seeded draw
+
+
+def test_batched_ar_features_equal_one_window_at_a_time(tiny_dirs):
+    adapter = load_model(str(tiny_dirs["ar"]))
+    texts = ["def f(x):\n    return x * 2\n", "import os\nprint(os.sep)\n" * 5, "class A:\n    pass\n" * 3]
+    feats = {b: collect_features(adapter, texts, GradientConfig(projection_dim=8, window=24, batch_size=b), None,
+                                 progress=False).values for b in (1, 4)}
+    assert np.allclose(feats[1], feats[4], atol=1e-4)

@@ -113,3 +113,12 @@ def test_unknown_models_fail_clearly(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(QrobustError, match="config.json"):
         load_model(str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("kind", ["ar", "diffusion"])
+def test_layer_groups_follow_shared_inputs_on_every_load(tiny_dirs, kind):
+    """Groups decide which layers share a Hessian: o_proj must never join q/k/v (a reused id once did)."""
+    for _ in range(10):
+        for block in load_model(str(tiny_dirs[kind])).quantizable_layers():
+            short = [[n.rsplit(".", 1)[-1] for n in g] for g in block.groups]
+            assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]

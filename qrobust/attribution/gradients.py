@@ -37,6 +37,8 @@ class GradientConfig:
     max_tokens: int = 1024  # of each document; None for all
     window: int = 512  # at most the model's context
     normalizer_windows: int = 32  # windows whose gradients estimate the second moments
+    batch_size: int = 1  # windows per forward/backward; AR features do not depend on it, diffusion
+    # masks do (batch b is corrupted with seed mask_seed + its first window's index)
     precondition: bool = True  # False: raw gradients (no second-moment scaling)
 
 
@@ -94,6 +96,17 @@ class Features:
     bytes_per_item: int
 
 
+def _right_padded(rows: list[list[int]], tokenizer, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids and attention mask, padded on the right (real tokens never see padding)."""
+    if len(rows) == 1:
+        return torch.tensor(rows, device=device), None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r) for r in rows)
+    x = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return x, mask
+
+
 def collect_features(adapter, texts: list[str], cfg: GradientConfig, normalizers: dict | None,
                      desc: str = "gradients", progress: bool = True) -> Features:
     """One unit-norm feature row per text."""
@@ -110,13 +123,16 @@ def collect_features(adapter, texts: list[str], cfg: GradientConfig, normalizers
     collector = InMemoryCollector(model=model, data=data, cfg=index_cfg, processor=processor,
                                   target_modules=set(adapter.linear_layer_names()))
     t0 = time.perf_counter()
-    for i, (_, ids) in enumerate(tqdm(windows, desc=desc, disable=not progress, leave=False)):
-        x = torch.tensor([ids], device=adapter.device)
+    starts = range(0, len(windows), cfg.batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        indices = list(range(start, min(start + cfg.batch_size, len(windows))))
+        x, mask = _right_padded([windows[i][1] for i in indices], adapter.tokenizer, adapter.device)
         with collector.with_batch(None):
-            loss = adapter.loss(x, seed=cfg.mask_seed + i, reduction="sum")
+            # summed, not averaged: each window's gradient is independent of its batch
+            loss = adapter.loss(x, mask, seed=cfg.mask_seed + start, reduction="sum")
             loss.backward()
         model.zero_grad(set_to_none=True)
-        collector.process_batch([i], losses=loss.detach()[None])
+        collector.process_batch(indices, losses=loss.detach().expand(len(indices)) / len(indices))
     collector.teardown()
     if adapter.device.type == "cuda":
         torch.cuda.synchronize()

@@ -89,12 +89,14 @@ class ModelAdapter(ABC):
         from qrobust.quant.qlinear import QuantLinear  # the quant package builds on this module
 
         prefix, container = self.blocks_module()
-        calls: list[tuple[str, int]] = []
+        # The input tensors themselves are kept, not their ids: a freed tensor's id can be reused by
+        # a later input, which would merge layers that do not share an input into one group.
+        calls: list[tuple[str, torch.Tensor]] = []
         hooks = []
         for name, module in self.model.named_modules():
             if isinstance(module, (nn.Linear, QuantLinear)) and name.startswith(prefix + "."):
                 hooks.append(module.register_forward_hook(
-                    lambda m, inp, out, name=name: calls.append((name, id(inp[0])))))
+                    lambda m, inp, out, name=name: calls.append((name, inp[0]))))
         try:
             ids = torch.arange(8, device=self.device)[None] % 4 + 1
             with torch.no_grad():
@@ -103,17 +105,17 @@ class ModelAdapter(ABC):
             for h in hooks:
                 h.remove()
         per_block: list[BlockLayers] = [BlockLayers(i, f"{prefix}.{i}", []) for i in range(len(container))]
-        last_input: dict[int, int] = {}
-        for name, input_id in calls:
+        last_input: dict[int, torch.Tensor] = {}
+        for name, inp in calls:
             i = int(name[len(prefix) + 1:].split(".")[0])
             block = per_block[i]
             if any(name in g for g in block.groups):
                 continue
-            if block.groups and last_input.get(i) == input_id:
+            if block.groups and last_input.get(i) is inp:
                 block.groups[-1].append(name)
             else:
                 block.groups.append([name])
-            last_input[i] = input_id
+            last_input[i] = inp
         return per_block
 
     def linear_layer_names(self) -> list[str]:

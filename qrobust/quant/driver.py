@@ -217,7 +217,8 @@ def quantize_gptq(adapter: ModelAdapter, config: QuantizeConfig, calib: torch.Te
         for group in groups:
             gptq = {name: GPTQ(adapter.model.get_submodule(name)) for name in group}
             # A group's layers read one input tensor, so one accumulation serves them all.
-            accumulate = group[:1] if config.fuse_shared else group
+            same_width = len({gptq[n].columns for n in group}) == 1
+            accumulate = group[:1] if config.fuse_shared and same_width else group
             hooks = [adapter.model.get_submodule(name).register_forward_hook(
                 lambda m, inp, out, name=name: gptq[name].add_batch(inp[0].detach())) for name in accumulate]
             try:
