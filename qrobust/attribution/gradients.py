@@ -66,10 +66,9 @@ def _prepare(model: torch.nn.Module) -> None:
         p.requires_grad_(True)
 
 
-def estimate_normalizers(adapter, texts: list[str], cfg: GradientConfig) -> dict:
+def estimate_normalizers(adapter, windows: list[tuple[int, list[int]]], cfg: GradientConfig) -> dict:
     """Adafactor row/column second moments of per-window gradients, one pair per linear layer."""
     *_, AdafactorNormalizer = _bergson()
-    windows = windows_for(adapter, texts, cfg)
     names = adapter.linear_layer_names()
     model = adapter.model
     _prepare(model)
@@ -108,12 +107,13 @@ def _right_padded(rows: list[list[int]], tokenizer, device) -> tuple[torch.Tenso
 
 
 def collect_features(adapter, texts: list[str], cfg: GradientConfig, normalizers: dict | None,
-                     desc: str = "gradients", progress: bool = True) -> Features:
-    """One unit-norm feature row per text."""
+                     desc: str = "gradients", progress: bool = True,
+                     windows: list[tuple[int, list[int]]] | None = None) -> Features:
+    """One unit-norm feature row per text (windows: the texts' windows, when already made)."""
     GradientProcessor, InMemoryCollector, IndexConfig, _ = _bergson()
     import datasets
 
-    windows = windows_for(adapter, texts, cfg)
+    windows = windows or windows_for(adapter, texts, cfg)
     model = adapter.model
     _prepare(model)
     processor = GradientProcessor(normalizers=normalizers or {}, projection_dim=cfg.projection_dim,

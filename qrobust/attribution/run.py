@@ -14,7 +14,7 @@ import torch
 from qrobust.attribution.analysis import analyse
 from qrobust.attribution.bm25 import bm25_scores
 from qrobust.attribution.data import Document, Query, load_corpus, load_queries
-from qrobust.attribution.gradients import GradientConfig, collect_features, estimate_normalizers
+from qrobust.attribution.gradients import GradientConfig, collect_features, estimate_normalizers, windows_for
 from qrobust.errors import QrobustError
 
 SCORES = "scores.npy"
@@ -77,11 +77,11 @@ def attribute(adapter, model_label: str, config: AttributionConfig, out_dir: str
     dequantize_modules(adapter.model, next(adapter.model.parameters()).dtype)
     gcfg = config.gradients
     t0 = time.perf_counter()
-    normalizers = None
-    if gcfg.precondition:
-        normalizers = estimate_normalizers(adapter, [d.text for d in docs], gcfg)
+    texts = [d.text for d in docs]
+    windows = windows_for(adapter, texts, gcfg)
+    normalizers = estimate_normalizers(adapter, windows, gcfg) if gcfg.precondition else None
     normalizer_seconds = time.perf_counter() - t0
-    doc_features = collect_features(adapter, [d.text for d in docs], gcfg, normalizers, "corpus gradients", progress)
+    doc_features = collect_features(adapter, texts, gcfg, normalizers, "corpus gradients", progress, windows)
     query_features = collect_features(adapter, [q.text for q in queries], gcfg, normalizers, "query gradients",
                                       progress)
     scores = (query_features.values @ doc_features.values.T).astype(np.float32)
