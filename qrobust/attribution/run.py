@@ -43,17 +43,23 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _fingerprint(config: AttributionConfig, model_label: str, docs: list[Document], queries: list[Query]) -> dict:
-    return {"model": model_label, "config": asdict(config), "documents": [d.id for d in docs],
-            "queries": [q.id for q in queries]}
+    """What a run depends on, as it reads back from attribution.json."""
+    return json.loads(json.dumps({"model": model_label, "config": asdict(config), "documents": [d.id for d in docs],
+                                  "queries": [q.id for q in queries]}))
+
+
+def _stored_fingerprint(run_dir: str | Path) -> dict | None:
+    """The fingerprint of a completed run in run_dir, else None."""
+    meta_path = Path(run_dir) / "attribution.json"
+    if not (meta_path.exists() and (Path(run_dir) / SCORES).exists()):
+        return None
+    return json.loads(meta_path.read_text()).get("fingerprint")
 
 
 def finished(run_dir: str | Path, config: AttributionConfig) -> bool:
     """A run in run_dir completed with these settings (so its model need not be built again)."""
-    meta_path = Path(run_dir) / "attribution.json"
-    if not (meta_path.exists() and (Path(run_dir) / SCORES).exists()):
-        return False
-    return json.loads(meta_path.read_text()).get("fingerprint", {}).get("config") == json.loads(
-        json.dumps(asdict(config)))
+    stored = _stored_fingerprint(run_dir)
+    return stored is not None and stored.get("config") == json.loads(json.dumps(asdict(config)))
 
 
 def attribute(adapter, model_label: str, config: AttributionConfig, out_dir: str | Path,
@@ -67,10 +73,8 @@ def attribute(adapter, model_label: str, config: AttributionConfig, out_dir: str
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "attribution.json"
     fingerprint = _fingerprint(config, model_label, docs, queries)
-    if meta_path.exists() and (out / SCORES).exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == fingerprint:
-            return meta
+    if _stored_fingerprint(out) == fingerprint:
+        return json.loads(meta_path.read_text())
     _write_jsonl(out / "documents.jsonl", [{"id": d.id, **d.labels} for d in docs])
     _write_jsonl(out / "queries.jsonl", [{"id": q.id, "group": q.group} for q in queries])
 

@@ -184,12 +184,13 @@ def _run_block(block: nn.Module, inputs) -> list[torch.Tensor]:
 
 def _solve_group(group: list[str], gptq: dict[str, GPTQ], specs: dict[str, QuantSpec], config: QuantizeConfig,
                  timer: StageTimer) -> dict[str, tuple]:
-    """name -> (result, loss, seconds). Layers with the same spec and the same Hessian (they read
-    the same input) are solved in one pass over their stacked rows; the results are identical."""
+    """name -> (result, loss, seconds). Layers with the same spec that share one Hessian (they read
+    the same input) are solved in one pass over their stacked rows: the same result up to
+    floating-point rounding."""
     args = (config.blocksize, config.percdamp, config.act_order, config.static_groups)
     first = gptq[group[0]]
-    shared = (config.fuse_shared and len(group) > 1 and len({specs[n] for n in group}) == 1
-              and all(torch.equal(gptq[n].H, first.H) for n in group[1:]))
+    shared = (len(group) > 1 and len({specs[n] for n in group}) == 1
+              and all(gptq[n].H is first.H for n in group[1:]))
     t0 = time.perf_counter()
     with timer("solve"):
         if shared:
