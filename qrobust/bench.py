@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qrobust.errors import QrobustError
-from qrobust.models.transformer import TransformerConfig
+from qrobust.models.transformer import TransformerConfig, TransformerLM
 from qrobust.sweep import environment
 
 # Real configurations: TransformerConfig's defaults are Qwen3-1.7B's.
@@ -43,6 +43,12 @@ class QuantBench:
     peer: str | None = None
     fuse_shared: bool = True
     calib_batch_size: int = 1
+    repeats: int = 1
+
+
+def check_device(device: str) -> None:
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise QrobustError(f"device {device} is not available here: run on a GPU machine or pass --device cpu")
 
 
 def shape_config(bench: QuantBench) -> TransformerConfig:
@@ -61,18 +67,25 @@ def shape_config(bench: QuantBench) -> TransformerConfig:
                    eos_token_id=cfg.vocab_size - 3, bos_token_id=cfg.vocab_size - 3)
 
 
-def build_random_model(cfg: TransformerConfig, out_dir: Path, seed: int) -> Path:
-    """Random float16 weights (std 0.02) saved as a native model; the tokenizer is a stand-in."""
-    from qrobust.models.loading import save_native
-    from qrobust.models.tiny import train_tokenizer
-    from qrobust.models.transformer import TransformerLM
-
+def random_lm(cfg: TransformerConfig, device: str | torch.device, seed: int,
+              dtype: torch.dtype = torch.float16) -> TransformerLM:
+    """A TransformerLM with random weights (std 0.02) built directly on `device`."""
     torch.manual_seed(seed)
-    with torch.device("cpu"):
-        model = TransformerLM(cfg).half()
+    with torch.device(device):
+        model = TransformerLM(cfg).to(dtype)
     for p in model.parameters():
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def build_random_model(cfg: TransformerConfig, out_dir: Path, seed: int, device: str = "cpu") -> Path:
+    """Random float16 weights (drawn on `device`, faster on a GPU) saved as a native model; the
+    tokenizer is a stand-in."""
+    from qrobust.models.loading import save_native
+    from qrobust.models.tiny import train_tokenizer
+
+    model = random_lm(cfg, device, seed).cpu()
     tokenizer = train_tokenizer(["def f(x):\n    return x\n"] * 4, vocab_size=300)
     return save_native(model, tokenizer, out_dir)
 
@@ -120,13 +133,27 @@ def run_gptqmodel(model_dir: Path, bench: QuantBench, calib: torch.Tensor) -> di
     model = GPTQModel.load(str(model_dir), qcfg)
     data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib]
     t0 = time.perf_counter()
-    log = model.quantize(data, batch_size=1)
+    model.quantize(data, batch_size=1)
     total = time.perf_counter() - t0
+    return {"tool": "gptqmodel", "seconds": total, "peak_gib": _peak_gib(device),
+            "losses": peer_losses(getattr(model, "quant_log", None) or [], bench.seqlen)}
+
+
+def peer_losses(quant_log: list[dict], seqlen: int) -> dict[str, float]:
+    """GPTQModel's per-module losses in qrobust's units. GPTQModel (7.x) logs entries with 'layer',
+    'module', 'loss' (a string) and 'samples' (tokens); it scales H by 2/tokens and divides the loss
+    by tokens, where qrobust, like the reference GPTQ, scales H by 2/sequences and does not divide.
+    For the same weights and codes, ours = theirs · tokens · seqlen. Entries without a number
+    (fallback quantization) are left out."""
     losses = {}
-    for entry in log or getattr(model, "quant_log", []) or []:
-        if isinstance(entry, dict) and "module" in entry and "loss" in entry:
-            losses[f"model.layers.{entry.get('layer')}.{entry['module']}"] = float(entry["loss"])
-    return {"tool": "gptqmodel", "seconds": total, "peak_gib": _peak_gib(device), "losses": losses}
+    for entry in quant_log:
+        try:
+            loss, tokens = float(entry["loss"]), float(entry["samples"])
+            name = f"model.layers.{int(entry['layer'])}.{entry['module']}"
+        except (KeyError, TypeError, ValueError):
+            continue
+        losses[name] = loss * tokens * seqlen
+    return losses
 
 
 def bench_quantize(bench: QuantBench, work_dir: str | Path | None = None, out: str | Path | None = None) -> dict:
@@ -137,35 +164,45 @@ def bench_quantize(bench: QuantBench, work_dir: str | Path | None = None, out: s
         raise QrobustError(f"unknown peer {bench.peer!r}: the supported peer is gptqmodel")
     if bench.peer and bench.kind != "ar":
         raise QrobustError("GPTQModel cannot load our diffusion models: use --kind ar with --peer")
+    check_device(bench.device)
+    if bench.repeats < 1:
+        raise QrobustError(f"--repeats must be at least 1, got {bench.repeats}")
     root = Path(work_dir or tempfile.mkdtemp(prefix="qrobust-bench-"))
     t0 = time.perf_counter()
-    model_dir = build_random_model(cfg, root / f"{bench.shape}-{bench.kind}", bench.seed)
+    model_dir = build_random_model(cfg, root / f"{bench.shape}-{bench.kind}", bench.seed, bench.device)
     build_seconds = time.perf_counter() - t0
     g = torch.Generator().manual_seed(bench.seed)
     calib = torch.randint(0, cfg.vocab_size - 3, (bench.nsamples, bench.seqlen), generator=g)
     results = {"bench": asdict(bench), "config": cfg.to_dict(), "build_seconds": build_seconds,
                "environment": environment(bench.device), "runs": []}
-    for run in (run_ours, run_gptqmodel if bench.peer else None):
-        if run is not None:
-            results["runs"].append(run(model_dir, bench, calib))
-            if out:
-                Path(out).parent.mkdir(parents=True, exist_ok=True)
-                Path(out).write_text(json.dumps(results, indent=2))
+    for run in [run_ours] * bench.repeats + ([run_gptqmodel] if bench.peer else []):
+        results["runs"].append(run(model_dir, bench, calib))
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(results, indent=2))
     return results
 
 
 def summary_lines(results: dict) -> list[str]:
-    runs = results["runs"]
+    """One line per tool (the median run where there are several), then ours against the peer."""
+    by_tool: dict[str, list[dict]] = {}
+    for r in results["runs"]:
+        by_tool.setdefault(r["tool"], []).append(r)
+    median = {tool: sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2] for tool, runs in by_tool.items()}
     lines = []
-    for r in runs:
+    for tool, r in median.items():
         losses = [v for v in r["losses"].values() if v is not None]
         med = statistics.median(losses) if losses else float("nan")
         peak = f"{r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "n/a"
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(r.get("stages", {}).items(), key=lambda kv: -kv[1]))
-        lines.append(f"{r['tool']:<10} {r['seconds']:8.1f} s  peak {peak}  median layer loss {med:.4g}"
+        runs = by_tool[tool]
+        times = ", ".join(f"{x['seconds']:.1f}" for x in runs)
+        spread = f" (median of {len(runs)}: {times})" if len(runs) > 1 else ""
+        lines.append(f"{tool:<10} {r['seconds']:8.1f} s{spread}  peak {peak}  median layer loss {med:.4g}"
                      + (f"  [{stages}]" if stages else ""))
-    if len(runs) == 2:
-        ours, peer = runs
+    if "qrobust" in median and len(median) == 2:
+        ours = median["qrobust"]
+        peer = next(r for tool, r in median.items() if tool != "qrobust")
         lines.append(f"speed-up vs {peer['tool']}: {peer['seconds'] / ours['seconds']:.2f}x")
         common = sorted(set(ours["losses"]) & set(peer["losses"]))
         if common:

@@ -371,19 +371,52 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--peer", default=None, help="gptqmodel: quantize the same model with it, same run")
     q.add_argument("--calib-batch-size", type=int, default=1, help="calibration sequences per block forward")
     q.add_argument("--no-fuse", action="store_true", help="one GPTQ solve per layer even where inputs are shared")
+    q.add_argument("--repeats", type=int, default=1, help="runs of qrobust's GPTQ (the median is reported)")
     q.add_argument("--work-dir", default=None, help="where the random model is written (default: a temp dir)")
     q.add_argument("--out", default=None, help="JSON file for the measurements")
+    g = sub.add_parser("generate", help="batch-1 generation speed and memory, fp16 vs packed bit widths")
+    g.add_argument("--shape", default="qwen3-1.7b")
+    g.add_argument("--kind", default="ar", help="ar (tokens/s) or diffusion (time per denoising step)")
+    g.add_argument("--bits", default="16,8,4,3,2", help="comma-separated; 16 is the fp16 baseline")
+    g.add_argument("--group-size", type=int, default=128)
+    g.add_argument("--prompt-len", type=int, default=32)
+    g.add_argument("--new-tokens", type=int, default=128)
+    g.add_argument("--repeats", type=int, default=5, help="generations per bit width (medians are reported)")
+    g.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (quick runs)")
+    g.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (quick runs)")
+    g.add_argument("--device", default="cuda")
+    g.add_argument("--compile", action="store_true", help="torch.compile each step (fuses small kernels) before capture")
+    g.add_argument("--out", default=None, help="JSON file for the measurements")
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "generate":
+        return _bench_generate(args)
     from qrobust.bench import QuantBench, bench_quantize, summary_lines
 
     bench = QuantBench(shape=args.shape, kind=args.kind, bits=args.bits, group_size=args.group_size,
                        nsamples=args.nsamples, seqlen=args.seqlen, layers=args.layers, vocab_size=args.vocab_size,
                        device=args.device, peer=args.peer, fuse_shared=not args.no_fuse,
-                       calib_batch_size=args.calib_batch_size)
+                       calib_batch_size=args.calib_batch_size, repeats=args.repeats)
     parse_bits(str(args.bits))
     results = bench_quantize(bench, args.work_dir, args.out)
+    for line in summary_lines(results):
+        print(line)
+    return 0
+
+
+def _bench_generate(args: argparse.Namespace) -> int:
+    from qrobust.bench_generate import FULL_PRECISION, GenerateBench, bench_generate, summary_lines
+
+    try:
+        bits = tuple(int(b) for b in _csv(args.bits))
+    except ValueError:
+        raise QrobustError(f"bad bit list {args.bits!r}: use comma-separated integers, e.g. 16,4,2") from None
+    parse_bits(",".join(str(b) for b in bits if b != FULL_PRECISION) or "4")
+    bench = GenerateBench(shape=args.shape, kind=args.kind, bits=bits, group_size=args.group_size,
+                          prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                          layers=args.layers, vocab_size=args.vocab_size, device=args.device, compile=args.compile)
+    results = bench_generate(bench, args.out)
     for line in summary_lines(results):
         print(line)
     return 0

@@ -8,6 +8,7 @@ is rebuilt from those files and is what `qrobust report` reads.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import platform
@@ -96,13 +97,22 @@ def environment(device: str) -> dict:
     import transformers
 
     try:
+        here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+                                cwd=here, timeout=5).stdout.strip() or None
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=here, timeout=5).stdout.strip()
+        if commit and changed:
+            commit += "+changes"  # the code that ran is this commit plus uncommitted edits
     except (OSError, subprocess.TimeoutExpired):
         commit = None
     env = {"qrobust": __version__, "commit": commit, "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "device": device, "machine": platform.machine(),
            "cpus": os.cpu_count()}
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        env["triton"] = triton.__version__
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env

@@ -3,8 +3,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors under Triton's interpreter; this must be set before
+    # Triton is first imported. Production code only picks the kernels on CUDA.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from qrobust.calib import stdlib_files  # noqa: E402
 from qrobust.models.tiny import build_tiny, train_tokenizer  # noqa: E402

@@ -37,3 +37,33 @@ def test_real_shape_is_qwen3_1_7b():
 def test_bench_bad_arguments(tmp_path, capsys, extra, message):
     assert main(["bench", "quantize", "--device", "cpu", "--work-dir", str(tmp_path), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_quantize_repeats_report_the_median(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "quantize", "--shape", "qwen3-0.6b", "--layers", "1", "--vocab-size", "256", "--nsamples", "2",
+            "--seqlen", "16", "--device", "cpu", "--repeats", "3", "--out", str(out)]
+    assert main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["tool"] for r in runs] == ["qrobust"] * 3
+    assert runs[0]["losses"] == runs[2]["losses"]  # same model, calibration and code: same result
+    line = capsys.readouterr().out.splitlines()[0]
+    median = sorted(r["seconds"] for r in runs)[1]
+    assert "median of 3" in line and f"{median:8.1f} s" in line
+
+
+def test_peer_losses_are_converted_to_our_units():
+    from qrobust.bench import peer_losses
+
+    log = [{"layer": 0, "module": "self_attn.q_proj", "loss": "0.0000500000", "samples": "4096"},
+           {"layer": 3, "module": "mlp.down_proj", "loss": "fallback: 0.1", "samples": "4096"},
+           {"layer": 1, "module": "mlp.up_proj", "loss": "0.002", "samples": "4096"}]
+    assert peer_losses(log, seqlen=2048) == {"model.layers.0.self_attn.q_proj": 0.00005 * 4096 * 2048,
+                                             "model.layers.1.mlp.up_proj": 0.002 * 4096 * 2048}
+
+
+def test_bench_generate_cli_rejects_bad_bits(capsys):
+    assert main(["bench", "generate", "--bits", "16,x", "--device", "cpu"]) == 2
+    assert "bad bit list" in capsys.readouterr().err
+    assert main(["bench", "generate", "--bits", "16,6", "--device", "cpu"]) == 2
+    assert "unsupported bit width" in capsys.readouterr().err

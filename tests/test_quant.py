@@ -236,3 +236,15 @@ def test_batched_calibration_matches_one_sequence_at_a_time(tiny_dirs, calib):
         records[batch] = {r.name: r for r in quantize_model(adapter, config, calib[:8], progress=False)}
     for name, rec in records[1].items():  # the same Hessians up to float rounding
         assert records[4][name].output_error == pytest.approx(rec.output_error, rel=0.05), name
+
+
+def test_hessian_passes_stop_after_the_group_they_feed(tiny_dirs, calib):
+    """Each group's Hessian pass runs the block only up to the group's layers: the MLP is entered
+    by the gate/up and down passes and the block's final forward, not by the q/k/v and o passes."""
+    adapter = load_model(str(tiny_dirs["ar"]))
+    adapter.quantizable_layers()  # trace the layers first: that forward is not a Hessian pass
+    runs = []
+    for block in adapter.blocks():
+        block.mlp.register_forward_pre_hook(lambda m, i: runs.append(1))
+    quantize_model(adapter, QuantizeConfig(bits=4, group_size=16, nsamples=4, seqlen=64), calib[:4], progress=False)
+    assert len(runs) == len(adapter.blocks()) * 3 * 4

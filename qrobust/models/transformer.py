@@ -82,11 +82,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+class KVCache:
+    """One layer's keys and values for a fixed maximum length, written at `positions` (a device
+    tensor the decoder advances), so a decoding step has fixed shapes and can be replayed as a
+    CUDA graph. Slots past the current position hold stale values; the attention mask hides them."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        self.k, self.v, self.positions = k, v, positions
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, self.positions, k)
+        self.v.index_copy_(2, self.positions, v)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         c = config
         self.n_head, self.n_kv_head, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.causal = c.causal
         self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
@@ -94,16 +109,20 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
         rep = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # mask None: no padding, so the plain causal (or full) pattern, which fused kernels handle
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -126,8 +145,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -155,8 +175,11 @@ class TransformerLM(nn.Module):
     def device(self) -> torch.device:  # as transformers models have; Bergson's collectors read it
         return self.lm_head.weight.device
 
-    def attention_mask(self, attention_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
-        """Boolean [B or 1, 1, T, T] mask: causal or not, padded keys hidden, every row non-empty."""
+    def attention_mask(self, attention_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean [B or 1, 1, T, T] mask: causal or not, padded keys hidden, every row non-empty;
+        None without padding (attention then applies the causal pattern itself)."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
         allowed = torch.ones(T, T, dtype=torch.bool, device=device)
         if self.config.causal:
             allowed = allowed.tril()
@@ -179,6 +202,25 @@ class TransformerLM(nn.Module):
         for block in self.model.layers:
             x = block(x, rope, mask)
         return self.lm_head(self.model.norm(x))
+
+    def forward_cached(self, input_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Logits [B, T, vocab] of tokens at positions caches[0].positions [T], attending to the
+        cached keys up to their own position (causal models only)."""
+        positions = caches[0].positions
+        max_len = caches[0].k.shape[2]
+        x = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary_emb(positions[None], x.dtype)
+        mask = (torch.arange(max_len, device=positions.device)[None, :] <= positions[:, None])[None, None]
+        for block, cache in zip(self.model.layers, caches):
+            x = block(x, rope, mask, cache)
+        return self.lm_head(self.model.norm(x))
+
+    def new_caches(self, batch: int, max_len: int, positions: torch.Tensor) -> list[KVCache]:
+        c = self.config
+        shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
+        w = self.lm_head.weight
+        return [KVCache(torch.zeros(shape, device=w.device, dtype=w.dtype), torch.zeros(shape, device=w.device, dtype=w.dtype),
+                        positions) for _ in range(c.num_hidden_layers)]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -182,6 +182,21 @@ def _run_block(block: nn.Module, inputs) -> list[torch.Tensor]:
     return outs
 
 
+def _accumulate(gptq: GPTQ, inp: torch.Tensor, stop: bool) -> None:
+    gptq.add_batch(inp.detach())
+    if stop:  # the rest of the block cannot change this group's Hessians
+        raise _StopForward
+
+
+def _feed_block(block: nn.Module, inputs) -> None:
+    """Run the block on every input up to the point where a hook stops it."""
+    for args, kwargs in inputs:
+        try:
+            block(*args, **kwargs)
+        except _StopForward:
+            pass
+
+
 def _solve_group(group: list[str], gptq: dict[str, GPTQ], specs: dict[str, QuantSpec], config: QuantizeConfig,
                  timer: StageTimer) -> dict[str, tuple]:
     """name -> (result, loss, seconds). Layers with the same spec that share one Hessian (they read
@@ -220,11 +235,12 @@ def quantize_gptq(adapter: ModelAdapter, config: QuantizeConfig, calib: torch.Te
             # A group's layers read one input tensor, so one accumulation serves them all.
             same_width = len({gptq[n].columns for n in group}) == 1
             accumulate = group[:1] if config.fuse_shared and same_width else group
-            hooks = [adapter.model.get_submodule(name).register_forward_hook(
-                lambda m, inp, out, name=name: gptq[name].add_batch(inp[0].detach())) for name in accumulate]
+            hooks = [adapter.model.get_submodule(name).register_forward_pre_hook(
+                lambda m, inp, name=name: _accumulate(gptq[name], inp[0], stop=name == accumulate[-1]))
+                for name in accumulate]
             try:
                 with timer("hessian"):
-                    _run_block(block, inputs)
+                    _feed_block(block, inputs)
             finally:
                 for h in hooks:
                     h.remove()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import QrobustError
+from qrobust.kernels import kernels_enabled
 from qrobust.quant.grid import QuantResult, QuantSpec, dequantize, find_params, quantize
 
 
@@ -26,10 +27,18 @@ class GPTQ:
         if inp.dim() == 2:
             inp = inp.unsqueeze(0)
         tmp = inp.shape[0]
-        x = inp.reshape(-1, self.columns).t().float()
+        x = inp.reshape(-1, self.columns)
         self.H *= self.nsamples / (self.nsamples + tmp)
         self.nsamples += tmp
-        x = math.sqrt(2 / self.nsamples) * x
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            # Half-precision products are exact in float32, so multiplying the inputs as they are
+            # on tensor cores, accumulating in float32, matches a float32 matmul at a fraction of its time.
+            try:
+                self.H.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=2 / self.nsamples)
+                return
+            except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
+                pass
+        x = math.sqrt(2 / self.nsamples) * x.t().float()
         self.H += x @ x.t()
 
     def quantize(
@@ -70,15 +79,19 @@ def quantize_jointly(layers: list[GPTQ], spec: QuantSpec, blocksize: int = 128, 
 
 def gptq_solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128,
                percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-               name: str = "layer") -> tuple[QuantResult, torch.Tensor]:
+               name: str = "layer", use_kernel: bool | None = None) -> tuple[QuantResult, torch.Tensor]:
     """The GPTQ column loop on one weight matrix [rows, columns]; returns the result and the
-    loss of each row."""
+    loss of each row. use_kernel: run each block's columns in one Triton kernel (default: on
+    CUDA when Triton is installed); static groups always take the torch loop."""
     W = weight.detach().clone().float()
     H = H.clone()
     rows, columns = W.shape
     n_groups = spec.groups_for(columns, name)
     gs = columns // n_groups
     blocksize = _aligned_blocksize(blocksize, gs)
+    if use_kernel is None:
+        use_kernel = kernels_enabled(W.device)
+    use_kernel = use_kernel and not static_groups
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -93,56 +106,82 @@ def gptq_solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
 
-    Hinv = _inverse_cholesky(H, percdamp, name)
+    Hinv = _inverse_cholesky(H, percdamp, name).contiguous()
 
     Q = torch.zeros_like(W)
     Losses = torch.zeros(rows, device=W.device)
-    scales, zeros = [None] * n_groups, [None] * n_groups
-    g_order = torch.empty(columns, dtype=torch.int32, device=W.device)
-
+    grids: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scale, zero) of each group, in column order
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-
-        for i in range(count):
-            col = i1 + i
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if static_grids is not None:
-                g = int(perm[col]) // gs if perm is not None else col // gs
-                scale, zero = static_grids[g]
-            else:
-                g = col // gs
-                if col % gs == 0:
-                    # Block size is aligned to the group size, so the group's columns are either
-                    # in W1 (already updated by this block) or start at a block boundary of W.
-                    scale, zero = find_params(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs], spec)
-            scales[g], zeros[g] = scale, zero
-            g_order[col] = g
-            q = quantize(w, scale, zero, spec.maxq)
-            wq = dequantize(q, scale, zero)
-            Q1[:, i] = q
-            Losses1[:, i] = (w - wq) ** 2 / d**2
-            err1 = (w - wq) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-
+        if use_kernel:
+            Q1, Err1, block_loss = _block_triton(W, Hinv, i1, i2, gs, spec, grids)
+        else:
+            Q1, Err1, block_loss = _block_torch(W, Hinv, i1, i2, gs, spec, grids, static_grids, perm)
         Q[:, i1:i2] = Q1
-        Losses += torch.sum(Losses1, 1) / 2
+        Losses += block_loss / 2
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
-    g_idx = g_order
+    if static_grids is not None:
+        grids = static_grids
+        g_order = (perm if perm is not None else torch.arange(columns, device=W.device)) // gs
+    else:
+        g_order = torch.arange(columns, device=W.device) // gs
+    g_idx = g_order.to(torch.int32)
     if perm is not None:
         invperm = torch.argsort(perm)
-        Q, g_idx = Q[:, invperm], g_order[invperm]
-    result = QuantResult(q=Q.to(torch.uint8), scales=torch.stack(scales), zeros=torch.stack(zeros), g_idx=g_idx,
-                         spec=spec)
+        Q, g_idx = Q[:, invperm], g_idx[invperm]
+    result = QuantResult(q=Q.to(torch.uint8), scales=torch.stack([s for s, _ in grids]),
+                         zeros=torch.stack([z for _, z in grids]), g_idx=g_idx, spec=spec)
     return result, Losses
+
+
+def _group_grid(W: torch.Tensor, W1: torch.Tensor, i: int, col: int, i2: int, gs: int, spec: QuantSpec):
+    """The grid of the group starting at column `col` (offset i in the block): the block's columns
+    are already updated in W1; a group longer than the block continues in W (block size is aligned
+    to the group size, so a group starts at a block boundary or lies inside one block)."""
+    return find_params(torch.cat([W1[:, i:i + gs], W[:, i2:col + gs]], dim=1), spec)
+
+
+def _block_torch(W, Hinv, i1, i2, gs, spec, grids, static_grids, perm):
+    """The reference loop: one column at a time."""
+    W1 = W[:, i1:i2].clone()
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    Losses1 = torch.zeros_like(W1)
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        col = i1 + i
+        w = W1[:, i]
+        d = Hinv1[i, i]
+        if static_grids is not None:
+            scale, zero = static_grids[int(perm[col]) // gs if perm is not None else col // gs]
+        else:
+            if col % gs == 0:
+                grids.append(_group_grid(W, W1, i, col, i2, gs, spec))
+            scale, zero = grids[-1]
+        q = quantize(w, scale, zero, spec.maxq)
+        wq = dequantize(q, scale, zero)
+        Q1[:, i] = q
+        Losses1[:, i] = (w - wq) ** 2 / d**2
+        err1 = (w - wq) / d
+        W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+        Err1[:, i] = err1
+    return Q1, Err1, torch.sum(Losses1, 1)
+
+
+def _block_triton(W, Hinv, i1, i2, gs, spec, grids):
+    """The same block in one kernel launch (qrobust.kernels.gptq_block)."""
+    from qrobust.kernels.gptq_block import gptq_block
+
+    W1, Hinv1 = W[:, i1:i2], Hinv[i1:i2, i1:i2]
+    if gs <= i2 - i1:
+        Q1, Err1, loss, scales, zeros = gptq_block(W1, Hinv1, spec.maxq, spec.sym, gs)
+        grids.extend(zip(scales, zeros))
+    else:
+        if i1 % gs == 0:
+            grids.append(_group_grid(W, W1, 0, i1, i2, gs, spec))
+        Q1, Err1, loss, _, _ = gptq_block(W1, Hinv1, spec.maxq, spec.sym, None, *grids[-1])
+    return Q1, Err1, loss
 
 
 def output_error(weight: torch.Tensor, weight_hat: torch.Tensor, H: torch.Tensor) -> float:

@@ -1,7 +1,10 @@
 """A linear layer stored as a GPTQ checkpoint stores it: packed codes, scales, zero points.
 
-On CPU (and wherever no packed kernel is used) forward dequantizes in torch, caching the
-result; the buffers stay the packed tensors, so what is saved is what was run.
+On CUDA, forward runs Triton kernels that read the packed buffers directly (a fused
+dequantize-and-multiply for a few rows, as in batch-1 decoding; a dequantized weight for the
+dense matmul otherwise), so the weights stay packed in memory. On CPU (or with
+QROBUST_KERNELS=0) forward dequantizes in torch and caches the result. Either way the buffers
+are the packed tensors, so what is saved is what was run.
 """
 from __future__ import annotations
 
@@ -9,12 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qrobust.kernels import kernels_enabled
 from qrobust.quant.grid import QuantResult, QuantSpec
 from qrobust.quant.pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 
 # "gptq" (v1) stores zero − 1, the historical AutoGPTQ convention; "gptq_v2" stores zero as is.
 # Asymmetric grids can have zero = 0, which v1 cannot represent, so they are written as v2.
 FORMAT_OFFSET = {"gptq": 1, "gptq_v2": 0}
+
+# Up to this many rows per call the fused kernel reads the packed weight once; beyond, one
+# dequantization feeds the dense matmul, whose cost it amortizes.
+GEMV_MAX_ROWS = 4
 
 
 def checkpoint_format(spec: QuantSpec) -> str:
@@ -35,6 +43,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._weight: torch.Tensor | None = None
+        self._kernel_args: tuple | None = None  # (g_idx or None, group size) once checked
 
     @classmethod
     def from_result(cls, result: QuantResult, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -65,10 +74,47 @@ class QuantLinear(nn.Module):
         return self.scales.float()[g].t() * (q - self.zero_points().float()[g].t())
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._weight = None
+        self._weight, self._kernel_args = None, None
         super()._load_from_state_dict(*args, **kwargs)
 
+    def uses_kernels(self, device: torch.device) -> bool:
+        """Whether forward on `device` runs the packed kernels (checked once per load: inputs must
+        come in multiples of 32 and groups in whole tiles). Later calls read only the cached
+        answer, which keeps forward traceable by torch.compile."""
+        if self._kernel_args is not None:
+            return self._kernel_args != () and self._kernel_args[0] == device
+        if not kernels_enabled(device) or self.qweight.device != device:
+            return False
+        from qrobust.kernels.gptq_matmul import GEMV_BLOCK_K, GEMV_BLOCK_N, block_k, gemv_splits, sm_count
+
+        K, gs = self.in_features, self.spec.group_size if self.spec.group_size != -1 else self.in_features
+        in_order = torch.equal(self.g_idx.long(), torch.arange(K, device=device) // gs)
+        try:
+            bk = block_k(K, gs, not in_order, GEMV_BLOCK_K)
+        except ValueError:
+            self._kernel_args = ()
+            return False
+        splits = gemv_splits(self.out_features, K, GEMV_BLOCK_N, bk, 4 * sm_count(device))
+        self._kernel_args = (device, None if in_order else self.g_idx, gs, splits)
+        return True
+
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from qrobust.kernels.gptq_matmul import gptq_dequantize, gptq_gemv
+
+        _, g_idx, gs, splits = self._kernel_args
+        args = (self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs, FORMAT_OFFSET[self.format])
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= GEMV_MAX_ROWS:
+            y = gptq_gemv(rows, *args, bias=bias, splits=splits)
+        else:
+            w = gptq_dequantize(*args, K=self.in_features, dtype=x.dtype)
+            y = rows @ w if bias is None else torch.addmm(bias, rows, w)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_kernels(x.device):
+            return self._packed_forward(x)
         if self._weight is None or self._weight.dtype != x.dtype or self._weight.device != x.device:
             self._weight = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
         return F.linear(x, self._weight, None if self.bias is None else self.bias.to(x.dtype))

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU measurements behind results/perf (README: GPU performance), as they were run on one
+# H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
+#   bash benchmarks/perf_gpu.sh [quantize|peer|generate|compiled]
+# peer needs GPTQModel 7.2.0 (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
+set -uo pipefail
+OUT=${OUT:-results/perf}
+mkdir -p "$OUT"
+q="python3 -m qrobust.cli bench quantize --shape qwen3-1.7b"
+g="python3 -m qrobust.cli bench generate --shape qwen3-1.7b"
+case ${1:-quantize} in
+  quantize)  # qrobust's GPTQ alone, three runs; the summary reports the median
+    $q --repeats 3 --out "$OUT/bench_quantize_qwen3-1.7b_h100.json" ;;
+  peer)      # ours, then GPTQModel on the same saved model, calibration and settings
+    $q --peer gptqmodel --out "$OUT/bench_quantize_peer_qwen3-1.7b_h100.json" ;;
+  generate)  # CUDA graphs, no torch.compile
+    $g --kind ar --bits 16,8,4,3,2 --repeats 3 --out "$OUT/bench_generate_ar_qwen3-1.7b_h100.json"
+    $g --kind diffusion --bits 16,8,4,3,2 --repeats 3 --new-tokens 64 \
+      --out "$OUT/bench_generate_diffusion_qwen3-1.7b_h100.json" ;;
+  compiled)  # torch.compile inside the graphs: about 70 s (fp16) to 150 s (4-bit) of compilation per width
+    timeout 300 $g --kind ar --compile --bits 16,4,2 --repeats 5 --out "$OUT/bench_generate_ar_compiled_qwen3-1.7b_h100.json"
+    timeout 160 $g --kind diffusion --compile --bits 16,4 --repeats 3 --new-tokens 64 \
+      --out "$OUT/bench_generate_diffusion_compiled_qwen3-1.7b_h100.json" ;;
+esac

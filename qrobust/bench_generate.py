@@ -1,0 +1,215 @@
+"""`qrobust bench generate`: batch-1 generation speed and memory, fp16 against packed bit widths.
+
+Each bit width gets a fresh random-weight model at a real shape, quantized round-to-nearest
+(speed does not depend on how the codes were chosen) into packed QuantLinear layers, which on
+CUDA run qrobust's Triton kernels. Decoding replays CUDA graphs (qrobust.models.decode), so the
+numbers measure the kernels and the memory traffic rather than Python's launch overhead. The
+fraction of the bandwidth floor divides tokens/s by what streaming every weight byte once per
+token at the copy bandwidth measured in the same run would allow.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qrobust.bench import QuantBench, check_device, random_lm, shape_config
+from qrobust.errors import QrobustError
+from qrobust.models.decode import GraphedForward, GreedyDecoder, sync
+from qrobust.models.diffusion import SamplerConfig, diffusion_generate
+from qrobust.quant.grid import QuantSpec, rtn
+from qrobust.quant.qlinear import QuantLinear, set_module
+from qrobust.sweep import environment
+
+FULL_PRECISION = 16
+
+
+@dataclass
+class GenerateBench:
+    shape: str = "qwen3-1.7b"
+    kind: str = "ar"
+    bits: tuple[int, ...] = (16, 8, 4, 3, 2)
+    group_size: int = 128
+    prompt_len: int = 32
+    new_tokens: int = 128
+    repeats: int = 5
+    layers: int | None = None
+    vocab_size: int | None = None
+    device: str = "cuda"
+    seed: int = 0
+    compile: bool = False  # torch.compile each step before capturing it
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.bits if b != FULL_PRECISION and b not in (2, 3, 4, 8)]
+        if bad or not self.bits:
+            raise QrobustError(f"bad bit widths {bad or list(self.bits)}: use 16 (fp16) and any of 2,3,4,8")
+        if self.repeats < 1 or self.new_tokens < 2 or self.prompt_len < 1:
+            raise QrobustError("repeats, prompt length and new tokens must be positive (new tokens at least 2)")
+
+
+def quantize_blocks_rtn(model: nn.Module, spec: QuantSpec) -> int:
+    """Replace every nn.Linear inside the transformer blocks by a packed round-to-nearest QuantLinear."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")]
+    for name in names:
+        layer = model.get_submodule(name)
+        result = rtn(layer.weight, spec, name)
+        set_module(model, name, QuantLinear.from_result(result, layer.bias, layer.weight.dtype))
+    return len(names)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers, each storage once (tied embeddings count once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def copy_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 10) -> float | None:
+    """Bytes/s of a device-to-device copy (read + write), the practical ceiling for streaming weights."""
+    if device.type != "cuda":
+        return None
+    n = int(gib * 2**30) // 4
+    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
+    dst.copy_(src)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    del src, dst
+    return 2 * n * 4 * repeats / seconds
+
+
+def _build(bench: GenerateBench, bits: int) -> nn.Module:
+    cfg = shape_config(QuantBench(shape=bench.shape, kind=bench.kind, layers=bench.layers, vocab_size=bench.vocab_size))
+    dtype = torch.float16 if bench.device.startswith("cuda") else torch.float32
+    model = random_lm(cfg, bench.device, bench.seed, dtype).eval()
+    if bits != FULL_PRECISION:
+        quantize_blocks_rtn(model, QuantSpec(bits, bench.group_size, sym=True))
+    return model
+
+
+def _prompt(bench: GenerateBench, vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(bench.seed)
+    return torch.randint(0, vocab - 3, (bench.prompt_len,), generator=g)
+
+
+def _seconds(fn, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure_ar(model: nn.Module, bench: GenerateBench) -> dict:
+    device = model.lm_head.weight.device
+    prompt = _prompt(bench, model.config.vocab_size)
+    _reset_peak(device)
+    decoder = GreedyDecoder(model, bench.prompt_len + bench.new_tokens, graphs=device.type == "cuda",
+                            compile=bench.compile)
+    decoder.generate(prompt, bench.new_tokens)  # warm-up: kernel compilation, allocator
+    runs = [decoder.generate(prompt, bench.new_tokens) for _ in range(bench.repeats)]
+    tps = [r.tokens_per_s for r in runs]
+    return {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps,
+            "ms_per_token": 1000 / statistics.median(tps),
+            "ttft_ms": statistics.median(1000 * r.ttft_s for r in runs), "peak_gib": _peak_gib(device),
+            "tokens": runs[-1].tokens.tolist()}
+
+
+def measure_diffusion(model: nn.Module, bench: GenerateBench) -> dict:
+    device = model.lm_head.weight.device
+    cfg = model.config
+    prompt = _prompt(bench, cfg.vocab_size)[None].to(device)
+    attn = torch.ones_like(prompt)
+    _reset_peak(device)
+    forward = GraphedForward(model, (1, bench.prompt_len + bench.new_tokens), graphs=device.type == "cuda",
+                             compile=bench.compile)
+    step = forward._forward  # the captured forward alone: what each denoising step costs
+    step_times = [_seconds(step, device) for _ in range(max(20, bench.repeats))]
+    sampler = SamplerConfig()  # one token per step: new_tokens steps
+    seq_times = [_seconds(lambda: diffusion_generate(forward, prompt, attn, bench.new_tokens, cfg.mask_token_id,
+                                                     cfg.shift_logits, sampler), device)
+                 for _ in range(bench.repeats)]
+    return {"ms_per_step": 1000 * statistics.median(step_times), "steps": bench.new_tokens,
+            "s_per_sequence": statistics.median(seq_times), "s_per_sequence_runs": seq_times,
+            "peak_gib": _peak_gib(device)}
+
+
+def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress: bool = True) -> dict:
+    """Measures every bit width in turn; with `out`, the JSON is rewritten after each one."""
+    check_device(bench.device)
+    device = torch.device(bench.device)
+    bandwidth = copy_bandwidth(device)
+    results = {"bench": asdict(bench), "environment": environment(bench.device), "copy_bandwidth_gbs":
+               None if bandwidth is None else bandwidth / 1e9, "runs": []}
+    for bits in tqdm(bench.bits, desc=f"bench generate {bench.kind}", disable=not progress):
+        model = _build(bench, bits)
+        weight_bytes = model_bytes(model)
+        row = {"bits": bits, "weight_gib": weight_bytes / 2**30}
+        try:
+            with torch.no_grad():
+                row.update(measure_ar(model, bench) if bench.kind == "ar" else measure_diffusion(model, bench))
+        except Exception as e:  # noqa: BLE001 - one failing width (e.g. torch.compile) must not lose the others
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        on = model.lm_head.weight.device  # with its index: the layers cached their choice for it
+        row["packed_kernels"] = any(m.uses_kernels(on) for m in model.modules() if isinstance(m, QuantLinear))
+        if bandwidth and bench.kind == "ar" and "error" not in row:
+            row["bandwidth_floor_fraction"] = row["tokens_per_s"] / (bandwidth / weight_bytes)
+        results["runs"].append(row)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def summary_lines(results: dict) -> list[str]:
+    runs = results["runs"]
+    base = next((r for r in runs if r["bits"] == FULL_PRECISION and "error" not in r), None)
+    ar = results["bench"]["kind"] == "ar"
+    if ar:
+        head = f"{'bits':>4} {'weights GiB':>11} {'peak GiB':>8} {'tok/s':>8} {'ms/token':>8} {'TTFT ms':>8} {'vs fp16':>7} {'of floor':>8}"
+    else:
+        head = f"{'bits':>4} {'weights GiB':>11} {'peak GiB':>8} {'ms/step':>8} {'s/sequence':>10} {'vs fp16':>7}"
+    lines = [head]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"{r['bits']:>4} failed: {r['error']}")
+            continue
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "n/a"
+        if ar:
+            speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
+            floor = f"{100 * r['bandwidth_floor_fraction']:.0f}%" if "bandwidth_floor_fraction" in r else "n/a"
+            lines.append(f"{r['bits']:>4} {r['weight_gib']:>11.3f} {peak:>8} {r['tokens_per_s']:>8.1f} "
+                         f"{r['ms_per_token']:>8.3f} {r['ttft_ms']:>8.1f} {speed:>7} {floor:>8}")
+        else:
+            speed = f"{base['ms_per_step'] / r['ms_per_step']:.2f}x" if base else "n/a"
+            lines.append(f"{r['bits']:>4} {r['weight_gib']:>11.3f} {peak:>8} {r['ms_per_step']:>8.3f} "
+                         f"{r['s_per_sequence']:>10.3f} {speed:>7}")
+    return lines

@@ -1,0 +1,203 @@
+"""Matrix products that read GPTQ-packed weights as they are stored: no unpacked copy.
+
+qweight [K·b/32, N] int32 packs input features along its rows: for 2, 4 and 8 bits each word
+holds 32/b consecutive inputs; for 3 bits 32 inputs fill three words, two of them straddling a
+word boundary (qrobust.quant.pack). Weights dequantize as ŵ = s·(q − z), with the scale s and
+the zero point z of the input's group and the output; zero points are read from the packed qzeros.
+
+- gptq_gemv: y = x Ŵᵀ for a few rows of x (batch-1 decoding), memory bound: each program reads
+  its outputs' packed words once and dequantizes in registers.
+- gptq_dequantize: Ŵᵀ [K, N] in the activation dtype, for larger batches (prefill, diffusion
+  steps), which then run on the dense matmul.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_u32(ptrs, mask):
+    """int32 words as uint32, so that right shifts bring in zeros."""
+    return tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _unpack_at(row_ptr, idx, mask, BITS: tl.constexpr):
+    """Codes number idx of a bit stream of b-bit values packed in int32 words (any b ≤ 8)."""
+    bit = idx * BITS
+    word = bit // 32
+    shift = (bit % 32).to(tl.uint32)
+    v = _load_u32(row_ptr + word, mask) >> shift
+    if 32 % BITS != 0:
+        straddle = shift > 32 - BITS
+        hi = _load_u32(row_ptr + word + 1, mask & straddle) << tl.where(straddle, 32 - shift, 0)
+        v = v | tl.where(straddle, hi, 0)
+    return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _zeros(qz_ptr, g, n, mask, N, BITS: tl.constexpr, OFFSET: tl.constexpr):
+    """Zero points of groups g and outputs n from qzeros [groups, N·b/32] (stored − OFFSET)."""
+    return ((_unpack_at(qz_ptr + g * (N * BITS // 32), n, mask, BITS) + OFFSET) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes [BLOCK_K, BLOCK_N] of inputs k0… and outputs n (k0 a multiple of 32)."""
+    maxq = (1 << BITS) - 1
+    nmask = (n < N)[None, :]
+    if BITS == 3:
+        # 32 inputs per 3 words; value j starts at bit 3j, values 10 and 21 straddle two words
+        KC: tl.constexpr = BLOCK_K // 32
+        row = (k0 // 32) * 3 + tl.arange(0, KC) * 3
+        w0 = _load_u32(qw_ptr + (row + 0)[:, None] * N + n[None, :], nmask)[:, None, :]
+        w1 = _load_u32(qw_ptr + (row + 1)[:, None] * N + n[None, :], nmask)[:, None, :]
+        w2 = _load_u32(qw_ptr + (row + 2)[:, None] * N + n[None, :], nmask)[:, None, :]
+        bit = tl.arange(0, 32) * 3
+        word = (bit // 32)[None, :, None]
+        shift = (bit % 32).to(tl.uint32)[None, :, None]
+        cur = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
+        nxt = tl.where(word == 0, w1, w2)
+        straddle = shift > 29
+        hi = tl.where(straddle, nxt << tl.where(straddle, 32 - shift, 0), 0)
+        q = (((cur >> shift) | hi) & maxq).to(tl.int32)
+    else:
+        VPW: tl.constexpr = 32 // BITS
+        KW: tl.constexpr = BLOCK_K // VPW
+        row = k0 // VPW + tl.arange(0, KW)
+        words = tl.load(qw_ptr + row[:, None] * N + n[None, :], mask=nmask, other=0)
+        shifts = (tl.arange(0, VPW) * BITS)[None, :, None]
+        q = (words[:, None, :] >> shifts) & maxq
+    return tl.reshape(q, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, N, K, k_split, stride_x,
+                 BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Outputs n of row m over inputs [split·k_split, (split+1)·k_split): into y [M, N] when there
+    is one split, else into the float32 partial sums y [splits, M, N]."""
+    m, split = tl.program_id(1), tl.program_id(2)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_x + k).to(tl.float32)
+        q = _unpack_tile(qw_ptr, k0, n, N, BITS, BLOCK_K, BLOCK_N).to(tl.float32)
+        if ACT_ORDER:
+            g = tl.load(g_ptr + k)[:, None]
+            s = tl.load(s_ptr + g * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+            z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET)
+            acc += tl.sum(s * (q - z) * x[:, None], axis=0)
+        else:
+            # one group per tile: Σ_k s·(q − z)·x = s·(Σ q·x − z·Σ x)
+            g = k0 // GS
+            s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+            z = _zeros(qz_ptr, g, n, nmask, N, BITS, OFFSET)
+            acc += s * (tl.sum(q * x[:, None], axis=0) - z * tl.sum(x, axis=0))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    M = tl.num_programs(1)
+    tl.store(y_ptr + (split * M + m) * N + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    m, M = tl.program_id(1), tl.num_programs(1)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    nmask = n < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in tl.static_range(SPLITS):
+        acc += tl.load(p_ptr + (split * M + m) * N + n, mask=nmask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * N + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, qz_ptr, g_ptr, w_ptr, N, K,
+                    BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    k0 = tl.program_id(0) * BLOCK_K
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = (n < N)[None, :]
+    k = k0 + tl.arange(0, BLOCK_K)
+    q = _unpack_tile(qw_ptr, k0, n, N, BITS, BLOCK_K, BLOCK_N).to(tl.float32)
+    if ACT_ORDER:
+        g = tl.load(g_ptr + k)[:, None]
+    else:
+        g = k0 // GS
+    s = tl.load(s_ptr + g * N + n[None, :], mask=nmask, other=0.0).to(tl.float32)
+    z = _zeros(qz_ptr, g, n[None, :], nmask, N, BITS, OFFSET)
+    tl.store(w_ptr + k[:, None] * N + n[None, :], (s * (q - z)).to(w_ptr.dtype.element_ty), mask=nmask)
+
+
+def block_k(K: int, group_size: int, act_order: bool, preferred: int) -> int:
+    """A tile depth that divides K, is a multiple of 32 and (without act-order) divides a group."""
+    limit = K if act_order else group_size
+    bk = preferred
+    while bk > 32 and (K % bk or limit % bk):
+        bk //= 2
+    if K % bk or limit % bk:
+        raise ValueError(f"packed kernels need input features and group size divisible by 32 (K={K}, group={group_size})")
+    return bk
+
+
+GEMV_BLOCK_N, GEMV_BLOCK_K = 32, 128
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def gemv_splits(N: int, K: int, block_n: int, block_k: int, programs: int) -> int:
+    """How many slices of K to give separate programs so that about `programs` of them run: a
+    batch-1 product has only N/block_n output tiles, too few to keep a GPU's memory busy."""
+    splits = 1
+    while triton.cdiv(N, block_n) * splits < programs and K % (2 * splits * block_k) == 0:
+        splits *= 2
+    return splits
+
+
+def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+              g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
+              bias: torch.Tensor | None = None, block_n: int = GEMV_BLOCK_N, block_depth: int = GEMV_BLOCK_K,
+              splits: int | None = None) -> torch.Tensor:
+    """x [M, K] (M small) times the packed weight: [M, N] in x's dtype. g_idx is None when inputs
+    are grouped in order (group = k // group_size), else each input's group (act-order);
+    zero_offset is what the checkpoint format subtracted from the stored zero points."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    x = x.contiguous()
+    act_order = g_idx is not None
+    bk = block_k(K, group_size, act_order, block_depth)
+    if splits is None:
+        splits = gemv_splits(N, K, block_n, bk, 4 * sm_count(x.device))
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    partial = y if splits == 1 else torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
+    has_bias = bias is not None and splits == 1
+    _gemv_kernel[(triton.cdiv(N, block_n), M, splits)](
+        x, qweight, scales, qzeros, g_idx if act_order else scales, bias if has_bias else y, partial, N, K,
+        K // splits, x.stride(0), BITS=bits, OFFSET=zero_offset, GS=group_size, ACT_ORDER=act_order,
+        HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=bk)
+    if splits > 1:
+        _sum_splits_kernel[(triton.cdiv(N, 1024), M)](partial, bias if bias is not None else y, y, N, SPLITS=splits,
+                                                       HAS_BIAS=bias is not None, BLOCK=1024)
+    return y
+
+
+def gptq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
+                    bits: int, group_size: int, zero_offset: int, K: int, dtype: torch.dtype,
+                    block_n: int = 64, block_depth: int = 64) -> torch.Tensor:
+    """Ŵᵀ [K, N] in `dtype`."""
+    N = qweight.shape[1]
+    act_order = g_idx is not None
+    bk = block_k(K, group_size, act_order, block_depth)
+    w = torch.empty(K, N, device=qweight.device, dtype=dtype)
+    grid = (K // bk, triton.cdiv(N, block_n))
+    _dequant_kernel[grid](qweight, scales, qzeros, g_idx if act_order else scales, w, N, K, BITS=bits,
+                          OFFSET=zero_offset, GS=group_size, ACT_ORDER=act_order, BLOCK_N=block_n, BLOCK_K=bk)
+    return w

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from qrobust.bench_generate import GenerateBench, bench_generate, model_bytes, quantize_blocks_rtn, summary_lines
+from qrobust.errors import QrobustError
+from qrobust.models.decode import GraphedForward, GreedyDecoder
+from qrobust.models.transformer import TransformerConfig, TransformerLM
+from qrobust.quant.grid import QuantSpec
+from qrobust.quant.qlinear import QuantLinear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CUDA the decoder replays graphs
+
+def _model(causal=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, causal=causal,
+                            mask_token_id=96)
+    model = TransformerLM(cfg).eval()
+    for p in model.parameters():  # larger weights than the init, so greedy tokens vary
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.2)
+    return model.to(DEVICE)
+
+
+def test_cached_decoding_matches_full_forward():
+    """Every cached step's logits equal the full forward's over the whole prefix, and greedy
+    tokens match re-running the model on the growing sequence; a second, shorter prompt
+    reuses the cache without leaking the first one's keys."""
+    model = _model()
+    decoder = GreedyDecoder(model, max_len=24)
+    for prompt in (torch.tensor([5, 17, 3, 44, 8, 2, 61]), torch.tensor([9, 1])):
+        timing = decoder.generate(prompt, 12)
+        ids = prompt[None].to(DEVICE)
+        with torch.no_grad():
+            for _ in range(12):
+                ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert timing.tokens.tolist() == ids[0, prompt.numel():].tolist()
+        assert len(set(timing.tokens.tolist())) > 1
+    caches = model.new_caches(1, 16, torch.arange(6, device=DEVICE))
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]], device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_cached(ids, caches), model(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_refuses_diffusion_models_and_overlong_requests():
+    with pytest.raises(ValueError, match="causal"):
+        GreedyDecoder(_model(causal=False), 8)
+    with pytest.raises(ValueError, match="exceed"):
+        GreedyDecoder(_model(), 8).generate(torch.tensor([1, 2, 3]), 6)
+
+
+def test_graphed_forward_returns_model_logits():
+    model = _model(causal=False)
+    forward = GraphedForward(model, (1, 10))
+    ids = torch.randint(0, 96, (1, 10), device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(ids, torch.ones_like(ids)), model(ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unpadded"):
+        forward(ids, torch.zeros_like(ids))
+
+
+def test_rtn_packing_shrinks_weights_by_the_bit_ratio():
+    model = _model()
+    before = model_bytes(model)
+    embed = model.model.embed_tokens.weight.numel() * 4
+    assert quantize_blocks_rtn(model, QuantSpec(4, 32)) == 14
+    assert all(isinstance(model.get_submodule(f"model.layers.0.{n}"), QuantLinear)
+               for n in ("self_attn.q_proj", "mlp.down_proj"))
+    linear = before - embed - sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
+    after = model_bytes(model) - embed - sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
+    assert after < linear * (4 / 32) * 1.6  # 4-bit codes plus scales, zeros and g_idx of 32-input groups
+
+
+@pytest.mark.parametrize("kind", ["ar", "diffusion"])
+def test_bench_generate_on_cpu(tmp_path, kind):
+    bench = GenerateBench(shape="qwen3-0.6b", kind=kind, bits=(16, 4), prompt_len=4, new_tokens=4, repeats=1,
+                          layers=1, vocab_size=256, device="cpu")
+    out = tmp_path / "gen.json"
+    results = bench_generate(bench, out, progress=False)
+    assert out.exists() and [r["bits"] for r in results["runs"]] == [16, 4]
+    fp16, q4 = results["runs"]
+    assert q4["weight_gib"] < fp16["weight_gib"]
+    assert (fp16.get("tokens_per_s") or fp16.get("ms_per_step")) > 0
+    lines = summary_lines(results)
+    assert len(lines) == 3 and "1.00x" in lines[1]
+
+
+def test_bench_generate_rejects_bad_bits():
+    with pytest.raises(QrobustError, match="bit widths"):
+        GenerateBench(bits=(16, 5))

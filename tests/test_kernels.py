@@ -1,0 +1,107 @@
+"""The Triton kernels against their torch references: on CUDA where there is one, else on CPU
+under Triton's interpreter (conftest sets TRITON_INTERPRET=1 on machines without a GPU)."""
+import pytest
+import torch
+
+from qrobust import kernels
+from qrobust.quant.gptq import gptq_solve
+from qrobust.quant.grid import QuantSpec, rtn
+from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
+
+pytestmark = pytest.mark.skipif(not kernels.triton_installed(), reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _hessian(columns: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * columns, columns, generator=g) @ torch.randn(columns, columns, generator=g) * 0.1
+    return (X.t() @ X / X.shape[0]).to(DEVICE)
+
+
+@pytest.mark.parametrize("bits,group_size,sym,act_order", [
+    (4, 128, True, False), (3, 32, False, True), (2, -1, True, False), (8, 256, False, True), (4, 64, True, True),
+])
+def test_gptq_block_kernel_matches_torch_loop(bits, group_size, sym, act_order):
+    """Same codes, grids and losses as the column-at-a-time loop, for groups inside a block,
+    groups spanning blocks, per-channel grids and act-order."""
+    columns = 256
+    H = _hessian(columns)
+    W = torch.randn(40, columns, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    spec = QuantSpec(bits, group_size, sym)
+    ref, ref_loss = gptq_solve(W, H, spec, 128, 0.01, act_order, use_kernel=False)
+    out, loss = gptq_solve(W, H, spec, 128, 0.01, act_order, use_kernel=True)
+    mismatch = (ref.q != out.q).float().mean().item()
+    assert mismatch <= (0 if DEVICE == "cpu" else 1e-3)  # a GPU may round a tie differently
+    assert torch.equal(ref.g_idx, out.g_idx)
+    torch.testing.assert_close(out.scales, ref.scales, rtol=1e-3, atol=0)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-6)
+
+
+def _layer(bits, group_size, sym, shuffled, bias=True, N=96, K=256):
+    g = torch.Generator().manual_seed(bits * 100 + K)
+    result = rtn(torch.randn(N, K, generator=g), QuantSpec(bits, group_size, sym))
+    if shuffled:  # act-order checkpoints: each input's group is arbitrary
+        perm = torch.randperm(K, generator=g)
+        result.q, result.g_idx = result.q[:, perm], result.g_idx[perm]
+    layer = QuantLinear.from_result(result, torch.randn(N, generator=g) if bias else None, torch.float32)
+    return layer.to(DEVICE)
+
+
+CASES = [(4, 128, True, False), (3, 64, False, False), (2, 32, True, True), (8, -1, False, False),
+         (3, 128, True, True)]
+
+
+@pytest.mark.parametrize("bits,group_size,sym,shuffled", CASES)
+def test_gemv_and_dequantize_match_the_torch_dequantization(bits, group_size, sym, shuffled):
+    from qrobust.kernels.gptq_matmul import gptq_dequantize, gptq_gemv
+
+    layer = _layer(bits, group_size, sym, shuffled)
+    K = layer.in_features
+    ref = layer.dequantized_weight()
+    g_idx = layer.g_idx if shuffled else None
+    gs = K if group_size == -1 else group_size
+    args = (layer.qweight, layer.scales, layer.qzeros, g_idx, bits, gs, FORMAT_OFFSET[layer.format])
+    assert torch.equal(gptq_dequantize(*args, K=K, dtype=torch.float32).t(), ref)
+    x = torch.randn(3, K, device=DEVICE)
+    for splits in (1, 2):
+        y = gptq_gemv(x, *args, bias=layer.bias, splits=splits)
+        torch.testing.assert_close(y, x @ ref.t() + layer.bias, rtol=1e-4, atol=1e-4)
+
+
+def test_gemv_splits_fill_the_device():
+    from qrobust.kernels.gptq_matmul import gemv_splits
+
+    assert gemv_splits(2048, 2048, 32, 128, programs=528) == 16  # 64 tiles → 1024 programs
+    assert gemv_splits(6144, 2048, 32, 128, programs=528) == 4
+    assert gemv_splits(1024, 128, 32, 128, programs=528) == 1  # K has a single tile
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_quant_linear_forward_takes_the_packed_path(monkeypatch, rows):
+    """With kernels on, forward reads the packed buffers (GEMV for few rows, dequantize-and-matmul
+    for more) and caches no dense weight."""
+    import qrobust.quant.qlinear as qlinear
+
+    monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
+    layer = _layer(4, 64, False, shuffled=False)
+    x = torch.randn(2, rows, layer.in_features, device=DEVICE)
+    y = layer(x)
+    assert layer.uses_kernels(x.device) and layer._weight is None
+    torch.testing.assert_close(y, x @ layer.dequantized_weight().t() + layer.bias, rtol=1e-4, atol=1e-4)
+
+
+def test_quant_linear_falls_back_when_tiles_do_not_fit(monkeypatch):
+    import qrobust.quant.qlinear as qlinear
+
+    monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
+    layer = _layer(4, 16, True, shuffled=False, bias=False)  # 16-input groups: smaller than a tile
+    x = torch.randn(1, layer.in_features, device=DEVICE)
+    torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().t())
+    assert not layer.uses_kernels(x.device) and layer._weight is not None
+
+
+def test_kernels_are_off_on_cpu_by_default(monkeypatch):
+    monkeypatch.delenv("QROBUST_KERNELS", raising=False)
+    assert not kernels.kernels_enabled("cpu")
+    monkeypatch.setenv("QROBUST_KERNELS", "0")
+    assert not kernels.kernels_enabled("cuda")
