@@ -248,3 +248,22 @@ def test_hessian_passes_stop_after_the_group_they_feed(tiny_dirs, calib):
         block.mlp.register_forward_pre_hook(lambda m, i: runs.append(1))
     quantize_model(adapter, QuantizeConfig(bits=4, group_size=16, nsamples=4, seqlen=64), calib[:4], progress=False)
     assert len(runs) == len(adapter.blocks()) * 3 * 4
+
+
+def test_block_forward_frees_each_input_once_its_output_exists(tiny_dirs, calib):
+    """Peak memory holds one copy of the calibration activations: when the quantized block runs on
+    sequence i to feed the next block, sequence i−1's input is already gone."""
+    import weakref
+
+    adapter = load_model(str(tiny_dirs["ar"]))
+    previous_freed = []
+    last = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        previous_freed.append(bool(last) and last[-1]() is None)
+        last.append(weakref.ref(hidden))
+
+    adapter.blocks()[0].register_forward_pre_hook(hook, with_kwargs=True)
+    quantize_model(adapter, QuantizeConfig(bits=4, group_size=16, nsamples=4, seqlen=64), calib[:4], progress=False)
+    assert previous_freed[-3:] == [True, True, True]  # the final pass over block 0

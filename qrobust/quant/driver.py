@@ -174,12 +174,9 @@ def _with_hidden(args, kwargs, hidden):
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _run_block(block: nn.Module, inputs) -> list[torch.Tensor]:
-    outs = []
-    for args, kwargs in inputs:
-        out = block(*args, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
+def _block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _accumulate(gptq: GPTQ, inp: torch.Tensor, stop: bool) -> None:
@@ -262,8 +259,10 @@ def quantize_gptq(adapter: ModelAdapter, config: QuantizeConfig, calib: torch.Te
                 gptq[name].free()
             bar.set_postfix(layer=group[-1].rsplit(".", 1)[-1], loss=f"{records[-1].gptq_loss:.3g}")
         with timer("block_forward"):
-            outs = _run_block(block, inputs)
-        inputs = [_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(inputs, outs)]
+            # Each output replaces its input at once: the block's inputs and outputs are never
+            # held together, which would double the calibration activations in memory.
+            for i, (args, kwargs) in enumerate(inputs):
+                inputs[i] = _with_hidden(args, kwargs, _block_output(block, args, kwargs))
     return records
 
 
