@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from qrobust.bench import QuantBench, check_device, random_lm, shape_config
 from qrobust.errors import QrobustError
-from qrobust.models.decode import GraphedForward, GreedyDecoder, sync
+from qrobust.models.decode import GraphedForward, GreedyDecoder, fuse_projections, sync
 from qrobust.models.diffusion import SamplerConfig, diffusion_generate
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import QuantLinear, set_module
@@ -45,6 +45,7 @@ class GenerateBench:
     device: str = "cuda"
     seed: int = 0
     compile: bool = False  # torch.compile each step before capturing it
+    fuse: bool = False  # q/k/v and gate/up as one layer each (models.decode.fuse_projections)
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b != FULL_PRECISION and b not in (2, 3, 4, 8)]
@@ -98,6 +99,8 @@ def _build(bench: GenerateBench, bits: int) -> nn.Module:
     model = random_lm(cfg, bench.device, bench.seed, dtype).eval()
     if bits != FULL_PRECISION:
         quantize_blocks_rtn(model, QuantSpec(bits, bench.group_size, sym=True))
+    if bench.fuse:
+        fuse_projections(model)
     return model
 
 

@@ -386,6 +386,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (quick runs)")
     g.add_argument("--device", default="cuda")
     g.add_argument("--compile", action="store_true", help="torch.compile each step (fuses small kernels) before capture")
+    g.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one layer each (all widths, fp16 too)")
     g.add_argument("--out", default=None, help="JSON file for the measurements")
 
 
@@ -415,7 +416,8 @@ def _bench_generate(args: argparse.Namespace) -> int:
     parse_bits(",".join(str(b) for b in bits if b != FULL_PRECISION) or "4")
     bench = GenerateBench(shape=args.shape, kind=args.kind, bits=bits, group_size=args.group_size,
                           prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                          layers=args.layers, vocab_size=args.vocab_size, device=args.device, compile=args.compile)
+                          layers=args.layers, vocab_size=args.vocab_size, device=args.device, compile=args.compile,
+                          fuse=args.fuse)
     results = bench_generate(bench, args.out)
     for line in summary_lines(results):
         print(line)

@@ -88,3 +88,42 @@ def test_bench_generate_on_cpu(tmp_path, kind):
 def test_bench_generate_rejects_bad_bits():
     with pytest.raises(QrobustError, match="bit widths"):
         GenerateBench(bits=(16, 5))
+
+
+@pytest.mark.parametrize("bits", [None, 4, 3])
+def test_fused_projections_give_the_same_logits(bits, monkeypatch):
+    """q/k/v and gate/up fused into one layer each (fp32, or packed at 4 and 3 bits, where the
+    fused layer also runs the packed kernel) leave the logits unchanged and the separate layers gone."""
+    from qrobust import kernels
+    from qrobust.models.decode import fuse_projections
+
+    model = _model()
+    if bits:
+        quantize_blocks_rtn(model, QuantSpec(bits, 32, sym=bits == 4))
+    ids = torch.randint(0, 96, (1, 9), device=DEVICE)
+    with torch.no_grad():
+        before = model(ids)
+        assert fuse_projections(model) == 2 * 2
+        block = model.model.layers[0]
+        assert not hasattr(block.self_attn, "q_proj") and not hasattr(block.mlp, "up_proj")
+        assert block.self_attn.qkv_proj.out_features == 64 + 2 * 32
+        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+        if bits and kernels.supports(DEVICE):
+            import qrobust.quant.qlinear as qlinear
+
+            monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
+            x = torch.randn(1, 64, device=DEVICE)
+            qkv = block.self_attn.qkv_proj
+            torch.testing.assert_close(qkv(x), x @ qkv.dequantized_weight().t(), rtol=1e-4, atol=1e-4)
+            assert qkv.uses_kernels(x.device)
+
+
+def test_layers_of_different_widths_are_not_fused():
+    from qrobust.models.decode import concat_linears
+    from qrobust.quant.grid import rtn
+
+    w = torch.randn(32, 64)
+    a = QuantLinear.from_result(rtn(w, QuantSpec(4, 32)), None, torch.float32)
+    b = QuantLinear.from_result(rtn(w, QuantSpec(2, 32)), None, torch.float32)
+    assert concat_linears([a, b]) is None
+    assert concat_linears([a, torch.nn.Linear(64, 32)]) is None

@@ -14,8 +14,49 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from qrobust.models.transformer import TransformerLM
+
+
+def concat_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer for several that read the same input (outputs side by side), or None."""
+    from qrobust.quant.qlinear import QuantLinear  # the quant package builds on models
+
+    if all(isinstance(m, QuantLinear) for m in layers):
+        return QuantLinear.concat(layers)
+    if not all(type(m) is nn.Linear for m in layers) or len({m.in_features for m in layers}) > 1 \
+            or len({m.bias is None for m in layers}) > 1:
+        return None
+    first = layers[0]
+    out = nn.Linear(first.in_features, sum(m.out_features for m in layers), bias=first.bias is not None,
+                    device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in layers]))
+        if first.bias is not None:
+            out.bias.copy_(torch.cat([m.bias for m in layers]))
+    return out
+
+
+def fuse_projections(model: TransformerLM) -> int:
+    """For inference: q/k/v and gate/up become one layer each wherever their kinds and specs
+    match, halving the products a decoding step launches. The separate layers are removed (so
+    memory is not doubled), which changes the state dict: fuse only models you will not save.
+    Returns how many groups were fused."""
+    fused = 0
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        qkv = concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        if qkv is not None:
+            attn.qkv_proj = qkv
+            del attn.q_proj, attn.k_proj, attn.v_proj
+            fused += 1
+        gate_up = concat_linears([mlp.gate_proj, mlp.up_proj])
+        if gate_up is not None:
+            mlp.gate_up_proj = gate_up
+            del mlp.gate_proj, mlp.up_proj
+            fused += 1
+    return fused
 
 
 def sync(device: torch.device) -> None:

@@ -60,6 +60,25 @@ class QuantLinear(nn.Module):
             layer.bias.copy_(bias.detach())
         return layer
 
+    @classmethod
+    def concat(cls, layers: list["QuantLinear"]) -> "QuantLinear | None":
+        """One layer computing the given layers' outputs side by side (they read the same input),
+        or None where their specs, formats or input groupings differ. Packed codes, scales and
+        zero points concatenate along the outputs as they are stored, which needs each layer's
+        outputs to fill whole words of packed zero points."""
+        first = layers[0]
+        same = all(m.spec == first.spec and m.format == first.format and m.in_features == first.in_features
+                   and (m.bias is None) == (first.bias is None) and torch.equal(m.g_idx, first.g_idx)
+                   for m in layers[1:])
+        if not same or any(m.out_features * first.spec.bits % 32 for m in layers):
+            return None
+        out = cls(first.in_features, sum(m.out_features for m in layers), first.spec, first.bias is not None,
+                  first.scales.dtype if first.bias is None else first.bias.dtype, first.qweight.device)
+        for name in ("qweight", "qzeros", "scales") + (("bias",) if first.bias is not None else ()):
+            getattr(out, name).copy_(torch.cat([getattr(m, name) for m in layers], dim=-1))
+        out.g_idx.copy_(first.g_idx)
+        return out
+
     def codes(self) -> torch.Tensor:
         return unpack_qweight(self.qweight, self.spec.bits, self.in_features)
 

@@ -1,0 +1,124 @@
+"""Batch-1 products at Qwen3-1.7B's layer shapes: fp16 cuBLAS, qrobust's packed GEMV at 2/3/4/8
+bits (several K-splits), and PyTorch's int4 tinygemm kernel (the one torchao's int4 weight-only
+layout runs) as the best existing alternative at 4 bits — all in one run, each call replayed
+50 times inside a CUDA graph, as decoding runs them. Every kernel's output is checked against
+the torch dequantization first; a wrong one is reported, not timed.
+
+    python benchmarks/packed_gemv.py [--splits auto,1,4,16] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qrobust.models.decode import capture
+from qrobust.quant.grid import QuantSpec, rtn
+from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
+
+SHAPES = {"q_proj/o_proj": (2048, 2048), "k_proj/v_proj": (1024, 2048), "gate/up_proj": (6144, 2048),
+          "down_proj": (2048, 6144)}
+CALLS = 50
+
+
+def graph_us(fn, device, repeats: int = 20) -> float:
+    """Median µs per call of fn, CALLS calls per CUDA-graph replay."""
+    def many():
+        for _ in range(CALLS):
+            out = fn()
+        return out
+
+    replay = capture(many, device)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        replay()
+        torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) / CALLS * 1e6)
+    return statistics.median(times)
+
+
+def tinygemm_int4(layer: QuantLinear):
+    """PyTorch's int4 tinygemm operands for a symmetric 4-bit QuantLinear: it computes
+    (q − 8)·scale + zero in bfloat16, so zero = scale·(8 − z)."""
+    q = layer.codes()  # [N, K]
+    packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+    scales = layer.scales.float()
+    zeros = scales * (8 - layer.zero_points().float())
+    return packed, torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def main() -> None:
+    from qrobust.kernels.gptq_matmul import gptq_gemv
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default="2,3,4,8")
+    p.add_argument("--splits", default="auto,1,4,16", help="K-splits of the GEMV to time ('auto' = the default rule)")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("packed_gemv.py: needs a CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device())
+    rows = []
+    for name, (N, K) in SHAPES.items():
+        torch.manual_seed(0)
+        w = torch.randn(N, K, device=device) * 0.02
+        x = torch.randn(1, K, device=device, dtype=torch.float16)
+        fp16 = w.half()
+        base = graph_us(lambda: F.linear(x, fp16), device)
+        rows.append({"layer": name, "N": N, "K": K, "kernel": "fp16 cuBLAS", "us": base, "vs_fp16": 1.0,
+                     "weight_bytes": N * K * 2})
+        for bits in (int(b) for b in args.bits.split(",")):
+            layer = QuantLinear.from_result(rtn(w, QuantSpec(bits, args.group_size, sym=True)), None, torch.float16)
+            ref = F.linear(x.float(), layer.dequantized_weight())
+            nbytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
+            gemv_args = (layer.qweight, layer.scales, layer.qzeros, None, bits, args.group_size,
+                         FORMAT_OFFSET[layer.format])
+            for splits in args.splits.split(","):
+                s = None if splits == "auto" else int(splits)
+                if s is not None and K % (s * 128):
+                    continue
+                y = gptq_gemv(x, *gemv_args, splits=s)
+                err = float((y.float() - ref).abs().max() / ref.abs().max())
+                row = {"layer": name, "N": N, "K": K, "kernel": f"qrobust {bits}-bit, splits {splits}",
+                       "weight_bytes": nbytes, "max_rel_err": err}
+                if err < 1e-2:
+                    row["us"] = graph_us(lambda: gptq_gemv(x, *gemv_args, splits=s), device)
+                    row["vs_fp16"] = base / row["us"]
+                rows.append(row)
+            if bits == 4:
+                try:
+                    packed, sz = tinygemm_int4(layer)
+                    xb = x.bfloat16()
+                    y = torch.ops.aten._weight_int4pack_mm(xb, packed, args.group_size, sz)
+                    err = float((y.float() - ref).abs().max() / ref.abs().max())
+                    row = {"layer": name, "N": N, "K": K, "kernel": "torch int4 tinygemm (bf16)",
+                           "weight_bytes": packed.numel() * packed.element_size() + sz.numel() * 2, "max_rel_err": err}
+                    if err < 2e-2:
+                        row["us"] = graph_us(lambda: torch.ops.aten._weight_int4pack_mm(xb, packed, args.group_size, sz),
+                                             device)
+                        row["vs_fp16"] = base / row["us"]
+                except (RuntimeError, NotImplementedError) as e:
+                    row = {"layer": name, "N": N, "K": K, "kernel": "torch int4 tinygemm (bf16)",
+                           "error": str(e).splitlines()[0][:200]}
+                rows.append(row)
+    for r in rows:
+        if "us" in r:
+            gbs = r["weight_bytes"] / r["us"] / 1e3
+            print(f"{r['layer']:<14} {r['kernel']:<30} {r['us']:8.2f} µs  {r['vs_fp16']:5.2f}x fp16  {gbs:7.0f} GB/s")
+        else:
+            print(f"{r['layer']:<14} {r['kernel']:<30} not timed: {r.get('error') or 'max rel. error %.3g' % r['max_rel_err']}")
+    if args.out:
+        env = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(device)}
+        with open(args.out, "w") as f:
+            json.dump({"environment": env, "calls_per_graph": CALLS, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
