@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
-#   bash benchmarks/perf_gpu.sh [quantize|peer|generate|compiled]
+#   bash benchmarks/perf_gpu.sh [quantize|peer|generate|compiled|gemv|fused]
+# gemv and fused have not been run yet (written after the session's GPU time was spent).
 # peer needs GPTQModel 7.2.0 (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
@@ -21,4 +22,9 @@ case ${1:-quantize} in
     timeout 300 $g --kind ar --compile --bits 16,4,2 --repeats 5 --out "$OUT/bench_generate_ar_compiled_qwen3-1.7b_h100.json"
     timeout 160 $g --kind diffusion --compile --bits 16,4 --repeats 3 --new-tokens 64 \
       --out "$OUT/bench_generate_diffusion_compiled_qwen3-1.7b_h100.json" ;;
+  gemv)      # each layer shape's batch-1 product: fp16, our GEMV per width and split, int4 tinygemm
+    python3 benchmarks/packed_gemv.py --out "$OUT/packed_gemv_qwen3-1.7b_h100.json" ;;
+  fused)     # q/k/v and gate/up as one layer each, compiled
+    timeout 500 $g --kind ar --compile --fuse --bits 16,4,2 --repeats 5 \
+      --out "$OUT/bench_generate_ar_fused_compiled_qwen3-1.7b_h100.json" ;;
 esac
