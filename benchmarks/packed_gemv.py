@@ -1,10 +1,16 @@
-"""Batch-1 products at Qwen3-1.7B's layer shapes: fp16 cuBLAS, qrobust's packed GEMV at 2/3/4/8
-bits (several K-splits), and PyTorch's int4 tinygemm kernel (the one torchao's int4 weight-only
-layout runs) as the best existing alternative at 4 bits — all in one run, each call replayed
-50 times inside a CUDA graph, as decoding runs them. Every kernel's output is checked against
-the torch dequantization first; a wrong one is reported, not timed.
+"""Products with packed weights at Qwen3-1.7B's layer shapes, all in one run, each call replayed
+50 times inside a CUDA graph (as decoding runs them):
 
-    python benchmarks/packed_gemv.py [--splits auto,1,4,16] [--out FILE.json]
+- one row (batch-1 decoding): fp16 cuBLAS, qrobust's packed GEMV at 2/3/4/8 bits (several
+  K-splits), and PyTorch's int4 tinygemm kernel (the one torchao's int4 weight-only layout runs)
+  as the best existing alternative at 4 bits;
+- --rows R (prefill, diffusion steps): fp16 cuBLAS, dequantize-then-matmul (what QuantLinear does
+  now) and the fused dequantize-and-matmul kernel.
+
+Every kernel's output is checked against the torch dequantization first; a wrong one is
+reported, not timed.
+
+    python benchmarks/packed_gemv.py [--splits auto,1,4,16] [--rows 16,96,256] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qrobust.models.decode import capture
+from qrobust.models.decode import capture, sync
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
 
@@ -26,20 +32,23 @@ CALLS = 50
 
 
 def graph_us(fn, device, repeats: int = 20) -> float:
-    """Median µs per call of fn, CALLS calls per CUDA-graph replay."""
+    """Median µs per call of fn, CALLS calls per CUDA-graph replay (one call, once, on CPU)."""
+    calls = CALLS if device.type == "cuda" else 1
+    repeats = repeats if device.type == "cuda" else 1
+
     def many():
-        for _ in range(CALLS):
+        for _ in range(calls):
             out = fn()
         return out
 
     replay = capture(many, device)
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         replay()
-        torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) / CALLS * 1e6)
+        sync(device)
+        times.append((time.perf_counter() - t0) / calls * 1e6)
     return statistics.median(times)
 
 
@@ -53,6 +62,37 @@ def tinygemm_int4(layer: QuantLinear):
     return packed, torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()
 
 
+def batched_rows(name: str, N: int, K: int, args, device) -> list[dict]:
+    """fp16 matmul vs dequantize-then-matmul vs the fused kernel, at each --rows batch and width."""
+    from qrobust.kernels.gptq_matmul import gptq_dequantize, gptq_matmul
+
+    out = []
+    torch.manual_seed(0)
+    w = torch.randn(N, K, device=device) * 0.02
+    for M in (int(m) for m in args.rows.split(",") if m):
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        fp16 = w.to(dtype)
+        base = graph_us(lambda: F.linear(x, fp16), device)
+        out.append({"layer": name, "N": N, "K": K, "rows": M, "kernel": f"fp16 cuBLAS, {M} rows", "us": base,
+                    "vs_fp16": 1.0, "weight_bytes": N * K * 2})
+        for bits in (int(b) for b in args.bits.split(",")):
+            layer = QuantLinear.from_result(rtn(w, QuantSpec(bits, args.group_size, sym=True)), None, dtype)
+            qargs = (layer.qweight, layer.scales, layer.qzeros, None, bits, args.group_size, FORMAT_OFFSET[layer.format])
+            ref = F.linear(x.float(), layer.dequantized_weight())
+            nbytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
+            for label, fn in ((f"dequantize+matmul {bits}-bit", lambda: x @ gptq_dequantize(*qargs, K=K, dtype=x.dtype)),
+                              (f"fused matmul {bits}-bit", lambda: gptq_matmul(x, *qargs))):
+                err = float((fn().float() - ref).abs().max() / ref.abs().max())
+                row = {"layer": name, "N": N, "K": K, "rows": M, "kernel": f"{label}, {M} rows",
+                       "weight_bytes": nbytes, "max_rel_err": err}
+                if err < 1e-2:
+                    row["us"] = graph_us(fn, device)
+                    row["vs_fp16"] = base / row["us"]
+                out.append(row)
+    return out
+
+
 def main() -> None:
     from qrobust.kernels.gptq_matmul import gptq_gemv
 
@@ -60,22 +100,30 @@ def main() -> None:
     p.add_argument("--bits", default="2,3,4,8")
     p.add_argument("--splits", default="auto,1,4,16", help="K-splits of the GEMV to time ('auto' = the default rule)")
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--rows", default="16,96,256", help="batch sizes for the matmul comparison ('' to skip)")
     p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true",
+                   help="shapes 16x smaller, on CPU under TRITON_INTERPRET=1: checks the script, times nothing useful")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("packed_gemv.py: needs a CUDA device")
-    device = torch.device("cuda", torch.cuda.current_device())
+    if args.smoke:
+        device = torch.device("cpu")
+        shapes = {name: (N // 16, K // 16) for name, (N, K) in SHAPES.items()}
+    elif torch.cuda.is_available():
+        device, shapes = torch.device("cuda", torch.cuda.current_device()), SHAPES
+    else:
+        raise SystemExit("packed_gemv.py: needs a CUDA device (or --smoke with TRITON_INTERPRET=1)")
     rows = []
-    for name, (N, K) in SHAPES.items():
+    for name, (N, K) in shapes.items():
         torch.manual_seed(0)
         w = torch.randn(N, K, device=device) * 0.02
-        x = torch.randn(1, K, device=device, dtype=torch.float16)
-        fp16 = w.half()
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        x = torch.randn(1, K, device=device, dtype=dtype)
+        fp16 = w.to(dtype)
         base = graph_us(lambda: F.linear(x, fp16), device)
         rows.append({"layer": name, "N": N, "K": K, "kernel": "fp16 cuBLAS", "us": base, "vs_fp16": 1.0,
                      "weight_bytes": N * K * 2})
         for bits in (int(b) for b in args.bits.split(",")):
-            layer = QuantLinear.from_result(rtn(w, QuantSpec(bits, args.group_size, sym=True)), None, torch.float16)
+            layer = QuantLinear.from_result(rtn(w, QuantSpec(bits, args.group_size, sym=True)), None, dtype)
             ref = F.linear(x.float(), layer.dequantized_weight())
             nbytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
             gemv_args = (layer.qweight, layer.scales, layer.qzeros, None, bits, args.group_size,
@@ -108,14 +156,16 @@ def main() -> None:
                     row = {"layer": name, "N": N, "K": K, "kernel": "torch int4 tinygemm (bf16)",
                            "error": str(e).splitlines()[0][:200]}
                 rows.append(row)
+    for name, (N, K) in shapes.items():
+        rows += batched_rows(name, N, K, args, device)
     for r in rows:
         if "us" in r:
             gbs = r["weight_bytes"] / r["us"] / 1e3
-            print(f"{r['layer']:<14} {r['kernel']:<30} {r['us']:8.2f} µs  {r['vs_fp16']:5.2f}x fp16  {gbs:7.0f} GB/s")
+            print(f"{r['layer']:<14} {r['kernel']:<34} {r['us']:8.2f} µs  {r['vs_fp16']:5.2f}x fp16  {gbs:7.0f} GB/s")
         else:
-            print(f"{r['layer']:<14} {r['kernel']:<30} not timed: {r.get('error') or 'max rel. error %.3g' % r['max_rel_err']}")
+            print(f"{r['layer']:<14} {r['kernel']:<34} not timed: {r.get('error') or 'max rel. error %.3g' % r['max_rel_err']}")
     if args.out:
-        env = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(device)}
+        env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         with open(args.out, "w") as f:
             json.dump({"environment": env, "calls_per_graph": CALLS, "rows": rows}, f, indent=2)
 

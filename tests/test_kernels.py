@@ -68,6 +68,21 @@ def test_gemv_and_dequantize_match_the_torch_dequantization(bits, group_size, sy
         torch.testing.assert_close(y, x @ ref.t() + layer.bias, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits,group_size,sym,shuffled", CASES)
+def test_fused_matmul_matches_the_torch_dequantization(bits, group_size, sym, shuffled):
+    from qrobust.kernels.gptq_matmul import gptq_matmul
+
+    layer = _layer(bits, group_size, sym, shuffled).half() if DEVICE == "cuda" else _layer(bits, group_size, sym, shuffled)
+    K = layer.in_features
+    dtype = layer.bias.dtype
+    x = torch.randn(37, K, device=DEVICE, dtype=dtype)  # not a multiple of the row tile
+    y = gptq_matmul(x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx if shuffled else None, bits,
+                    K if group_size == -1 else group_size, FORMAT_OFFSET[layer.format], bias=layer.bias)
+    ref = x.float() @ layer.dequantized_weight().t() + layer.bias.float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+
+
 def test_gemv_splits_fill_the_device():
     from qrobust.kernels.gptq_matmul import gemv_splits
 
