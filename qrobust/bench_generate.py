@@ -150,8 +150,7 @@ def measure_diffusion(model: nn.Module, bench: GenerateBench) -> dict:
     _reset_peak(device)
     forward = GraphedForward(model, (1, bench.prompt_len + bench.new_tokens), graphs=device.type == "cuda",
                              compile=bench.compile)
-    step = forward._forward  # the captured forward alone: what each denoising step costs
-    step_times = [_seconds(step, device) for _ in range(max(20, bench.repeats))]
+    step_times = [_seconds(forward.replay, device) for _ in range(max(20, bench.repeats))]
     sampler = SamplerConfig()  # one token per step: new_tokens steps
     seq_times = [_seconds(lambda: diffusion_generate(forward, prompt, attn, bench.new_tokens, cfg.mask_token_id,
                                                      cfg.shift_logits, sampler), device)

@@ -108,6 +108,7 @@ def test_fused_projections_give_the_same_logits(bits, monkeypatch):
         assert not hasattr(block.self_attn, "q_proj") and not hasattr(block.mlp, "up_proj")
         assert block.self_attn.qkv_proj.out_features == 64 + 2 * 32
         torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+        assert fuse_projections(model) == 0  # already fused: nothing left to do
         if bits and kernels.supports(DEVICE):
             import qrobust.quant.qlinear as qlinear
 
