@@ -90,7 +90,19 @@ def build_random_model(cfg: TransformerConfig, out_dir: Path, seed: int, device:
     return save_native(model, tokenizer, out_dir)
 
 
-def _peak_gib(device: torch.device) -> float | None:
+def model_dtype(device: str) -> torch.dtype:
+    """float16 as deployed on GPUs; CPUs have no fast float16 matmul, so they get float32."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """CUDA peak allocated since reset_peak, in GiB; None on CPU."""
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
@@ -98,12 +110,9 @@ def run_ours(model_dir: Path, bench: QuantBench, calib: torch.Tensor) -> dict:
     from qrobust.models import load_model
     from qrobust.quant import QuantizeConfig, StageTimer, quantize_model
 
-    # float16 as deployed on GPUs; CPUs have no fast float16 matmul, so they get float32
-    dtype = torch.float16 if bench.device.startswith("cuda") else torch.float32
-    adapter = load_model(str(model_dir), device=bench.device, dtype=dtype)
+    adapter = load_model(str(model_dir), device=bench.device, dtype=model_dtype(bench.device))
     device = adapter.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     weights_gib = sum(p.numel() * p.element_size() for p in adapter.model.parameters()) / 2**30
     config = QuantizeConfig(bits=bench.bits, group_size=bench.group_size, nsamples=bench.nsamples,
                             seqlen=bench.seqlen, seed=bench.seed, fuse_shared=bench.fuse_shared,
@@ -114,7 +123,7 @@ def run_ours(model_dir: Path, bench: QuantBench, calib: torch.Tensor) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
-    return {"tool": "qrobust", "seconds": total, "stages": dict(timer.seconds), "peak_gib": _peak_gib(device),
+    return {"tool": "qrobust", "seconds": total, "stages": dict(timer.seconds), "peak_gib": peak_gib(device),
             "model_gib": weights_gib, "layers": len(records),
             "losses": {r.name: r.gptq_loss for r in records}}
 
@@ -128,14 +137,13 @@ def run_gptqmodel(model_dir: Path, bench: QuantBench, calib: torch.Tensor) -> di
         raise QrobustError("--peer gptqmodel needs GPTQModel installed (see README: GPU performance)") from None
     qcfg = PeerConfig(bits=bench.bits, group_size=bench.group_size, sym=True, desc_act=False, damp_percent=0.01)
     device = torch.device(bench.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     model = GPTQModel.load(str(model_dir), qcfg)
     data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib]
     t0 = time.perf_counter()
     model.quantize(data, batch_size=1)
     total = time.perf_counter() - t0
-    return {"tool": "gptqmodel", "seconds": total, "peak_gib": _peak_gib(device),
+    return {"tool": "gptqmodel", "seconds": total, "peak_gib": peak_gib(device),
             "losses": peer_losses(getattr(model, "quant_log", None) or [], bench.seqlen)}
 
 

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qrobust.bench import QuantBench, check_device, random_lm, shape_config
+from qrobust.bench import QuantBench, check_device, model_dtype, peak_gib, random_lm, reset_peak, shape_config
 from qrobust.errors import QrobustError
 from qrobust.models.decode import GraphedForward, GreedyDecoder, fuse_projections, sync
 from qrobust.models.diffusion import SamplerConfig, diffusion_generate
 from qrobust.quant.grid import QuantSpec, rtn
-from qrobust.quant.qlinear import QuantLinear, set_module
+from qrobust.quant.qlinear import QuantLinear, replace_linear
 from qrobust.sweep import environment
 
 FULL_PRECISION = 16
@@ -59,9 +59,7 @@ def quantize_blocks_rtn(model: nn.Module, spec: QuantSpec) -> int:
     """Replace every nn.Linear inside the transformer blocks by a packed round-to-nearest QuantLinear."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")]
     for name in names:
-        layer = model.get_submodule(name)
-        result = rtn(layer.weight, spec, name)
-        set_module(model, name, QuantLinear.from_result(result, layer.bias, layer.weight.dtype))
+        replace_linear(model, name, rtn(model.get_submodule(name).weight, spec, name))
     return len(names)
 
 
@@ -95,8 +93,7 @@ def copy_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 10) ->
 
 def _build(bench: GenerateBench, bits: int) -> nn.Module:
     cfg = shape_config(QuantBench(shape=bench.shape, kind=bench.kind, layers=bench.layers, vocab_size=bench.vocab_size))
-    dtype = torch.float16 if bench.device.startswith("cuda") else torch.float32
-    model = random_lm(cfg, bench.device, bench.seed, dtype).eval()
+    model = random_lm(cfg, bench.device, bench.seed, model_dtype(bench.device)).eval()
     if bits != FULL_PRECISION:
         quantize_blocks_rtn(model, QuantSpec(bits, bench.group_size, sym=True))
     if bench.fuse:
@@ -117,20 +114,10 @@ def _seconds(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def measure_ar(model: nn.Module, bench: GenerateBench) -> dict:
     device = model.lm_head.weight.device
     prompt = _prompt(bench, model.config.vocab_size)
-    _reset_peak(device)
+    reset_peak(device)
     decoder = GreedyDecoder(model, bench.prompt_len + bench.new_tokens, graphs=device.type == "cuda",
                             compile=bench.compile)
     decoder.generate(prompt, bench.new_tokens)  # warm-up: kernel compilation, allocator
@@ -138,7 +125,7 @@ def measure_ar(model: nn.Module, bench: GenerateBench) -> dict:
     tps = [r.tokens_per_s for r in runs]
     return {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps,
             "ms_per_token": 1000 / statistics.median(tps),
-            "ttft_ms": statistics.median(1000 * r.ttft_s for r in runs), "peak_gib": _peak_gib(device),
+            "ttft_ms": statistics.median(1000 * r.ttft_s for r in runs), "peak_gib": peak_gib(device),
             "tokens": runs[-1].tokens.tolist()}
 
 
@@ -147,7 +134,7 @@ def measure_diffusion(model: nn.Module, bench: GenerateBench) -> dict:
     cfg = model.config
     prompt = _prompt(bench, cfg.vocab_size)[None].to(device)
     attn = torch.ones_like(prompt)
-    _reset_peak(device)
+    reset_peak(device)
     forward = GraphedForward(model, (1, bench.prompt_len + bench.new_tokens), graphs=device.type == "cuda",
                              compile=bench.compile)
     step_times = [_seconds(forward.replay, device) for _ in range(max(20, bench.repeats))]
@@ -157,7 +144,7 @@ def measure_diffusion(model: nn.Module, bench: GenerateBench) -> dict:
                  for _ in range(bench.repeats)]
     return {"ms_per_step": 1000 * statistics.median(step_times), "steps": bench.new_tokens,
             "s_per_sequence": statistics.median(seq_times), "s_per_sequence_runs": seq_times,
-            "peak_gib": _peak_gib(device)}
+            "peak_gib": peak_gib(device)}
 
 
 def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress: bool = True) -> dict:

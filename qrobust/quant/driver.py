@@ -21,7 +21,7 @@ from qrobust.quant.gptq import GPTQ, output_error, quantize_jointly
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.pack import values_per_chunk
 from qrobust.quant.plan import check_plan_layers
-from qrobust.quant.qlinear import QuantLinear, set_module
+from qrobust.quant.qlinear import QuantLinear, replace_linear
 
 METHODS = ("gptq", "rtn")
 
@@ -114,13 +114,6 @@ def layer_specs(adapter: ModelAdapter, config: QuantizeConfig) -> dict[str, Quan
     return specs
 
 
-def _replace(adapter: ModelAdapter, name: str, result) -> QuantLinear:
-    old = adapter.model.get_submodule(name)
-    new = QuantLinear.from_result(result, old.bias, old.weight.dtype)
-    set_module(adapter.model, name, new)
-    return new
-
-
 def _weight_error(weight: torch.Tensor, new: QuantLinear) -> float:
     return float(((weight.float() - new.dequantized_weight().to(weight.device)) ** 2).sum())
 
@@ -132,7 +125,7 @@ def quantize_rtn(adapter: ModelAdapter, config: QuantizeConfig, progress: bool =
         for name in block.names:
             t0 = time.perf_counter()
             weight = adapter.model.get_submodule(name).weight.detach()
-            new = _replace(adapter, name, rtn(weight, specs[name], name))
+            new = replace_linear(adapter.model, name, rtn(weight, specs[name], name))
             records.append(LayerRecord(name, block.index, specs[name].bits, specs[name].group_size, "rtn",
                                        _weight_error(weight, new), None, None, time.perf_counter() - t0))
     return records
@@ -250,7 +243,7 @@ def quantize_gptq(adapter: ModelAdapter, config: QuantizeConfig, calib: torch.Te
                 weight = gptq[name].layer.weight.detach()
                 result, loss, solve_seconds = solved[name]
                 with timer("pack"):
-                    new = _replace(adapter, name, result)
+                    new = replace_linear(adapter.model, name, result)
                 with timer("error"):
                     out_err = output_error(weight, new.dequantized_weight().to(weight.device), gptq[name].H)
                 records.append(LayerRecord(name, layers.index, spec.bits, spec.group_size, "gptq",

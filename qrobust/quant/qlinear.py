@@ -43,7 +43,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._weight: torch.Tensor | None = None
-        self._kernel_args: tuple | None = None  # (g_idx or None, group size) once checked
+        self._kernel_args: tuple | None = None  # (device, g_idx or None, group size, K-splits), () if unusable
 
     @classmethod
     def from_result(cls, result: QuantResult, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -146,6 +146,14 @@ class QuantLinear(nn.Module):
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def replace_linear(root: nn.Module, name: str, result: QuantResult) -> QuantLinear:
+    """Swap the nn.Linear at `name` for a QuantLinear holding `result` (its bias and dtype kept)."""
+    old = root.get_submodule(name)
+    new = QuantLinear.from_result(result, old.bias, old.weight.dtype)
+    set_module(root, name, new)
+    return new
 
 
 def dequantize_modules(root: nn.Module, dtype: torch.dtype | None = None) -> int:
