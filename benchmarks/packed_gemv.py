@@ -10,11 +10,16 @@
 Every kernel's output is checked against the torch dequantization first; a wrong one is
 reported, not timed.
 
-    python benchmarks/packed_gemv.py [--splits auto,1,4,16] [--rows 16,96,256] [--out FILE.json]
+    python benchmarks/packed_gemv.py [--splits 2,4,8] [--block-n 64] [--block-k 256] [--warps 4]
+                                     [--rows 16,96,256] [--out FILE.json]
+
+Several values of --splits/--block-n/--block-k/--warps time every combination; the last lines
+print the fastest per layer and width.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -24,10 +29,11 @@ import torch.nn.functional as F
 
 from qrobust.models.decode import capture, sync
 from qrobust.quant.grid import QuantSpec, rtn
+from qrobust.kernels.tinygemm import TinyGemmLinear
 from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
 
 SHAPES = {"q_proj/o_proj": (2048, 2048), "k_proj/v_proj": (1024, 2048), "gate/up_proj": (6144, 2048),
-          "down_proj": (2048, 6144)}
+          "down_proj": (2048, 6144), "qkv (fused)": (4096, 2048), "gate_up (fused)": (12288, 2048)}
 CALLS = 50
 
 
@@ -50,16 +56,6 @@ def graph_us(fn, device, repeats: int = 20) -> float:
         sync(device)
         times.append((time.perf_counter() - t0) / calls * 1e6)
     return statistics.median(times)
-
-
-def tinygemm_int4(layer: QuantLinear):
-    """PyTorch's int4 tinygemm operands for a symmetric 4-bit QuantLinear: it computes
-    (q − 8)·scale + zero in bfloat16, so zero = scale·(8 − z)."""
-    q = layer.codes()  # [N, K]
-    packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-    scales = layer.scales.float()
-    zeros = scales * (8 - layer.zero_points().float())
-    return packed, torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()
 
 
 def batched_rows(name: str, N: int, K: int, args, device) -> list[dict]:
@@ -94,11 +90,16 @@ def batched_rows(name: str, N: int, K: int, args, device) -> list[dict]:
 
 
 def main() -> None:
-    from qrobust.kernels.gptq_matmul import gptq_gemv
+    from qrobust.kernels.gptq_matmul import gemv_config, gemv_locks, gptq_gemv
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", default="2,3,4,8")
-    p.add_argument("--splits", default="auto,1,4,16", help="K-splits of the GEMV to time ('auto' = the default rule)")
+    p.add_argument("--splits", default="2,4,8", help="K-splits of the GEMV to time, besides the default tiling")
+    p.add_argument("--block-n", default="64", help="output tile widths of the GEMV")
+    p.add_argument("--block-k", default="256", help="tile depths of the GEMV (whole groups or parts of one)")
+    p.add_argument("--warps", default="4", help="warps per GEMV program")
+    p.add_argument("--stages", default="3", help="software-pipelining stages of the GEMV's loop")
+    p.add_argument("--locks", default="1", help="1: the last K-split adds the partial sums; 0: a second kernel does")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--rows", default="16,96,256", help="batch sizes for the matmul comparison ('' to skip)")
     p.add_argument("--out", default=None)
@@ -128,25 +129,36 @@ def main() -> None:
             nbytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
             gemv_args = (layer.qweight, layer.scales, layer.qzeros, None, bits, args.group_size,
                          FORMAT_OFFSET[layer.format])
-            for splits in args.splits.split(","):
-                s = None if splits == "auto" else int(splits)
-                if s is not None and K % (s * 128):
+            default = gemv_config(N, K, args.group_size, False, device)
+            combos = [(str(default.splits), str(default.block_n), str(default.block_depth), str(default.num_warps),
+                       "3", "1")]
+            combos += itertools.product(*(getattr(args, a).split(",") for a in
+                                          ("splits", "block_n", "block_k", "warps", "stages", "locks")))
+            for i, (splits, bn, bk, warps, stages, locks) in enumerate(combos):
+                s = int(splits)
+                if K % (s * int(bk)) or (s == 1 and locks == "0"):
                     continue
-                y = gptq_gemv(x, *gemv_args, splits=s)
+                cfg = {"splits": s, "block_n": int(bn), "block_depth": int(bk), "num_warps": int(warps),
+                       "num_stages": int(stages), "locks": gemv_locks(N, device, 1, int(bn)) if locks == "1" else None}
+                y = gptq_gemv(x, *gemv_args, **cfg)
                 err = float((y.float() - ref).abs().max() / ref.abs().max())
-                row = {"layer": name, "N": N, "K": K, "kernel": f"qrobust {bits}-bit, splits {splits}",
+                label = "default " if i == 0 else ""
+                row = {"layer": name, "N": N, "K": K, "bits": bits, "config": {**cfg, "locks": locks == "1"},
+                       "default": i == 0,
+                       "kernel": f"qrobust {bits}-bit {label}s{splits} n{bn} k{bk} w{warps} p{stages} l{locks}",
                        "weight_bytes": nbytes, "max_rel_err": err}
                 if err < 1e-2:
-                    row["us"] = graph_us(lambda: gptq_gemv(x, *gemv_args, splits=s), device)
+                    row["us"] = graph_us(lambda: gptq_gemv(x, *gemv_args, **cfg), device)
                     row["vs_fp16"] = base / row["us"]
                 rows.append(row)
             if bits == 4:
                 try:
-                    packed, sz = tinygemm_int4(layer)
+                    t = TinyGemmLinear.from_quant_linear(layer)
+                    packed, sz = t.weight_int4, t.scales_and_zeros
                     xb = x.bfloat16()
                     y = torch.ops.aten._weight_int4pack_mm(xb, packed, args.group_size, sz)
                     err = float((y.float() - ref).abs().max() / ref.abs().max())
-                    row = {"layer": name, "N": N, "K": K, "kernel": "torch int4 tinygemm (bf16)",
+                    row = {"layer": name, "N": N, "K": K, "bits": 4, "kernel": "torch int4 tinygemm (bf16)",
                            "weight_bytes": packed.numel() * packed.element_size() + sz.numel() * 2, "max_rel_err": err}
                     if err < 2e-2:
                         row["us"] = graph_us(lambda: torch.ops.aten._weight_int4pack_mm(xb, packed, args.group_size, sz),
@@ -164,6 +176,17 @@ def main() -> None:
             print(f"{r['layer']:<14} {r['kernel']:<34} {r['us']:8.2f} µs  {r['vs_fp16']:5.2f}x fp16  {gbs:7.0f} GB/s")
         else:
             print(f"{r['layer']:<14} {r['kernel']:<34} not timed: {r.get('error') or 'max rel. error %.3g' % r['max_rel_err']}")
+    print("fastest per layer and width (one row):")
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["layer"], r.get("bits", 16))
+        if "us" in r and "rows" not in r and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    defaults = {(r["layer"], r["bits"]): r for r in rows if r.get("default") and "us" in r}
+    for (layer, bits), r in best.items():
+        d = defaults.get((layer, bits))
+        note = f"  (default tiling {d['us']:.2f} µs)" if d is not None and d is not r else ""
+        print(f"{layer:<16} {bits:>2}-bit {r['kernel']:<40} {r['us']:8.2f} µs  {r['vs_fp16']:5.2f}x fp16{note}")
     if args.out:
         env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         with open(args.out, "w") as f:

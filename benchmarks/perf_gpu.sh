@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
-#   bash benchmarks/perf_gpu.sh [quantize|peer|generate|compiled|gemv|fused]
-# gemv and fused have not been run yet (written after the session's GPU time was spent).
-# peer needs GPTQModel 7.2.0 (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
+#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|profile|fused|diffusion]
+# quantize, peer, generate and compiled ran on older code (README says which); peer needs
+# GPTQModel 7.2.0 (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
 mkdir -p "$OUT"
@@ -22,9 +22,19 @@ case ${1:-quantize} in
     timeout 300 $g --kind ar --compile --bits 16,4,2 --repeats 5 --out "$OUT/bench_generate_ar_compiled_qwen3-1.7b_h100.json"
     timeout 160 $g --kind diffusion --compile --bits 16,4 --repeats 3 --new-tokens 64 \
       --out "$OUT/bench_generate_diffusion_compiled_qwen3-1.7b_h100.json" ;;
-  gemv)      # each layer shape's batch-1 product: fp16, our GEMV per width and split, int4 tinygemm
-    python3 benchmarks/packed_gemv.py --out "$OUT/packed_gemv_qwen3-1.7b_h100.json" ;;
-  fused)     # q/k/v and gate/up as one layer each, compiled
-    timeout 500 $g --kind ar --compile --fuse --bits 16,4,2 --repeats 5 \
-      --out "$OUT/bench_generate_ar_fused_compiled_qwen3-1.7b_h100.json" ;;
+  peak)      # one run of the current code, for its peak memory
+    $q --repeats 1 --out "$OUT/bench_quantize_qwen3-1.7b_h100_peak.json" ;;
+  gemv)      # each layer shape's product alone: fp16, tinygemm, our GEMV per width and tiling; 160 rows
+    python3 benchmarks/packed_gemv.py --bits 4,2,3,8 --splits 4,8 --block-n 32,64,128 --block-k 128,256,512 \
+      --rows 160 --out "$OUT/packed_gemv_qwen3-1.7b_h100.json" ;;
+  profile)   # kernel time of one compiled decoding step by kind
+    python3 benchmarks/profile_decode.py --bits 4,16 --compile --out "$OUT/profile_decode_compiled_qwen3-1.7b_h100.json" ;;
+  fused)     # q/k/v and gate/up fused, compiled; 4 bits on tinygemm, then on our GEMV
+    timeout 300 $g --kind ar --compile --fuse --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_qwen3-1.7b_h100.json"
+    timeout 300 $g --kind ar --compile --fuse --no-tinygemm --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_triton4_qwen3-1.7b_h100.json" ;;
+  diffusion) # denoising steps, fused and compiled
+    timeout 220 $g --kind diffusion --compile --fuse --bits 16,4,3,8 --repeats 3 --new-tokens 64 \
+      --out "$OUT/bench_generate_diffusion_fused_compiled_qwen3-1.7b_h100.json" ;;
 esac

@@ -2,7 +2,8 @@
 
 Each bit width gets a fresh random-weight model at a real shape, quantized round-to-nearest
 (speed does not depend on how the codes were chosen) into packed QuantLinear layers, which on
-CUDA run qrobust's Triton kernels. Decoding replays CUDA graphs (qrobust.models.decode), so the
+CUDA run qrobust's Triton kernels (at 4 bits PyTorch's int4 tinygemm kernel, unless
+tinygemm=False). Decoding replays CUDA graphs (qrobust.models.decode), so the
 numbers measure the kernels and the memory traffic rather than Python's launch overhead. The
 fraction of the bandwidth floor divides tokens/s by what streaming every weight byte once per
 token at the copy bandwidth measured in the same run would allow.
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from qrobust.bench import QuantBench, check_device, model_dtype, peak_gib, random_lm, reset_peak, shape_config
 from qrobust.errors import QrobustError
+from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
 from qrobust.models.decode import GraphedForward, GreedyDecoder, fuse_projections, sync
 from qrobust.models.diffusion import SamplerConfig, diffusion_generate
 from qrobust.quant.grid import QuantSpec, rtn
@@ -46,6 +48,7 @@ class GenerateBench:
     seed: int = 0
     compile: bool = False  # torch.compile each step before capturing it
     fuse: bool = False  # q/k/v and gate/up as one layer each (models.decode.fuse_projections)
+    tinygemm: bool = True  # AR decoding: 4-bit layers on PyTorch's int4 kernel where it applies (kernels.tinygemm)
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b != FULL_PRECISION and b not in (2, 3, 4, 8)]
@@ -98,6 +101,8 @@ def _build(bench: GenerateBench, bits: int) -> nn.Module:
         quantize_blocks_rtn(model, QuantSpec(bits, bench.group_size, sym=True))
     if bench.fuse:
         fuse_projections(model)
+    if bench.tinygemm and bench.kind == "ar":  # a GEMV kernel: diffusion steps multiply whole sequences
+        repack_int4(model)
     return model
 
 
@@ -165,6 +170,7 @@ def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         on = model.lm_head.weight.device  # with its index: the layers cached their choice for it
         row["packed_kernels"] = any(m.uses_kernels(on) for m in model.modules() if isinstance(m, QuantLinear))
+        row["tinygemm_layers"] = sum(isinstance(m, TinyGemmLinear) for m in model.modules())
         if bandwidth and bench.kind == "ar" and "error" not in row:
             row["bandwidth_floor_fraction"] = row["tokens_per_s"] / (bandwidth / weight_bytes)
         results["runs"].append(row)

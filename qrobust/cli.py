@@ -387,6 +387,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cuda")
     g.add_argument("--compile", action="store_true", help="torch.compile each step (fuses small kernels) before capture")
     g.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one layer each (all widths, fp16 too)")
+    g.add_argument("--no-tinygemm", action="store_true",
+                   help="4-bit layers on qrobust's Triton GEMV instead of PyTorch's int4 tinygemm kernel")
     g.add_argument("--out", default=None, help="JSON file for the measurements")
 
 
@@ -417,7 +419,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
     bench = GenerateBench(shape=args.shape, kind=args.kind, bits=bits, group_size=args.group_size,
                           prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                           layers=args.layers, vocab_size=args.vocab_size, device=args.device, compile=args.compile,
-                          fuse=args.fuse)
+                          fuse=args.fuse, tinygemm=not args.no_tinygemm)
     results = bench_generate(bench, args.out)
     for line in summary_lines(results):
         print(line)

@@ -80,6 +80,8 @@ def test_bench_generate_on_cpu(tmp_path, kind):
     assert out.exists() and [r["bits"] for r in results["runs"]] == [16, 4]
     fp16, q4 = results["runs"]
     assert q4["weight_gib"] < fp16["weight_gib"]
+    # AR decoding runs 4-bit layers on tinygemm (the CPU variant here); diffusion steps do not
+    assert q4["tinygemm_layers"] == (7 if kind == "ar" else 0) and fp16["tinygemm_layers"] == 0
     assert (fp16.get("tokens_per_s") or fp16.get("ms_per_step")) > 0
     lines = summary_lines(results)
     assert len(lines) == 3 and "1.00x" in lines[1]

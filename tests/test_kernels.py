@@ -53,7 +53,7 @@ CASES = [(4, 128, True, False), (3, 64, False, False), (2, 32, True, True), (8, 
 
 @pytest.mark.parametrize("bits,group_size,sym,shuffled", CASES)
 def test_gemv_and_dequantize_match_the_torch_dequantization(bits, group_size, sym, shuffled):
-    from qrobust.kernels.gptq_matmul import gptq_dequantize, gptq_gemv
+    from qrobust.kernels.gptq_matmul import gemv_locks, gptq_dequantize, gptq_gemv
 
     layer = _layer(bits, group_size, sym, shuffled)
     K = layer.in_features
@@ -63,8 +63,12 @@ def test_gemv_and_dequantize_match_the_torch_dequantization(bits, group_size, sy
     args = (layer.qweight, layer.scales, layer.qzeros, g_idx, bits, gs, FORMAT_OFFSET[layer.format])
     assert torch.equal(gptq_dequantize(*args, K=K, dtype=torch.float32).t(), ref)
     x = torch.randn(3, K, device=DEVICE)
-    for splits in (1, 2):
-        y = gptq_gemv(x, *args, bias=layer.bias, splits=splits)
+    # depth 256 spans two groups of 128 (or eight of 32) in one tile; with locks the last split
+    # of each tile adds the partial sums, which leaves the locks at zero
+    locks = gemv_locks(layer.out_features, x.device, rows=3, block_n=32)
+    for splits, depth, lock in ((1, 128, None), (2, 128, None), (1, 256, None), (2, 128, locks), (2, 64, locks)):
+        y = gptq_gemv(x, *args, bias=layer.bias, splits=splits, block_depth=depth, locks=lock)
+        assert not locks.any()
         torch.testing.assert_close(y, x @ ref.t() + layer.bias, rtol=1e-4, atol=1e-4)
 
 
@@ -81,6 +85,17 @@ def test_fused_matmul_matches_the_torch_dequantization(bits, group_size, sym, sh
     ref = x.float() @ layer.dequantized_weight().t() + layer.bias.float()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+
+
+def test_tile_depth_divides_groups_or_spans_whole_ones():
+    from qrobust.kernels.gptq_matmul import block_k
+
+    assert block_k(2048, 128, act_order=False, preferred=512) == 128
+    assert block_k(2048, 128, act_order=False, preferred=512, whole_groups=True) == 512
+    assert block_k(2048, 64, act_order=True, preferred=512) == 512
+    assert block_k(6144, 96, act_order=False, preferred=128, whole_groups=True) == 32
+    with pytest.raises(ValueError, match="divisible by 32"):
+        block_k(2000, 128, act_order=False, preferred=128)
 
 
 def test_gemv_splits_fill_the_device():
@@ -109,7 +124,7 @@ def test_quant_linear_falls_back_when_tiles_do_not_fit(monkeypatch):
     import qrobust.quant.qlinear as qlinear
 
     monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
-    layer = _layer(4, 16, True, shuffled=False, bias=False)  # 16-input groups: smaller than a tile
+    layer = _layer(4, 16, True, shuffled=False, bias=False, K=80)  # 80 inputs: no whole 32-input tiles
     x = torch.randn(1, layer.in_features, device=DEVICE)
     torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().t())
     assert not layer.uses_kernels(x.device) and layer._weight is not None
@@ -120,3 +135,48 @@ def test_kernels_are_off_on_cpu_by_default(monkeypatch):
     assert not kernels.kernels_enabled("cpu")
     monkeypatch.setenv("QROBUST_KERNELS", "0")
     assert not kernels.kernels_enabled("cuda")
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_tinygemm_operands_reproduce_the_gptq_weight(shuffled):
+    """(q − 8)·s + m over the permuted inputs is the GPTQ layer's s·(q − z), up to bfloat16."""
+    from qrobust.kernels.tinygemm import applies, operands
+
+    layer = _layer(4, 64, sym=False, shuffled=shuffled, K=256).cpu()
+    assert applies(layer)
+    ops = operands(layer)
+    assert (ops.perm is not None) == shuffled
+    groups = torch.arange(layer.in_features) // 64
+    s, m = ops.scales_and_zeros.float().unbind(-1)
+    w = (ops.codes.float() - 8) * s[groups].t() + m[groups].t()
+    ref = layer.dequantized_weight()
+    ref = ref[:, ops.perm] if shuffled else ref
+    torch.testing.assert_close(w, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -7)
+
+
+def test_tinygemm_layer_matches_the_quant_layer_and_repacks_only_what_applies():
+    from qrobust.kernels.tinygemm import TinyGemmLinear, applies, repack_int4
+
+    model = torch.nn.Sequential(_layer(4, 64, True, shuffled=True, K=256).cpu(), torch.nn.ReLU(),
+                                _layer(3, 32, True, shuffled=False, N=256, K=96).cpu())  # 3 bits: stays
+    x = torch.randn(5, 256)
+    expected = model(x)
+    assert not applies(_layer(4, 16, True, shuffled=False, K=256).cpu())  # group size tinygemm lacks
+    assert repack_int4(model) == 1
+    assert isinstance(model[0], TinyGemmLinear) and isinstance(model[2], QuantLinear)
+    torch.testing.assert_close(model(x), expected, rtol=0.05, atol=0.05 * float(expected.abs().max()))
+
+
+def test_products_are_custom_ops_that_torch_compile_can_trace():
+    """The fake (shape-only) implementations agree with the kernels, which torch.compile and
+    CUDA graphs rely on."""
+    from qrobust.kernels.gptq_matmul import dequantize_op, gemv_locks, gemv_op
+
+    layer = _layer(4, 64, True, shuffled=False)
+    x = torch.randn(2, layer.in_features, device=DEVICE)
+    packed = (layer.qweight, layer.scales, layer.qzeros, None)
+    locks = gemv_locks(layer.out_features, x.device, rows=2, block_n=32)
+    torch.library.opcheck(gemv_op, (x, *packed, layer.bias, locks, 4, 64, FORMAT_OFFSET[layer.format], 32, 64, 2, 4),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(dequantize_op, (*packed, 4, 64, FORMAT_OFFSET[layer.format], layer.in_features, torch.float32),
+                          test_utils=("test_schema", "test_faketensor"))

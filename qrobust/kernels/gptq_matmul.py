@@ -14,6 +14,8 @@ the zero point z of the input's group and the output; zero points are read from 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -43,6 +45,13 @@ def _unpack_at(row_ptr, idx, mask, BITS: tl.constexpr):
 def _zeros(qz_ptr, g, n, mask, N, BITS: tl.constexpr, OFFSET: tl.constexpr):
     """Zero points of groups g and outputs n from qzeros [groups, N·b/32] (stored − OFFSET)."""
     return ((_unpack_at(qz_ptr + g * (N * BITS // 32), n, mask, BITS) + OFFSET) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _exact_float(q):
+    """Codes (int32, 0 ≤ q < 2²³) as float32 without int→float conversions, which run at a
+    quarter of the arithmetic rate and bound the GEMV: the float with q in the mantissa of 2²³."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -76,11 +85,14 @@ def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BL
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, N, K, k_split, stride_x,
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, N, K, k_split, stride_x,
                  BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Outputs n of row m over inputs [split·k_split, (split+1)·k_split): into y [M, N] when there
-    is one split, else into the float32 partial sums y [splits, M, N]."""
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+                 LAST_SUMS: tl.constexpr):
+    """Outputs n of row m over inputs [split·k_split, (split+1)·k_split). One split writes y [M, N];
+    several write float32 partial sums p [splits, M, N], which with LAST_SUMS the split that
+    finishes last for a tile adds up into y (counting arrivals in lock, which it resets to zero),
+    and otherwise a second kernel adds up."""
     m, split = tl.program_id(1), tl.program_id(2)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
@@ -88,22 +100,45 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, N, K, k_spli
     for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_x + k).to(tl.float32)
-        q = _unpack_tile(qw_ptr, k0, n, N, BITS, BLOCK_K, BLOCK_N).to(tl.float32)
+        q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, BLOCK_K, BLOCK_N))
         if ACT_ORDER:
             g = tl.load(g_ptr + k)[:, None]
             s = tl.load(s_ptr + g * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
             z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET)
             acc += tl.sum(s * (q - z) * x[:, None], axis=0)
-        else:
+        elif BLOCK_K <= GS:
             # one group per tile: Σ_k s·(q − z)·x = s·(Σ q·x − z·Σ x)
             g = k0 // GS
             s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
             z = _zeros(qz_ptr, g, n, nmask, N, BITS, OFFSET)
             acc += s * (tl.sum(q * x[:, None], axis=0) - z * tl.sum(x, axis=0))
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        else:
+            # G whole groups per tile, the same sums per group
+            G: tl.constexpr = BLOCK_K // GS
+            g = (k0 // GS + tl.arange(0, G))[:, None]
+            qx = tl.sum(tl.reshape(q * x[:, None], (G, GS, BLOCK_N)), axis=1)
+            xs = tl.sum(tl.reshape(x, (G, GS)), axis=1)[:, None]
+            s = tl.load(s_ptr + g * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+            z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET)
+            acc += tl.sum(s * (qx - z * xs), axis=0)
     M = tl.num_programs(1)
-    tl.store(y_ptr + (split * M + m) * N + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+    if SPLITS == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(p_ptr + (split * M + m) * N + n, acc, mask=nmask)
+        if LAST_SUMS:
+            tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+            lock = lock_ptr + tl.program_id(0) * M + m
+            if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+                total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for other in tl.static_range(SPLITS):
+                    total += tl.load(p_ptr + (other * M + m) * N + n, mask=nmask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + m * N + n, total.to(y_ptr.dtype.element_ty), mask=nmask)
+                tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
@@ -127,7 +162,7 @@ def _dequant_kernel(qw_ptr, s_ptr, qz_ptr, g_ptr, w_ptr, N, K,
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = (n < N)[None, :]
     k = k0 + tl.arange(0, BLOCK_K)
-    q = _unpack_tile(qw_ptr, k0, n, N, BITS, BLOCK_K, BLOCK_N).to(tl.float32)
+    q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, BLOCK_K, BLOCK_N))
     if ACT_ORDER:
         g = tl.load(g_ptr + k)[:, None]
     else:
@@ -149,7 +184,7 @@ def _matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, M, N, K, s
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=mmask[:, None], other=0.0)
-        q = _unpack_tile(qw_ptr, k0, n, N, BITS, BLOCK_K, BLOCK_N).to(tl.float32)
+        q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, BLOCK_K, BLOCK_N))
         if ACT_ORDER:
             g = tl.load(g_ptr + k)[:, None]
         else:
@@ -163,18 +198,19 @@ def _matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, M, N, K, s
              mask=mmask[:, None] & nmask[None, :])
 
 
-def block_k(K: int, group_size: int, act_order: bool, preferred: int) -> int:
-    """A tile depth that divides K, is a multiple of 32 and (without act-order) divides a group."""
-    limit = K if act_order else group_size
+def block_k(K: int, group_size: int, act_order: bool, preferred: int, whole_groups: bool = False) -> int:
+    """A tile depth that divides K, is a multiple of 32 and (without act-order) divides a group,
+    or with `whole_groups` (the GEMV) may also span several whole groups."""
+    def fits(bk: int) -> bool:
+        if K % bk:
+            return False
+        return act_order or group_size % bk == 0 or (whole_groups and bk % group_size == 0)
     bk = preferred
-    while bk > 32 and (K % bk or limit % bk):
+    while bk > 32 and not fits(bk):
         bk //= 2
-    if K % bk or limit % bk:
+    if not fits(bk):
         raise ValueError(f"packed kernels need input features and group size divisible by 32 (K={K}, group={group_size})")
     return bk
-
-
-GEMV_BLOCK_N, GEMV_BLOCK_K = 32, 128
 
 
 def sm_count(device: torch.device) -> int:
@@ -190,28 +226,62 @@ def gemv_splits(N: int, K: int, block_n: int, block_k: int, programs: int) -> in
     return splits
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 32  # outputs per program
+    block_depth: int = 128  # inputs per loop step (whole groups or part of one)
+    splits: int = 1  # programs along K per output tile
+    num_warps: int = 4
+
+
+def gemv_config(N: int, K: int, group_size: int, act_order: bool, device: torch.device) -> GemvConfig:
+    """The GEMV's tiling for one layer shape on `device`: 64 outputs by 256 inputs per step, and
+    enough K-splits for about two programs per multiprocessor (the fastest or within a few per
+    cent of it for every Qwen3-1.7B shape and width on an H100: benchmarks/packed_gemv.py)."""
+    bn = 64
+    bk = block_k(K, group_size, act_order, 256, whole_groups=True)
+    return GemvConfig(bn, bk, gemv_splits(N, K, bn, bk, 2 * sm_count(device)))
+
+
+def gemv_locks(N: int, device: torch.device, rows: int, block_n: int) -> torch.Tensor:
+    """The arrival counters gptq_gemv's split-K programs share: zeros, one per output tile and
+    row, which every call leaves at zero again. Owned by one layer: calls that run at the same
+    time (on several streams) need separate counters."""
+    return torch.zeros(triton.cdiv(N, block_n) * rows, dtype=torch.int32, device=device)
+
+
 def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
               g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
-              bias: torch.Tensor | None = None, block_n: int = GEMV_BLOCK_N, block_depth: int = GEMV_BLOCK_K,
-              splits: int | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int = 128,
+              splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+              locks: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (M small) times the packed weight: [M, N] in x's dtype. g_idx is None when inputs
     are grouped in order (group = k // group_size), else each input's group (act-order);
-    zero_offset is what the checkpoint format subtracted from the stored zero points."""
+    zero_offset is what the checkpoint format subtracted from the stored zero points. With
+    several K-splits, `locks` (gemv_locks, at least cdiv(N, block_n)·M of them) lets the last
+    split of each tile add the partial sums in the same kernel; without, a second kernel does."""
     M, K = x.shape
     N = qweight.shape[1]
     x = x.contiguous()
     act_order = g_idx is not None
-    bk = block_k(K, group_size, act_order, block_depth)
+    bk = block_k(K, group_size, act_order, block_depth, whole_groups=True)
     if splits is None:
-        splits = gemv_splits(N, K, block_n, bk, 4 * sm_count(x.device))
+        splits = gemv_splits(N, K, block_n, bk, 2 * sm_count(x.device))
+    if K % (splits * bk):
+        raise ValueError(f"gptq_gemv: {splits} K-splits of {K} inputs are not whole tiles of depth {bk}")
+    tiles = triton.cdiv(N, block_n)
+    last_sums = splits > 1 and locks is not None
+    if last_sums and locks.numel() < tiles * M:
+        raise ValueError(f"gptq_gemv needs {tiles * M} locks for {M} rows, got {locks.numel()}")
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     partial = y if splits == 1 else torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
-    has_bias = bias is not None and splits == 1
-    _gemv_kernel[(triton.cdiv(N, block_n), M, splits)](
-        x, qweight, scales, qzeros, g_idx if act_order else scales, bias if has_bias else y, partial, N, K,
-        K // splits, x.stride(0), BITS=bits, OFFSET=zero_offset, GS=group_size, ACT_ORDER=act_order,
-        HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=bk)
-    if splits > 1:
+    fuse_bias = bias is not None and (splits == 1 or last_sums)
+    _gemv_kernel[(tiles, M, splits)](
+        x, qweight, scales, qzeros, g_idx if act_order else scales, bias if fuse_bias else y, partial, y,
+        locks if last_sums else y, N, K, K // splits, x.stride(0), BITS=bits, OFFSET=zero_offset, GS=group_size,
+        ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits, LAST_SUMS=last_sums,
+        num_warps=num_warps, num_stages=num_stages)
+    if splits > 1 and not last_sums:
         _sum_splits_kernel[(triton.cdiv(N, 1024), M)](partial, bias if bias is not None else y, y, N, SPLITS=splits,
                                                        HAS_BIAS=bias is not None, BLOCK=1024)
     return y
@@ -250,3 +320,33 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
                          ACT_ORDER=act_order, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                          BLOCK_K=bk)
     return y
+
+
+# The products as torch custom ops: torch.compile treats each as one opaque call (rather than
+# tracing into the launcher and analysing the Triton kernel at every call site, which made
+# compiling a 1.7B model take minutes), and CUDA graphs capture them as they are.
+@torch.library.custom_op("qrobust::gptq_gemv", mutates_args=())
+def gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+            g_idx: torch.Tensor | None, bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int,
+            group_size: int, zero_offset: int, block_n: int, block_depth: int, splits: int,
+            num_warps: int) -> torch.Tensor:
+    """gptq_gemv. `locks` is not listed as mutated: every call leaves it as it found it."""
+    return gptq_gemv(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias=bias, block_n=block_n,
+                     block_depth=block_depth, splits=splits, num_warps=num_warps, locks=locks)
+
+
+@gemv_op.register_fake
+def _(x, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_offset, block_n, block_depth, splits,
+      num_warps):
+    return x.new_empty(x.shape[0], qweight.shape[1])
+
+
+@torch.library.custom_op("qrobust::gptq_dequantize", mutates_args=())
+def dequantize_op(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
+                  bits: int, group_size: int, zero_offset: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    return gptq_dequantize(qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, K, dtype)
+
+
+@dequantize_op.register_fake
+def _(qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, K, dtype):
+    return qweight.new_empty(K, qweight.shape[1], dtype=dtype)

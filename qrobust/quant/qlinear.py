@@ -43,7 +43,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._weight: torch.Tensor | None = None
-        self._kernel_args: tuple | None = None  # (device, g_idx or None, group size, K-splits), () if unusable
+        # (device, g_idx or None, group size, GemvConfig, GEMV locks); () where the kernels cannot run
+        self._kernel_args: tuple | None = None
 
     @classmethod
     def from_result(cls, result: QuantResult, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -104,30 +105,31 @@ class QuantLinear(nn.Module):
             return self._kernel_args != () and self._kernel_args[0] == device
         if not kernels_enabled(device) or self.qweight.device != device:
             return False
-        from qrobust.kernels.gptq_matmul import GEMV_BLOCK_K, GEMV_BLOCK_N, block_k, gemv_splits, sm_count
+        from qrobust.kernels.gptq_matmul import gemv_config, gemv_locks
 
         K, gs = self.in_features, self.spec.group_size if self.spec.group_size != -1 else self.in_features
         in_order = torch.equal(self.g_idx.long(), torch.arange(K, device=device) // gs)
         try:
-            bk = block_k(K, gs, not in_order, GEMV_BLOCK_K)
+            config = gemv_config(self.out_features, K, gs, not in_order, device)
         except ValueError:
             self._kernel_args = ()
             return False
-        splits = gemv_splits(self.out_features, K, GEMV_BLOCK_N, bk, 4 * sm_count(device))
-        self._kernel_args = (device, None if in_order else self.g_idx, gs, splits)
+        locks = gemv_locks(self.out_features, device, GEMV_MAX_ROWS, config.block_n)
+        self._kernel_args = (device, None if in_order else self.g_idx, gs, config, locks)
         return True
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from qrobust.kernels.gptq_matmul import gptq_dequantize, gptq_gemv
+        from qrobust.kernels.gptq_matmul import dequantize_op, gemv_op
 
-        _, g_idx, gs, splits = self._kernel_args
-        args = (self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs, FORMAT_OFFSET[self.format])
+        _, g_idx, gs, c, locks = self._kernel_args
+        packed = (self.qweight, self.scales, self.qzeros, g_idx)
+        quant = (self.spec.bits, gs, FORMAT_OFFSET[self.format])
         bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] <= GEMV_MAX_ROWS:
-            y = gptq_gemv(rows, *args, bias=bias, splits=splits)
+            y = gemv_op(rows, *packed, bias, locks, *quant, c.block_n, c.block_depth, c.splits, c.num_warps)
         else:
-            w = gptq_dequantize(*args, K=self.in_features, dtype=x.dtype)
+            w = dequantize_op(*packed, *quant, self.in_features, x.dtype)
             y = rows @ w if bias is None else torch.addmm(bias, rows, w)
         return y.reshape(*x.shape[:-1], self.out_features)
 
