@@ -129,13 +129,16 @@ def run_ours(model_dir: Path, bench: QuantBench, calib: torch.Tensor) -> dict:
 
 
 def run_gptqmodel(model_dir: Path, bench: QuantBench, calib: torch.Tensor) -> dict:
-    """GPTQModel on the same saved model, calibration and settings (damp and order set explicitly)."""
+    """GPTQModel on the same saved model, calibration and settings (damp and order set explicitly;
+    its group-aware reordering, on by default since GPTQModel 4, off: the reference GPTQ and ours
+    quantize columns in their order)."""
     try:
         from gptqmodel import GPTQModel
         from gptqmodel import QuantizeConfig as PeerConfig
     except ImportError:
         raise QrobustError("--peer gptqmodel needs GPTQModel installed (see README: GPU performance)") from None
-    qcfg = PeerConfig(bits=bench.bits, group_size=bench.group_size, sym=True, desc_act=False, damp_percent=0.01)
+    qcfg = PeerConfig(bits=bench.bits, group_size=bench.group_size, sym=True, desc_act=False, damp_percent=0.01,
+                      act_group_aware=False)
     device = torch.device(bench.device)
     reset_peak(device)
     model = GPTQModel.load(str(model_dir), qcfg)
