@@ -184,27 +184,38 @@ def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress
     return results
 
 
+def products_label(row: dict) -> str:
+    """Which kernels a width's products ran: fp16 matmuls, tinygemm (4-bit layers), our Triton
+    kernels on the packed buffers, or torch's dequantized weights (CPU)."""
+    if row["bits"] == FULL_PRECISION:
+        return "dense"
+    if row.get("tinygemm_layers"):
+        return "tinygemm"
+    return "triton" if row.get("packed_kernels") else "torch"
+
+
 def summary_lines(results: dict) -> list[str]:
     runs = results["runs"]
     base = next((r for r in runs if r["bits"] == FULL_PRECISION and "error" not in r), None)
     ar = results["bench"]["kind"] == "ar"
     if ar:
-        head = f"{'bits':>4} {'weights GiB':>11} {'peak GiB':>8} {'tok/s':>8} {'ms/token':>8} {'TTFT ms':>8} {'vs fp16':>7} {'of floor':>8}"
+        head = (f"{'bits':>4} {'products':>8} {'weights GiB':>11} {'peak GiB':>8} {'tok/s':>8} {'ms/token':>8} "
+                f"{'TTFT ms':>8} {'vs fp16':>7} {'of floor':>8}")
     else:
-        head = f"{'bits':>4} {'weights GiB':>11} {'peak GiB':>8} {'ms/step':>8} {'s/sequence':>10} {'vs fp16':>7}"
+        head = f"{'bits':>4} {'products':>8} {'weights GiB':>11} {'peak GiB':>8} {'ms/step':>8} {'s/sequence':>10} {'vs fp16':>7}"
     lines = [head]
     for r in runs:
         if "error" in r:
             lines.append(f"{r['bits']:>4} failed: {r['error']}")
             continue
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "n/a"
+        lead = f"{r['bits']:>4} {products_label(r):>8} {r['weight_gib']:>11.3f} {peak:>8}"
         if ar:
             speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
             floor = f"{100 * r['bandwidth_floor_fraction']:.0f}%" if "bandwidth_floor_fraction" in r else "n/a"
-            lines.append(f"{r['bits']:>4} {r['weight_gib']:>11.3f} {peak:>8} {r['tokens_per_s']:>8.1f} "
-                         f"{r['ms_per_token']:>8.3f} {r['ttft_ms']:>8.1f} {speed:>7} {floor:>8}")
+            lines.append(f"{lead} {r['tokens_per_s']:>8.1f} {r['ms_per_token']:>8.3f} {r['ttft_ms']:>8.1f} "
+                         f"{speed:>7} {floor:>8}")
         else:
             speed = f"{base['ms_per_step'] / r['ms_per_step']:.2f}x" if base else "n/a"
-            lines.append(f"{r['bits']:>4} {r['weight_gib']:>11.3f} {peak:>8} {r['ms_per_step']:>8.3f} "
-                         f"{r['s_per_sequence']:>10.3f} {speed:>7}")
+            lines.append(f"{lead} {r['ms_per_step']:>8.3f} {r['s_per_sequence']:>10.3f} {speed:>7}")
     return lines

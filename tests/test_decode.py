@@ -84,7 +84,8 @@ def test_bench_generate_on_cpu(tmp_path, kind):
     assert q4["tinygemm_layers"] == (7 if kind == "ar" else 0) and fp16["tinygemm_layers"] == 0
     assert (fp16.get("tokens_per_s") or fp16.get("ms_per_step")) > 0
     lines = summary_lines(results)
-    assert len(lines) == 3 and "1.00x" in lines[1]
+    assert len(lines) == 3 and "1.00x" in lines[1] and "dense" in lines[1]
+    assert ("tinygemm" if kind == "ar" else "torch") in lines[2]  # CPU: no Triton kernels
 
 
 def test_bench_generate_rejects_bad_bits():
