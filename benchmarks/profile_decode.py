@@ -19,7 +19,8 @@ from qrobust.bench_generate import GenerateBench, _build, _prompt
 from qrobust.models.decode import GreedyDecoder, fused, sync
 
 KINDS = {  # substring of a kernel's name → kind, first match wins
-    "_gemv_kernel": "products", "_sum_splits": "products", "_weight_int4pack": "products", "tinygemm": "products",
+    "_gemv_kernel": "products", "_sum_splits": "products", "_weight_int4pack": "products",
+    "tinygemm": "products",
     "gemv": "products", "nvjet": "products", "gemm": "products", "xmma": "products", "cutlass": "products", "splitk": "products",
     "flash": "attention", "attention": "attention", "fmha": "attention", "softmax": "attention",
 }
