@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from qrobust.models.decode import capture, sync
-from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.kernels.tinygemm import TinyGemmLinear
+from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
 
 SHAPES = {"q_proj/o_proj": (2048, 2048), "k_proj/v_proj": (1024, 2048), "gate/up_proj": (6144, 2048),
@@ -58,6 +58,22 @@ def graph_us(fn, device, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+def checked(row: dict, fn, ref: torch.Tensor, base: float, device, tol: float = 1e-2) -> dict:
+    """`row` with fn's largest error relative to the reference and, where that is within `tol`,
+    its time and its speed against the fp16 product (`base` µs). A wrong kernel is not timed."""
+    row["max_rel_err"] = float((fn().float() - ref).abs().max() / ref.abs().max())
+    if row["max_rel_err"] < tol:
+        row["us"] = graph_us(fn, device)
+        row["vs_fp16"] = base / row["us"]
+    return row
+
+
+def packed(w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype) -> tuple[QuantLinear, int]:
+    """w rounded to nearest as a packed layer, and the bytes its product reads."""
+    layer = QuantLinear.from_result(rtn(w, QuantSpec(bits, group_size, sym=True)), None, dtype)
+    return layer, sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
+
+
 def batched_rows(name: str, N: int, K: int, args, device) -> list[dict]:
     """fp16 matmul vs dequantize-then-matmul vs the fused kernel, at each --rows batch and width."""
     from qrobust.kernels.gptq_matmul import gptq_dequantize, gptq_matmul
@@ -73,19 +89,13 @@ def batched_rows(name: str, N: int, K: int, args, device) -> list[dict]:
         out.append({"layer": name, "N": N, "K": K, "rows": M, "kernel": f"fp16 cuBLAS, {M} rows", "us": base,
                     "vs_fp16": 1.0, "weight_bytes": N * K * 2})
         for bits in (int(b) for b in args.bits.split(",")):
-            layer = QuantLinear.from_result(rtn(w, QuantSpec(bits, args.group_size, sym=True)), None, dtype)
+            layer, nbytes = packed(w, bits, args.group_size, dtype)
             qargs = (layer.qweight, layer.scales, layer.qzeros, None, bits, args.group_size, FORMAT_OFFSET[layer.format])
             ref = F.linear(x.float(), layer.dequantized_weight())
-            nbytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
             for label, fn in ((f"dequantize+matmul {bits}-bit", lambda: x @ gptq_dequantize(*qargs, K=K, dtype=x.dtype)),
                               (f"fused matmul {bits}-bit", lambda: gptq_matmul(x, *qargs))):
-                err = float((fn().float() - ref).abs().max() / ref.abs().max())
-                row = {"layer": name, "N": N, "K": K, "rows": M, "kernel": f"{label}, {M} rows",
-                       "weight_bytes": nbytes, "max_rel_err": err}
-                if err < 1e-2:
-                    row["us"] = graph_us(fn, device)
-                    row["vs_fp16"] = base / row["us"]
-                out.append(row)
+                out.append(checked({"layer": name, "N": N, "K": K, "rows": M, "kernel": f"{label}, {M} rows",
+                                    "weight_bytes": nbytes}, fn, ref, base, device))
     return out
 
 
@@ -124,9 +134,8 @@ def main() -> None:
         rows.append({"layer": name, "N": N, "K": K, "kernel": "fp16 cuBLAS", "us": base, "vs_fp16": 1.0,
                      "weight_bytes": N * K * 2})
         for bits in (int(b) for b in args.bits.split(",")):
-            layer = QuantLinear.from_result(rtn(w, QuantSpec(bits, args.group_size, sym=True)), None, dtype)
+            layer, nbytes = packed(w, bits, args.group_size, dtype)
             ref = F.linear(x.float(), layer.dequantized_weight())
-            nbytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
             gemv_args = (layer.qweight, layer.scales, layer.qzeros, None, bits, args.group_size,
                          FORMAT_OFFSET[layer.format])
             default = gemv_config(N, K, args.group_size, False, device)
@@ -140,30 +149,21 @@ def main() -> None:
                     continue
                 cfg = {"splits": s, "block_n": int(bn), "block_depth": int(bk), "num_warps": int(warps),
                        "num_stages": int(stages), "locks": gemv_locks(N, device, 1, int(bn)) if locks == "1" else None}
-                y = gptq_gemv(x, *gemv_args, **cfg)
-                err = float((y.float() - ref).abs().max() / ref.abs().max())
                 label = "default " if i == 0 else ""
-                row = {"layer": name, "N": N, "K": K, "bits": bits, "config": {**cfg, "locks": locks == "1"},
-                       "default": i == 0,
-                       "kernel": f"qrobust {bits}-bit {label}s{splits} n{bn} k{bk} w{warps} p{stages} l{locks}",
-                       "weight_bytes": nbytes, "max_rel_err": err}
-                if err < 1e-2:
-                    row["us"] = graph_us(lambda: gptq_gemv(x, *gemv_args, **cfg), device)
-                    row["vs_fp16"] = base / row["us"]
-                rows.append(row)
+                rows.append(checked({"layer": name, "N": N, "K": K, "bits": bits,
+                                     "config": {**cfg, "locks": locks == "1"}, "default": i == 0,
+                                     "kernel": f"qrobust {bits}-bit {label}s{splits} n{bn} k{bk} w{warps} p{stages} l{locks}",
+                                     "weight_bytes": nbytes}, lambda: gptq_gemv(x, *gemv_args, **cfg), ref, base, device))
             if bits == 4:
                 try:
                     t = TinyGemmLinear.from_quant_linear(layer)
-                    packed, sz = t.weight_int4, t.scales_and_zeros
                     xb = x.bfloat16()
-                    y = torch.ops.aten._weight_int4pack_mm(xb, packed, args.group_size, sz)
-                    err = float((y.float() - ref).abs().max() / ref.abs().max())
-                    row = {"layer": name, "N": N, "K": K, "bits": 4, "kernel": "torch int4 tinygemm (bf16)",
-                           "weight_bytes": packed.numel() * packed.element_size() + sz.numel() * 2, "max_rel_err": err}
-                    if err < 2e-2:
-                        row["us"] = graph_us(lambda: torch.ops.aten._weight_int4pack_mm(xb, packed, args.group_size, sz),
-                                             device)
-                        row["vs_fp16"] = base / row["us"]
+                    row = checked({"layer": name, "N": N, "K": K, "bits": 4, "kernel": "torch int4 tinygemm (bf16)",
+                                   "weight_bytes": t.weight_int4.numel() * t.weight_int4.element_size()
+                                   + t.scales_and_zeros.numel() * 2},
+                                  lambda: torch.ops.aten._weight_int4pack_mm(xb, t.weight_int4, args.group_size,
+                                                                             t.scales_and_zeros),
+                                  ref, base, device, tol=2e-2)
                 except (RuntimeError, NotImplementedError) as e:
                     row = {"layer": name, "N": N, "K": K, "kernel": "torch int4 tinygemm (bf16)",
                            "error": str(e).splitlines()[0][:200]}

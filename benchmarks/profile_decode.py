@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from qrobust.bench_generate import GenerateBench, _build, _prompt
+from qrobust.bench_generate import GenerateBench, build_model, random_prompt
 from qrobust.models.decode import GreedyDecoder, fused, sync
 
 KINDS = {  # substring of a kernel's name → kind, first match wins
@@ -32,12 +32,12 @@ def kind_of(name: str) -> str:
 
 
 def profile_step(bench: GenerateBench, bits: int, steps: int) -> dict:
-    model = _build(bench, bits)
+    model = build_model(bench, bits)
     device = model.lm_head.weight.device
     decoder = GreedyDecoder(model, bench.prompt_len + steps + 8, graphs=False)
     step = fused(decoder._eager_step, bench.compile)
     with torch.no_grad():
-        decoder.generate(_prompt(bench, model.config.vocab_size), 2)
+        decoder.generate(random_prompt(bench, model.config.vocab_size), 2)
         t0 = time.perf_counter()
         for _ in range(3):  # compiles, with --compile
             step()

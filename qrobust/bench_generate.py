@@ -94,7 +94,8 @@ def copy_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 10) ->
     return 2 * n * 4 * repeats / seconds
 
 
-def _build(bench: GenerateBench, bits: int) -> nn.Module:
+def build_model(bench: GenerateBench, bits: int) -> nn.Module:
+    """The random-weight model one width of the bench runs: packed, fused and repacked as asked."""
     cfg = shape_config(QuantBench(shape=bench.shape, kind=bench.kind, layers=bench.layers, vocab_size=bench.vocab_size))
     model = random_lm(cfg, bench.device, bench.seed, model_dtype(bench.device)).eval()
     if bits != FULL_PRECISION:
@@ -106,7 +107,8 @@ def _build(bench: GenerateBench, bits: int) -> nn.Module:
     return model
 
 
-def _prompt(bench: GenerateBench, vocab: int) -> torch.Tensor:
+def random_prompt(bench: GenerateBench, vocab: int) -> torch.Tensor:
+    """The bench's prompt: random ids below the special tokens, the same for every width."""
     g = torch.Generator().manual_seed(bench.seed)
     return torch.randint(0, vocab - 3, (bench.prompt_len,), generator=g)
 
@@ -121,7 +123,7 @@ def _seconds(fn, device: torch.device) -> float:
 
 def measure_ar(model: nn.Module, bench: GenerateBench) -> dict:
     device = model.lm_head.weight.device
-    prompt = _prompt(bench, model.config.vocab_size)
+    prompt = random_prompt(bench, model.config.vocab_size)
     reset_peak(device)
     decoder = GreedyDecoder(model, bench.prompt_len + bench.new_tokens, graphs=device.type == "cuda",
                             compile=bench.compile)
@@ -137,7 +139,7 @@ def measure_ar(model: nn.Module, bench: GenerateBench) -> dict:
 def measure_diffusion(model: nn.Module, bench: GenerateBench) -> dict:
     device = model.lm_head.weight.device
     cfg = model.config
-    prompt = _prompt(bench, cfg.vocab_size)[None].to(device)
+    prompt = random_prompt(bench, cfg.vocab_size)[None].to(device)
     attn = torch.ones_like(prompt)
     reset_peak(device)
     forward = GraphedForward(model, (1, bench.prompt_len + bench.new_tokens), graphs=device.type == "cuda",
@@ -160,7 +162,7 @@ def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress
     results = {"bench": asdict(bench), "environment": environment(bench.device), "copy_bandwidth_gbs":
                None if bandwidth is None else bandwidth / 1e9, "runs": []}
     for bits in tqdm(bench.bits, desc=f"bench generate {bench.kind}", disable=not progress):
-        model = _build(bench, bits)
+        model = build_model(bench, bits)
         weight_bytes = model_bytes(model)
         row = {"bits": bits, "weight_gib": weight_bytes / 2**30}
         try:
