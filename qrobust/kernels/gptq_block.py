@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _gptq_block_kernel(W_ptr, Hinv_ptr, Q_ptr, Err_ptr, Loss_ptr, Scale_ptr, Zero_ptr,
                        rows, count, stride_w, stride_h, maxq,
