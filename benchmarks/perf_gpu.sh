@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
-#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|profile|fused|diffusion]
-# quantize, peer, generate and compiled ran on older code (README says which); peer needs
-# GPTQModel 7.2.0 (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
+#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|fused|diffusion]
+# quantize, generate, compiled, profile and diffusion ran on older code (README says which);
+# peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
 mkdir -p "$OUT"
@@ -24,9 +24,19 @@ case ${1:-quantize} in
       --out "$OUT/bench_generate_diffusion_compiled_qwen3-1.7b_h100.json" ;;
   peak)      # one run of the current code, for its peak memory
     $q --repeats 1 --out "$OUT/bench_quantize_qwen3-1.7b_h100_peak.json" ;;
-  gemv)      # each layer shape's product alone: fp16, tinygemm, our GEMV per width and tiling; 160 rows
-    python3 benchmarks/packed_gemv.py --bits 4,2,3,8 --splits 4,8 --block-n 32,64,128 --block-k 128,256,512 \
-      --rows 160 --out "$OUT/packed_gemv_qwen3-1.7b_h100.json" ;;
+  gemv)      # each layer shape's product alone: fp16, tinygemm, our GEMV at its default tiling (and one more)
+    python3 benchmarks/packed_gemv.py --bits 4,2,3,8 --splits 16 --block-n 64 --block-k 128 --warps 2 --rows '' \
+      --out "$OUT/packed_gemv_qwen3-1.7b_h100.json" ;;
+  sweep)     # the tilings the default was chosen from (about 7 minutes of compiling and timing)
+    python3 benchmarks/packed_gemv.py --bits 4,2,3,8 --splits 4,8,16 --block-n 64,128,256 --block-k 64,128 \
+      --warps 1,2 --rows '' --out "$OUT/packed_gemv_sweep_qwen3-1.7b_h100.json"
+    python3 benchmarks/packed_gemv.py --bits 2,3,8 --splits 8,16,24,32,48 --block-n 32,64 --block-k 64,128 \
+      --warps 1,2 --rows '' --out "$OUT/packed_gemv_sweep_splits_qwen3-1.7b_h100.json" ;;
+  marlin)    # GPTQModel's Marlin at 4 and 8 bits (its JIT build took 237 s)
+    python3 benchmarks/packed_gemv.py --bits 4,8 --splits 16 --block-n 64 --block-k 128 --warps 2 --rows '' --marlin \
+      --out "$OUT/packed_gemv_marlin_qwen3-1.7b_h100.json" ;;
+  rows)      # 160 rows: dequantize-then-matmul against the fused dequantize-and-matmul kernel
+    python3 benchmarks/packed_gemv.py --bits 4,2,3,8 --rows 160 --out "$OUT/packed_gemv_rows_qwen3-1.7b_h100.json" ;;
   profile)   # kernel time of one compiled decoding step by kind
     python3 benchmarks/profile_decode.py --bits 4,16 --compile --out "$OUT/profile_decode_compiled_qwen3-1.7b_h100.json" ;;
   fused)     # q/k/v and gate/up fused, compiled; 4 bits on tinygemm, then on our GEMV

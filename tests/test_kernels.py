@@ -66,10 +66,22 @@ def test_gemv_and_dequantize_match_the_torch_dequantization(bits, group_size, sy
     # depth 256 spans two groups of 128 (or eight of 32) in one tile; with locks the last split
     # of each tile adds the partial sums, which leaves the locks at zero
     locks = gemv_locks(layer.out_features, x.device, rows=3, block_n=32)
-    for splits, depth, lock in ((1, 128, None), (2, 128, None), (1, 256, None), (2, 128, locks), (2, 64, locks)):
+    tilings = ((1, 128, None), (2, 128, None), (1, 256, None), (2, 128, locks), (2, 64, locks))
+    for splits, depth, lock in tilings[::2] if shuffled else tilings:  # act-order is slow to interpret
         y = gptq_gemv(x, *args, bias=layer.bias, splits=splits, block_depth=depth, locks=lock)
         assert not locks.any()
         torch.testing.assert_close(y, x @ ref.t() + layer.bias, rtol=1e-4, atol=1e-4)
+
+
+def test_gemv_tiles_may_cut_groups_of_whole_chunks():
+    """Groups of 96 inputs (three chunks of 32): tiles of 128 start mid-group."""
+    from qrobust.kernels.gptq_matmul import gptq_gemv
+
+    layer = _layer(3, 96, False, False, K=384)
+    x = torch.randn(1, 384, device=DEVICE)
+    y = gptq_gemv(x, layer.qweight, layer.scales, layer.qzeros, None, 3, 96, FORMAT_OFFSET[layer.format],
+                  bias=layer.bias, splits=3, block_depth=128)
+    torch.testing.assert_close(y, x @ layer.dequantized_weight().t() + layer.bias, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits,group_size,sym,shuffled", CASES)
@@ -87,15 +99,18 @@ def test_fused_matmul_matches_the_torch_dequantization(bits, group_size, sym, sh
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
 
 
-def test_tile_depth_divides_groups_or_spans_whole_ones():
+def test_tile_depth_divides_groups_or_cuts_them_at_whole_chunks():
     from qrobust.kernels.gptq_matmul import block_k
 
     assert block_k(2048, 128, act_order=False, preferred=512) == 128
-    assert block_k(2048, 128, act_order=False, preferred=512, whole_groups=True) == 512
+    assert block_k(2048, 128, act_order=False, preferred=512, chunked=True) == 512
     assert block_k(2048, 64, act_order=True, preferred=512) == 512
-    assert block_k(6144, 96, act_order=False, preferred=128, whole_groups=True) == 32
+    assert block_k(6144, 96, act_order=False, preferred=128) == 32
+    assert block_k(6144, 96, act_order=False, preferred=128, chunked=True) == 128
     with pytest.raises(ValueError, match="divisible by 32"):
         block_k(2000, 128, act_order=False, preferred=128)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        block_k(2048, 48, act_order=False, preferred=128, chunked=True)
 
 
 def test_gemv_splits_fill_the_device():
@@ -176,7 +191,7 @@ def test_products_are_custom_ops_that_torch_compile_can_trace():
     x = torch.randn(2, layer.in_features, device=DEVICE)
     packed = (layer.qweight, layer.scales, layer.qzeros, None)
     locks = gemv_locks(layer.out_features, x.device, rows=2, block_n=32)
-    torch.library.opcheck(gemv_op, (x, *packed, layer.bias, locks, 4, 64, FORMAT_OFFSET[layer.format], 32, 64, 2, 4),
-                          test_utils=("test_schema", "test_faketensor"))
+    gemv_args = (x, *packed, layer.bias, locks, 4, 64, FORMAT_OFFSET[layer.format], 32, 64, 2, 4)
+    torch.library.opcheck(gemv_op, gemv_args, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(dequantize_op, (*packed, 4, 64, FORMAT_OFFSET[layer.format], layer.in_features, torch.float32),
                           test_utils=("test_schema", "test_faketensor"))

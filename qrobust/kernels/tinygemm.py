@@ -1,5 +1,5 @@
 """4-bit layers on PyTorch's int4 "tinygemm" kernel, the one torchao's int4 weight-only layout
-runs: on an H100 it multiplies one row by a Qwen3-1.7B-shaped 4-bit weight 1.4–1.6× faster
+runs: on an H100 it multiplies one row by a Qwen3-1.7B-shaped 4-bit weight 1.2–1.7× faster
 than qrobust's Triton GEMV (benchmarks/packed_gemv.py), so inference uses it where it applies.
 
 tinygemm computes ŵ = (q − 8)·s + m in bfloat16 with contiguous groups along the inputs; a GPTQ
