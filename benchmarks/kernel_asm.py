@@ -1,0 +1,104 @@
+"""What the GEMV compiles to, without a GPU: Triton compiles qrobust's `_gemv_kernel` for a CUDA
+target (sm_90, the H100, by default) on any machine, with the ptxas and cuobjdump it ships, and
+this prints per width what decides the kernel's cost when products are a few microseconds:
+layout conversions (Triton moves data through shared memory for each), barriers, registers and
+spills, and the SASS instructions per code a thread unpacks (all of the kernel's static
+instructions over the codes one thread handles in one tile; the loop runs once when every
+program gets one tile, as the default tiling arranges at K = 2048).
+
+    python benchmarks/kernel_asm.py [--bits 2,3,4,8] [--block-n 64] [--block-k 128] [--warps 2]
+                                    [--splits 16] [--arch 90] [--out FILE.json]
+
+The kernel comes from whichever qrobust is imported, so PYTHONPATH=<another checkout> compares
+an older kernel with the same signature.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from qrobust.kernels import gptq_matmul
+
+POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32",
+            "b_ptr": "*fp16", "p_ptr": "*fp32", "y_ptr": "*fp16", "lock_ptr": "*i32"}
+SCALARS = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32"}
+INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, splits: int = 16):
+    """The GEMV as the default path launches it (no act-order, no bias, K-splits summed by the
+    last split), compiled for sm_<arch> with 16-byte aligned pointers and sizes."""
+    constants = dict(BITS=bits, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=False, BLOCK_N=block_n,
+                     BLOCK_K=block_k, SPLITS=splits, LAST_SUMS=True)
+    signature = {**POINTERS, **SCALARS, **{name: "constexpr" for name in constants}}
+    names = list(signature)
+    source = ASTSource(gptq_matmul._gemv_kernel, signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(len(POINTERS) + len(SCALARS))})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 3})
+
+
+def nvidia_tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def sass_facts(cubin: bytes) -> tuple[collections.Counter, dict]:
+    """Opcode counts of the kernel's SASS, and its registers / stack from cuobjdump -res-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvidia_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([nvidia_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    ops = collections.Counter(m.group(1) for m in map(INSTRUCTION.match, sass.splitlines()) if m)
+    resources = {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    return ops, resources
+
+
+def describe(bits: int, block_n: int, block_k: int, warps: int, splits: int, arch: int) -> dict:
+    kernel = compile_gemv(bits, block_n, block_k, warps, arch, splits)
+    ops, resources = sass_facts(kernel.asm["cubin"])
+    codes_per_thread = block_n * block_k // (32 * warps)
+    alu = sum(n for op, n in ops.items() if op in ("FFMA", "FADD", "FMUL", "LOP3", "SHF", "SGXT", "PRMT", "I2FP",
+                                                   "IMAD", "IADD3", "LEA", "BFE"))
+    return {"bits": bits, "block_n": block_n, "block_k": block_k, "warps": warps, "splits": splits, "arch": f"sm_{arch}",
+            "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
+            "barriers": kernel.asm["ptx"].count("bar.sync"), **resources,
+            "sass_instructions": sum(ops.values()), "codes_per_thread": codes_per_thread,
+            "sass_per_code": sum(ops.values()) / codes_per_thread, "alu_per_code": alu / codes_per_thread,
+            "top_opcodes": dict(ops.most_common(8))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default="2,3,4,8")
+    p.add_argument("--block-n", type=int, default=64)
+    p.add_argument("--block-k", type=int, default=128)
+    p.add_argument("--warps", type=int, default=2)
+    p.add_argument("--splits", type=int, default=16, help="K-splits (their partial sums are added in the kernel)")
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90: H100)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = [describe(int(b), args.block_n, args.block_k, args.warps, args.splits, args.arch) for b in args.bits.split(",")]
+    print(f"{'bits':>4} {'convert':>7} {'bar.sync':>8} {'regs':>4} {'stack':>5} {'SASS':>5} {'/code':>6} {'ALU/code':>8}  top opcodes")
+    for r in rows:
+        top = " ".join(f"{op}:{n}" for op, n in r["top_opcodes"].items())
+        print(f"{r['bits']:>4} {r['layout_conversions']:>7} {r['barriers']:>8} {r.get('reg', 0):>4} {r.get('stack', 0):>5} "
+              f"{r['sass_instructions']:>5} {r['sass_per_code']:>6.2f} {r['alu_per_code']:>8.2f}  {top}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"triton": triton.__version__, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
