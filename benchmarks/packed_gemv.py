@@ -4,9 +4,10 @@ weights that together fill twice the L2 cache, so that every call reads its weig
 as decoding does (a single weight replayed would stay in L2):
 
 - one row (batch-1 decoding): fp16 cuBLAS, qrobust's packed GEMV at 2/3/4/8 bits (its default
-  tiling and the ones asked for), PyTorch's int4 tinygemm kernel (the one torchao's int4 weight-only layout
-  runs) as the best existing alternative at 4 bits, and with --marlin GPTQModel's Marlin kernel
-  at 4 and 8 bits (GPTQModel installed; it compiles Marlin on first use, about 2 minutes);
+  tiling and the ones asked for), PyTorch's int4 tinygemm kernel (the one torchao's int4
+  weight-only layout runs) as the best existing alternative at 4 bits, and with --marlin
+  GPTQModel's Marlin kernel at 4 and 8 bits (GPTQModel installed; it compiles Marlin on first
+  use, which took 4 minutes on the H100 machine);
 - --rows R (prefill, diffusion steps): fp16 cuBLAS, dequantize-then-matmul (what QuantLinear does
   now) and the fused dequantize-and-matmul kernel.
 
