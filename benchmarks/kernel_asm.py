@@ -89,6 +89,9 @@ def main() -> None:
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90: H100)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if not Path(nvidia_tool("cuobjdump")).exists():
+        raise SystemExit("kernel_asm.py: this Triton ships no CUDA tools (backends/nvidia/bin); "
+                         "install a Linux x86-64 Triton wheel")
     rows = [describe(int(b), args.block_n, args.block_k, args.warps, args.splits, args.arch) for b in args.bits.split(",")]
     print(f"{'bits':>4} {'convert':>7} {'bar.sync':>8} {'regs':>4} {'stack':>5} {'SASS':>5} {'/code':>6} {'ALU/code':>8}  top opcodes")
     for r in rows:
