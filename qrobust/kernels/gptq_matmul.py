@@ -48,10 +48,16 @@ def _zeros(qz_ptr, g, n, mask, N, BITS: tl.constexpr, OFFSET: tl.constexpr):
 
 
 @triton.jit
+def _biased_float(q):
+    """Codes (32-bit integers, 0 ≤ q < 2²³) as the float32 2²³ + q, whose mantissa holds q:
+    no int→float conversion (a quarter of the arithmetic rate on recent GPUs)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _exact_float(q):
-    """Codes (int32, 0 ≤ q < 2²³) as float32 without int→float conversions (a quarter of the
-    arithmetic rate on recent GPUs): the float 2²³ + q, whose mantissa holds q, minus 2²³."""
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    """Codes as float32 (see _biased_float)."""
+    return _biased_float(q) - 8388608.0
 
 
 @triton.jit
@@ -85,6 +91,19 @@ def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BL
 
 
 @triton.jit
+def _add_splits(p_ptr, b_ptr, y_ptr, m, M, n, nmask, N, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLITS: tl.constexpr):
+    """y[m, n] = the K-splits' partial sums p[·, m, n] added up (and the bias). p is read past L1
+    (.cg): other programs wrote it."""
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for split in tl.static_range(SPLITS):
+        total += tl.load(p_ptr + (split * M + m) * N + n, mask=nmask, other=0.0, cache_modifier=".cg")
+    if HAS_BIAS:
+        total += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * N + n, total.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
 def _store_gemv(acc, b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n, nmask, N, HAS_BIAS: tl.constexpr,
                 BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, LAST_SUMS: tl.constexpr):
     """Row m's sums `acc` over one K-split into y, or into the partial sums p (see _gemv_kernel)."""
@@ -99,12 +118,7 @@ def _store_gemv(acc, b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n, nmask, N, HAS_B
             tl.debug_barrier()  # every thread's partial is written before the arrival is counted
             lock = lock_ptr + tl.program_id(0) * M + m
             if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
-                total = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for other in tl.static_range(SPLITS):
-                    total += tl.load(p_ptr + (other * M + m) * N + n, mask=nmask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-                tl.store(y_ptr + m * N + n, total.to(y_ptr.dtype.element_ty), mask=nmask)
+                _add_splits(p_ptr, b_ptr, y_ptr, m, M, n, nmask, N, HAS_BIAS, BLOCK_N, SPLITS)
                 tl.atomic_xchg(lock, 0)
 
 
@@ -136,7 +150,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
         if not ACT_ORDER:
             g = (kc // GS)[:, None]  # a chunk lies in one group (block_k)
             s = tl.load(s_ptr + g * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
-            z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET) + 8388608.0  # as codes below
+            z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET) + 8388608.0  # biased as codes
         part = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
         prev = tl.zeros([KC, BLOCK_N], dtype=tl.uint32)
         for r in tl.static_range(BITS):
@@ -147,7 +161,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
                         v = cur >> ((j * BITS) % 32)
                     else:
                         v = (prev >> ((j * BITS) % 32)) | (cur << (32 - (j * BITS) % 32))
-                    q = ((v & maxq) | 0x4B000000).to(tl.float32, bitcast=True)  # 2²³ + code
+                    q = _biased_float(v & maxq)
                     xj = tl.load(x_ptr + m * stride_x + kc + j).to(tl.float32)[:, None]
                     if ACT_ORDER:
                         gj = tl.load(g_ptr + kc + j)[:, None]
@@ -167,15 +181,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
 
 @triton.jit
 def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    m, M = tl.program_id(1), tl.num_programs(1)
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    nmask = n < N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for split in tl.static_range(SPLITS):
-        acc += tl.load(p_ptr + (split * M + m) * N + n, mask=nmask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * N + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+    _add_splits(p_ptr, b_ptr, y_ptr, tl.program_id(1), tl.num_programs(1), n, n < N, N, HAS_BIAS, BLOCK, SPLITS)
 
 
 @triton.jit
@@ -238,6 +245,9 @@ def block_k(K: int, group_size: int, act_order: bool, preferred: int, chunked: b
     return bk
 
 
+GEMV_PROGRAMS_PER_SM = 16  # K-splits aim at this many GEMV programs per multiprocessor
+
+
 def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
@@ -268,7 +278,7 @@ def gemv_config(N: int, K: int, bits: int, group_size: int, act_order: bool, dev
     fastest or within 10% of the fastest tiling measured (benchmarks/packed_gemv.py)."""
     bn, depth, warps = (32, 64, 1) if bits == 8 else (64, 128, 2)
     bk = block_k(K, group_size, act_order, depth, chunked=True)
-    return GemvConfig(bn, bk, gemv_splits(N, K, bn, bk, 16 * sm_count(device)), num_warps=warps)
+    return GemvConfig(bn, bk, gemv_splits(N, K, bn, bk, GEMV_PROGRAMS_PER_SM * sm_count(device)), num_warps=warps)
 
 
 def gemv_locks(N: int, device: torch.device, rows: int, block_n: int) -> torch.Tensor:
@@ -294,7 +304,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     act_order = g_idx is not None
     bk = block_k(K, group_size, act_order, block_depth, chunked=True)
     if splits is None:
-        splits = gemv_splits(N, K, block_n, bk, 2 * sm_count(x.device))
+        splits = gemv_splits(N, K, block_n, bk, GEMV_PROGRAMS_PER_SM * sm_count(x.device))
     if K % (splits * bk):
         raise ValueError(f"gptq_gemv: {splits} K-splits of {K} inputs are not whole tiles of depth {bk}")
     tiles = triton.cdiv(N, block_n)
