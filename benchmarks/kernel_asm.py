@@ -4,10 +4,10 @@ this prints per width what decides the kernel's cost when products are a few mic
 layout conversions (Triton moves data through shared memory for each), barriers, registers and
 spills, and the SASS instructions per code a thread unpacks (all of the kernel's static
 instructions over the codes one thread handles in one tile; the loop runs once when every
-program gets one tile, as the default tiling arranges at K = 2048).
+program gets one tile, as the default tiling arranges).
 
-    python benchmarks/kernel_asm.py [--bits 2,3,4,8] [--block-n 64] [--block-k 128] [--warps 2]
-                                    [--splits 16] [--arch 90] [--out FILE.json]
+    python benchmarks/kernel_asm.py [--bits 2,3,4,8] [--block-n 32] [--block-k 2048] [--warps 8]
+                                    [--splits 1] [--arch 90] [--out FILE.json]
 
 The kernel comes from whichever qrobust is imported, so PYTHONPATH=<another checkout> compares
 an older kernel with the same signature.
@@ -30,11 +30,11 @@ from qrobust.kernels import gptq_matmul
 
 POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32",
             "b_ptr": "*fp16", "p_ptr": "*fp32", "y_ptr": "*fp16", "lock_ptr": "*i32"}
-SCALARS = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32"}
+SCALARS = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32", "one": "u32"}
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
-def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, splits: int = 16):
+def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, splits: int = 1):
     """The GEMV as the default path launches it (no act-order, no bias, K-splits summed by the
     last split), compiled for sm_<arch> with 16-byte aligned pointers and sizes."""
     constants = dict(BITS=bits, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=False, BLOCK_N=block_n,
@@ -82,10 +82,10 @@ def describe(bits: int, block_n: int, block_k: int, warps: int, splits: int, arc
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", default="2,3,4,8")
-    p.add_argument("--block-n", type=int, default=64)
-    p.add_argument("--block-k", type=int, default=128)
-    p.add_argument("--warps", type=int, default=2)
-    p.add_argument("--splits", type=int, default=16, help="K-splits (their partial sums are added in the kernel)")
+    p.add_argument("--block-n", type=int, default=32)
+    p.add_argument("--block-k", type=int, default=2048)
+    p.add_argument("--warps", type=int, default=8)
+    p.add_argument("--splits", type=int, default=1, help="K-splits (their partial sums are added in the kernel)")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90: H100)")
     p.add_argument("--out", default=None)
     args = p.parse_args()

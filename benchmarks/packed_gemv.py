@@ -15,7 +15,8 @@ Every kernel's output is checked against the torch dequantization first; a wrong
 reported, not timed.
 
     python benchmarks/packed_gemv.py [--splits 16,48] [--block-n 32,64] [--block-k 64,128]
-                                     [--warps 1,2] [--rows 16,96,256] [--marlin] [--out FILE.json]
+                                     [--warps 1,2] [--rows 16,96,256] [--marlin] [--layers down_proj,...]
+                                     [--out FILE.json]
 
 Several values of --splits/--block-n/--block-k/--warps time every combination whose tile fits
 in registers; the last lines print the fastest per layer and width.
@@ -137,7 +138,7 @@ def gemv_rows(name: str, N: int, K: int, bits: int, layer: QuantLinear, nbytes: 
 
     operands = replicas((layer.qweight, layer.scales, layer.qzeros), copies(nbytes, device))
     rest = (None, bits, args.group_size, FORMAT_OFFSET[layer.format])
-    d = gemv_config(N, K, bits, args.group_size, False, device)
+    d = gemv_config(K, args.group_size, False)
     combos = [(d.splits, d.block_n, d.block_depth, d.num_warps, 3, 1)]
     combos += itertools.product(*([int(v) for v in getattr(args, a).split(",")] for a in
                                   ("splits", "block_n", "block_k", "warps", "stages", "locks")))
@@ -201,6 +202,7 @@ def main() -> None:
     p.add_argument("--warps", default="2", help="warps per GEMV program")
     p.add_argument("--stages", default="3", help="software-pipelining stages of the GEMV's loop")
     p.add_argument("--locks", default="1", help="1: the last K-split adds the partial sums; 0: a second kernel does")
+    p.add_argument("--layers", default=",".join(SHAPES), help="which layer shapes, comma separated")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--rows", default="16,96,256", help="batch sizes for the matmul comparison ('' to skip)")
     p.add_argument("--marlin", action="store_true", help="also time GPTQModel's Marlin kernel at 4 and 8 bits")
@@ -208,11 +210,15 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true",
                    help="shapes 16x smaller, on CPU under TRITON_INTERPRET=1: checks the script, times nothing useful")
     args = p.parse_args()
+    unknown = set(args.layers.split(",")) - set(SHAPES)
+    if unknown:
+        raise SystemExit(f"packed_gemv.py: unknown --layers {sorted(unknown)}; choose from {', '.join(SHAPES)}")
     if args.smoke:
         device = torch.device("cpu")
-        shapes = {name: (N // 16, K // 16) for name, (N, K) in SHAPES.items()}
+        shapes = {name: (N // 16, K // 16) for name, (N, K) in SHAPES.items() if name in args.layers.split(",")}
     elif torch.cuda.is_available():
-        device, shapes = torch.device("cuda", torch.cuda.current_device()), SHAPES
+        device = torch.device("cuda", torch.cuda.current_device())
+        shapes = {name: shape for name, shape in SHAPES.items() if name in args.layers.split(",")}
     else:
         raise SystemExit("packed_gemv.py: needs a CUDA device (or --smoke with TRITON_INTERPRET=1)")
     rows = []

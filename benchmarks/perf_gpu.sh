@@ -2,7 +2,8 @@
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
 #   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|fused|diffusion]
-# quantize, generate, compiled, profile and diffusion ran on older code (README says which);
+# quantize, peak, peer, generate, compiled, marlin, profile, diffusion and fused's second command ran on
+# older code (README says which);
 # peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
@@ -24,14 +25,16 @@ case ${1:-quantize} in
       --out "$OUT/bench_generate_diffusion_compiled_qwen3-1.7b_h100.json" ;;
   peak)      # one run of the current code, for its peak memory
     $q --repeats 1 --out "$OUT/bench_quantize_qwen3-1.7b_h100_peak.json" ;;
-  gemv)      # each layer shape's product alone: fp16, tinygemm, our GEMV at its default tiling (and one more)
+  gemv)      # each layer shape's product alone: fp16, tinygemm, our GEMV at its default tiling (and at the
+             # earlier default's, 64 outputs by 128 inputs for 2 warps, 16 K-splits)
     python3 benchmarks/packed_gemv.py --bits 4,2,3,8 --splits 16 --block-n 64 --block-k 128 --warps 2 --rows '' \
       --out "$OUT/packed_gemv_qwen3-1.7b_h100.json" ;;
-  sweep)     # the tilings the default was chosen from (about 7 minutes of compiling and timing)
-    python3 benchmarks/packed_gemv.py --bits 4,2,3,8 --splits 4,8,16 --block-n 64,128,256 --block-k 64,128 \
-      --warps 1,2 --rows '' --out "$OUT/packed_gemv_sweep_qwen3-1.7b_h100.json"
-    python3 benchmarks/packed_gemv.py --bits 2,3,8 --splits 8,16,24,32,48 --block-n 32,64 --block-k 64,128 \
-      --warps 1,2 --rows '' --out "$OUT/packed_gemv_sweep_splits_qwen3-1.7b_h100.json" ;;
+  sweep)     # the deep tilings the default was chosen from (about 4 minutes of compiling and timing);
+             # packed_gemv_sweep{,_splits}_*.json hold the shallow ones, timed on the earlier kernel
+    python3 benchmarks/packed_gemv.py --bits 2,4,8 --splits 1,2,3,4,6,12,24 --block-n 32,64 \
+      --block-k 256,512,1024,2048 --warps 4,8 --rows '' --out "$OUT/packed_gemv_sweep_deep_qwen3-1.7b_h100.json"
+    python3 benchmarks/packed_gemv.py --bits 2,3 --splits 1,2,3,6 --block-n 32 --block-k 512,1024,2048 \
+      --warps 2,4,8,16 --rows '' --out "$OUT/packed_gemv_sweep_deep_23bit_qwen3-1.7b_h100.json" ;;
   marlin)    # GPTQModel's Marlin at 4 and 8 bits (its JIT build took 237 s)
     python3 benchmarks/packed_gemv.py --bits 4,8 --splits 16 --block-n 64 --block-k 128 --warps 2 --rows '' --marlin \
       --out "$OUT/packed_gemv_marlin_qwen3-1.7b_h100.json" ;;

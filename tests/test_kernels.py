@@ -113,12 +113,22 @@ def test_tile_depth_divides_groups_or_cuts_them_at_whole_chunks():
         block_k(2048, 48, act_order=False, preferred=128, chunked=True)
 
 
-def test_gemv_splits_fill_the_device():
-    from qrobust.kernels.gptq_matmul import gemv_splits
+def test_gemv_config_gives_each_program_one_deep_tile():
+    from qrobust.kernels.gptq_matmul import GemvConfig, gemv_config
 
-    assert gemv_splits(2048, 2048, 32, 128, programs=528) == 16  # 64 tiles → 1024 programs
-    assert gemv_splits(6144, 2048, 32, 128, programs=528) == 4
-    assert gemv_splits(1024, 128, 32, 128, programs=528) == 1  # K has a single tile
+    assert gemv_config(2048, 128, act_order=False) == GemvConfig(32, 2048, 1, 8)  # all of K, 256 codes a thread
+    assert gemv_config(6144, 128, act_order=False) == GemvConfig(32, 1024, 6, 4)  # deeper: K-splits of 1024
+    assert gemv_config(1536, 96, act_order=False) == GemvConfig(32, 512, 3, 2)  # the deepest tile dividing K
+    assert gemv_config(256, 32, act_order=True) == GemvConfig(32, 256, 1, 1)
+
+
+def test_gemv_rejects_tiles_narrower_than_a_chunk():
+    from qrobust.kernels.gptq_matmul import gptq_gemv
+
+    layer = _layer(4, 128, True, False)
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        gptq_gemv(torch.randn(1, 256, device=DEVICE), layer.qweight, layer.scales, layer.qzeros, None, 4, 128,
+                  FORMAT_OFFSET[layer.format], block_n=16)
 
 
 @pytest.mark.parametrize("rows", [1, 7])

@@ -55,6 +55,36 @@ def _biased_float(q):
 
 
 @triton.jit
+def _shifted(v, d: tl.constexpr):
+    """v << d, or v >> −d for negative d."""
+    if d >= 0:
+        out = v << d
+    else:
+        out = v >> -d
+    return out
+
+
+@triton.jit
+def _unit_float(v, one, BITS: tl.constexpr):
+    """The code held in bits [23 − b, 23) of v as the float32 1 + q·2⁻ᵇ, given `one` = the bits of
+    1.0: a mask and an OR, with no int→float conversion, and [1, 2) is where float32 products
+    lose nothing to the offset. `one` comes as an argument because one instruction (LOP3) does
+    both only where one of the two constants sits in a register."""
+    return ((v & (((1 << BITS) - 1) << (23 - BITS))) | one).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _chunk_sums(x_row, kc, BLOCK_N: tl.constexpr):
+    """[KC, 1]: the sums of x over the 32 inputs from each kc, computed in a [KC, BLOCK_N] tile
+    (BLOCK_N ≥ 32) so that they come out in the layout of the GEMV's accumulators: a [KC, 32]
+    tile has a layout of its own, and converting costs shared-memory round trips."""
+    tl.static_assert(BLOCK_N >= 32)
+    i = tl.arange(0, BLOCK_N)[None, :]
+    xs = tl.load(x_row + kc[:, None] + i, mask=i < 32, other=0.0).to(tl.float32)
+    return tl.sum(xs, axis=1)[:, None]
+
+
+@triton.jit
 def _exact_float(q):
     """Codes as float32 (see _biased_float)."""
     return _biased_float(q) - 8388608.0
@@ -123,7 +153,7 @@ def _store_gemv(acc, b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n, nmask, N, HAS_B
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, N, K, k_split, stride_x,
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, N, K, k_split, stride_x, one,
                  BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
                  LAST_SUMS: tl.constexpr):
@@ -133,24 +163,21 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
     and otherwise a second kernel adds up.
 
     The weights are read as chunks of 32 inputs (b words each), so that every code's word and
-    shift are compile-time constants: unpacking is a shift and a mask per code (3-bit codes that
-    straddle two words take one more), with no reshapes, which Triton turns into shared-memory
-    round trips; and the sum over K waits until the end, so the loop has no reductions across
-    threads. On an H100 that made the large products 1.2–1.6× faster than the kernel it replaced,
-    which unpacked a tile of words at a time (README: GPU performance)."""
+    shift are compile-time constants, with no reshapes (which Triton turns into shared-memory
+    round trips), and the sum over K waits until the end. A code becomes u = 1 + q·2⁻ᵇ in a
+    shift and one LOP3 (_unit_float, `one` being the bits of 1.0), so that the loop adds only u·x;
+    the offset and zero point come off per chunk, as (2ᵇ + z)·Σx (act-order layers, whose codes
+    each have their own group, take them off per code). README: GPU performance."""
     m, split = tl.program_id(1), tl.program_id(2)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     KC: tl.constexpr = BLOCK_K // 32
-    maxq: tl.constexpr = (1 << BITS) - 1
+    TOP: tl.constexpr = 23 - BITS  # where _unit_float reads a code
+    SCALE: tl.constexpr = 1 << BITS  # q = SCALE·u − SCALE for u = 1 + q·2⁻ᵇ
     acc = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
     for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
         kc = k0 + tl.arange(0, KC) * 32  # first input of each chunk
         row = (kc // 32) * BITS  # its first word
-        if not ACT_ORDER:
-            g = (kc // GS)[:, None]  # a chunk lies in one group (block_k)
-            s = tl.load(s_ptr + g * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
-            z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET) + 8388608.0  # biased as codes
         part = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
         prev = tl.zeros([KC, BLOCK_N], dtype=tl.uint32)
         for r in tl.static_range(BITS):
@@ -158,23 +185,28 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
             for j in tl.static_range(32):
                 if (j * BITS + BITS - 1) // 32 == r:  # code j ends in word r
                     if (j * BITS) // 32 == r:
-                        v = cur >> ((j * BITS) % 32)
-                    else:
-                        v = (prev >> ((j * BITS) % 32)) | (cur << (32 - (j * BITS) % 32))
-                    q = _biased_float(v & maxq)
+                        v = _shifted(cur, TOP - (j * BITS) % 32)
+                    else:  # it starts in the word before
+                        v = _shifted(prev, TOP - (j * BITS) % 32) | (cur << (TOP + 32 - (j * BITS) % 32))
+                    u = _unit_float(v, one, BITS)
                     xj = tl.load(x_ptr + m * stride_x + kc + j).to(tl.float32)[:, None]
                     if ACT_ORDER:
                         gj = tl.load(g_ptr + kc + j)[:, None]
                         sj = tl.load(s_ptr + gj * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
-                        zj = _zeros(qz_ptr, gj, n[None, :], nmask[None, :], N, BITS, OFFSET) + 8388608.0
-                        part += sj * (q - zj) * xj
+                        zj = _zeros(qz_ptr, gj, n[None, :], nmask[None, :], N, BITS, OFFSET) + SCALE
+                        part += sj * (u * SCALE - zj) * xj
                     else:
-                        part += (q - z) * xj
+                        part += u * xj
             prev = cur
         if ACT_ORDER:
             acc += part
         else:
-            acc += s * part
+            # Σ (q − z)·x over a chunk = SCALE·Σ u·x − (SCALE + z)·Σ x, its scale s and zero z
+            # those of the chunk's group (block_k)
+            g = (kc // GS)[:, None]
+            s = tl.load(s_ptr + g * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+            z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET) + SCALE
+            acc += s * (part * SCALE - z * _chunk_sums(x_ptr + m * stride_x, kc, BLOCK_N))
     _store_gemv(tl.sum(acc, axis=0), b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n, nmask, N, HAS_BIAS, BLOCK_N,
                 SPLITS, LAST_SUMS)
 
@@ -245,22 +277,7 @@ def block_k(K: int, group_size: int, act_order: bool, preferred: int, chunked: b
     return bk
 
 
-GEMV_PROGRAMS_PER_SM = 16  # K-splits aim at this many GEMV programs per multiprocessor
-
-
-def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-def gemv_splits(N: int, K: int, block_n: int, block_k: int, programs: int) -> int:
-    """How many slices of K to give separate programs so that about `programs` of them run: a
-    batch-1 product has only N/block_n output tiles, too few to keep a GPU's memory busy. The
-    fewest whole-tile slices that reach `programs`, else one slice per tile."""
-    tiles_k = K // block_k
-    for splits in range(1, tiles_k + 1):
-        if tiles_k % splits == 0 and triton.cdiv(N, block_n) * splits >= programs:
-            return splits
-    return tiles_k
+ONE_BITS = 0x3F800000  # float32 1.0 (_unit_float)
 
 
 @dataclass(frozen=True)
@@ -271,14 +288,17 @@ class GemvConfig:
     num_warps: int
 
 
-def gemv_config(N: int, K: int, bits: int, group_size: int, act_order: bool, device: torch.device) -> GemvConfig:
-    """The GEMV's tiling for one layer shape and width on `device`: 64 outputs by 128 inputs
-    for two warps (8 bits: 32 by 64 for one warp), and enough K-splits for about 16 programs
-    per multiprocessor. On an H100 at Qwen3-1.7B's shapes this is the
-    fastest or within 10% of the fastest tiling measured (benchmarks/packed_gemv.py)."""
-    bn, depth, warps = (32, 64, 1) if bits == 8 else (64, 128, 2)
-    bk = block_k(K, group_size, act_order, depth, chunked=True)
-    return GemvConfig(bn, bk, gemv_splits(N, K, bn, bk, GEMV_PROGRAMS_PER_SM * sm_count(device)), num_warps=warps)
+def gemv_config(K: int, group_size: int, act_order: bool) -> GemvConfig:
+    """The GEMV's tiling for a layer of K inputs: programs of 32 outputs that each read one deep tile,
+    all of K up to 2048 inputs (deeper layers: tiles of 1024, one per K-split), with a warp per
+    256 inputs, so that each thread unpacks 256 codes. Few programs with many loads in flight
+    each beat many shallow ones, whose fixed costs (the K-split partial sums, their counters)
+    dominate products of a few microseconds. On an H100 at Qwen3-1.7B's shapes, at 2, 4 and 8
+    bits, this was the fastest tiling measured or within 2% of it, but for the fused gate/up
+    product at 2 and 8 bits (24%, 10%; benchmarks/packed_gemv.py, README: GPU performance);
+    neither the width nor the number of outputs changes it."""
+    bk = block_k(K, group_size, act_order, 2048 if K <= 2048 else 1024, chunked=True)
+    return GemvConfig(32, bk, K // bk, num_warps=max(1, min(8, bk // 256)))
 
 
 def gemv_locks(N: int, device: torch.device, rows: int, block_n: int) -> torch.Tensor:
@@ -290,21 +310,24 @@ def gemv_locks(N: int, device: torch.device, rows: int, block_n: int) -> torch.T
 
 def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
               g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
-              bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int = 128,
-              splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+              bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int = 2048,
+              splits: int | None = None, num_warps: int = 8, num_stages: int = 3,
               locks: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (M small) times the packed weight: [M, N] in x's dtype. g_idx is None when inputs
     are grouped in order (group = k // group_size), else each input's group (act-order);
-    zero_offset is what the checkpoint format subtracted from the stored zero points. With
-    several K-splits, `locks` (gemv_locks, at least cdiv(N, block_n)·M of them) lets the last
+    zero_offset is what the checkpoint format subtracted from the stored zero points. Tiles are
+    block_n outputs (a power of two, at least 32) by block_depth inputs (or the most that divide
+    K and its groups); without `splits`, one per program along K. With several K-splits, `locks` (gemv_locks, at least cdiv(N, block_n)·M of them) lets the last
     split of each tile add the partial sums in the same kernel; without, a second kernel does."""
     M, K = x.shape
     N = qweight.shape[1]
     x = x.contiguous()
     act_order = g_idx is not None
     bk = block_k(K, group_size, act_order, block_depth, chunked=True)
+    if block_n < 32 or block_n & (block_n - 1):
+        raise ValueError(f"gptq_gemv: block_n must be a power of two of at least 32, got {block_n}")
     if splits is None:
-        splits = gemv_splits(N, K, block_n, bk, GEMV_PROGRAMS_PER_SM * sm_count(x.device))
+        splits = K // bk
     if K % (splits * bk):
         raise ValueError(f"gptq_gemv: {splits} K-splits of {K} inputs are not whole tiles of depth {bk}")
     tiles = triton.cdiv(N, block_n)
@@ -316,7 +339,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     fuse_bias = bias is not None and (splits == 1 or last_sums)
     _gemv_kernel[(tiles, M, splits)](
         x, qweight, scales, qzeros, g_idx if act_order else scales, bias if fuse_bias else y, partial, y,
-        locks if last_sums else y, N, K, K // splits, x.stride(0), BITS=bits, OFFSET=zero_offset, GS=group_size,
+        locks if last_sums else y, N, K, K // splits, x.stride(0), ONE_BITS, BITS=bits, OFFSET=zero_offset, GS=group_size,
         ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits, LAST_SUMS=last_sums,
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1 and not last_sums:

@@ -110,7 +110,7 @@ class QuantLinear(nn.Module):
         K, gs = self.in_features, self.spec.group_size if self.spec.group_size != -1 else self.in_features
         in_order = torch.equal(self.g_idx.long(), torch.arange(K, device=device) // gs)
         try:
-            config = gemv_config(self.out_features, K, self.spec.bits, gs, not in_order, device)
+            config = gemv_config(K, gs, not in_order)
         except ValueError:
             self._kernel_args = ()
             return False
