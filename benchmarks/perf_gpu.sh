@@ -2,7 +2,7 @@
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
 #   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|fused|diffusion]
-# quantize, peak, peer, generate, compiled, marlin, profile, diffusion and fused's second command ran on
+# quantize, peak, peer, generate, compiled, marlin, profile, diffusion and fused's last command ran on
 # older code (README says which);
 # peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
@@ -42,9 +42,11 @@ case ${1:-quantize} in
     python3 benchmarks/packed_gemv.py --bits 4,2,3,8 --rows 160 --out "$OUT/packed_gemv_rows_qwen3-1.7b_h100.json" ;;
   profile)   # kernel time of one compiled decoding step by kind
     python3 benchmarks/profile_decode.py --bits 4,16 --compile --out "$OUT/profile_decode_compiled_qwen3-1.7b_h100.json" ;;
-  fused)     # q/k/v and gate/up fused, compiled; 4 bits on tinygemm, then on our GEMV
+  fused)     # q/k/v and gate/up fused, compiled; 4 bits on tinygemm (and fp16, 4, 2 bits again), then on our GEMV
     timeout 300 $g --kind ar --compile --fuse --bits 16,4,2,3,8 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_qwen3-1.7b_h100.json"
+    timeout 250 $g --kind ar --compile --fuse --bits 16,4,2 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_rerun_qwen3-1.7b_h100.json"
     timeout 300 $g --kind ar --compile --fuse --no-tinygemm --bits 16,4,2,3,8 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_triton4_qwen3-1.7b_h100.json" ;;
   diffusion) # denoising steps, fused and compiled
