@@ -210,15 +210,16 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true",
                    help="shapes 16x smaller, on CPU under TRITON_INTERPRET=1: checks the script, times nothing useful")
     args = p.parse_args()
-    unknown = set(args.layers.split(",")) - set(SHAPES)
+    layers = args.layers.split(",")
+    unknown = set(layers) - set(SHAPES)
     if unknown:
         raise SystemExit(f"packed_gemv.py: unknown --layers {sorted(unknown)}; choose from {', '.join(SHAPES)}")
+    shapes = {name: shape for name, shape in SHAPES.items() if name in layers}
     if args.smoke:
         device = torch.device("cpu")
-        shapes = {name: (N // 16, K // 16) for name, (N, K) in SHAPES.items() if name in args.layers.split(",")}
+        shapes = {name: (N // 16, K // 16) for name, (N, K) in shapes.items()}
     elif torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
-        shapes = {name: shape for name, shape in SHAPES.items() if name in args.layers.split(",")}
     else:
         raise SystemExit("packed_gemv.py: needs a CUDA device (or --smoke with TRITON_INTERPRET=1)")
     rows = []

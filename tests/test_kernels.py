@@ -74,14 +74,16 @@ def test_gemv_and_dequantize_match_the_torch_dequantization(bits, group_size, sy
 
 
 def test_gemv_tiles_may_cut_groups_of_whole_chunks():
-    """Groups of 96 inputs (three chunks of 32): tiles of 128 start mid-group."""
+    """Groups of 96 inputs (three chunks of 32): tiles of 128 start mid-group; without a tiling
+    given, gemv_config's: three K-splits of 128 (384 has no deeper power-of-two divisor)."""
     from qrobust.kernels.gptq_matmul import gptq_gemv
 
     layer = _layer(3, 96, False, False, K=384)
     x = torch.randn(1, 384, device=DEVICE)
-    y = gptq_gemv(x, layer.qweight, layer.scales, layer.qzeros, None, 3, 96, FORMAT_OFFSET[layer.format],
-                  bias=layer.bias, splits=3, block_depth=128)
-    torch.testing.assert_close(y, x @ layer.dequantized_weight().t() + layer.bias, rtol=1e-4, atol=1e-4)
+    args = (layer.qweight, layer.scales, layer.qzeros, None, 3, 96, FORMAT_OFFSET[layer.format])
+    ref = x @ layer.dequantized_weight().t() + layer.bias
+    for tiling in ({"splits": 3, "block_depth": 128}, {}):
+        torch.testing.assert_close(gptq_gemv(x, *args, bias=layer.bias, **tiling), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits,group_size,sym,shuffled", CASES)

@@ -48,13 +48,6 @@ def _zeros(qz_ptr, g, n, mask, N, BITS: tl.constexpr, OFFSET: tl.constexpr):
 
 
 @triton.jit
-def _biased_float(q):
-    """Codes (32-bit integers, 0 ≤ q < 2²³) as the float32 2²³ + q, whose mantissa holds q:
-    no int→float conversion (a quarter of the arithmetic rate on recent GPUs)."""
-    return (q | 0x4B000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _shifted(v, d: tl.constexpr):
     """v << d, or v >> −d for negative d."""
     if d >= 0:
@@ -86,8 +79,9 @@ def _chunk_sums(x_row, kc, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _exact_float(q):
-    """Codes as float32 (see _biased_float)."""
-    return _biased_float(q) - 8388608.0
+    """Codes (32-bit integers, 0 ≤ q < 2²³) as float32: the float 2²³ + q, whose mantissa holds
+    q, less 2²³; no int→float conversion (a quarter of the arithmetic rate on recent GPUs)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -273,7 +267,8 @@ def block_k(K: int, group_size: int, act_order: bool, preferred: int, chunked: b
     while bk > 32 and not fits(bk):
         bk //= 2
     if not fits(bk):
-        raise ValueError(f"packed kernels need input features and group size divisible by 32 (K={K}, group={group_size})")
+        raise ValueError(f"packed kernels need input features and group size divisible by 32 "
+                         f"(K={K}, group={group_size})")
     return bk
 
 
@@ -288,6 +283,11 @@ class GemvConfig:
     num_warps: int
 
 
+def gemv_warps(block_depth: int) -> int:
+    """Warps for a GEMV tile of 32 outputs by block_depth inputs: one per 256 inputs (1 to 8)."""
+    return max(1, min(8, block_depth // 256))
+
+
 def gemv_config(K: int, group_size: int, act_order: bool) -> GemvConfig:
     """The GEMV's tiling for a layer of K inputs: programs of 32 outputs that each read one deep tile,
     all of K up to 2048 inputs (deeper layers: tiles of 1024, one per K-split), with a warp per
@@ -298,7 +298,7 @@ def gemv_config(K: int, group_size: int, act_order: bool) -> GemvConfig:
     product at 2 and 8 bits (24%, 10%; benchmarks/packed_gemv.py, README: GPU performance);
     neither the width nor the number of outputs changes it."""
     bk = block_k(K, group_size, act_order, 2048 if K <= 2048 else 1024, chunked=True)
-    return GemvConfig(32, bk, K // bk, num_warps=max(1, min(8, bk // 256)))
+    return GemvConfig(32, bk, K // bk, num_warps=gemv_warps(bk))
 
 
 def gemv_locks(N: int, device: torch.device, rows: int, block_n: int) -> torch.Tensor:
@@ -310,20 +310,25 @@ def gemv_locks(N: int, device: torch.device, rows: int, block_n: int) -> torch.T
 
 def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
               g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
-              bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int = 2048,
-              splits: int | None = None, num_warps: int = 8, num_stages: int = 3,
+              bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int | None = None,
+              splits: int | None = None, num_warps: int | None = None, num_stages: int = 3,
               locks: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (M small) times the packed weight: [M, N] in x's dtype. g_idx is None when inputs
     are grouped in order (group = k // group_size), else each input's group (act-order);
     zero_offset is what the checkpoint format subtracted from the stored zero points. Tiles are
     block_n outputs (a power of two, at least 32) by block_depth inputs (or the most that divide
-    K and its groups); without `splits`, one per program along K. With several K-splits, `locks` (gemv_locks, at least cdiv(N, block_n)·M of them) lets the last
-    split of each tile add the partial sums in the same kernel; without, a second kernel does."""
+    K and its groups); without `splits`, one per program along K. Unset depth and warps follow
+    gemv_config. With several K-splits, `locks` (gemv_locks, at least cdiv(N, block_n)·M of
+    them) lets the last split of each tile add the partial sums in the same kernel; without, a
+    second kernel does."""
     M, K = x.shape
     N = qweight.shape[1]
     x = x.contiguous()
     act_order = g_idx is not None
-    bk = block_k(K, group_size, act_order, block_depth, chunked=True)
+    if block_depth is None:
+        bk = gemv_config(K, group_size, act_order).block_depth
+    else:
+        bk = block_k(K, group_size, act_order, block_depth, chunked=True)
     if block_n < 32 or block_n & (block_n - 1):
         raise ValueError(f"gptq_gemv: block_n must be a power of two of at least 32, got {block_n}")
     if splits is None:
@@ -339,9 +344,9 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     fuse_bias = bias is not None and (splits == 1 or last_sums)
     _gemv_kernel[(tiles, M, splits)](
         x, qweight, scales, qzeros, g_idx if act_order else scales, bias if fuse_bias else y, partial, y,
-        locks if last_sums else y, N, K, K // splits, x.stride(0), ONE_BITS, BITS=bits, OFFSET=zero_offset, GS=group_size,
-        ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits, LAST_SUMS=last_sums,
-        num_warps=num_warps, num_stages=num_stages)
+        locks if last_sums else y, N, K, K // splits, x.stride(0), ONE_BITS, BITS=bits, OFFSET=zero_offset,
+        GS=group_size, ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits,
+        LAST_SUMS=last_sums, num_warps=num_warps or gemv_warps(bk), num_stages=num_stages)
     if splits > 1 and not last_sums:
         _sum_splits_kernel[(triton.cdiv(N, 1024), M)](partial, bias if bias is not None else y, y, N, SPLITS=splits,
                                                        HAS_BIAS=bias is not None, BLOCK=1024)
