@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from qrobust.bench import QuantBench, check_device, model_dtype, peak_gib, random_lm, reset_peak, shape_config
 from qrobust.errors import QrobustError
 from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
-from qrobust.models.decode import GraphedForward, GreedyDecoder, fuse_projections, sync
+from qrobust.kernels import kernels_enabled
+from qrobust.models.decode import GraphedForward, GreedyDecoder, fuse_projections, sync, use_attention_kernel
 from qrobust.models.diffusion import SamplerConfig, diffusion_generate
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import QuantLinear, replace_linear
@@ -49,6 +50,10 @@ class GenerateBench:
     compile: bool = False  # torch.compile each step before capturing it
     fuse: bool = False  # q/k/v and gate/up as one layer each (models.decode.fuse_projections)
     tinygemm: bool = True  # AR decoding: 4-bit layers on PyTorch's int4 kernel where it applies (kernels.tinygemm)
+    # the fused SwiGLU layer (fuse) on tinygemm plus a separate activation, rather than on our GEMV,
+    # which applies the activation as it stores
+    tinygemm_swiglu: bool = False
+    attention_kernel: bool = True  # AR decoding: one kernel per layer's attention where kernels run (decode_attention)
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b != FULL_PRECISION and b not in (2, 3, 4, 8)]
@@ -103,7 +108,9 @@ def build_model(bench: GenerateBench, bits: int) -> nn.Module:
     if bench.fuse:
         fuse_projections(model)
     if bench.tinygemm and bench.kind == "ar":  # a GEMV kernel: diffusion steps multiply whole sequences
-        repack_int4(model)
+        repack_int4(model, None if bench.tinygemm_swiglu else lambda name: name.endswith(".swiglu.linear"))
+    if bench.attention_kernel and bench.kind == "ar" and kernels_enabled(bench.device):
+        use_attention_kernel(model)
     return model
 
 
@@ -173,6 +180,7 @@ def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress
         on = model.lm_head.weight.device  # with its index: the layers cached their choice for it
         row["packed_kernels"] = any(m.uses_kernels(on) for m in model.modules() if isinstance(m, QuantLinear))
         row["tinygemm_layers"] = sum(isinstance(m, TinyGemmLinear) for m in model.modules())
+        row["attention_kernel"] = any(b.self_attn.decode_attention is not None for b in model.model.layers)
         if bandwidth and bench.kind == "ar" and "error" not in row:
             row["bandwidth_floor_fraction"] = row["tokens_per_s"] / (bandwidth / weight_bytes)
         results["runs"].append(row)

@@ -389,6 +389,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one layer each (all widths, fp16 too)")
     g.add_argument("--no-tinygemm", action="store_true",
                    help="4-bit layers on qrobust's Triton GEMV instead of PyTorch's int4 tinygemm kernel")
+    g.add_argument("--tinygemm-swiglu", action="store_true",
+                   help="with --fuse, the 4-bit gate/up layer on tinygemm plus an activation kernel instead of "
+                        "qrobust's GEMV, which applies the activation as it stores")
+    g.add_argument("--no-attention-kernel", action="store_true",
+                   help="AR decoding: attention by repeat + mask + SDPA instead of qrobust's decode kernel")
     g.add_argument("--out", default=None, help="JSON file for the measurements")
 
 
@@ -419,7 +424,8 @@ def _bench_generate(args: argparse.Namespace) -> int:
     bench = GenerateBench(shape=args.shape, kind=args.kind, bits=bits, group_size=args.group_size,
                           prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                           layers=args.layers, vocab_size=args.vocab_size, device=args.device, compile=args.compile,
-                          fuse=args.fuse, tinygemm=not args.no_tinygemm)
+                          fuse=args.fuse, tinygemm=not args.no_tinygemm,
+                          tinygemm_swiglu=args.tinygemm_swiglu, attention_kernel=not args.no_attention_kernel)
     results = bench_generate(bench, args.out)
     for line in summary_lines(results):
         print(line)

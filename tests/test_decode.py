@@ -95,8 +95,9 @@ def test_bench_generate_rejects_bad_bits():
 
 @pytest.mark.parametrize("bits", [None, 4, 3])
 def test_fused_projections_give_the_same_logits(bits, monkeypatch):
-    """q/k/v and gate/up fused into one layer each (fp32, or packed at 4 and 3 bits, where the
-    fused layer also runs the packed kernel) leave the logits unchanged and the separate layers gone."""
+    """q/k/v fused into one layer and gate/up into one SwiGLU (fp32, or packed at 4 and 3 bits,
+    where the fused layers also run the packed kernel, SwiGLU's with the activation in it) leave
+    the logits unchanged and the separate layers gone."""
     from qrobust import kernels
     from qrobust.models.decode import fuse_projections
 
@@ -120,6 +121,11 @@ def test_fused_projections_give_the_same_logits(bits, monkeypatch):
             qkv = block.self_attn.qkv_proj
             torch.testing.assert_close(qkv(x), x @ qkv.dequantized_weight().t(), rtol=1e-4, atol=1e-4)
             assert qkv.uses_kernels(x.device)
+            swiglu = block.mlp.swiglu
+            h = x @ swiglu.linear.dequantized_weight().t()
+            torch.testing.assert_close(swiglu(x), torch.nn.functional.silu(h[:, 0::2]) * h[:, 1::2], rtol=1e-4,
+                                       atol=1e-4)
+            assert swiglu.linear.uses_kernels(x.device)
 
 
 def test_layers_of_different_widths_are_not_fused():
@@ -131,3 +137,32 @@ def test_layers_of_different_widths_are_not_fused():
     b = QuantLinear.from_result(rtn(w, QuantSpec(2, 32)), None, torch.float32)
     assert concat_linears([a, b]) is None
     assert concat_linears([a, torch.nn.Linear(64, 32)]) is None
+
+
+def test_greedy_token_is_argmax_with_first_index_on_ties():
+    from qrobust.models.decode import greedy_token
+
+    logits = torch.randn(3, 2500)
+    logits[1, 7] = logits[1, 2100] = 99.0  # a tie across chunks: the first wins
+    logits[2, 2499] = 99.0  # in the padded last chunk
+    assert greedy_token(logits, chunk=1024).squeeze(1).tolist() == [int(logits[0].argmax()), 7, 2499]
+    assert torch.equal(greedy_token(logits, chunk=1000), logits.argmax(-1, keepdim=True))
+
+
+def test_attention_kernel_decodes_the_same_tokens(monkeypatch):
+    """Greedy decoding with each layer's attention on the decode kernel gives the tokens of the torch path."""
+    from qrobust import kernels
+    from qrobust.models.decode import use_attention_kernel
+
+    if not kernels.supports(DEVICE):
+        pytest.skip("Triton cannot run here")
+    model = _model()
+    prompt = torch.tensor([5, 17, 3, 44, 8])
+    expected = GreedyDecoder(model, max_len=20).generate(prompt, 10).tokens
+    assert use_attention_kernel(model) == 2
+    assert model.model.layers[0].self_attn.decode_attention is not None
+    assert GreedyDecoder(model, max_len=20).generate(prompt, 10).tokens.tolist() == expected.tolist()
+    use_attention_kernel(model, on=False)
+    assert model.model.layers[1].self_attn.decode_attention is None
+    model.config.head_dim = 24  # not a power of two: the kernel cannot take it
+    assert use_attention_kernel(model) == 0 and model.model.layers[0].self_attn.decode_attention is None

@@ -37,8 +37,8 @@ def test_gptq_block_kernel_matches_torch_loop(bits, group_size, sym, act_order):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-6)
 
 
-def _layer(bits, group_size, sym, shuffled, bias=True, N=96, K=256):
-    g = torch.Generator().manual_seed(bits * 100 + K)
+def _layer(bits, group_size, sym, shuffled, bias=True, N=96, K=256, seed=0):
+    g = torch.Generator().manual_seed(bits * 100 + K + seed)
     result = rtn(torch.randn(N, K, generator=g), QuantSpec(bits, group_size, sym))
     if shuffled:  # act-order checkpoints: each input's group is arbitrary
         perm = torch.randperm(K, generator=g)
@@ -84,6 +84,28 @@ def test_gemv_tiles_may_cut_groups_of_whole_chunks():
     ref = x @ layer.dequantized_weight().t() + layer.bias
     for tiling in ({"splits": 3, "block_depth": 128}, {}):
         torch.testing.assert_close(gptq_gemv(x, *args, bias=layer.bias, **tiling), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_gemv_applies_swiglu_to_interleaved_gate_and_up(bits):
+    """A gate and an up layer interleaved into one: the GEMV's silu(gate)·up output equals torch's
+    on the separate layers, in one split, with the last split adding up, and with a second kernel;
+    a layer on the torch path (CPU default) gives the same through forward_swiglu."""
+    from qrobust.kernels.gptq_matmul import gemv_locks, gptq_gemv
+
+    gate, up = _layer(bits, 64, False, False, N=64), _layer(bits, 64, False, False, N=64, seed=1)
+    fused = QuantLinear.concat([gate, up], interleave=True)
+    assert torch.equal(fused.dequantized_weight()[1::2], up.dequantized_weight())
+    x = torch.randn(2, 256, device=DEVICE)
+    expected = torch.nn.functional.silu(gate(x)) * up(x)
+    torch.testing.assert_close(fused.forward_swiglu(x), expected, rtol=1e-5, atol=1e-5)
+    args = (fused.qweight, fused.scales, fused.qzeros, None, bits, 64, FORMAT_OFFSET[fused.format])
+    locks = gemv_locks(fused.out_features, x.device, rows=2, block_n=32)
+    for splits, lock in ((1, None), (2, locks), (4, None)):
+        y = gptq_gemv(x, *args, bias=fused.bias, splits=splits, block_depth=256 // splits, locks=lock, swiglu=True)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="pairs"):
+        gptq_gemv(x, fused.qweight[:, :-1], *args[1:], swiglu=True)
 
 
 @pytest.mark.parametrize("bits,group_size,sym,shuffled", CASES)
@@ -205,5 +227,41 @@ def test_products_are_custom_ops_that_torch_compile_can_trace():
     locks = gemv_locks(layer.out_features, x.device, rows=2, block_n=32)
     gemv_args = (x, *packed, layer.bias, locks, 4, 64, FORMAT_OFFSET[layer.format], 32, 64, 2, 4)
     torch.library.opcheck(gemv_op, gemv_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(gemv_op, gemv_args + (True,), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(dequantize_op, (*packed, 4, 64, FORMAT_OFFSET[layer.format], layer.in_features, torch.float32),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("heads,kv_heads,position", [(4, 2, 0), (6, 2, 37), (4, 4, 63), (8, 2, 40)])
+def test_decode_attention_matches_masked_sdpa(heads, kv_heads, position):
+    """One token's grouped-query attention over the cache up to its position equals SDPA over the
+    repeated keys with the positions past it masked (stale cache entries beyond are ignored): in
+    one program per KV head, and split along the cache (splits past the position hold nothing),
+    over several key blocks and a partial last one, three query heads per KV head padded to four."""
+    from qrobust.kernels.decode_attention import attention_splits, decode_attention, decode_attention_op
+
+    g = torch.Generator().manual_seed(position)
+    B, L, D = 2, 64, 16
+    q = torch.randn(B, heads, 1, D, generator=g).to(DEVICE)
+    k, v = (torch.randn(B, kv_heads, L, D, generator=g).to(DEVICE) for _ in range(2))
+    pos = torch.tensor([position], device=DEVICE)
+    rep = heads // kv_heads
+    mask = (torch.arange(L, device=DEVICE) <= position)[None, None, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                           attn_mask=mask)
+    locks = torch.zeros(B * kv_heads, dtype=torch.int32, device=DEVICE)
+    for splits, lock in ((1, None), (4, locks), (2, locks)):  # 2 splits: position 0 … 31 in the first alone
+        out = decode_attention(q, k, v, pos, lock, block_l=16, splits=splits)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert not locks.any()
+    assert attention_splits(160, 64) == (1, 256) and attention_splits(4096, 64) == (16, 256)
+    assert attention_splits(64, 4) == (4, 16)
+    torch.testing.assert_close(decode_attention_op(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, pos, locks),
+                               ref, rtol=1e-4, atol=1e-4)  # a non-contiguous q, as the model passes it
+    half = decode_attention(q.half(), k.half(), v.half(), pos, locks, block_l=16, splits=2)
+    torch.testing.assert_close(half.float(), ref, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_attention(q.expand(B, heads, 2, D), k, v, pos)
+    with pytest.raises(ValueError, match="locks"):
+        decode_attention(q, k, v, pos, splits=2)
+    torch.library.opcheck(decode_attention_op, (q, k, v, pos, locks), test_utils=("test_schema", "test_faketensor"))

@@ -115,34 +115,52 @@ def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BL
 
 
 @triton.jit
-def _add_splits(p_ptr, b_ptr, y_ptr, m, M, n, nmask, N, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                SPLITS: tl.constexpr):
+def _store_row(y_ptr, m, n0, values, N, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row m's outputs n0 … n0 + BLOCK_N − 1 into y [M, N]; with SWIGLU, outputs interleaved as
+    (gate, up) pairs go in as silu(gate)·up, into y [M, N/2]."""
+    if SWIGLU:
+        gate, up = tl.split(tl.reshape(values, (BLOCK_N // 2, 2)))
+        i = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+        out = gate * tl.sigmoid(gate) * up
+        tl.store(y_ptr + m * (N // 2) + i, out.to(y_ptr.dtype.element_ty), mask=i < N // 2)
+    else:
+        n = n0 + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + m * N + n, values.to(y_ptr.dtype.element_ty), mask=n < N)
+
+
+@triton.jit
+def _add_splits(p_ptr, b_ptr, y_ptr, m, M, n0, N, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLITS: tl.constexpr, SWIGLU: tl.constexpr):
     """y[m, n] = the K-splits' partial sums p[·, m, n] added up (and the bias). p is read past L1
     (.cg): other programs wrote it."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    nmask = n < N
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for split in tl.static_range(SPLITS):
         total += tl.load(p_ptr + (split * M + m) * N + n, mask=nmask, other=0.0, cache_modifier=".cg")
     if HAS_BIAS:
         total += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * N + n, total.to(y_ptr.dtype.element_ty), mask=nmask)
+    _store_row(y_ptr, m, n0, total, N, SWIGLU, BLOCK_N)
 
 
 @triton.jit
-def _store_gemv(acc, b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n, nmask, N, HAS_BIAS: tl.constexpr,
-                BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, LAST_SUMS: tl.constexpr):
+def _store_gemv(acc, b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n0, N, HAS_BIAS: tl.constexpr,
+                BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr):
     """Row m's sums `acc` over one K-split into y, or into the partial sums p (see _gemv_kernel)."""
     M = tl.num_programs(1)
+    n = n0 + tl.arange(0, BLOCK_N)
+    nmask = n < N
     if SPLITS == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * N + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+        _store_row(y_ptr, m, n0, acc, N, SWIGLU, BLOCK_N)
     else:
         tl.store(p_ptr + (split * M + m) * N + n, acc, mask=nmask)
         if LAST_SUMS:
             tl.debug_barrier()  # every thread's partial is written before the arrival is counted
             lock = lock_ptr + tl.program_id(0) * M + m
             if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
-                _add_splits(p_ptr, b_ptr, y_ptr, m, M, n, nmask, N, HAS_BIAS, BLOCK_N, SPLITS)
+                _add_splits(p_ptr, b_ptr, y_ptr, m, M, n0, N, HAS_BIAS, BLOCK_N, SPLITS, SWIGLU)
                 tl.atomic_xchg(lock, 0)
 
 
@@ -150,11 +168,11 @@ def _store_gemv(acc, b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n, nmask, N, HAS_B
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, N, K, k_split, stride_x, one,
                  BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                 LAST_SUMS: tl.constexpr):
+                 LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr):
     """Outputs n of row m over inputs [split·k_split, (split+1)·k_split). One split writes y [M, N];
     several write float32 partial sums p [splits, M, N], which with LAST_SUMS the split that
     finishes last for a tile adds up into y (counting arrivals in lock, which it resets to zero),
-    and otherwise a second kernel adds up.
+    and otherwise a second kernel adds up. SWIGLU: see _store_row.
 
     The weights are read as chunks of 32 inputs (b words each), so that every code's word and
     shift are compile-time constants, with no reshapes (which Triton turns into shared-memory
@@ -163,7 +181,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
     the offset and zero point come off per chunk, as (2ᵇ + z)·Σx (act-order layers, whose codes
     each have their own group, take them off per code). README: GPU performance."""
     m, split = tl.program_id(1), tl.program_id(2)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(0) * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
     nmask = n < N
     KC: tl.constexpr = BLOCK_K // 32
     TOP: tl.constexpr = 23 - BITS  # where _unit_float reads a code
@@ -201,14 +220,15 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
             s = tl.load(s_ptr + g * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
             z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET) + SCALE
             acc += s * (part * SCALE - z * _chunk_sums(x_ptr + m * stride_x, kc, BLOCK_N))
-    _store_gemv(tl.sum(acc, axis=0), b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n, nmask, N, HAS_BIAS, BLOCK_N,
-                SPLITS, LAST_SUMS)
+    _store_gemv(tl.sum(acc, axis=0), b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n0, N, HAS_BIAS, BLOCK_N,
+                SPLITS, LAST_SUMS, SWIGLU)
 
 
 @triton.jit
-def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    _add_splits(p_ptr, b_ptr, y_ptr, tl.program_id(1), tl.num_programs(1), n, n < N, N, HAS_BIAS, BLOCK, SPLITS)
+def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                       SWIGLU: tl.constexpr):
+    _add_splits(p_ptr, b_ptr, y_ptr, tl.program_id(1), tl.num_programs(1), tl.program_id(0) * BLOCK, N, HAS_BIAS,
+                BLOCK, SPLITS, SWIGLU)
 
 
 @triton.jit
@@ -312,7 +332,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
               g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
               bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int | None = None,
               splits: int | None = None, num_warps: int | None = None, num_stages: int = 3,
-              locks: torch.Tensor | None = None) -> torch.Tensor:
+              locks: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """x [M, K] (M small) times the packed weight: [M, N] in x's dtype. g_idx is None when inputs
     are grouped in order (group = k // group_size), else each input's group (act-order);
     zero_offset is what the checkpoint format subtracted from the stored zero points. Tiles are
@@ -320,7 +340,8 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     K and its groups); without `splits`, one per program along K. Unset depth and warps follow
     gemv_config. With several K-splits, `locks` (gemv_locks, at least cdiv(N, block_n)·M of
     them) lets the last split of each tile add the partial sums in the same kernel; without, a
-    second kernel does."""
+    second kernel does. With `swiglu`, the weight's outputs interleave gate and up (g₀, u₀, g₁,
+    u₁, …) and the result is silu(gate)·up [M, N/2], applied as the kernel stores it."""
     M, K = x.shape
     N = qweight.shape[1]
     x = x.contiguous()
@@ -331,6 +352,8 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
         bk = block_k(K, group_size, act_order, block_depth, chunked=True)
     if block_n < 32 or block_n & (block_n - 1):
         raise ValueError(f"gptq_gemv: block_n must be a power of two of at least 32, got {block_n}")
+    if swiglu and N % 2:
+        raise ValueError(f"gptq_gemv: swiglu needs (gate, up) output pairs, got {N} outputs")
     if splits is None:
         splits = K // bk
     if K % (splits * bk):
@@ -339,17 +362,17 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     last_sums = splits > 1 and locks is not None
     if last_sums and locks.numel() < tiles * M:
         raise ValueError(f"gptq_gemv needs {tiles * M} locks for {M} rows, got {locks.numel()}")
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    y = torch.empty(M, N // 2 if swiglu else N, device=x.device, dtype=x.dtype)
     partial = y if splits == 1 else torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
     fuse_bias = bias is not None and (splits == 1 or last_sums)
     _gemv_kernel[(tiles, M, splits)](
         x, qweight, scales, qzeros, g_idx if act_order else scales, bias if fuse_bias else y, partial, y,
         locks if last_sums else y, N, K, K // splits, x.stride(0), ONE_BITS, BITS=bits, OFFSET=zero_offset,
         GS=group_size, ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits,
-        LAST_SUMS=last_sums, num_warps=num_warps or gemv_warps(bk), num_stages=num_stages)
+        LAST_SUMS=last_sums, SWIGLU=swiglu, num_warps=num_warps or gemv_warps(bk), num_stages=num_stages)
     if splits > 1 and not last_sums:
         _sum_splits_kernel[(triton.cdiv(N, 1024), M)](partial, bias if bias is not None else y, y, N, SPLITS=splits,
-                                                       HAS_BIAS=bias is not None, BLOCK=1024)
+                                                       HAS_BIAS=bias is not None, BLOCK=1024, SWIGLU=swiglu)
     return y
 
 
@@ -395,16 +418,16 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
 def gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
             g_idx: torch.Tensor | None, bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int,
             group_size: int, zero_offset: int, block_n: int, block_depth: int, splits: int,
-            num_warps: int) -> torch.Tensor:
+            num_warps: int, swiglu: bool = False) -> torch.Tensor:
     """gptq_gemv. `locks` is not listed as mutated: every call leaves it as it found it."""
     return gptq_gemv(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias=bias, block_n=block_n,
-                     block_depth=block_depth, splits=splits, num_warps=num_warps, locks=locks)
+                     block_depth=block_depth, splits=splits, num_warps=num_warps, locks=locks, swiglu=swiglu)
 
 
 @gemv_op.register_fake
 def _(x, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_offset, block_n, block_depth, splits,
-      num_warps):
-    return x.new_empty(x.shape[0], qweight.shape[1])
+      num_warps, swiglu=False):
+    return x.new_empty(x.shape[0], qweight.shape[1] // 2 if swiglu else qweight.shape[1])
 
 
 @torch.library.custom_op("qrobust::gptq_dequantize", mutates_args=())

@@ -11,6 +11,7 @@ so a repacked model is not saved (as with models.decode.fuse_projections).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,12 +99,12 @@ class TinyGemmLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, group_size={self.group_size}"
 
 
-def repack_int4(model: nn.Module) -> int:
-    """For inference: every 4-bit QuantLinear that tinygemm can run becomes a TinyGemmLinear.
-    Returns how many were repacked."""
+def repack_int4(model: nn.Module, exclude: Callable[[str], bool] | None = None) -> int:
+    """For inference: every 4-bit QuantLinear that tinygemm can run becomes a TinyGemmLinear, but
+    those whose names `exclude` picks. Returns how many were repacked."""
     from qrobust.quant.qlinear import set_module
 
-    names = [n for n, m in model.named_modules() if applies(m)]
+    names = [n for n, m in model.named_modules() if applies(m) and not (exclude and exclude(n))]
     for name in names:
         set_module(model, name, TinyGemmLinear.from_quant_linear(model.get_submodule(name)))
     return len(names)

@@ -4,8 +4,10 @@ At batch 1 a 1.7B model's step is a few milliseconds of memory traffic, and laun
 hundreds of small kernels one by one from Python costs as much again. So both kinds replay a
 captured CUDA graph: the AR decoder one decoding step over a static KV cache (greedy: the
 argmax and the position update are inside the graph), the diffusion sampler one full-sequence
-forward; optionally torch.compile fuses the small kernels inside the graph first. On CPU the
-same code runs eagerly, which is how it is tested.
+forward; optionally torch.compile fuses the small kernels inside the graph first. Inference-only
+rewrites cut the kernels per layer further: fused q/k/v and SwiGLU layers (fuse_projections)
+and one attention kernel per layer (use_attention_kernel). On CPU the same code runs eagerly,
+which is how it is tested.
 """
 from __future__ import annotations
 
@@ -14,35 +16,58 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qrobust.models.transformer import TransformerLM
 
 
-def concat_linears(layers: list[nn.Module]) -> nn.Module | None:
-    """One layer for several that read the same input (outputs side by side), or None."""
+def concat_linears(layers: list[nn.Module], interleave: bool = False) -> nn.Module | None:
+    """One layer for several that read the same input (outputs side by side, or alternating with
+    `interleave`), or None where they cannot be joined."""
     from qrobust.quant.qlinear import QuantLinear  # the quant package builds on models
 
     if all(isinstance(m, QuantLinear) for m in layers):
-        return QuantLinear.concat(layers)
+        return QuantLinear.concat(layers, interleave)
     if not all(type(m) is nn.Linear for m in layers) or len({m.in_features for m in layers}) > 1 \
-            or len({m.bias is None for m in layers}) > 1:
+            or len({m.bias is None for m in layers}) > 1 or (interleave and len({m.out_features for m in layers}) > 1):
         return None
     first = layers[0]
     out = nn.Linear(first.in_features, sum(m.out_features for m in layers), bias=first.bias is not None,
                     device=first.weight.device, dtype=first.weight.dtype)
+
+    def join(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(tensors, dim=1).flatten(0, 1) if interleave else torch.cat(tensors)
+
     with torch.no_grad():
-        out.weight.copy_(torch.cat([m.weight for m in layers]))
+        out.weight.copy_(join([m.weight for m in layers]))
         if first.bias is not None:
-            out.bias.copy_(torch.cat([m.bias for m in layers]))
+            out.bias.copy_(join([m.bias for m in layers]))
     return out
 
 
+class SwiGLU(nn.Module):
+    """silu(gate(x))·up(x) through one layer whose outputs interleave gate and up (g₀, u₀, g₁, u₁,
+    …): a packed layer on the GEMV applies the activation as it stores its outputs, so decoding
+    runs no separate activation kernel and writes no [2·I] intermediate."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from qrobust.quant.qlinear import QuantLinear, interleaved_swiglu
+
+        if isinstance(self.linear, QuantLinear):
+            return self.linear.forward_swiglu(x)
+        return interleaved_swiglu(self.linear(x))
+
+
 def fuse_projections(model: TransformerLM) -> int:
-    """For inference: q/k/v and gate/up become one layer each wherever their kinds and specs
-    match, so a block launches four products instead of seven. The separate layers are removed (so
-    memory is not doubled), which changes the state dict: fuse only models you will not save.
-    Returns how many groups were fused."""
+    """For inference: q/k/v become one layer, and gate/up one SwiGLU, wherever their kinds and
+    specs match, so a block launches four products instead of seven. The separate layers are
+    removed (so memory is not doubled), which changes the state dict: fuse only models you will
+    not save. Returns how many groups were fused."""
     fused = 0
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
@@ -51,12 +76,39 @@ def fuse_projections(model: TransformerLM) -> int:
             attn.qkv_proj = qkv
             del attn.q_proj, attn.k_proj, attn.v_proj
             fused += 1
-        gate_up = None if mlp.gate_up_proj is not None else concat_linears([mlp.gate_proj, mlp.up_proj])
+        gate_up = None if mlp.swiglu is not None else concat_linears([mlp.gate_proj, mlp.up_proj], interleave=True)
         if gate_up is not None:
-            mlp.gate_up_proj = gate_up
+            mlp.swiglu = SwiGLU(gate_up)
             del mlp.gate_proj, mlp.up_proj
             fused += 1
     return fused
+
+
+def use_attention_kernel(model: TransformerLM, on: bool = True) -> int:
+    """For inference: each attention layer computes a single new token's attention over its cache
+    with one kernel (kernels.decode_attention) instead of repeating the grouped keys, building a
+    mask and running SDPA over the whole static cache; on=False goes back. The kernel runs where
+    Triton does (kernels.supports) and needs a power-of-two head size: otherwise nothing changes.
+    Returns how many layers changed."""
+    from qrobust.kernels.decode_attention import decode_attention_op
+
+    if model.config.head_dim & (model.config.head_dim - 1):
+        return 0
+    for block in model.model.layers:
+        block.self_attn.decode_attention = decode_attention_op if on else None
+    return len(model.model.layers)
+
+
+def greedy_token(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """argmax over the last dimension of logits [B, V] as [B, 1], in two passes (each chunk's
+    maximum, then the best chunk), the first maximum on ties as torch.argmax: one pass over a
+    150k vocabulary is one program's work, a two-pass one spreads it over the GPU."""
+    B, V = logits.shape
+    chunks = -(-V // chunk)
+    padded = F.pad(logits, (0, chunks * chunk - V), value=float("-inf")).view(B, chunks, chunk)
+    values, within = padded.max(-1)
+    best = values.argmax(-1, keepdim=True)
+    return best * chunk + within.gather(-1, best)
 
 
 def sync(device: torch.device) -> None:
@@ -128,7 +180,7 @@ class GreedyDecoder:
     def _eager_step(self) -> torch.Tensor:
         """Feed self.token at self.position; leave the next token and position in place."""
         logits = self.model.forward_cached(self.token, self.caches)
-        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.token.copy_(greedy_token(logits[:, -1]))
         self.position.add_(1)
         return self.token
 
@@ -144,7 +196,7 @@ class GreedyDecoder:
         self._use_positions(torch.arange(P, device=self.device))
         logits = self.model.forward_cached(prompt.to(self.device)[None], self.caches)
         self._use_positions(self.position)
-        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.token.copy_(greedy_token(logits[:, -1]))
         self.position.fill_(P)
         out[0] = self.token[0, 0]
         sync(self.device)

@@ -7,6 +7,7 @@ LLaDA, whose parameter names match CoDA's checkpoints. The two differ only in th
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -89,6 +90,8 @@ class KVCache:
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         self.k, self.v, self.positions = k, v, positions
+        # arrival counters for a decode-attention kernel that splits the cache (kernels.decode_attention)
+        self.locks = torch.zeros(k.shape[0] * k.shape[1], dtype=torch.int32, device=k.device)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k.index_copy_(2, self.positions, k)
@@ -109,6 +112,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.qkv_proj: nn.Module | None = None  # q/k/v as one layer, for inference (models.decode)
+        # one new token's attention over the cache, as one kernel (models.decode.use_attention_kernel)
+        self.decode_attention: Callable[..., torch.Tensor] | None = None
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is None:
@@ -127,6 +132,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
+            if T == 1 and self.decode_attention is not None:
+                y = self.decode_attention(q, k, v, cache.positions, cache.locks)
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         rep = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # mask None: no padding, so the plain causal (or full) pattern, which fused kernels handle
@@ -140,14 +148,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # gate and up as one layer, for inference
+        self.swiglu: nn.Module | None = None  # silu(gate)·up from one fused layer, for inference (models.decode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        if self.swiglu is not None:
+            return self.down_proj(self.swiglu(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):

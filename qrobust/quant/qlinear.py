@@ -62,21 +62,27 @@ class QuantLinear(nn.Module):
         return layer
 
     @classmethod
-    def concat(cls, layers: list["QuantLinear"]) -> "QuantLinear | None":
+    def concat(cls, layers: list["QuantLinear"], interleave: bool = False) -> "QuantLinear | None":
         """One layer computing the given layers' outputs side by side (they read the same input),
-        or None where their specs, formats or input groupings differ. Packed codes, scales and
-        zero points concatenate along the outputs as they are stored, which needs each layer's
-        outputs to fill whole words of packed zero points."""
+        or, with `interleave`, alternating (a₀, b₀, a₁, b₁, … for equally wide layers); None where
+        their specs, formats, input groupings or (interleaved) widths differ. Packed codes and
+        scales are joined along the outputs as stored; zero points are unpacked and packed again."""
         first = layers[0]
         same = all(m.spec == first.spec and m.format == first.format and m.in_features == first.in_features
                    and (m.bias is None) == (first.bias is None) and torch.equal(m.g_idx, first.g_idx)
-                   for m in layers[1:])
-        if not same or any(m.out_features * first.spec.bits % 32 for m in layers):
+                   and (not interleave or m.out_features == first.out_features) for m in layers[1:])
+        bits, N = first.spec.bits, sum(m.out_features for m in layers)
+        if not same or N * bits % 32:
             return None
-        out = cls(first.in_features, sum(m.out_features for m in layers), first.spec, first.bias is not None,
+        out = cls(first.in_features, N, first.spec, first.bias is not None,
                   first.scales.dtype if first.bias is None else first.bias.dtype, first.qweight.device)
-        for name in ("qweight", "qzeros", "scales") + (("bias",) if first.bias is not None else ()):
-            getattr(out, name).copy_(torch.cat([getattr(m, name) for m in layers], dim=-1))
+
+        def join(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(tensors, dim=-1).flatten(-2) if interleave else torch.cat(tensors, dim=-1)
+
+        for name in ("qweight", "scales") + (("bias",) if first.bias is not None else ()):
+            getattr(out, name).copy_(join([getattr(m, name) for m in layers]))
+        out.qzeros.copy_(pack_qzeros(join([unpack_qzeros(m.qzeros, bits, m.out_features) for m in layers]), bits))
         out.g_idx.copy_(first.g_idx)
         return out
 
@@ -118,7 +124,7 @@ class QuantLinear(nn.Module):
         self._kernel_args = (device, None if in_order else self.g_idx, gs, config, locks)
         return True
 
-    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         from qrobust.kernels.gptq_matmul import dequantize_op, gemv_op
 
         _, g_idx, gs, c, locks = self._kernel_args
@@ -127,11 +133,12 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] <= GEMV_MAX_ROWS:
-            y = gemv_op(rows, *packed, bias, locks, *quant, c.block_n, c.block_depth, c.splits, c.num_warps)
+            y = gemv_op(rows, *packed, bias, locks, *quant, c.block_n, c.block_depth, c.splits, c.num_warps, swiglu)
         else:
             w = dequantize_op(*packed, *quant, self.in_features, x.dtype)
             y = rows @ w if bias is None else torch.addmm(bias, rows, w)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = interleaved_swiglu(y) if swiglu else y
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_kernels(x.device):
@@ -140,9 +147,19 @@ class QuantLinear(nn.Module):
             self._weight = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
         return F.linear(x, self._weight, None if self.bias is None else self.bias.to(x.dtype))
 
+    def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate)·up of a layer whose outputs interleave gate and up (concat with interleave):
+        on the GEMV, the activation is applied as the kernel stores the outputs."""
+        return self._packed_forward(x, swiglu=True) if self.uses_kernels(x.device) else interleaved_swiglu(self(x))
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.spec.bits}, "
                 f"group_size={self.spec.group_size}, sym={self.spec.sym}")
+
+
+def interleaved_swiglu(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate)·up of outputs interleaved as (gate, up) pairs: [..., 2·I] → [..., I]."""
+    return F.silu(y[..., 0::2]) * y[..., 1::2]
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,0 +1,72 @@
+"""One decoding step's attention at Qwen3-1.7B's shape (16 query heads, 8 KV heads of 128, batch
+1, fp16), each call replayed in a CUDA graph as decoding runs it: the torch path the model takes
+without the kernel (keys and values repeated per query head, a mask over the static cache,
+SDPA) against qrobust's decode_attention kernel at the given key-block sizes, in one program per
+KV head and split along the cache (its default), per static cache length and position. Prints
+µs per call and the speed-up over the torch path.
+
+    python benchmarks/decode_attention.py [--cache 160,4096] [--block-l 32,64,128] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+from packed_gemv import graph_us
+
+from qrobust.kernels.decode_attention import attention_splits, decode_attention
+
+HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
+
+
+def torch_path(q, k, v, position: torch.Tensor):
+    """What models.transformer.Attention computes for one token without the kernel."""
+    mask = (torch.arange(k.shape[2], device=k.device)[None, :] <= position[:, None])[None, None]
+    rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", default="160,4096", help="static cache lengths")
+    p.add_argument("--block-l", default="32,64,128")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_attention.py: needs a CUDA device")
+    device = torch.device("cuda")
+    rows = []
+    for L in (int(c) for c in args.cache.split(",")):
+        g = torch.Generator(device).manual_seed(L)
+        q = torch.randn(1, HEADS, 1, HEAD_DIM, device=device, dtype=torch.float16, generator=g)
+        k, v = (torch.randn(1, KV_HEADS, L, HEAD_DIM, device=device, dtype=torch.float16, generator=g)
+                for _ in range(2))
+        for position in sorted({31, L // 2, L - 1}):
+            pos = torch.tensor([position], device=device)
+            ref = torch_path(q, k, v, pos)
+            base = graph_us([lambda: torch_path(q, k, v, pos)], device)
+            row = {"cache": L, "position": position, "torch_us": base, "kernel": []}
+            locks = torch.zeros(KV_HEADS, dtype=torch.int32, device=device)
+            for block_l, splits in itertools.product((int(b) for b in args.block_l.split(",")), ("one", "default")):
+                n = 1 if splits == "one" else attention_splits(L, block_l)[0]
+
+                def call(b=block_l, n=n):
+                    return decode_attention(q, k, v, pos, locks, block_l=b, splits=n)
+
+                err = float((call().float() - ref.float()).abs().max())
+                us = graph_us([call], device)
+                row["kernel"].append({"block_l": block_l, "splits": n, "us": us, "max_abs_err": err,
+                                      "speedup": base / us})
+                print(f"cache {L:5d} position {position:5d}: torch {base:6.2f} µs, kernel (block {block_l:3d}, "
+                      f"{n:2d} splits) {us:6.2f} µs, {base / us:5.2f}x, max error {err:.1e}", flush=True)
+            rows.append(row)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
