@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
-#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|fused|diffusion]
-# quantize, peak, peer, generate, compiled, marlin, profile, diffusion and fused's last command ran on
-# older code (README says which);
+#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|diffusion]
+# quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, diffusion, profile's first command and
+# fused's last two ran on older code (README says which);
 # peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
@@ -40,15 +40,25 @@ case ${1:-quantize} in
       --out "$OUT/packed_gemv_marlin_qwen3-1.7b_h100.json" ;;
   rows)      # 160 rows: dequantize-then-matmul against the fused dequantize-and-matmul kernel
     python3 benchmarks/packed_gemv.py --bits 4,2,3,8 --rows 160 --out "$OUT/packed_gemv_rows_qwen3-1.7b_h100.json" ;;
-  profile)   # kernel time of one compiled decoding step by kind
-    python3 benchmarks/profile_decode.py --bits 4,16 --compile --out "$OUT/profile_decode_compiled_qwen3-1.7b_h100.json" ;;
-  fused)     # q/k/v and gate/up fused, compiled; 4 bits on tinygemm (and fp16, 4, 2 bits again), then on our GEMV
+  profile)   # kernel time of one compiled decoding step by kind: unfused (older code), then fused
+    python3 benchmarks/profile_decode.py --bits 4,16 --compile --out "$OUT/profile_decode_compiled_qwen3-1.7b_h100.json"
+    python3 benchmarks/profile_decode.py --bits 2,16 --compile --fuse \
+      --out "$OUT/profile_decode_fused_compiled_qwen3-1.7b_h100.json" ;;
+  attention) # the decode-attention kernel against the torch path, short and long caches
+    python3 benchmarks/decode_attention.py --cache 160,4096 --block-l 64 --out "$OUT/decode_attention_qwen3-1.7b_h100.json" ;;
+  fused)     # q/k/v fused, gate/up one SwiGLU layer, compiled; 4 bits on tinygemm (and fp16, 4, 3 bits again);
+             # the torch attention path; then 4 bits on our GEMV (older code); the SwiGLU layer on tinygemm
+             # (an intermediate state, see README)
     timeout 300 $g --kind ar --compile --fuse --bits 16,4,2,3,8 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_qwen3-1.7b_h100.json"
-    timeout 250 $g --kind ar --compile --fuse --bits 16,4,2 --repeats 3 \
+    timeout 170 $g --kind ar --compile --fuse --bits 16,4,3 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_rerun_qwen3-1.7b_h100.json"
+    timeout 130 $g --kind ar --compile --fuse --no-attention-kernel --bits 16,2 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_sdpa_qwen3-1.7b_h100.json"
     timeout 300 $g --kind ar --compile --fuse --no-tinygemm --bits 16,4,2,3,8 --repeats 3 \
-      --out "$OUT/bench_generate_ar_fused_compiled_triton4_qwen3-1.7b_h100.json" ;;
+      --out "$OUT/bench_generate_ar_fused_compiled_triton4_qwen3-1.7b_h100.json"
+    timeout 80 $g --kind ar --compile --fuse --tinygemm-swiglu --bits 4 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_tinygemm_swiglu_intermediate_qwen3-1.7b_h100.json" ;;
   diffusion) # denoising steps, fused and compiled
     timeout 220 $g --kind diffusion --compile --fuse --bits 16,4,3,8 --repeats 3 --new-tokens 64 \
       --out "$OUT/bench_generate_diffusion_fused_compiled_qwen3-1.7b_h100.json" ;;

@@ -3,7 +3,8 @@
 Each bit width gets a fresh random-weight model at a real shape, quantized round-to-nearest
 (speed does not depend on how the codes were chosen) into packed QuantLinear layers, which on
 CUDA run qrobust's Triton kernels (at 4 bits PyTorch's int4 tinygemm kernel, unless
-tinygemm=False). Decoding replays CUDA graphs (qrobust.models.decode), so the
+tinygemm=False, but for the fused SwiGLU layer); AR decoding's attention runs qrobust's decode
+kernel where kernels run. Decoding replays CUDA graphs (qrobust.models.decode), so the
 numbers measure the kernels and the memory traffic rather than Python's launch overhead. The
 fraction of the bandwidth floor divides tokens/s by what streaming every weight byte once per
 token at the copy bandwidth measured in the same run would allow.
@@ -48,7 +49,7 @@ class GenerateBench:
     device: str = "cuda"
     seed: int = 0
     compile: bool = False  # torch.compile each step before capturing it
-    fuse: bool = False  # q/k/v and gate/up as one layer each (models.decode.fuse_projections)
+    fuse: bool = False  # q/k/v as one layer, gate/up as one SwiGLU layer (models.decode.fuse_projections)
     tinygemm: bool = True  # AR decoding: 4-bit layers on PyTorch's int4 kernel where it applies (kernels.tinygemm)
     # the fused SwiGLU layer (fuse) on tinygemm plus a separate activation, rather than on our GEMV,
     # which applies the activation as it stores
