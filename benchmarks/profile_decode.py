@@ -33,7 +33,7 @@ def kind_of(name: str) -> str:
 
 def profile_step(bench: GenerateBench, bits: int, steps: int) -> dict:
     model = build_model(bench, bits)
-    device = model.lm_head.weight.device
+    device = model.device
     decoder = GreedyDecoder(model, bench.prompt_len + steps + 8, graphs=False)
     step = fused(decoder._eager_step, bench.compile)
     with torch.no_grad():

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from qrobust.bench import QuantBench, check_device, model_dtype, peak_gib, random_lm, reset_peak, shape_config
 from qrobust.errors import QrobustError
-from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
 from qrobust.kernels import kernels_enabled
+from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
 from qrobust.models.decode import GraphedForward, GreedyDecoder, fuse_projections, sync, use_attention_kernel
 from qrobust.models.diffusion import SamplerConfig, diffusion_generate
 from qrobust.quant.grid import QuantSpec, rtn
@@ -55,11 +55,16 @@ class GenerateBench:
     # which applies the activation as it stores
     tinygemm_swiglu: bool = False
     attention_kernel: bool = True  # AR decoding: one kernel per layer's attention where kernels run (decode_attention)
+    # the output layer quantized too (untied from the embedding, which stays fp16) at this width,
+    # for the packed widths; None keeps it fp16, as qrobust's checkpoints do
+    lm_head_bits: int | None = None
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b != FULL_PRECISION and b not in (2, 3, 4, 8)]
         if bad or not self.bits:
             raise QrobustError(f"bad bit widths {bad or list(self.bits)}: use 16 (fp16) and any of 2,3,4,8")
+        if self.lm_head_bits is not None and self.lm_head_bits not in (2, 3, 4, 8):
+            raise QrobustError(f"bad lm_head width {self.lm_head_bits}: use one of 2,3,4,8")
         if self.repeats < 1 or self.new_tokens < 2 or self.prompt_len < 1:
             raise QrobustError("repeats, prompt length and new tokens must be positive (new tokens at least 2)")
 
@@ -106,6 +111,9 @@ def build_model(bench: GenerateBench, bits: int) -> nn.Module:
     model = random_lm(cfg, bench.device, bench.seed, model_dtype(bench.device)).eval()
     if bits != FULL_PRECISION:
         quantize_blocks_rtn(model, QuantSpec(bits, bench.group_size, sym=True))
+        if bench.lm_head_bits:
+            head = QuantSpec(bench.lm_head_bits, bench.group_size, sym=True)
+            replace_linear(model, "lm_head", rtn(model.lm_head.weight, head, "lm_head"))
     if bench.fuse:
         fuse_projections(model)
     if bench.tinygemm and bench.kind == "ar":  # a GEMV kernel: diffusion steps multiply whole sequences
@@ -130,7 +138,7 @@ def _seconds(fn, device: torch.device) -> float:
 
 
 def measure_ar(model: nn.Module, bench: GenerateBench) -> dict:
-    device = model.lm_head.weight.device
+    device = model.device
     prompt = random_prompt(bench, model.config.vocab_size)
     reset_peak(device)
     decoder = GreedyDecoder(model, bench.prompt_len + bench.new_tokens, graphs=device.type == "cuda",
@@ -145,7 +153,7 @@ def measure_ar(model: nn.Module, bench: GenerateBench) -> dict:
 
 
 def measure_diffusion(model: nn.Module, bench: GenerateBench) -> dict:
-    device = model.lm_head.weight.device
+    device = model.device
     cfg = model.config
     prompt = random_prompt(bench, cfg.vocab_size)[None].to(device)
     attn = torch.ones_like(prompt)
@@ -172,13 +180,14 @@ def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress
     for bits in tqdm(bench.bits, desc=f"bench generate {bench.kind}", disable=not progress):
         model = build_model(bench, bits)
         weight_bytes = model_bytes(model)
-        row = {"bits": bits, "weight_gib": weight_bytes / 2**30}
+        row = {"bits": bits, "weight_gib": weight_bytes / 2**30,
+               "lm_head_bits": bench.lm_head_bits if bits != FULL_PRECISION and bench.lm_head_bits else FULL_PRECISION}
         try:
             with torch.no_grad():
                 row.update(measure_ar(model, bench) if bench.kind == "ar" else measure_diffusion(model, bench))
         except Exception as e:  # noqa: BLE001 - one failing width (e.g. torch.compile) must not lose the others
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        on = model.lm_head.weight.device  # with its index: the layers cached their choice for it
+        on = model.device  # with its index: the layers cached their choice for it
         row["packed_kernels"] = any(m.uses_kernels(on) for m in model.modules() if isinstance(m, QuantLinear))
         row["tinygemm_layers"] = sum(isinstance(m, TinyGemmLinear) for m in model.modules())
         row["attention_kernel"] = any(b.self_attn.decode_attention is not None for b in model.model.layers)
@@ -200,7 +209,7 @@ def products_label(row: dict) -> str:
     kernels on the packed buffers, or torch's dequantized weights (CPU)."""
     if row["bits"] == FULL_PRECISION:
         return "dense"
-    if row.get("tinygemm_layers"):
+    if row["bits"] == 4 and row.get("tinygemm_layers"):  # a 4-bit output layer may be on it at other widths
         return "tinygemm"
     return "triton" if row.get("packed_kernels") else "torch"
 

@@ -392,6 +392,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tinygemm-swiglu", action="store_true",
                    help="with --fuse, the 4-bit gate/up layer on tinygemm plus an activation kernel instead of "
                         "qrobust's GEMV, which applies the activation as it stores")
+    g.add_argument("--lm-head-bits", type=int, default=None,
+                   help="quantize the output layer too (untied from the embedding) at this width, for the packed "
+                        "widths; default: fp16, as qrobust's checkpoints keep it")
     g.add_argument("--no-attention-kernel", action="store_true",
                    help="AR decoding: attention by repeat + mask + SDPA instead of qrobust's decode kernel")
     g.add_argument("--out", default=None, help="JSON file for the measurements")
@@ -425,7 +428,8 @@ def _bench_generate(args: argparse.Namespace) -> int:
                           prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                           layers=args.layers, vocab_size=args.vocab_size, device=args.device, compile=args.compile,
                           fuse=args.fuse, tinygemm=not args.no_tinygemm,
-                          tinygemm_swiglu=args.tinygemm_swiglu, attention_kernel=not args.no_attention_kernel)
+                          tinygemm_swiglu=args.tinygemm_swiglu, attention_kernel=not args.no_attention_kernel,
+                          lm_head_bits=args.lm_head_bits)
     results = bench_generate(bench, args.out)
     for line in summary_lines(results):
         print(line)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,6 +93,25 @@ def test_bench_generate_on_cpu(tmp_path, kind):
 def test_bench_generate_rejects_bad_bits():
     with pytest.raises(QrobustError, match="bit widths"):
         GenerateBench(bits=(16, 5))
+    with pytest.raises(QrobustError, match="lm_head width"):
+        GenerateBench(lm_head_bits=5)
+
+
+def test_bench_generate_can_quantize_the_output_layer(tmp_path):
+    """With lm_head_bits the packed widths' output layer is packed too (on tinygemm at 4 bits),
+    untied from the fp16 embedding, which the decoder still reads; fp16 keeps the tied layer."""
+    bench = GenerateBench(shape="qwen3-0.6b", kind="ar", bits=(16, 4), prompt_len=4, new_tokens=4, repeats=1,
+                          layers=1, vocab_size=256, device="cpu", lm_head_bits=4)
+    fp16, q4 = bench_generate(bench, progress=False)["runs"]
+    assert (fp16["lm_head_bits"], q4["lm_head_bits"]) == (16, 4)
+    assert q4["tinygemm_layers"] == 7 + 1 and q4["tokens_per_s"] > 0
+    from qrobust.bench_generate import build_model
+    from qrobust.kernels.tinygemm import TinyGemmLinear
+
+    model = build_model(dataclasses.replace(bench, tinygemm=False), 3)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.spec.bits == 4
+    assert model.device.type == "cpu" and model.model.embed_tokens.weight.dtype == torch.float32
+    assert isinstance(build_model(bench, 4).lm_head, TinyGemmLinear)
 
 
 @pytest.mark.parametrize("bits", [None, 4, 3])

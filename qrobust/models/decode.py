@@ -167,7 +167,7 @@ class GreedyDecoder:
         if not model.config.causal:
             raise ValueError("GreedyDecoder decodes causal models; diffusion models use GraphedForward")
         self.model, self.max_len = model, max_len
-        self.device = model.lm_head.weight.device
+        self.device = model.device
         self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.caches = model.new_caches(1, max_len, self.position)
@@ -214,7 +214,7 @@ class GraphedForward:
 
     def __init__(self, model: TransformerLM, shape: tuple[int, int], graphs: bool = True, compile: bool = False):
         self.model = model
-        device = model.lm_head.weight.device
+        device = model.device
         self.input_ids = torch.zeros(shape, dtype=torch.long, device=device)
         self._forward = capture(fused(self._eager, compile), device) if graphs else self._eager
 

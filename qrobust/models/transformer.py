@@ -192,7 +192,7 @@ class TransformerLM(nn.Module):
 
     @property
     def device(self) -> torch.device:  # as transformers models have; Bergson's collectors read it
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     def attention_mask(self, attention_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
         """Boolean [B or 1, 1, T, T] mask: causal or not, padded keys hidden, every row non-empty;
@@ -237,7 +237,7 @@ class TransformerLM(nn.Module):
     def new_caches(self, batch: int, max_len: int, positions: torch.Tensor) -> list[KVCache]:
         c = self.config
         shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
-        w = self.lm_head.weight
+        w = self.model.embed_tokens.weight
         return [KVCache(torch.zeros(shape, device=w.device, dtype=w.dtype), torch.zeros(shape, device=w.device, dtype=w.dtype),
                         positions) for _ in range(c.num_hidden_layers)]
 
