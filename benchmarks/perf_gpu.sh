@@ -45,9 +45,11 @@ case ${1:-quantize} in
     python3 benchmarks/profile_decode.py --bits 2,16 --compile --fuse \
       --out "$OUT/profile_decode_fused_compiled_qwen3-1.7b_h100.json" ;;
   attention) # the decode-attention kernel against the torch path, short and long caches
-    python3 benchmarks/decode_attention.py --cache 160,4096 --block-l 64 --out "$OUT/decode_attention_qwen3-1.7b_h100.json" ;;
+    python3 benchmarks/decode_attention.py --cache 160,4096 --block-l 64 --out "$OUT/decode_attention_qwen3-1.7b_h100.json"
+    python3 benchmarks/attention_agreement.py --bits 16,2 --out "$OUT/attention_agreement_qwen3-1.7b_h100.json" ;;
   fused)     # q/k/v fused, gate/up one SwiGLU layer, compiled; 4 bits on tinygemm (and fp16, 4, 3 bits again);
-             # the torch attention path; then 4 bits on our GEMV (older code); the SwiGLU layer on tinygemm
+             # the torch attention path; the output layer packed too; then 4 bits on our GEMV (older code);
+             # the SwiGLU layer on tinygemm
              # (an intermediate state, see README)
     timeout 300 $g --kind ar --compile --fuse --bits 16,4,2,3,8 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_qwen3-1.7b_h100.json"
@@ -55,6 +57,8 @@ case ${1:-quantize} in
       --out "$OUT/bench_generate_ar_fused_compiled_rerun_qwen3-1.7b_h100.json"
     timeout 130 $g --kind ar --compile --fuse --no-attention-kernel --bits 16,2 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_sdpa_qwen3-1.7b_h100.json"
+    timeout 175 $g --kind ar --compile --fuse --lm-head-bits 4 --bits 16,4,2 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_lmhead4_qwen3-1.7b_h100.json"
     timeout 300 $g --kind ar --compile --fuse --no-tinygemm --bits 16,4,2,3,8 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_triton4_qwen3-1.7b_h100.json"
     timeout 80 $g --kind ar --compile --fuse --tinygemm-swiglu --bits 4 --repeats 3 \
