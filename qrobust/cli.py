@@ -386,7 +386,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (quick runs)")
     g.add_argument("--device", default="cuda")
     g.add_argument("--compile", action="store_true", help="torch.compile each step (fuses small kernels) before capture")
-    g.add_argument("--fuse", action="store_true", help="q/k/v as one layer, gate/up as one SwiGLU layer (all widths, fp16 too)")
+    g.add_argument("--fuse", action="store_true",
+                   help="q/k/v as one layer, gate/up as one SwiGLU layer (all widths, fp16 too)")
     g.add_argument("--no-tinygemm", action="store_true",
                    help="4-bit layers on qrobust's Triton GEMV instead of PyTorch's int4 tinygemm kernel")
     g.add_argument("--tinygemm-swiglu", action="store_true",

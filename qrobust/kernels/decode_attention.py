@@ -76,13 +76,12 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, pm_ptr, pl_ptr
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+    y_heads = y_ptr + b * stride_yb + heads * stride_yh + d[None, :]
     if SPLITS == 1:
-        tl.store(y_ptr + b * stride_yb + heads * stride_yh + d[None, :], (acc / l_i[:, None]).to(y_ptr.dtype.element_ty),
-                 mask=rmask)
+        tl.store(y_heads, (acc / l_i[:, None]).to(y_ptr.dtype.element_ty), mask=rmask)
     elif length <= split_len:  # the first split holds every key so far: it writes y alone, the others idle
         if split == 0:
-            tl.store(y_ptr + b * stride_yb + heads * stride_yh + d[None, :],
-                     (acc / l_i[:, None]).to(y_ptr.dtype.element_ty), mask=rmask)
+            tl.store(y_heads, (acc / l_i[:, None]).to(y_ptr.dtype.element_ty), mask=rmask)
     else:
         slot = b * tl.num_programs(1) + h
         at = (slot * SPLITS + split) * REP_P2 + r
@@ -138,7 +137,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, positions, y, pm, pl, pacc, locks if splits > 1 else pm, D ** -0.5 * LOG2E, split_len,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), y.stride(0), y.stride(1),
         REP=rep, REP_P2=rep_p2, ROWS=max(16, rep_p2), D=D, BLOCK_L=block_l, SPLITS=splits,
-        SPLITS_P2=triton.next_power_of_2(splits), PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+        SPLITS_P2=triton.next_power_of_2(splits), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages)
     return y
 
 
