@@ -100,11 +100,14 @@ def test_bench_generate_rejects_bad_bits():
 def test_bench_generate_can_quantize_the_output_layer(tmp_path):
     """With lm_head_bits the packed widths' output layer is packed too (on tinygemm at 4 bits),
     untied from the fp16 embedding, which the decoder still reads; fp16 keeps the tied layer."""
-    bench = GenerateBench(shape="qwen3-0.6b", kind="ar", bits=(16, 4), prompt_len=4, new_tokens=4, repeats=1,
+    bench = GenerateBench(shape="qwen3-0.6b", kind="ar", bits=(16, 4, 2), prompt_len=4, new_tokens=4, repeats=1,
                           layers=1, vocab_size=256, device="cpu", lm_head_bits=4)
-    fp16, q4 = bench_generate(bench, progress=False)["runs"]
-    assert (fp16["lm_head_bits"], q4["lm_head_bits"]) == (16, 4)
-    assert q4["tinygemm_layers"] == 7 + 1 and q4["tokens_per_s"] > 0
+    results = bench_generate(bench, progress=False)
+    fp16, q4, q2 = results["runs"]
+    assert (fp16["lm_head_bits"], q4["lm_head_bits"], q2["lm_head_bits"]) == (16, 4, 4)
+    assert q4["tinygemm_layers"] == 7 + 1 and q2["tinygemm_layers"] == 1 and q4["tokens_per_s"] > 0
+    lines = summary_lines(results)  # 2-bit blocks are not tinygemm's, though their output layer is
+    assert "tinygemm" in lines[2] and "tinygemm" not in lines[3]
     from qrobust.bench_generate import build_model
     from qrobust.kernels.tinygemm import TinyGemmLinear
 
