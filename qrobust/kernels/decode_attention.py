@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qrobust.kernels.gptq_matmul import last_to_arrive
+
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16  # programs per KV head along the cache
 MIN_SPLIT_BLOCKS = 4  # key blocks per program at least
@@ -89,8 +91,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, pm_ptr, pl_ptr
         tl.store(pm_ptr + at, m_i, mask=keep)
         tl.store(pl_ptr + at, l_i, mask=keep)
         tl.store(pacc_ptr + at[:, None] * D + d[None, :], acc, mask=keep[:, None])
-        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
-        if tl.atomic_add(lock_ptr + slot, 1, sem="acq_rel") == SPLITS - 1:
+        if last_to_arrive(lock_ptr + slot, SPLITS):
             y_rows = b * stride_yb + (h * REP + tl.arange(0, REP_P2))[:, None] * stride_yh
             _merge_splits(pm_ptr, pl_ptr, pacc_ptr, y_ptr, slot, y_rows, d, SPLITS, SPLITS_P2, REP, REP_P2, D)
             tl.atomic_xchg(lock_ptr + slot, 0)

@@ -115,6 +115,15 @@ def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BL
 
 
 @triton.jit
+def last_to_arrive(lock, programs: tl.constexpr):
+    """Called by each of `programs` programs sharing the counter `lock` once its partial results
+    are stored: whether it is the last to get here, which then merges them (reading them past L1,
+    .cg) and resets the counter to zero. The barrier makes every thread's stores precede the count."""
+    tl.debug_barrier()
+    return tl.atomic_add(lock, 1, sem="acq_rel") == programs - 1
+
+
+@triton.jit
 def _store_row(y_ptr, m, n0, values, N, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
     """Row m's outputs n0 … n0 + BLOCK_N − 1 into y [M, N]; with SWIGLU, outputs interleaved as
     (gate, up) pairs go in as silu(gate)·up, into y [M, N/2]."""
@@ -157,9 +166,8 @@ def _store_gemv(acc, b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n0, N, HAS_BIAS: t
     else:
         tl.store(p_ptr + (split * M + m) * N + n, acc, mask=nmask)
         if LAST_SUMS:
-            tl.debug_barrier()  # every thread's partial is written before the arrival is counted
             lock = lock_ptr + tl.program_id(0) * M + m
-            if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+            if last_to_arrive(lock, SPLITS):
                 _add_splits(p_ptr, b_ptr, y_ptr, m, M, n0, N, HAS_BIAS, BLOCK_N, SPLITS, SWIGLU)
                 tl.atomic_xchg(lock, 0)
 

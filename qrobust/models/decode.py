@@ -25,7 +25,7 @@ from qrobust.models.transformer import TransformerLM
 def concat_linears(layers: list[nn.Module], interleave: bool = False) -> nn.Module | None:
     """One layer for several that read the same input (outputs side by side, or alternating with
     `interleave`), or None where they cannot be joined."""
-    from qrobust.quant.qlinear import QuantLinear  # the quant package builds on models
+    from qrobust.quant.qlinear import QuantLinear, join_outputs  # the quant package builds on models
 
     if all(isinstance(m, QuantLinear) for m in layers):
         return QuantLinear.concat(layers, interleave)
@@ -35,14 +35,10 @@ def concat_linears(layers: list[nn.Module], interleave: bool = False) -> nn.Modu
     first = layers[0]
     out = nn.Linear(first.in_features, sum(m.out_features for m in layers), bias=first.bias is not None,
                     device=first.weight.device, dtype=first.weight.dtype)
-
-    def join(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(tensors, dim=1).flatten(0, 1) if interleave else torch.cat(tensors)
-
     with torch.no_grad():
-        out.weight.copy_(join([m.weight for m in layers]))
+        out.weight.copy_(join_outputs([m.weight for m in layers], 0, interleave))
         if first.bias is not None:
-            out.bias.copy_(join([m.bias for m in layers]))
+            out.bias.copy_(join_outputs([m.bias for m in layers], 0, interleave))
     return out
 
 

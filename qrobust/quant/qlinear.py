@@ -77,12 +77,10 @@ class QuantLinear(nn.Module):
         out = cls(first.in_features, N, first.spec, first.bias is not None,
                   first.scales.dtype if first.bias is None else first.bias.dtype, first.qweight.device)
 
-        def join(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return torch.stack(tensors, dim=-1).flatten(-2) if interleave else torch.cat(tensors, dim=-1)
-
         for name in ("qweight", "scales") + (("bias",) if first.bias is not None else ()):
-            getattr(out, name).copy_(join([getattr(m, name) for m in layers]))
-        out.qzeros.copy_(pack_qzeros(join([unpack_qzeros(m.qzeros, bits, m.out_features) for m in layers]), bits))
+            getattr(out, name).copy_(join_outputs([getattr(m, name) for m in layers], -1, interleave))
+        zeros = [unpack_qzeros(m.qzeros, bits, m.out_features) for m in layers]
+        out.qzeros.copy_(pack_qzeros(join_outputs(zeros, -1, interleave), bits))
         out.g_idx.copy_(first.g_idx)
         return out
 
@@ -155,6 +153,15 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.spec.bits}, "
                 f"group_size={self.spec.group_size}, sym={self.spec.sym}")
+
+
+def join_outputs(tensors: list[torch.Tensor], dim: int, interleave: bool) -> torch.Tensor:
+    """Several layers' per-output tensors (outputs along `dim`) as one layer's: side by side, or
+    alternating (a₀, b₀, a₁, b₁, …) with `interleave`, the layout interleaved_swiglu reads."""
+    if not interleave:
+        return torch.cat(tensors, dim=dim)
+    d = dim % tensors[0].dim()
+    return torch.stack(tensors, dim=d + 1).flatten(d, d + 1)
 
 
 def interleaved_swiglu(y: torch.Tensor) -> torch.Tensor:
