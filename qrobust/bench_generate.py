@@ -3,8 +3,8 @@
 Each bit width gets a fresh random-weight model at a real shape, quantized round-to-nearest
 (speed does not depend on how the codes were chosen) into packed QuantLinear layers, which on
 CUDA run qrobust's Triton kernels (at 4 bits PyTorch's int4 tinygemm kernel, unless
-tinygemm=False, but for the fused SwiGLU layer); AR decoding's attention runs qrobust's decode
-kernel where kernels run. Decoding replays CUDA graphs (qrobust.models.decode), so the
+tinygemm=False or pdl, but for the fused SwiGLU layer); AR decoding's attention runs qrobust's
+decode kernel where kernels run, with pdl as programmatic dependent launches. Decoding replays CUDA graphs (qrobust.models.decode), so the
 numbers measure the kernels and the memory traffic rather than Python's launch overhead. The
 fraction of the bandwidth floor divides tokens/s by what streaming every weight byte once per
 token at the copy bandwidth measured in the same run would allow.
@@ -26,7 +26,8 @@ from qrobust.bench import QuantBench, check_device, model_dtype, peak_gib, rando
 from qrobust.errors import QrobustError
 from qrobust.kernels import kernels_enabled
 from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
-from qrobust.models.decode import GraphedForward, GreedyDecoder, fuse_projections, sync, use_attention_kernel
+from qrobust.models.decode import (GraphedForward, GreedyDecoder, fuse_projections, sync, use_attention_kernel,
+                                   use_pdl)
 from qrobust.models.diffusion import SamplerConfig, diffusion_generate
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import QuantLinear, replace_linear
@@ -50,7 +51,9 @@ class GenerateBench:
     seed: int = 0
     compile: bool = False  # torch.compile each step before capturing it
     fuse: bool = False  # q/k/v as one layer, gate/up as one SwiGLU layer (models.decode.fuse_projections)
-    tinygemm: bool = True  # AR decoding: 4-bit layers on PyTorch's int4 kernel where it applies (kernels.tinygemm)
+    # AR decoding: 4-bit layers on PyTorch's int4 kernel where it applies (kernels.tinygemm); None: unless pdl,
+    # since tinygemm cannot start before the kernel ahead of it finishes, and our GEMV then is faster
+    tinygemm: bool | None = None
     # the fused SwiGLU layer (fuse) on tinygemm plus a separate activation, rather than on our GEMV,
     # which applies the activation as it stores
     tinygemm_swiglu: bool = False
@@ -58,6 +61,13 @@ class GenerateBench:
     # the output layer quantized too (untied from the embedding, which stays fp16) at this width,
     # for the packed widths; None keeps it fp16, as qrobust's checkpoints do
     lm_head_bits: int | None = None
+    # AR decoding on Hopper or later: kernels launch as programmatic dependent launches (models.decode.use_pdl,
+    # and Inductor's with compile), each reading its weights while the one before it finishes
+    pdl: bool = False
+
+    @property
+    def uses_tinygemm(self) -> bool:
+        return not self.pdl if self.tinygemm is None else self.tinygemm
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b != FULL_PRECISION and b not in (2, 3, 4, 8)]
@@ -116,10 +126,12 @@ def build_model(bench: GenerateBench, bits: int) -> nn.Module:
             replace_linear(model, "lm_head", rtn(model.lm_head.weight, head, "lm_head"))
     if bench.fuse:
         fuse_projections(model)
-    if bench.tinygemm and bench.kind == "ar":  # a GEMV kernel: diffusion steps multiply whole sequences
+    if bench.uses_tinygemm and bench.kind == "ar":  # a GEMV kernel: diffusion steps multiply whole sequences
         repack_int4(model, None if bench.tinygemm_swiglu else lambda name: name.endswith(".swiglu.linear"))
     if bench.attention_kernel and bench.kind == "ar" and kernels_enabled(bench.device):
         use_attention_kernel(model)
+    if bench.pdl and bench.kind == "ar":
+        use_pdl(model)
     return model
 
 
@@ -142,7 +154,7 @@ def measure_ar(model: nn.Module, bench: GenerateBench) -> dict:
     prompt = random_prompt(bench, model.config.vocab_size)
     reset_peak(device)
     decoder = GreedyDecoder(model, bench.prompt_len + bench.new_tokens, graphs=device.type == "cuda",
-                            compile=bench.compile)
+                            compile=bench.compile, pdl=bench.pdl)
     decoder.generate(prompt, bench.new_tokens)  # warm-up: kernel compilation, allocator
     runs = [decoder.generate(prompt, bench.new_tokens) for _ in range(bench.repeats)]
     tps = [r.tokens_per_s for r in runs]
@@ -190,6 +202,7 @@ def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress
         on = model.device  # with its index: the layers cached their choice for it
         row["packed_kernels"] = any(m.uses_kernels(on) for m in model.modules() if isinstance(m, QuantLinear))
         row["tinygemm_layers"] = sum(isinstance(m, TinyGemmLinear) for m in model.modules())
+        row["pdl_gemv_layers"] = sum(getattr(m, "pdl", False) for m in model.modules())
         row["attention_kernel"] = any(b.self_attn.decode_attention is not None for b in model.model.layers)
         if bandwidth and bench.kind == "ar" and "error" not in row:
             row["bandwidth_floor_fraction"] = row["tokens_per_s"] / (bandwidth / weight_bytes)

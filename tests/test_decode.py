@@ -90,6 +90,20 @@ def test_bench_generate_on_cpu(tmp_path, kind):
     assert ("tinygemm" if kind == "ar" else "torch") in lines[2]  # CPU: no Triton kernels
 
 
+def test_pdl_keeps_4_bit_layers_on_our_gemv_unless_tinygemm_is_asked_for():
+    """tinygemm, a PyTorch kernel, cannot start before the kernel ahead of it ends, so with pdl the
+    4-bit layers stay on qrobust's GEMV by default; an explicit choice wins either way."""
+    from qrobust.bench_generate import build_model
+    from qrobust.kernels.tinygemm import TinyGemmLinear
+
+    bench = GenerateBench(shape="qwen3-0.6b", bits=(4,), layers=1, vocab_size=256, device="cpu")
+    assert bench.uses_tinygemm and not GenerateBench(pdl=True).uses_tinygemm
+    assert GenerateBench(pdl=True, tinygemm=True).uses_tinygemm and not GenerateBench(tinygemm=False).uses_tinygemm
+    tinygemm_layers = {pdl: sum(isinstance(m, TinyGemmLinear) for m in
+                                build_model(dataclasses.replace(bench, pdl=pdl), 4).modules()) for pdl in (False, True)}
+    assert tinygemm_layers == {False: 7, True: 0}
+
+
 def test_bench_generate_rejects_bad_bits():
     with pytest.raises(QrobustError, match="bit widths"):
         GenerateBench(bits=(16, 5))
@@ -190,3 +204,27 @@ def test_attention_kernel_decodes_the_same_tokens(monkeypatch):
     assert model.model.layers[1].self_attn.decode_attention is None
     model.config.head_dim = 24  # not a power of two: the kernel cannot take it
     assert use_attention_kernel(model) == 0 and model.model.layers[0].self_attn.decode_attention is None
+
+
+def test_pdl_decodes_the_same_tokens():
+    """Programmatic dependent launches change when kernels start, not what they compute: greedy
+    tokens stay the same, bit for bit, on a Hopper GPU; elsewhere use_pdl changes nothing."""
+    from qrobust import kernels
+    from qrobust.kernels.gptq_matmul import pdl_supported
+    from qrobust.models.decode import use_attention_kernel, use_pdl
+
+    model = _model()
+    quantize_blocks_rtn(model, QuantSpec(4, 32, sym=True))
+    if kernels.supports(DEVICE):
+        use_attention_kernel(model)
+    prompt = torch.tensor([5, 17, 3, 44, 8])
+    expected = GreedyDecoder(model, max_len=20).generate(prompt, 10).tokens
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    changed = use_pdl(model)
+    if not pdl_supported(DEVICE):
+        assert changed == 0 and not any(m.pdl for m in packed)
+        return
+    assert changed == len(packed) + 2 and all(m.pdl for m in packed)
+    assert GreedyDecoder(model, max_len=20).generate(prompt, 10).tokens.tolist() == expected.tolist()
+    use_pdl(model, on=False)
+    assert not any(m.pdl for m in packed)

@@ -265,3 +265,48 @@ def test_decode_attention_matches_masked_sdpa(heads, kv_heads, position):
     with pytest.raises(ValueError, match="locks"):
         decode_attention(q, k, v, pos, splits=2)
     torch.library.opcheck(decode_attention_op, (q, k, v, pos, locks), test_utils=("test_schema", "test_faketensor"))
+
+
+PDL_TTIR = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qrobust.kernels import gptq_matmul
+pointers = {"x_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32",
+            "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32", "lock_ptr": "*i32"}
+scalars = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32", "one": "u32"}
+constants = dict(BITS=3, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, SPLITS=2,
+                 LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True)
+signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
+names = list(signature)
+source = ASTSource(gptq_matmul._gemv_kernel, signature,
+                   constexprs={(names.index(k),): v for k, v in constants.items()})
+kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": 1, **gptq_matmul.launch_options(True)})
+print(kernel.asm["ttir"])
+"""
+
+
+def test_gemv_with_pdl_reads_only_weights_before_it_waits():
+    """Launched as a programmatic dependent launch, the GEMV may run while the kernel before it
+    still writes x: compiled for an H100 (no GPU needed; outside the interpreter, hence a separate
+    process), everything before its wait loads the packed weights and zero points (int32) or the
+    scales (fp16), and every read of x (here fp32) and every write comes after, once."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import triton.language as tl
+
+    if not hasattr(tl.extra.cuda, "gdc_wait"):
+        pytest.skip("this Triton has no griddepcontrol calls")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ttir = subprocess.run([sys.executable, "-c", PDL_TTIR], env=env, capture_output=True, text=True,
+                          check=True).stdout
+    assert ttir.count("griddepcontrol.wait") == 1 and ttir.count("griddepcontrol.launch_dependents") == 1
+    before, after = ttir.split("griddepcontrol.wait")
+    pointee = r"tt\.load [^:]*: (?:tensor<[^>]*)?!tt\.ptr<(\w+)>"
+    assert set(re.findall(pointee, before)) == {"i32", "f16"}
+    assert not re.search(r"tt\.(store|atomic)", before)
+    assert "f32" in re.findall(pointee, after)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qrobust.kernels.gptq_matmul import last_to_arrive
+from qrobust.kernels.gptq_matmul import last_to_arrive, launch_options
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16  # programs per KV head along the cache
@@ -48,11 +48,17 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, pm_ptr, pl_ptr
                              split_len, stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_yb, stride_yh,
                              REP: tl.constexpr, REP_P2: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                              BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                             PRECISION: tl.constexpr):
+                             PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Query heads h·REP … h·REP + REP − 1 of sequence b against KV head h, keys from this
     split's [split·split_len, (split + 1)·split_len) up to the position. The heads are the rows of
     a [ROWS, D] tile padded with zeros to the 16 rows a tensor-core product needs, so scores and
-    outputs are two tl.dot per block of keys, and Triton pipelines the loads that feed them."""
+    outputs are two tl.dot per block of keys, and Triton pipelines the loads that feed them.
+    PDL (programmatic dependent launch): everything it reads comes from the kernels before it, so
+    it waits for them first, then lets the next kernel start (which reads its own weights while
+    this one runs)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = tl.arange(0, ROWS)
     d = tl.arange(0, D)
@@ -108,12 +114,13 @@ def attention_splits(cache_len: int, block_l: int) -> tuple[int, int]:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      locks: torch.Tensor | None = None, block_l: int = 64, splits: int | None = None,
-                     num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                     num_warps: int = 4, num_stages: int = 3, pdl: bool = False) -> torch.Tensor:
     """Softmax attention of q [B, H, 1, D] over the cached keys and values [B, H_kv, L, D] at
     positions 0 … positions[0] (the new token's position, whose key the cache already holds),
     with the usual 1/√D scaling; H must be a multiple of H_kv and D a power of two. Returns
     [B, H, 1, D] in q's dtype. The cache is split over `splits` programs per KV head (default:
-    attention_splits); several need `locks`, B·H_kv int32 zeros that every call leaves at zero."""
+    attention_splits); several need `locks`, B·H_kv int32 zeros that every call leaves at zero.
+    `pdl` launches it as a programmatic dependent launch (kernels.gptq_matmul.pdl_supported)."""
     B, H, T, D = q.shape
     Bk, H_kv, L, Dk = k_cache.shape
     if T != 1 or (Bk, Dk) != (B, D) or v_cache.shape != k_cache.shape or H % H_kv or D & (D - 1):
@@ -139,18 +146,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), y.stride(0), y.stride(1),
         REP=rep, REP_P2=rep_p2, ROWS=max(16, rep_p2), D=D, BLOCK_L=block_l, SPLITS=splits,
         SPLITS_P2=triton.next_power_of_2(splits), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages)
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl))
     return y
 
 
 @torch.library.custom_op("qrobust::decode_attention", mutates_args=())
 def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                        locks: torch.Tensor | None = None) -> torch.Tensor:
+                        locks: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """decode_attention as one opaque call for torch.compile and CUDA graphs. `locks` is not
     listed as mutated: every call leaves it as it found it."""
-    return decode_attention(q, k_cache, v_cache, positions, locks)
+    return decode_attention(q, k_cache, v_cache, positions, locks, pdl=pdl)
 
 
 @decode_attention_op.register_fake
-def _(q, k_cache, v_cache, positions, locks=None):
+def _(q, k_cache, v_cache, positions, locks=None, pdl=False):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -173,10 +173,78 @@ def _store_gemv(acc, b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n0, N, HAS_BIAS: t
 
 
 @triton.jit
+def _load_tile(qw_ptr, s_ptr, qz_ptr, kc, n, mask, N, BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr,
+               ACT_ORDER: tl.constexpr):
+    """What a GEMV tile reads of the weight, for chunks of 32 inputs starting at kc (where mask
+    [1, BLOCK_N] holds): its BITS rows of packed words (a tuple of [KC, BLOCK_N]) and, grouped in
+    order, the chunks' scales and zero points plus 2ᵇ (act-order layers read theirs per code, in
+    _tile_sums)."""
+    row = (kc // 32) * BITS  # each chunk's first word
+    words = ()
+    for r in tl.static_range(BITS):
+        words = words + (_load_u32(qw_ptr + (row + r)[:, None] * N + n[None, :], mask),)
+    if ACT_ORDER:
+        s, z = 0.0, 0.0
+    else:
+        g = (kc // GS)[:, None]
+        s = tl.load(s_ptr + g * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = _zeros(qz_ptr, g, n[None, :], mask, N, BITS, OFFSET) + (1 << BITS)
+    return words, s, z
+
+
+@triton.jit
+def _after_wait(words, x_row, K):
+    """The words unchanged, made to depend on a value read after the PDL wait: otherwise ptxas
+    unpacks them before the wait, while their loads are in flight, and holds every unpacked code
+    in registers (up to 255, and spills). The zero it ORs in (x₀ ≠ x₀ and K < 0: never true, but
+    no compiler can tell) ties them to x₀, the first input."""
+    x0 = tl.load(x_row).to(tl.float32)
+    zero = ((x0 != x0) & (K < 0)).to(tl.uint32)
+    out = ()
+    for r in tl.static_range(len(words)):
+        out = out + (words[r] | zero,)
+    return out
+
+
+@triton.jit
+def _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS: tl.constexpr,
+               OFFSET: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[KC, BLOCK_N]: each chunk's Σ ŵ·x for the tile _load_tile read, x_row the row's inputs."""
+    KC: tl.constexpr = kc.shape[0]
+    TOP: tl.constexpr = 23 - BITS  # where _unit_float reads a code
+    SCALE: tl.constexpr = 1 << BITS  # q = SCALE·u − SCALE for u = 1 + q·2⁻ᵇ
+    part = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
+    prev = tl.zeros([KC, BLOCK_N], dtype=tl.uint32)
+    for r in tl.static_range(BITS):
+        cur = words[r]
+        for j in tl.static_range(32):
+            if (j * BITS + BITS - 1) // 32 == r:  # code j ends in word r
+                if (j * BITS) // 32 == r:
+                    v = _shifted(cur, TOP - (j * BITS) % 32)
+                else:  # it starts in the word before
+                    v = _shifted(prev, TOP - (j * BITS) % 32) | (cur << (TOP + 32 - (j * BITS) % 32))
+                u = _unit_float(v, one, BITS)
+                xj = tl.load(x_row + kc + j).to(tl.float32)[:, None]
+                if ACT_ORDER:
+                    gj = tl.load(g_ptr + kc + j)[:, None]
+                    sj = tl.load(s_ptr + gj * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+                    zj = _zeros(qz_ptr, gj, n[None, :], nmask[None, :], N, BITS, OFFSET) + SCALE
+                    part += sj * (u * SCALE - zj) * xj
+                else:
+                    part += u * xj
+        prev = cur
+    if not ACT_ORDER:
+        # Σ (q − z)·x over a chunk = SCALE·Σ u·x − (SCALE + z)·Σ x, with the chunk's scale s and
+        # zero z (plus SCALE, from _load_tile)
+        part = s * (part * SCALE - z * _chunk_sums(x_row, kc, BLOCK_N))
+    return part
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, N, K, k_split, stride_x, one,
                  BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                 LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr):
+                 LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr):
     """Outputs n of row m over inputs [split·k_split, (split+1)·k_split). One split writes y [M, N];
     several write float32 partial sums p [splits, M, N], which with LAST_SUMS the split that
     finishes last for a tile adds up into y (counting arrivals in lock, which it resets to zero),
@@ -187,47 +255,39 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
     round trips), and the sum over K waits until the end. A code becomes u = 1 + q·2⁻ᵇ in a
     shift and one LOP3 (_unit_float, `one` being the bits of 1.0), so that the loop adds only u·x;
     the offset and zero point come off per chunk, as (2ᵇ + z)·Σx (act-order layers, whose codes
-    each have their own group, take them off per code). README: GPU performance."""
+    each have their own group, take them off per code). README: GPU performance.
+
+    PDL (programmatic dependent launch): the kernel may start while the one before it in the
+    stream still runs; it reads its first tile of weights, which nothing before it writes, then
+    waits for that kernel (griddepcontrol) before it reads x or writes anything, and lets the
+    kernel after it start likewise. With one tile per program (ONE_TILE, as the default tiling
+    arranges) that read happens before the wait; with several, all reads come after it."""
     m, split = tl.program_id(1), tl.program_id(2)
     n0 = tl.program_id(0) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     nmask = n < N
     KC: tl.constexpr = BLOCK_K // 32
-    TOP: tl.constexpr = 23 - BITS  # where _unit_float reads a code
-    SCALE: tl.constexpr = 1 << BITS  # q = SCALE·u − SCALE for u = 1 + q·2⁻ᵇ
-    acc = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
-    for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
-        kc = k0 + tl.arange(0, KC) * 32  # first input of each chunk
-        row = (kc // 32) * BITS  # its first word
-        part = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
-        prev = tl.zeros([KC, BLOCK_N], dtype=tl.uint32)
-        for r in tl.static_range(BITS):
-            cur = _load_u32(qw_ptr + (row + r)[:, None] * N + n[None, :], nmask[None, :])
-            for j in tl.static_range(32):
-                if (j * BITS + BITS - 1) // 32 == r:  # code j ends in word r
-                    if (j * BITS) // 32 == r:
-                        v = _shifted(cur, TOP - (j * BITS) % 32)
-                    else:  # it starts in the word before
-                        v = _shifted(prev, TOP - (j * BITS) % 32) | (cur << (TOP + 32 - (j * BITS) % 32))
-                    u = _unit_float(v, one, BITS)
-                    xj = tl.load(x_ptr + m * stride_x + kc + j).to(tl.float32)[:, None]
-                    if ACT_ORDER:
-                        gj = tl.load(g_ptr + kc + j)[:, None]
-                        sj = tl.load(s_ptr + gj * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
-                        zj = _zeros(qz_ptr, gj, n[None, :], nmask[None, :], N, BITS, OFFSET) + SCALE
-                        part += sj * (u * SCALE - zj) * xj
-                    else:
-                        part += u * xj
-            prev = cur
-        if ACT_ORDER:
-            acc += part
-        else:
-            # Σ (q − z)·x over a chunk = SCALE·Σ u·x − (SCALE + z)·Σ x, its scale s and zero z
-            # those of the chunk's group (block_k)
-            g = (kc // GS)[:, None]
-            s = tl.load(s_ptr + g * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
-            z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET) + SCALE
-            acc += s * (part * SCALE - z * _chunk_sums(x_ptr + m * stride_x, kc, BLOCK_N))
+    x_row = x_ptr + m * stride_x
+    chunks = tl.arange(0, KC) * 32
+    if ONE_TILE:
+        kc = split * k_split + chunks
+        words, s, z = _load_tile(qw_ptr, s_ptr, qz_ptr, kc, n, nmask[None, :], N, BITS, OFFSET, GS, ACT_ORDER)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+            words = _after_wait(words, x_row, K)
+        acc = _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS, OFFSET, ACT_ORDER,
+                         BLOCK_N)
+    else:
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
+        for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
+            kc = k0 + chunks
+            words, s, z = _load_tile(qw_ptr, s_ptr, qz_ptr, kc, n, nmask[None, :], N, BITS, OFFSET, GS, ACT_ORDER)
+            acc += _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS, OFFSET,
+                              ACT_ORDER, BLOCK_N)
     _store_gemv(tl.sum(acc, axis=0), b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n0, N, HAS_BIAS, BLOCK_N,
                 SPLITS, LAST_SUMS, SWIGLU)
 
@@ -281,6 +341,21 @@ def _matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, M, N, K, s
         acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + m[:, None] * stride_y + n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
+
+
+def pdl_supported(device: torch.device | str) -> bool:
+    """Whether kernels on `device` can be launched as programmatic dependent launches: CUDA GPUs
+    of compute capability 9.0 (Hopper) or later, with a Triton that has the griddepcontrol calls;
+    never under Triton's interpreter."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 \
+        and hasattr(tl.extra.cuda, "gdc_wait")
+
+
+def launch_options(pdl: bool) -> dict:
+    """Triton launch options for a kernel written with a PDL switch (gdc_wait before it reads what
+    earlier kernels wrote): the launch attribute only when asked, as the interpreter knows none."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def block_k(K: int, group_size: int, act_order: bool, preferred: int, chunked: bool = False) -> int:
@@ -340,7 +415,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
               g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
               bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int | None = None,
               splits: int | None = None, num_warps: int | None = None, num_stages: int = 3,
-              locks: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+              locks: torch.Tensor | None = None, swiglu: bool = False, pdl: bool = False) -> torch.Tensor:
     """x [M, K] (M small) times the packed weight: [M, N] in x's dtype. g_idx is None when inputs
     are grouped in order (group = k // group_size), else each input's group (act-order);
     zero_offset is what the checkpoint format subtracted from the stored zero points. Tiles are
@@ -349,7 +424,9 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     gemv_config. With several K-splits, `locks` (gemv_locks, at least cdiv(N, block_n)·M of
     them) lets the last split of each tile add the partial sums in the same kernel; without, a
     second kernel does. With `swiglu`, the weight's outputs interleave gate and up (g₀, u₀, g₁,
-    u₁, …) and the result is silu(gate)·up [M, N/2], applied as the kernel stores it."""
+    u₁, …) and the result is silu(gate)·up [M, N/2], applied as the kernel stores it. `pdl` launches
+    it as a programmatic dependent launch (see _gemv_kernel; Hopper and later, pdl_supported):
+    only where no kernel just before it writes the packed weights, as in decoding."""
     M, K = x.shape
     N = qweight.shape[1]
     x = x.contiguous()
@@ -377,7 +454,9 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
         x, qweight, scales, qzeros, g_idx if act_order else scales, bias if fuse_bias else y, partial, y,
         locks if last_sums else y, N, K, K // splits, x.stride(0), ONE_BITS, BITS=bits, OFFSET=zero_offset,
         GS=group_size, ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits,
-        LAST_SUMS=last_sums, SWIGLU=swiglu, num_warps=num_warps or gemv_warps(bk), num_stages=num_stages)
+        LAST_SUMS=last_sums, SWIGLU=swiglu, ONE_TILE=K // splits == bk,
+        PDL=pdl, num_warps=num_warps or gemv_warps(bk), num_stages=num_stages,
+        **launch_options(pdl))
     if splits > 1 and not last_sums:
         _sum_splits_kernel[(triton.cdiv(N, 1024), M)](partial, bias if bias is not None else y, y, N, SPLITS=splits,
                                                        HAS_BIAS=bias is not None, BLOCK=1024, SWIGLU=swiglu)
@@ -426,15 +505,15 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
 def gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
             g_idx: torch.Tensor | None, bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int,
             group_size: int, zero_offset: int, block_n: int, block_depth: int, splits: int,
-            num_warps: int, swiglu: bool = False) -> torch.Tensor:
+            num_warps: int, swiglu: bool = False, pdl: bool = False) -> torch.Tensor:
     """gptq_gemv. `locks` is not listed as mutated: every call leaves it as it found it."""
     return gptq_gemv(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias=bias, block_n=block_n,
-                     block_depth=block_depth, splits=splits, num_warps=num_warps, locks=locks, swiglu=swiglu)
+                     block_depth=block_depth, splits=splits, num_warps=num_warps, locks=locks, swiglu=swiglu, pdl=pdl)
 
 
 @gemv_op.register_fake
 def _(x, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_offset, block_n, block_depth, splits,
-      num_warps, swiglu=False):
+      num_warps, swiglu=False, pdl=False):
     return x.new_empty(x.shape[0], qweight.shape[1] // 2 if swiglu else qweight.shape[1])
 
 

@@ -11,6 +11,7 @@ which is how it is tested.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +96,39 @@ def use_attention_kernel(model: TransformerLM, on: bool = True) -> int:
     return len(model.model.layers)
 
 
+def use_pdl(model: TransformerLM, on: bool = True) -> int:
+    """For inference on Hopper or later GPUs: the packed layers' GEMVs and the attention kernel
+    launch as programmatic dependent launches, so each may start while the kernel before it
+    finishes, reading its weights before it waits for that kernel's outputs (kernels.gptq_matmul).
+    Only for decoding, where nothing rewrites the weights between steps. Elsewhere nothing
+    changes; on=False goes back. Returns how many layers changed."""
+    from qrobust.kernels.decode_attention import decode_attention_op
+    from qrobust.kernels.gptq_matmul import pdl_supported
+    from qrobust.quant.qlinear import QuantLinear
+
+    if not pdl_supported(model.device):
+        return 0
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.pdl = on
+            changed += 1
+    for block in model.model.layers:
+        if block.self_attn.decode_attention is not None:
+            block.self_attn.decode_attention = functools.partial(decode_attention_op, pdl=True) if on \
+                else decode_attention_op
+            changed += 1
+    return changed
+
+
+def compile_options(pdl: bool) -> dict:
+    """torch.compile options: with `pdl`, Inductor's own kernels launch as programmatic dependent
+    launches too (its triton.enable_pdl, where this PyTorch has it)."""
+    import torch._inductor.config as inductor
+
+    return {"triton.enable_pdl": True} if pdl and hasattr(inductor.triton, "enable_pdl") else {}
+
+
 def greedy_token(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """argmax over the last dimension of logits [B, V] as [B, 1], in two passes (each chunk's
     maximum, then the best chunk), the first maximum on ties as torch.argmax: one pass over a
@@ -134,15 +168,16 @@ def capture(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int = 
     return replay
 
 
-def fused(fn: Callable[[], torch.Tensor], compile: bool) -> Callable[[], torch.Tensor]:
+def fused(fn: Callable[[], torch.Tensor], compile: bool, pdl: bool = False) -> Callable[[], torch.Tensor]:
     """`fn` compiled by torch.compile, which fuses the small element-wise kernels (norms, rotary,
     residuals) that dominate a batch-1 step once weights are small; `fn` runs once eagerly first
-    so that layers settle their lazy, data-dependent setup outside the traced code."""
+    so that layers settle their lazy, data-dependent setup outside the traced code. `pdl`: see
+    compile_options."""
     if not compile:
         return fn
     with torch.no_grad():
         fn()
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, options=compile_options(pdl) or None)
 
 
 @dataclass
@@ -159,7 +194,8 @@ class DecodeTiming:
 class GreedyDecoder:
     """Greedy AR decoding of one sequence with a static KV cache of `max_len` positions."""
 
-    def __init__(self, model: TransformerLM, max_len: int, graphs: bool = True, compile: bool = False):
+    def __init__(self, model: TransformerLM, max_len: int, graphs: bool = True, compile: bool = False,
+                 pdl: bool = False):
         if not model.config.causal:
             raise ValueError("GreedyDecoder decodes causal models; diffusion models use GraphedForward")
         self.model, self.max_len = model, max_len
@@ -167,7 +203,7 @@ class GreedyDecoder:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.caches = model.new_caches(1, max_len, self.position)
-        self._step = capture(fused(self._eager_step, compile), self.device) if graphs else self._eager_step
+        self._step = capture(fused(self._eager_step, compile, pdl), self.device) if graphs else self._eager_step
 
     def _use_positions(self, positions: torch.Tensor) -> None:
         for cache in self.caches:

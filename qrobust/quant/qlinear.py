@@ -45,6 +45,8 @@ class QuantLinear(nn.Module):
         self._weight: torch.Tensor | None = None
         # (device, g_idx or None, group size, GemvConfig, GEMV locks); () where the kernels cannot run
         self._kernel_args: tuple | None = None
+        # GEMV calls as programmatic dependent launches (models.decode.use_pdl): for decoding only
+        self.pdl = False
 
     @classmethod
     def from_result(cls, result: QuantResult, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -131,7 +133,8 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] <= GEMV_MAX_ROWS:
-            y = gemv_op(rows, *packed, bias, locks, *quant, c.block_n, c.block_depth, c.splits, c.num_warps, swiglu)
+            y = gemv_op(rows, *packed, bias, locks, *quant, c.block_n, c.block_depth, c.splits, c.num_warps, swiglu,
+                        self.pdl)
         else:
             w = dequantize_op(*packed, *quant, self.in_features, x.dtype)
             y = rows @ w if bias is None else torch.addmm(bias, rows, w)
