@@ -3,7 +3,7 @@
 Each bit width gets a fresh random-weight model at a real shape, quantized round-to-nearest
 (speed does not depend on how the codes were chosen) into packed QuantLinear layers, which on
 CUDA run qrobust's Triton kernels (at 4 bits PyTorch's int4 tinygemm kernel, unless
-tinygemm=False, but for the fused SwiGLU layer); AR decoding's attention runs qrobust's
+tinygemm=False or pdl, but for the fused SwiGLU layer); AR decoding's attention runs qrobust's
 decode kernel where kernels run, with pdl as programmatic dependent launches. Decoding replays CUDA graphs (qrobust.models.decode), so the
 numbers measure the kernels and the memory traffic rather than Python's launch overhead. The
 fraction of the bandwidth floor divides tokens/s by what streaming every weight byte once per
@@ -51,7 +51,9 @@ class GenerateBench:
     seed: int = 0
     compile: bool = False  # torch.compile each step before capturing it
     fuse: bool = False  # q/k/v as one layer, gate/up as one SwiGLU layer (models.decode.fuse_projections)
-    tinygemm: bool = True  # AR decoding: 4-bit layers on PyTorch's int4 kernel where it applies (kernels.tinygemm)
+    # AR decoding: 4-bit layers on PyTorch's int4 kernel where it applies (kernels.tinygemm); None: unless pdl,
+    # since tinygemm cannot start before the kernel ahead of it finishes, and our GEMV then is faster
+    tinygemm: bool | None = None
     # the fused SwiGLU layer (fuse) on tinygemm plus a separate activation, rather than on our GEMV,
     # which applies the activation as it stores
     tinygemm_swiglu: bool = False
@@ -62,6 +64,10 @@ class GenerateBench:
     # AR decoding on Hopper or later: kernels launch as programmatic dependent launches (models.decode.use_pdl,
     # and Inductor's with compile), each reading its weights while the one before it finishes
     pdl: bool = False
+
+    @property
+    def uses_tinygemm(self) -> bool:
+        return not self.pdl if self.tinygemm is None else self.tinygemm
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b != FULL_PRECISION and b not in (2, 3, 4, 8)]
@@ -120,7 +126,7 @@ def build_model(bench: GenerateBench, bits: int) -> nn.Module:
             replace_linear(model, "lm_head", rtn(model.lm_head.weight, head, "lm_head"))
     if bench.fuse:
         fuse_projections(model)
-    if bench.tinygemm and bench.kind == "ar":  # a GEMV kernel: diffusion steps multiply whole sequences
+    if bench.uses_tinygemm and bench.kind == "ar":  # a GEMV kernel: diffusion steps multiply whole sequences
         repack_int4(model, None if bench.tinygemm_swiglu else lambda name: name.endswith(".swiglu.linear"))
     if bench.attention_kernel and bench.kind == "ar" and kernels_enabled(bench.device):
         use_attention_kernel(model)

@@ -388,8 +388,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile each step (fuses small kernels) before capture")
     g.add_argument("--fuse", action="store_true",
                    help="q/k/v as one layer, gate/up as one SwiGLU layer (all widths, fp16 too)")
-    g.add_argument("--no-tinygemm", action="store_true",
-                   help="4-bit layers on qrobust's Triton GEMV instead of PyTorch's int4 tinygemm kernel")
+    g.add_argument("--tinygemm", action=argparse.BooleanOptionalAction, default=None,
+                   help="AR decoding: 4-bit layers on PyTorch's int4 tinygemm kernel (--no-tinygemm: on qrobust's "
+                        "Triton GEMV); default: tinygemm unless --pdl")
     g.add_argument("--tinygemm-swiglu", action="store_true",
                    help="with --fuse, the 4-bit gate/up layer on tinygemm plus an activation kernel instead of "
                         "qrobust's GEMV, which applies the activation as it stores")
@@ -431,7 +432,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
     bench = GenerateBench(shape=args.shape, kind=args.kind, bits=bits, group_size=args.group_size,
                           prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                           layers=args.layers, vocab_size=args.vocab_size, device=args.device, compile=args.compile,
-                          fuse=args.fuse, tinygemm=not args.no_tinygemm,
+                          fuse=args.fuse, tinygemm=args.tinygemm,
                           tinygemm_swiglu=args.tinygemm_swiglu, attention_kernel=not args.no_attention_kernel,
                           lm_head_bits=args.lm_head_bits, pdl=args.pdl)
     results = bench_generate(bench, args.out)

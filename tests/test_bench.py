@@ -69,12 +69,12 @@ def test_bench_generate_cli_rejects_bad_bits(capsys):
     assert "unsupported bit width" in capsys.readouterr().err
 
 
-def test_bench_generate_cli_passes_pdl(tmp_path):
+def test_bench_generate_cli_passes_pdl_and_the_tinygemm_choice(tmp_path):
     import json
 
     common = ["bench", "generate", "--shape", "qwen3-0.6b", "--layers", "1", "--vocab-size", "256", "--bits", "4",
               "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1", "--device", "cpu"]
-    for extra, tinygemm, layers in ((["--pdl"], True, 7), (["--pdl", "--no-tinygemm"], False, 0), ([], True, 7)):
+    for extra, tinygemm, layers in ((["--pdl"], None, 0), (["--pdl", "--tinygemm"], True, 7), ([], None, 7)):
         out = tmp_path / "gen.json"
         assert main(common + extra + ["--out", str(out)]) == 0
         results = json.loads(out.read_text())

@@ -90,6 +90,20 @@ def test_bench_generate_on_cpu(tmp_path, kind):
     assert ("tinygemm" if kind == "ar" else "torch") in lines[2]  # CPU: no Triton kernels
 
 
+def test_pdl_keeps_4_bit_layers_on_our_gemv_unless_tinygemm_is_asked_for():
+    """tinygemm, a PyTorch kernel, cannot start before the kernel ahead of it ends, so with pdl the
+    4-bit layers stay on qrobust's GEMV by default; an explicit choice wins either way."""
+    from qrobust.bench_generate import build_model
+    from qrobust.kernels.tinygemm import TinyGemmLinear
+
+    bench = GenerateBench(shape="qwen3-0.6b", bits=(4,), layers=1, vocab_size=256, device="cpu")
+    assert bench.uses_tinygemm and not GenerateBench(pdl=True).uses_tinygemm
+    assert GenerateBench(pdl=True, tinygemm=True).uses_tinygemm and not GenerateBench(tinygemm=False).uses_tinygemm
+    tinygemm_layers = {pdl: sum(isinstance(m, TinyGemmLinear) for m in
+                                build_model(dataclasses.replace(bench, pdl=pdl), 4).modules()) for pdl in (False, True)}
+    assert tinygemm_layers == {False: 7, True: 0}
+
+
 def test_bench_generate_rejects_bad_bits():
     with pytest.raises(QrobustError, match="bit widths"):
         GenerateBench(bits=(16, 5))
