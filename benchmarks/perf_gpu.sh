@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
-#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|diffusion]
-# quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, diffusion, profile's first command and
-# fused's last two ran on older code (README says which);
+#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion]
+# quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention and fused ran on
+# older code, pdl's third command and diffusion's second on a0f0a7c (same kernels; README says which);
 # peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
@@ -63,7 +63,22 @@ case ${1:-quantize} in
       --out "$OUT/bench_generate_ar_fused_compiled_triton4_qwen3-1.7b_h100.json"
     timeout 80 $g --kind ar --compile --fuse --tinygemm-swiglu --bits 4 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_tinygemm_swiglu_intermediate_qwen3-1.7b_h100.json" ;;
-  diffusion) # denoising steps, fused and compiled
-    timeout 220 $g --kind diffusion --compile --fuse --bits 16,4,3,8 --repeats 3 --new-tokens 64 \
-      --out "$OUT/bench_generate_diffusion_fused_compiled_qwen3-1.7b_h100.json" ;;
+  pdl)       # programmatic dependent launches: the table, the same without them, 4 bits on tinygemm with them
+             # (with the other widths, then alone), the output layer packed too, and the tokens compared
+    timeout 290 $g --kind ar --compile --fuse --pdl --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_qwen3-1.7b_h100.json"
+    timeout 290 $g --kind ar --compile --fuse --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_nopdl_qwen3-1.7b_h100.json"
+    timeout 290 $g --kind ar --compile --fuse --pdl --tinygemm --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_tinygemm4_qwen3-1.7b_h100.json"
+    timeout 80 $g --kind ar --compile --fuse --pdl --tinygemm --bits 4 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_tinygemm4_alone_qwen3-1.7b_h100.json"
+    timeout 170 $g --kind ar --compile --fuse --pdl --lm-head-bits 4 --bits 16,4,2 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_lmhead4_qwen3-1.7b_h100.json"
+    timeout 150 python3 benchmarks/pdl_agreement.py --bits 16,4,2,3,8 --out "$OUT/pdl_agreement_qwen3-1.7b_h100.json" ;;
+  diffusion) # denoising steps, fused and compiled (the time limit stopped the first before 8 bits)
+    timeout 200 $g --kind diffusion --compile --fuse --bits 16,4,2,3,8 --repeats 3 --new-tokens 64 \
+      --out "$OUT/bench_generate_diffusion_fused_compiled_qwen3-1.7b_h100.json"
+    timeout 100 $g --kind diffusion --compile --fuse --bits 8 --repeats 3 --new-tokens 64 \
+      --out "$OUT/bench_generate_diffusion_fused_compiled_8bit_qwen3-1.7b_h100.json" ;;
 esac
