@@ -1,5 +1,7 @@
 """The Triton kernels against their torch references: on CUDA where there is one, else on CPU
 under Triton's interpreter (conftest sets TRITON_INTERPRET=1 on machines without a GPU)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -238,7 +240,7 @@ def test_decode_attention_matches_masked_sdpa(heads, kv_heads, position):
     repeated keys with the positions past it masked (stale cache entries beyond are ignored): in
     one program per KV head, and split along the cache (splits past the position hold nothing),
     over several key blocks and a partial last one, three query heads per KV head padded to four."""
-    from qrobust.kernels.decode_attention import attention_splits, decode_attention, decode_attention_op
+    from qrobust.kernels.decode_attention import attention_splits, decode_attention
 
     g = torch.Generator().manual_seed(position)
     B, L, D = 2, 64, 16
@@ -256,15 +258,57 @@ def test_decode_attention_matches_masked_sdpa(heads, kv_heads, position):
         assert not locks.any()
     assert attention_splits(160, 64) == (1, 256) and attention_splits(4096, 64) == (16, 256)
     assert attention_splits(64, 4) == (4, 16)
-    torch.testing.assert_close(decode_attention_op(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, pos, locks),
-                               ref, rtol=1e-4, atol=1e-4)  # a non-contiguous q, as the model passes it
+    torch.testing.assert_close(decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, pos, locks),
+                               ref, rtol=1e-4, atol=1e-4)  # a non-contiguous q
     half = decode_attention(q.half(), k.half(), v.half(), pos, locks, block_l=16, splits=2)
     torch.testing.assert_close(half.float(), ref, rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="do not fit"):
         decode_attention(q.expand(B, heads, 2, D), k, v, pos)
     with pytest.raises(ValueError, match="locks"):
         decode_attention(q, k, v, pos, splits=2)
-    torch.library.opcheck(decode_attention_op, (q, k, v, pos, locks), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("position", [0, 37])
+def test_decode_attention_normalizes_rotates_and_caches_the_new_token(position):
+    """From the new token's projections (rows of one fused q/k/v output, as the model passes them),
+    the kernel gives the torch path's attention: per-head RMSNorm and rotary embedding, the new
+    key and value written into the caches at the position, then attention up to it; in one
+    program and split along the cache."""
+    from qrobust.kernels.decode_attention import NewToken, decode_attention, decode_attention_op
+    from qrobust.models.transformer import RMSNorm, RotaryEmbedding, apply_rotary
+
+    g = torch.Generator().manual_seed(position)
+    B, H, H_kv, L, D = 2, 6, 2, 64, 16
+    qkv = torch.randn(B, 1, (H + 2 * H_kv) * D, generator=g).to(DEVICE)
+    q, k, v = qkv.split([H * D, H_kv * D, H_kv * D], dim=-1)
+    k_cache, v_cache = (torch.randn(B, H_kv, L, D, generator=g).to(DEVICE) for _ in range(2))
+    q_norm, k_norm = RMSNorm(D, 1e-6).to(DEVICE), RMSNorm(D, 1e-6).to(DEVICE)
+    with torch.no_grad():
+        q_norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+        k_norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+        cos, sin = RotaryEmbedding(D, 10000.0).to(DEVICE)(torch.tensor([[position]], device=DEVICE), torch.float32)
+        qh = apply_rotary(q_norm(q.reshape(B, 1, H, D)).transpose(1, 2), cos, sin)
+        kh = apply_rotary(k_norm(k.reshape(B, 1, H_kv, D)).transpose(1, 2), cos, sin)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[:, :, position], v_ref[:, :, position] = kh[:, :, 0], v.reshape(B, H_kv, D)
+    mask = (torch.arange(L, device=DEVICE) <= position)[None, None, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(qh, k_ref.repeat_interleave(H // H_kv, 1),
+                                                           v_ref.repeat_interleave(H // H_kv, 1), attn_mask=mask)
+    new = NewToken(k, v, q_norm.weight.detach(), k_norm.weight.detach(), 1e-6, cos.reshape(-1), sin.reshape(-1))
+    locks = torch.zeros(B * H_kv, dtype=torch.int32, device=DEVICE)
+    for splits, lock in ((1, None), (4, locks)):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = decode_attention(q, kc, vc, torch.tensor([position], device=DEVICE), lock, block_l=16, splits=splits,
+                               new=new)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kc, k_ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(vc, v_ref)
+    args = (q, k, v, k_cache.clone(), v_cache.clone(), torch.tensor([position], device=DEVICE), locks,
+            new.q_weight, new.k_weight, 1e-6, new.cos, new.sin)
+    torch.library.opcheck(decode_attention_op, args, test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="rows of contiguous heads"):
+        decode_attention(q, k_cache, v_cache, torch.tensor([position], device=DEVICE),
+                         new=dataclasses.replace(new, k=k[:, :, :D]))
 
 
 PDL_TTIR = """

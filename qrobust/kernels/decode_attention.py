@@ -9,8 +9,13 @@ products on tensor cores (a group's query heads padded to 16 rows). The cache is
 its length over several programs per KV head (flash-decoding), and the program that finishes
 last for a head merges their partial softmaxes, so a long context keeps the GPU busy without a
 second kernel; while the position is still within the first split, that split alone answers.
+Given the new token's projections as they leave the q/k/v product (NewToken), it also applies
+the per-head RMSNorm and the rotary embedding and writes the new key and value into the caches,
+which otherwise take three element-wise kernels per layer.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -44,15 +49,37 @@ def _merge_splits(pm_ptr, pl_ptr, pacc_ptr, y_ptr, slot, y_rows, d, SPLITS: tl.c
 
 
 @triton.jit
+def _norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, eps, d, D: tl.constexpr):
+    """RMSNorm (weight w, float32 statistics) then the rotary embedding (rotate-half form, cos and
+    sin of the position) of the rows x_ptr [R, 1] + d, in float32: each row is read twice, as it
+    is and rotated by half its length, which keeps the rotation out of registers."""
+    half = (d + D // 2) % D
+    x = tl.load(x_ptr + d[None, :]).to(tl.float32)
+    x_half = tl.load(x_ptr + half[None, :]).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+    sign = tl.where(d < D // 2, -1.0, 1.0)[None, :]
+    w = tl.load(w_ptr + d).to(tl.float32)[None, :]
+    w_half = tl.load(w_ptr + half).to(tl.float32)[None, :]
+    cos = tl.load(cos_ptr + d).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + d).to(tl.float32)[None, :]
+    return x * rstd * w * cos + sign * x_half * rstd * w_half * sin
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, pm_ptr, pl_ptr, pacc_ptr, lock_ptr, qk_scale,
                              split_len, stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_yb, stride_yh,
+                             kn_ptr, vn_ptr, stride_nb, qw_ptr, kw_ptr, cos_ptr, sin_ptr, eps,
                              REP: tl.constexpr, REP_P2: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                              BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                             PRECISION: tl.constexpr, PDL: tl.constexpr):
+                             PRECISION: tl.constexpr, PDL: tl.constexpr, PROLOGUE: tl.constexpr):
     """Query heads h·REP … h·REP + REP − 1 of sequence b against KV head h, keys from this
     split's [split·split_len, (split + 1)·split_len) up to the position. The heads are the rows of
     a [ROWS, D] tile padded with zeros to the 16 rows a tensor-core product needs, so scores and
     outputs are two tl.dot per block of keys, and Triton pipelines the loads that feed them.
+    PROLOGUE: q holds the query heads before their RMSNorm and rotary embedding, kn and vn the
+    new token's key and value heads [B, 1, H_kv·D] (row stride stride_nb) before theirs; the
+    kernel applies them (weights qw, kw, cos and sin of the position) and the program whose
+    split holds the position writes the new key and value into the caches first.
     PDL (programmatic dependent launch): everything it reads comes from the kernels before it, so
     it waits for them first, then lets the next kernel start (which reads its own weights while
     this one runs)."""
@@ -64,9 +91,20 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, pm_ptr, pl_ptr
     d = tl.arange(0, D)
     rmask = (r < REP)[:, None]
     heads = (h * REP + r)[:, None]
-    q = tl.load(q_ptr + b * stride_qb + heads * stride_qh + d[None, :], mask=rmask, other=0.0)
     length = tl.load(pos_ptr) + 1
     kv = b * stride_kb + h * stride_kh
+    if PROLOGUE:
+        q_rows = q_ptr + b * stride_qb + tl.minimum(heads, h * REP + REP - 1) * stride_qh  # padding: repeats
+        q = tl.where(rmask, _norm_rope(q_rows, qw_ptr, cos_ptr, sin_ptr, eps, d, D), 0.0).to(k_ptr.dtype.element_ty)
+        if (length - 1) // split_len == split:  # the new key and value go into the caches, then are read back
+            new = b * stride_nb + h * D
+            k_new = _norm_rope(kn_ptr + new + tl.zeros([1, 1], tl.int32), kw_ptr, cos_ptr, sin_ptr, eps, d, D)
+            at = kv + (length - 1) * stride_kl + d[None, :]
+            tl.store(k_ptr + at, k_new.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + at, tl.load(vn_ptr + new + d[None, :]))
+            tl.debug_barrier()
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads * stride_qh + d[None, :], mask=rmask, other=0.0)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
@@ -112,15 +150,35 @@ def attention_splits(cache_len: int, block_l: int) -> tuple[int, int]:
     return triton.cdiv(blocks, per_split), per_split * block_l
 
 
+@dataclass(frozen=True)
+class NewToken:
+    """What decoding's attention does to the new token's projections before attending (the
+    kernel's prologue): RMSNorm over each head (weights q_weight, k_weight; eps) and the rotary
+    embedding (cos and sin of the position, [D]); then the key and value go into the caches."""
+    k: torch.Tensor  # [B, 1, H_kv·D], before its norm and rotation
+    v: torch.Tensor  # [B, 1, H_kv·D]
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      locks: torch.Tensor | None = None, block_l: int = 64, splits: int | None = None,
-                     num_warps: int = 4, num_stages: int = 3, pdl: bool = False) -> torch.Tensor:
+                     num_warps: int = 4, num_stages: int = 3, pdl: bool = False,
+                     new: NewToken | None = None) -> torch.Tensor:
     """Softmax attention of q [B, H, 1, D] over the cached keys and values [B, H_kv, L, D] at
     positions 0 … positions[0] (the new token's position, whose key the cache already holds),
     with the usual 1/√D scaling; H must be a multiple of H_kv and D a power of two. Returns
     [B, H, 1, D] in q's dtype. The cache is split over `splits` programs per KV head (default:
     attention_splits); several need `locks`, B·H_kv int32 zeros that every call leaves at zero.
-    `pdl` launches it as a programmatic dependent launch (kernels.gptq_matmul.pdl_supported)."""
+    `pdl` launches it as a programmatic dependent launch (kernels.gptq_matmul.pdl_supported).
+    With `new`, q is the query heads [B, 1, H·D] before their norm and rotation, and the kernel
+    also normalizes, rotates and caches the new key and value (NewToken): one kernel for what
+    the model otherwise does in several."""
+    if new is not None:
+        q = q.unflatten(-1, (-1, k_cache.shape[-1])).transpose(1, 2)  # [B, H, 1, D], heads D apart
     B, H, T, D = q.shape
     Bk, H_kv, L, Dk = k_cache.shape
     if T != 1 or (Bk, Dk) != (B, D) or v_cache.shape != k_cache.shape or H % H_kv or D & (D - 1):
@@ -128,36 +186,49 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                          "(one query token, H a multiple of H_kv, head size a power of two)")
     if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride() or k_cache.dtype != q.dtype:
         raise ValueError("decode_attention: the caches must share q's dtype and a layout with contiguous heads")
+    if new is not None and (q.stride(-1) != 1 or q.stride(1) != D or new.k.shape != (B, 1, H_kv * D)
+                            or new.v.stride() != new.k.stride() or new.k.stride(-1) != 1):
+        raise ValueError("decode_attention: the new token's q, k and v must be rows of contiguous heads, "
+                         f"k and v of shape {(B, 1, H_kv * D)}")
     if splits is None:
         splits, split_len = attention_splits(L, block_l) if locks is not None else (1, L)
     else:
         split_len = triton.cdiv(triton.cdiv(L, splits), block_l) * block_l
     if splits > 1 and (locks is None or locks.numel() < B * H_kv):
         raise ValueError(f"decode_attention: {splits} splits need {B * H_kv} locks")
-    q = q.contiguous()
-    y = torch.empty_like(q)
+    if new is None:
+        q = q.contiguous()
+    y = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     rep = H // H_kv
     rep_p2 = triton.next_power_of_2(rep)
     slots = B * H_kv * splits * rep_p2 if splits > 1 else 1
     pm, pl = (torch.empty(slots, device=q.device, dtype=torch.float32) for _ in range(2))
     pacc = torch.empty(slots * D if splits > 1 else 1, device=q.device, dtype=torch.float32)
+    prologue = (new.k, new.v, new.k.stride(0), new.q_weight, new.k_weight, new.cos, new.sin, new.eps) if new \
+        else (pm, pm, 0, pm, pm, pm, pm, 0.0)
     _decode_attention_kernel[(B, H_kv, splits)](
         q, k_cache, v_cache, positions, y, pm, pl, pacc, locks if splits > 1 else pm, D ** -0.5 * LOG2E, split_len,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), y.stride(0), y.stride(1),
-        REP=rep, REP_P2=rep_p2, ROWS=max(16, rep_p2), D=D, BLOCK_L=block_l, SPLITS=splits,
+        *prologue, REP=rep, REP_P2=rep_p2, ROWS=max(16, rep_p2), D=D, BLOCK_L=block_l, SPLITS=splits,
         SPLITS_P2=triton.next_power_of_2(splits), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl))
+        PDL=pdl, PROLOGUE=new is not None, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl))
     return y
 
 
-@torch.library.custom_op("qrobust::decode_attention", mutates_args=())
-def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                        locks: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
-    """decode_attention as one opaque call for torch.compile and CUDA graphs. `locks` is not
-    listed as mutated: every call leaves it as it found it."""
-    return decode_attention(q, k_cache, v_cache, positions, locks, pdl=pdl)
+@torch.library.custom_op("qrobust::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, positions: torch.Tensor, locks: torch.Tensor | None,
+                        q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                        sin: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """One decoding step's attention from the new token's projections q [B, 1, H·D], k and v
+    [B, 1, H_kv·D] (decode_attention with NewToken), as one opaque call for torch.compile and
+    CUDA graphs; writes the new key and value into the caches. `locks` is not listed as mutated:
+    every call leaves it as it found it."""
+    return decode_attention(q, k_cache, v_cache, positions, locks, pdl=pdl,
+                            new=NewToken(k, v, q_weight, k_weight, eps, cos, sin))
 
 
 @decode_attention_op.register_fake
-def _(q, k_cache, v_cache, positions, locks=None, pdl=False):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+def _(q, k, v, k_cache, v_cache, positions, locks, q_weight, k_weight, eps, cos, sin, pdl=False):
+    B, D = q.shape[0], k_cache.shape[-1]
+    return q.new_empty(B, q.shape[-1] // D, 1, D)

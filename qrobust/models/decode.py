@@ -83,8 +83,10 @@ def fuse_projections(model: TransformerLM) -> int:
 
 def use_attention_kernel(model: TransformerLM, on: bool = True) -> int:
     """For inference: each attention layer computes a single new token's attention over its cache
-    with one kernel (kernels.decode_attention) instead of repeating the grouped keys, building a
-    mask and running SDPA over the whole static cache; on=False goes back. The kernel runs where
+    with one kernel (kernels.decode_attention), which also applies the q/k norms and the rotary
+    embedding and writes the new key and value into the cache, instead of separate kernels for
+    those, repeating the grouped keys, building a mask and running SDPA over the whole static
+    cache; on=False goes back. The kernel runs where
     Triton does (kernels.supports) and needs a power-of-two head size: otherwise nothing changes.
     Returns how many layers changed."""
     from qrobust.kernels.decode_attention import decode_attention_op

@@ -112,7 +112,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.qkv_proj: nn.Module | None = None  # q/k/v as one layer, for inference (models.decode)
-        # one new token's attention over the cache, as one kernel (models.decode.use_attention_kernel)
+        # one new token's attention over the cache, its q/k norms, rotation and cache writes included, as
+        # one kernel (models.decode.use_attention_kernel)
         self.decode_attention: Callable[..., torch.Tensor] | None = None
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,16 +126,18 @@ class Attention(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self._qkv(x)
+        cos, sin = rope
+        if cache is not None and T == 1 and self.decode_attention is not None:
+            # one kernel normalizes, rotates and caches the new token's heads and attends
+            y = self.decode_attention(q, k, v, cache.k, cache.v, cache.positions, cache.locks, self.q_norm.weight,
+                                      self.k_norm.weight, self.q_norm.eps, cos.reshape(-1), sin.reshape(-1))
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         q = self.q_norm(q.reshape(B, T, self.n_head, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.reshape(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)
         v = v.reshape(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-            if T == 1 and self.decode_attention is not None:
-                y = self.decode_attention(q, k, v, cache.positions, cache.locks)
-                return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         rep = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # mask None: no padding, so the plain causal (or full) pattern, which fused kernels handle
