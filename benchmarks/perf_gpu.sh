@@ -2,8 +2,9 @@
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
 #   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion]
-# quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention and fused ran on
-# older code, pdl's third command and diffusion's second on a0f0a7c (same kernels; README says which);
+# quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention's first command and
+# fused ran on older code; pdl's first, second and fifth commands (also run on 6c6eee8: *_6c6eee8_*) and
+# attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which);
 # peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
