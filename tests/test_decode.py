@@ -228,3 +228,15 @@ def test_pdl_decodes_the_same_tokens():
     assert GreedyDecoder(model, max_len=20).generate(prompt, 10).tokens.tolist() == expected.tolist()
     use_pdl(model, on=False)
     assert not any(m.pdl for m in packed)
+
+
+def test_compile_options_turn_on_inductors_dependent_launches_only_when_asked():
+    import torch._inductor.config as inductor
+
+    from qrobust.models.decode import compile_options
+
+    assert compile_options(False) == {}
+    expected = {"triton.enable_pdl": True} if hasattr(inductor.triton, "enable_pdl") else {}
+    assert compile_options(True) == expected
+    if expected:  # torch.compile accepts them as given
+        torch.compile(lambda x: x + 1, options=expected)
