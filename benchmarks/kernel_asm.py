@@ -37,8 +37,9 @@ INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-
 def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, splits: int = 1,
                  swiglu: bool = False, pdl: bool = False):
     """The GEMV as the default path launches it (one tile per program, no act-order, no bias,
-    K-splits summed by the last split; with `swiglu`, the activation applied as it stores; with `pdl`, as a programmatic
-    dependent launch), compiled for sm_<arch> with 16-byte aligned pointers and sizes."""
+    K-splits summed by the last split; with `swiglu`, the activation applied as it stores; with
+    `pdl`, as a programmatic dependent launch), compiled for sm_<arch> with 16-byte aligned
+    pointers and sizes."""
     constants = dict(BITS=bits, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=False, BLOCK_N=block_n,
                      BLOCK_K=block_k, SPLITS=splits, LAST_SUMS=True, SWIGLU=swiglu,
                      ONE_TILE=True, PDL=pdl)

@@ -4,10 +4,11 @@ Each bit width gets a fresh random-weight model at a real shape, quantized round
 (speed does not depend on how the codes were chosen) into packed QuantLinear layers, which on
 CUDA run qrobust's Triton kernels (at 4 bits PyTorch's int4 tinygemm kernel, unless
 tinygemm=False or pdl, but for the fused SwiGLU layer); AR decoding's attention runs qrobust's
-decode kernel where kernels run, with pdl as programmatic dependent launches. Decoding replays CUDA graphs (qrobust.models.decode), so the
-numbers measure the kernels and the memory traffic rather than Python's launch overhead. The
-fraction of the bandwidth floor divides tokens/s by what streaming every weight byte once per
-token at the copy bandwidth measured in the same run would allow.
+decode kernel where kernels run, with pdl as programmatic dependent launches. Decoding replays
+CUDA graphs (qrobust.models.decode), so the numbers measure the kernels and the memory traffic
+rather than Python's launch overhead. The fraction of the bandwidth floor divides tokens/s by
+what streaming every weight byte once per token at the copy bandwidth measured in the same run
+would allow.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ class GenerateBench:
     compile: bool = False  # torch.compile each step before capturing it
     fuse: bool = False  # q/k/v as one layer, gate/up as one SwiGLU layer (models.decode.fuse_projections)
     # AR decoding: 4-bit layers on PyTorch's int4 kernel where it applies (kernels.tinygemm); None: unless pdl,
-    # since tinygemm cannot start before the kernel ahead of it finishes, and our GEMV then is faster
+    # since tinygemm cannot start before the kernel ahead of it finishes, and our GEMV then was as fast or
+    # faster (README: GPU performance)
     tinygemm: bool | None = None
     # the fused SwiGLU layer (fuse) on tinygemm plus a separate activation, rather than on our GEMV,
     # which applies the activation as it stores
@@ -202,7 +204,7 @@ def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress
         on = model.device  # with its index: the layers cached their choice for it
         row["packed_kernels"] = any(m.uses_kernels(on) for m in model.modules() if isinstance(m, QuantLinear))
         row["tinygemm_layers"] = sum(isinstance(m, TinyGemmLinear) for m in model.modules())
-        row["pdl_gemv_layers"] = sum(getattr(m, "pdl", False) for m in model.modules())
+        row["pdl_gemv_layers"] = sum(m.pdl for m in model.modules() if isinstance(m, QuantLinear))
         row["attention_kernel"] = any(b.self_attn.decode_attention is not None for b in model.model.layers)
         if bandwidth and bench.kind == "ar" and "error" not in row:
             row["bandwidth_floor_fraction"] = row["tokens_per_s"] / (bandwidth / weight_bytes)
