@@ -5,7 +5,8 @@ SDPA) against qrobust's decode_attention kernel at the given key-block sizes, in
 KV head and split along the cache (its default), per static cache length and position. Prints
 µs per call and the speed-up over the torch path.
 
-    python benchmarks/decode_attention.py [--cache 160,4096] [--block-l 32,64,128] [--out FILE.json]
+    python benchmarks/decode_attention.py [--cache 160,4096] [--block-l 32,64,128] [--warps 4]
+                                          [--splits one,default] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default="160,4096", help="static cache lengths")
     p.add_argument("--block-l", default="32,64,128")
+    p.add_argument("--warps", default="4", help="warps per program (comma-separated)")
+    p.add_argument("--splits", default="one,default",
+                   help="programs per KV head: one, default (attention_splits) or numbers (comma-separated)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -50,18 +54,20 @@ def main() -> None:
             base = graph_us([lambda: torch_path(q, k, v, pos)], device)
             row = {"cache": L, "position": position, "torch_us": base, "kernel": []}
             locks = torch.zeros(KV_HEADS, dtype=torch.int32, device=device)
-            for block_l, splits in itertools.product((int(b) for b in args.block_l.split(",")), ("one", "default")):
-                n = 1 if splits == "one" else attention_splits(L, block_l)[0]
+            for block_l, warps, splits in itertools.product((int(b) for b in args.block_l.split(",")),
+                                                            (int(w) for w in args.warps.split(",")),
+                                                            args.splits.split(",")):
+                n = {"one": 1, "default": attention_splits(L, block_l)[0]}.get(splits) or int(splits)
 
-                def call(b=block_l, n=n):
-                    return decode_attention(q, k, v, pos, locks, block_l=b, splits=n)
+                def call(b=block_l, n=n, w=warps):
+                    return decode_attention(q, k, v, pos, locks, block_l=b, splits=n, num_warps=w)
 
                 err = float((call().float() - ref.float()).abs().max())
                 us = graph_us([call], device)
-                row["kernel"].append({"block_l": block_l, "splits": n, "us": us, "max_abs_err": err,
+                row["kernel"].append({"block_l": block_l, "warps": warps, "splits": n, "us": us, "max_abs_err": err,
                                       "speedup": base / us})
                 print(f"cache {L:5d} position {position:5d}: torch {base:6.2f} µs, kernel (block {block_l:3d}, "
-                      f"{n:2d} splits) {us:6.2f} µs, {base / us:5.2f}x, max error {err:.1e}", flush=True)
+                      f"{warps} warps, {n:2d} splits) {us:6.2f} µs, {base / us:5.2f}x, max error {err:.1e}", flush=True)
             rows.append(row)
     if args.out:
         with open(args.out, "w") as f:

@@ -7,10 +7,10 @@ instructions over the codes one thread handles in one tile; the loop runs once w
 program gets one tile, as the default tiling arranges).
 
     python benchmarks/kernel_asm.py [--bits 2,3,4,8] [--block-n 32] [--block-k 2048] [--warps 8]
-                                    [--splits 1] [--swiglu] [--pdl] [--arch 90] [--out FILE.json]
+                                    [--splits 1] [--swiglu] [--pdl] [--norm] [--arch 90] [--out FILE.json]
 
-The kernel comes from whichever qrobust is imported, so PYTHONPATH=<another checkout> compares
-an older kernel with the same signature.
+The kernel comes from whichever qrobust is imported (gptq_matmul.compile_gemv_for), so
+PYTHONPATH=<another checkout> compares another version of it.
 """
 from __future__ import annotations
 
@@ -23,33 +23,22 @@ import tempfile
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from qrobust.kernels import gptq_matmul
 
-POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32",
-            "b_ptr": "*fp16", "p_ptr": "*fp32", "y_ptr": "*fp16", "lock_ptr": "*i32"}
-SCALARS = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32", "one": "u32"}
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
 def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, splits: int = 1,
-                 swiglu: bool = False, pdl: bool = False):
+                 swiglu: bool = False, pdl: bool = False, norm: bool = False):
     """The GEMV as the default path launches it (one tile per program, no act-order, no bias,
     K-splits summed by the last split; with `swiglu`, the activation applied as it stores; with
-    `pdl`, as a programmatic dependent launch), compiled for sm_<arch> with 16-byte aligned
-    pointers and sizes."""
+    `pdl`, as a programmatic dependent launch; with `norm`, the residual add and RMSNorm in its
+    prologue), compiled for sm_<arch>."""
     constants = dict(BITS=bits, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=False, BLOCK_N=block_n,
-                     BLOCK_K=block_k, SPLITS=splits, LAST_SUMS=True, SWIGLU=swiglu,
-                     ONE_TILE=True, PDL=pdl)
-    signature = {**POINTERS, **SCALARS, **{name: "constexpr" for name in constants}}
-    names = list(signature)
-    source = ASTSource(gptq_matmul._gemv_kernel, signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(i,): [["tt.divisibility", 16]] for i in range(len(POINTERS) + len(SCALARS))})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 3,
-                                                                                  **gptq_matmul.launch_options(pdl)})
+                     BLOCK_K=block_k, SPLITS=splits, LAST_SUMS=True, SWIGLU=swiglu, ONE_TILE=True, PDL=pdl,
+                     NORM=norm, HAS_RES=norm, K_POW2=triton.next_power_of_2(block_k * splits))
+    return gptq_matmul.compile_gemv_for(arch, constants, num_warps=warps)
 
 
 def nvidia_tool(name: str) -> str:
@@ -71,14 +60,14 @@ def sass_facts(cubin: bytes) -> tuple[collections.Counter, dict]:
 
 
 def describe(bits: int, block_n: int, block_k: int, warps: int, splits: int, arch: int, swiglu: bool = False,
-             pdl: bool = False) -> dict:
-    kernel = compile_gemv(bits, block_n, block_k, warps, arch, splits, swiglu, pdl)
+             pdl: bool = False, norm: bool = False) -> dict:
+    kernel = compile_gemv(bits, block_n, block_k, warps, arch, splits, swiglu, pdl, norm)
     ops, resources = sass_facts(kernel.asm["cubin"])
     codes_per_thread = block_n * block_k // (32 * warps)
     alu = sum(n for op, n in ops.items() if op in ("FFMA", "FADD", "FMUL", "LOP3", "SHF", "SGXT", "PRMT", "I2FP",
                                                    "IMAD", "IADD3", "LEA", "BFE"))
     return {"bits": bits, "block_n": block_n, "block_k": block_k, "warps": warps, "splits": splits, "swiglu": swiglu,
-            "pdl": pdl, "arch": f"sm_{arch}",
+            "pdl": pdl, "norm": norm, "arch": f"sm_{arch}",
             "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
             "barriers": kernel.asm["ptx"].count("bar.sync"), **resources,
             "sass_instructions": sum(ops.values()), "codes_per_thread": codes_per_thread,
@@ -95,13 +84,15 @@ def main() -> None:
     p.add_argument("--splits", type=int, default=1, help="K-splits (their partial sums are added in the kernel)")
     p.add_argument("--swiglu", action="store_true", help="the variant that stores silu(gate)·up (fused SwiGLU layers)")
     p.add_argument("--pdl", action="store_true", help="the variant launched as a programmatic dependent launch")
+    p.add_argument("--norm", action="store_true", help="the variant with the residual add and RMSNorm in its prologue")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90: H100)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not Path(nvidia_tool("cuobjdump")).exists():
         raise SystemExit("kernel_asm.py: this Triton ships no CUDA tools (backends/nvidia/bin); "
                          "install a Linux x86-64 Triton wheel")
-    rows = [describe(int(b), args.block_n, args.block_k, args.warps, args.splits, args.arch, args.swiglu, args.pdl)
+    rows = [describe(int(b), args.block_n, args.block_k, args.warps, args.splits, args.arch, args.swiglu, args.pdl,
+                     args.norm)
             for b in args.bits.split(",")]
     print(f"{'bits':>4} {'convert':>7} {'bar.sync':>8} {'regs':>4} {'stack':>5} {'SASS':>5} {'/code':>6} {'ALU/code':>8}  top opcodes")
     for r in rows:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
-#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion]
+#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion|norms]
 # quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention's first command and
 # fused ran on older code; pdl's first, second and fifth commands (also run on 6c6eee8: *_6c6eee8_*) and
-# attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which);
+# attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which); norms
+# on the commit that added --fuse-norms (its *_run1_*, *_run2_* files: the same commands on other H100s);
 # peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
@@ -77,6 +78,21 @@ case ${1:-quantize} in
     timeout 170 $g --kind ar --compile --fuse --pdl --lm-head-bits 4 --bits 16,4,2 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_lmhead4_qwen3-1.7b_h100.json"
     timeout 150 python3 benchmarks/pdl_agreement.py --bits 16,4,2,3,8 --out "$OUT/pdl_agreement_qwen3-1.7b_h100.json" ;;
+  norms)     # residual adds and RMSNorms inside the q/k/v and gate/up GEMVs: the table, the same without them
+             # (same machine), the output layer packed too, a profile without dependent launches (4 bits on
+             # our GEMV), the attention kernel's tilings at the bench's cache length, diffusion steps again
+    timeout 300 $g --kind ar --compile --fuse --pdl --fuse-norms --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_qwen3-1.7b_h100.json"
+    timeout 290 $g --kind ar --compile --fuse --pdl --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_off_qwen3-1.7b_h100.json"
+    timeout 250 $g --kind ar --compile --fuse --pdl --fuse-norms --lm-head-bits 4 --bits 16,4,2 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_lmhead4_qwen3-1.7b_h100.json"
+    timeout 200 python3 benchmarks/profile_decode.py --bits 4,2 --compile --fuse --fuse-norms --no-tinygemm \
+      --out "$OUT/profile_decode_norms_nopdl_qwen3-1.7b_h100.json"
+    timeout 100 python3 benchmarks/decode_attention.py --cache 160 --block-l 32,64,128 --warps 2,4,8 --splits 1,2,3 \
+      --out "$OUT/decode_attention_sweep_qwen3-1.7b_h100.json"
+    timeout 220 $g --kind diffusion --compile --fuse --bits 16,4,2 --new-tokens 64 --repeats 3 \
+      --out "$OUT/bench_generate_diffusion_fused_compiled_rerun_qwen3-1.7b_h100.json" ;;
   diffusion) # denoising steps, fused and compiled (the time limit stopped the first before 8 bits)
     timeout 200 $g --kind diffusion --compile --fuse --bits 16,4,2,3,8 --repeats 3 --new-tokens 64 \
       --out "$OUT/bench_generate_diffusion_fused_compiled_qwen3-1.7b_h100.json"

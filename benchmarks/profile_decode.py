@@ -3,7 +3,8 @@ under torch.profiler, and its kernels are summed by kind (weight products, atten
 With --compile the step is compiled first, so the element-wise kernels are fused as they are in
 `qrobust bench generate --compile`.
 
-    python benchmarks/profile_decode.py [--bits 16,4] [--compile] [--fuse] [--steps 20] [--out FILE.json]
+    python benchmarks/profile_decode.py [--bits 16,4] [--compile] [--fuse] [--fuse-norms] [--[no-]tinygemm]
+                                        [--steps 20] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -69,13 +70,16 @@ def main() -> None:
     p.add_argument("--shape", default="qwen3-1.7b")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fuse", action="store_true")
+    p.add_argument("--fuse-norms", action="store_true", help="as bench generate's (needs --fuse)")
+    p.add_argument("--tinygemm", action=argparse.BooleanOptionalAction, default=None, help="as bench generate's")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode.py: needs a CUDA device")
     bits = tuple(int(b) for b in args.bits.split(","))
-    bench = GenerateBench(shape=args.shape, kind="ar", bits=bits, compile=args.compile, fuse=args.fuse)
+    bench = GenerateBench(shape=args.shape, kind="ar", bits=bits, compile=args.compile, fuse=args.fuse,
+                          fuse_norms=args.fuse_norms, tinygemm=args.tinygemm)
     rows = [profile_step(bench, b, args.steps) for b in bits]
     for r in rows:
         kinds = ", ".join(f"{k} {us:.0f}" for k, us in sorted(r["by_kind_us"].items()))

@@ -4,7 +4,8 @@ Each bit width gets a fresh random-weight model at a real shape, quantized round
 (speed does not depend on how the codes were chosen) into packed QuantLinear layers, which on
 CUDA run qrobust's Triton kernels (at 4 bits PyTorch's int4 tinygemm kernel, unless
 tinygemm=False or pdl, but for the fused SwiGLU layer); AR decoding's attention runs qrobust's
-decode kernel where kernels run, with pdl as programmatic dependent launches. Decoding replays
+decode kernel where kernels run, with pdl as programmatic dependent launches and fuse_norms
+with the residual adds and norms inside the fused layers' GEMVs. Decoding replays
 CUDA graphs (qrobust.models.decode), so the numbers measure the kernels and the memory traffic
 rather than Python's launch overhead. The fraction of the bandwidth floor divides tokens/s by
 what streaming every weight byte once per token at the copy bandwidth measured in the same run
@@ -27,8 +28,8 @@ from qrobust.bench import QuantBench, check_device, model_dtype, peak_gib, rando
 from qrobust.errors import QrobustError
 from qrobust.kernels import kernels_enabled
 from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
-from qrobust.models.decode import (GraphedForward, GreedyDecoder, fuse_projections, sync, use_attention_kernel,
-                                   use_pdl)
+from qrobust.models.decode import (GraphedForward, GreedyDecoder, fuse_norms, fuse_projections, sync,
+                                   use_attention_kernel, use_pdl)
 from qrobust.models.diffusion import SamplerConfig, diffusion_generate
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import QuantLinear, replace_linear
@@ -66,6 +67,9 @@ class GenerateBench:
     # AR decoding on Hopper or later: kernels launch as programmatic dependent launches (models.decode.use_pdl,
     # and Inductor's with compile), each reading its weights while the one before it finishes
     pdl: bool = False
+    # AR decoding with fuse: the packed q/k/v and SwiGLU GEMVs add the residual and normalize in their prologue
+    # (models.decode.fuse_norms)
+    fuse_norms: bool = False
 
     @property
     def uses_tinygemm(self) -> bool:
@@ -77,6 +81,8 @@ class GenerateBench:
             raise QrobustError(f"bad bit widths {bad or list(self.bits)}: use 16 (fp16) and any of 2,3,4,8")
         if self.lm_head_bits is not None and self.lm_head_bits not in (2, 3, 4, 8):
             raise QrobustError(f"bad lm_head width {self.lm_head_bits}: use one of 2,3,4,8")
+        if self.fuse_norms and not self.fuse:
+            raise QrobustError("--fuse-norms puts the norms into the fused q/k/v and gate/up layers: add --fuse")
         if self.repeats < 1 or self.new_tokens < 2 or self.prompt_len < 1:
             raise QrobustError("repeats, prompt length and new tokens must be positive (new tokens at least 2)")
 
@@ -134,6 +140,8 @@ def build_model(bench: GenerateBench, bits: int) -> nn.Module:
         use_attention_kernel(model)
     if bench.pdl and bench.kind == "ar":
         use_pdl(model)
+    if bench.fuse_norms and bench.kind == "ar":
+        fuse_norms(model)
     return model
 
 
@@ -205,6 +213,8 @@ def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress
         row["packed_kernels"] = any(m.uses_kernels(on) for m in model.modules() if isinstance(m, QuantLinear))
         row["tinygemm_layers"] = sum(isinstance(m, TinyGemmLinear) for m in model.modules())
         row["pdl_gemv_layers"] = sum(m.pdl for m in model.modules() if isinstance(m, QuantLinear))
+        row["norm_gemv_layers"] = sum(m.fuse_norm and m.uses_kernels(on) for m in model.modules()
+                                      if isinstance(m, QuantLinear))
         row["attention_kernel"] = any(b.self_attn.decode_attention is not None for b in model.model.layers)
         if bandwidth and bench.kind == "ar" and "error" not in row:
             row["bandwidth_floor_fraction"] = row["tokens_per_s"] / (bandwidth / weight_bytes)

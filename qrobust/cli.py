@@ -402,6 +402,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pdl", action="store_true",
                    help="AR decoding on Hopper or later: launch kernels as programmatic dependent launches, each "
                         "reading its weights while the one before it finishes")
+    g.add_argument("--fuse-norms", action="store_true",
+                   help="AR decoding with --fuse: the packed q/k/v and gate/up GEMVs add the residual and apply "
+                        "the RMSNorm before them in their prologue (two element-wise kernels per block fewer)")
     g.add_argument("--out", default=None, help="JSON file for the measurements")
 
 
@@ -434,7 +437,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
                           layers=args.layers, vocab_size=args.vocab_size, device=args.device, compile=args.compile,
                           fuse=args.fuse, tinygemm=args.tinygemm,
                           tinygemm_swiglu=args.tinygemm_swiglu, attention_kernel=not args.no_attention_kernel,
-                          lm_head_bits=args.lm_head_bits, pdl=args.pdl)
+                          lm_head_bits=args.lm_head_bits, pdl=args.pdl, fuse_norms=args.fuse_norms)
     results = bench_generate(bench, args.out)
     for line in summary_lines(results):
         print(line)

@@ -104,11 +104,26 @@ def test_pdl_keeps_4_bit_layers_on_our_gemv_unless_tinygemm_is_asked_for():
     assert tinygemm_layers == {False: 7, True: 0}
 
 
+def test_fused_norms_go_to_the_layers_after_each_norm():
+    """bench generate's fuse_norms marks the fused q/k/v and SwiGLU layers of AR models, the two
+    that follow a block's norms, and nothing for diffusion steps."""
+    from qrobust.bench_generate import build_model
+
+    bench = GenerateBench(shape="qwen3-0.6b", bits=(4,), layers=2, vocab_size=256, device="cpu", fuse=True,
+                          fuse_norms=True, tinygemm=False)
+    marked = {name for name, m in build_model(bench, 4).named_modules() if getattr(m, "fuse_norm", False)}
+    assert marked == {f"model.layers.{i}.{layer}" for i in (0, 1) for layer in ("self_attn.qkv_proj", "mlp.swiglu.linear")}
+    diffusion = dataclasses.replace(bench, kind="diffusion")
+    assert not any(getattr(m, "fuse_norm", False) for m in build_model(diffusion, 4).modules())
+
+
 def test_bench_generate_rejects_bad_bits():
     with pytest.raises(QrobustError, match="bit widths"):
         GenerateBench(bits=(16, 5))
     with pytest.raises(QrobustError, match="lm_head width"):
         GenerateBench(lm_head_bits=5)
+    with pytest.raises(QrobustError, match="add --fuse"):
+        GenerateBench(fuse_norms=True)
 
 
 def test_bench_generate_can_quantize_the_output_layer(tmp_path):
@@ -204,6 +219,44 @@ def test_attention_kernel_decodes_the_same_tokens(monkeypatch):
     assert model.model.layers[1].self_attn.decode_attention is None
     model.config.head_dim = 24  # not a power of two: the kernel cannot take it
     assert use_attention_kernel(model) == 0 and model.model.layers[0].self_attn.decode_attention is None
+
+
+def test_norms_fused_into_the_gemvs_decode_the_same_tokens(monkeypatch):
+    """With q/k/v and gate/up fused and packed, fuse_norms moves each block's residual adds and
+    RMSNorms into those layers' GEMVs: every decoding step runs them there (two per block), and
+    greedy decoding gives the tokens of the torch path."""
+    from qrobust import kernels
+    from qrobust.kernels import gptq_matmul
+    from qrobust.models.decode import fuse_norms, fuse_projections
+
+    if not kernels.supports(DEVICE):
+        pytest.skip("Triton cannot run here")
+    model = _model()
+    with torch.no_grad():
+        for block in model.model.layers:  # norms that are not the identity
+            for norm in (block.input_layernorm, block.post_attention_layernorm):
+                norm.weight.uniform_(0.5, 1.5)
+    quantize_blocks_rtn(model, QuantSpec(3, 32, sym=False))
+    prompt = torch.tensor([5, 17, 3, 44, 8])
+    expected = GreedyDecoder(model, max_len=20).generate(prompt, 10).tokens
+    assert fuse_norms(model) == 0  # nothing fused to take the norms yet
+    fuse_projections(model)
+    import qrobust.quant.qlinear as qlinear
+
+    monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
+    calls = []
+    fused_op = gptq_matmul.gemv_add_norm_op
+    monkeypatch.setattr(gptq_matmul, "gemv_add_norm_op", lambda *args: calls.append(args[1] is None) or fused_op(*args))
+    assert fuse_norms(model) == 2 * 2
+    eager = GreedyDecoder(model, max_len=20, graphs=False)  # a graph would replay the calls uncounted
+    assert eager.generate(prompt, 10).tokens.tolist() == expected.tolist()
+    # nine one-token steps (the prompt's forward has too many rows); only the first block's first
+    # product starts the stream without a residual
+    assert len(calls) == 9 * 2 * 2 and sum(calls) == 9
+    fuse_norms(model, on=False)
+    calls.clear()
+    eager.generate(prompt, 3)
+    assert not calls
 
 
 def test_pdl_decodes_the_same_tokens():

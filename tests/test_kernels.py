@@ -110,6 +110,40 @@ def test_gemv_applies_swiglu_to_interleaved_gate_and_up(bits):
         gptq_gemv(x, fused.qweight[:, :-1], *args[1:], swiglu=True)
 
 
+@pytest.mark.parametrize("swiglu,shuffled", [(False, False), (True, False), (False, True)])
+def test_gemv_adds_the_residual_and_normalizes_in_its_prologue(swiglu, shuffled):
+    """gptq_gemv_add_norm: the product of RMSNorm(residual + x) (of x alone without a residual)
+    and the packed weight, as torch's norm then product, and the sum h exactly; in one K-split
+    and in several (each program normalizing its split of the row, the last one or a second
+    kernel adding up), for two rows, with SwiGLU's activation on the way out too, and for an
+    act-order layer (two splits only: slow to interpret)."""
+    from qrobust.kernels.gptq_matmul import AddNorm, gemv_locks, gptq_gemv_add_norm
+    from qrobust.models.transformer import RMSNorm
+
+    layer = _layer(4, 64, False, shuffled, N=64, bias=False)
+    K = layer.in_features
+    norm = RMSNorm(K, 1e-6).to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(K, generator=g) + 0.5)
+    x, residual = torch.randn(2, K, generator=g).to(DEVICE), 4 * torch.randn(2, K, generator=g).to(DEVICE)
+    args = (layer.qweight, layer.scales, layer.qzeros, layer.g_idx if shuffled else None, 4, 64,
+            FORMAT_OFFSET[layer.format])
+    locks = gemv_locks(layer.out_features, x.device, rows=2, block_n=32)
+    tilings = ((2, locks),) if shuffled else ((1, None), (2, locks), (4, None))
+    for r in (residual, None):
+        h_ref = x if r is None else r + x
+        with torch.no_grad():
+            y_ref = norm(h_ref) @ layer.dequantized_weight().t()
+        if swiglu:
+            y_ref = torch.nn.functional.silu(y_ref[:, 0::2]) * y_ref[:, 1::2]
+        for splits, lock in tilings:
+            y, h = gptq_gemv_add_norm(x, AddNorm(r, norm.weight.detach(), norm.eps), *args, splits=splits,
+                                      block_depth=K // splits, locks=lock, swiglu=swiglu)
+            assert torch.equal(h, h_ref)
+            torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits,group_size,sym,shuffled", CASES)
 def test_fused_matmul_matches_the_torch_dequantization(bits, group_size, sym, shuffled):
     from qrobust.kernels.gptq_matmul import gptq_matmul
@@ -312,30 +346,22 @@ def test_decode_attention_normalizes_rotates_and_caches_the_new_token(position):
 
 
 PDL_TTIR = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
 from qrobust.kernels import gptq_matmul
-pointers = {"x_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32",
-            "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32", "lock_ptr": "*i32"}
-scalars = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32", "one": "u32"}
+norm = sys.argv[1] == "norm"
 constants = dict(BITS=3, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, SPLITS=2,
-                 LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True)
-signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
-names = list(signature)
-source = ASTSource(gptq_matmul._gemv_kernel, signature,
-                   constexprs={(names.index(k),): v for k, v in constants.items()})
-kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": 1, **gptq_matmul.launch_options(True)})
-print(kernel.asm["ttir"])
+                 LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True, NORM=norm, HAS_RES=norm, K_POW2=512)
+print(gptq_matmul.compile_gemv_for(90, constants, dtype="fp32", num_warps=1).asm["ttir"])
 """
 
 
-def test_gemv_with_pdl_reads_only_weights_before_it_waits():
+@pytest.mark.parametrize("variant", ["plain", "norm"])
+def test_gemv_with_pdl_reads_only_weights_before_it_waits(variant):
     """Launched as a programmatic dependent launch, the GEMV may run while the kernel before it
     still writes x: compiled for an H100 (no GPU needed; outside the interpreter, hence a separate
     process), everything before its wait loads the packed weights and zero points (int32) or the
-    scales (fp16), and every read of x (here fp32) and every write comes after, once."""
+    scales (fp16), and every read of x (here fp32) and every write comes after, once; so do the
+    residual's reads and the norm's writes where the residual add and the norm come first."""
     import os
     import re
     import subprocess
@@ -346,7 +372,7 @@ def test_gemv_with_pdl_reads_only_weights_before_it_waits():
     if not hasattr(tl.extra.cuda, "gdc_wait"):
         pytest.skip("this Triton has no griddepcontrol calls")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    ttir = subprocess.run([sys.executable, "-c", PDL_TTIR], env=env, capture_output=True, text=True,
+    ttir = subprocess.run([sys.executable, "-c", PDL_TTIR, variant], env=env, capture_output=True, text=True,
                           check=True).stdout
     assert ttir.count("griddepcontrol.wait") == 1 and ttir.count("griddepcontrol.launch_dependents") == 1
     before, after = ttir.split("griddepcontrol.wait")

@@ -6,7 +6,8 @@ word boundary (qrobust.quant.pack). Weights dequantize as ŵ = s·(q − z), wit
 the zero point z of the input's group and the output; zero points are read from the packed qzeros.
 
 - gptq_gemv: y = x Ŵᵀ for a few rows of x (batch-1 decoding), memory bound: each program reads
-  its outputs' packed words once and dequantizes in registers.
+  its outputs' packed words once and dequantizes in registers. gptq_gemv_add_norm adds a
+  residual and applies an RMSNorm to x first, in the same kernel.
 - gptq_dequantize: Ŵᵀ [K, N] in the activation dtype, for larger batches (prefill, diffusion
   steps), which then run on the dense matmul.
 - gptq_matmul: the same product with the dequantization fused into a tensor-core matmul (to be
@@ -241,10 +242,45 @@ def _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, B
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, N, K, k_split, stride_x, one,
+def _add_norm_row(x_row, r_row, w_ptr, h_row, xn_row, lo, hi, K, eps, write_h, HAS_RES: tl.constexpr,
+                  K_POW2: tl.constexpr):
+    """The GEMV's input for inputs [lo, hi) as an RMSNorm computes it from the row x plus the
+    residual r (h = r + x in x's dtype, h·rsqrt(mean(h²) + eps) rounded to it, times the norm's
+    weight w), stored at xn_row, with h at h_row if write_h; the same roundings as
+    models.transformer.RMSNorm. Every program reads the whole row for the mean of squares."""
+    k = tl.arange(0, K_POW2)
+    mask = k < K
+    h = tl.load(x_row + k, mask=mask, other=0.0)
+    if HAS_RES:
+        h = h + tl.load(r_row + k, mask=mask, other=0.0)
+    mine = mask & (k >= lo) & (k < hi)
+    tl.store(h_row + k, h, mask=mine & write_h)
+    hf = h.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / K + eps)
+    normed = (hf * rstd).to(h.dtype).to(tl.float32)
+    w = tl.load(w_ptr + k, mask=mask, other=0.0).to(tl.float32)
+    tl.store(xn_row + k, (w * normed).to(xn_row.dtype.element_ty), mask=mine)
+    tl.debug_barrier()  # the row's other threads read what this one stored
+
+
+@triton.jit
+def _normed_row(x_row, r_ptr, nw_ptr, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES: tl.constexpr,
+                K_POW2: tl.constexpr):
+    """This program's row of xn, holding the normalized inputs of its K-split (see _gemv_kernel)."""
+    program = (tl.program_id(0) * tl.num_programs(1) + m) * tl.num_programs(2) + split
+    xn_row = xn_ptr + program.to(tl.int64) * K
+    _add_norm_row(x_row, r_ptr + m * K, nw_ptr, h_ptr + m * K, xn_row, split * k_split, (split + 1) * k_split, K,
+                  eps, tl.program_id(0) == 0, HAS_RES, K_POW2)
+    return xn_row
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, r_ptr, nw_ptr, h_ptr, xn_ptr,
+                 N, K, k_split, stride_x, one, eps,
                  BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                 LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr):
+                 LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
+                 NORM: tl.constexpr, HAS_RES: tl.constexpr, K_POW2: tl.constexpr):
     """Outputs n of row m over inputs [split·k_split, (split+1)·k_split). One split writes y [M, N];
     several write float32 partial sums p [splits, M, N], which with LAST_SUMS the split that
     finishes last for a tile adds up into y (counting arrivals in lock, which it resets to zero),
@@ -261,7 +297,13 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
     stream still runs; it reads its first tile of weights, which nothing before it writes, then
     waits for that kernel (griddepcontrol) before it reads x or writes anything, and lets the
     kernel after it start likewise. With one tile per program (ONE_TILE, as the default tiling
-    arranges) that read happens before the wait; with several, all reads come after it."""
+    arranges) that read happens before the wait; with several, all reads come after it.
+
+    NORM: x is a block's residual stream still to be added to the residual r (h = r + x, or x
+    without HAS_RES), and the product takes RMSNorm(h) with the norm's weights nw (_add_norm_row):
+    each program normalizes its K-split of the row into its own slice of xn [programs, K] and
+    reads it from there, and the programs of the first output tile write h [M, K]. That folds
+    the residual add and the norm, one element-wise kernel each time, into the GEMV after them."""
     m, split = tl.program_id(1), tl.program_id(2)
     n0 = tl.program_id(0) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
@@ -275,6 +317,9 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        if NORM:
+            x_row = _normed_row(x_row, r_ptr, nw_ptr, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES, K_POW2)
+        if PDL:
             words = _after_wait(words, x_row, K)
         acc = _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS, OFFSET, ACT_ORDER,
                          BLOCK_N)
@@ -282,6 +327,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        if NORM:
+            x_row = _normed_row(x_row, r_ptr, nw_ptr, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES, K_POW2)
         acc = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
         for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
             kc = k0 + chunks
@@ -358,6 +405,28 @@ def launch_options(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
+def compile_gemv_for(arch: int, constants: dict, dtype: str = "fp16", num_warps: int = 8, num_stages: int = 3):
+    """_gemv_kernel compiled for CUDA compute capability `arch` (×10) without a GPU, to read the
+    code it becomes (benchmarks/kernel_asm.py; the PDL test): activations, norm weights and
+    outputs of Triton type `dtype`, every pointer and integer 16-byte aligned, `constants` the
+    kernel's constexpr parameters (all of them), PDL's launch option where constants ask for it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    act = "*" + dtype
+    pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32", "b_ptr": act,
+                "p_ptr": "*fp32", "y_ptr": act, "lock_ptr": "*i32", "r_ptr": act, "nw_ptr": act, "h_ptr": act,
+                "xn_ptr": act}
+    integers = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32", "one": "u32"}
+    signature = {**pointers, **integers, "eps": "fp32", **{name: "constexpr" for name in constants}}
+    names = list(signature)
+    source = ASTSource(_gemv_kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(len(pointers) + len(integers))})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages,
+                                   **launch_options(constants.get("PDL", False))})
+
+
 def block_k(K: int, group_size: int, act_order: bool, preferred: int, chunked: bool = False) -> int:
     """A tile depth that divides K and is a multiple of 32. Without act-order, a tile of the
     dequantizing kernels lies within one group; the GEMV (`chunked`) reads groups as chunks of
@@ -427,6 +496,33 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     u₁, …) and the result is silu(gate)·up [M, N/2], applied as the kernel stores it. `pdl` launches
     it as a programmatic dependent launch (see _gemv_kernel; Hopper and later, pdl_supported):
     only where no kernel just before it writes the packed weights, as in decoding."""
+    return _gemv(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias, block_n, block_depth,
+                 splits, num_warps, num_stages, locks, swiglu, pdl)[0]
+
+
+@dataclass(frozen=True)
+class AddNorm:
+    """What comes before a GEMV that takes a block's residual stream: h = residual + x (x alone
+    without a residual), then an RMSNorm of weight `weight` and epsilon `eps`."""
+    residual: torch.Tensor | None
+    weight: torch.Tensor
+    eps: float
+
+
+def gptq_gemv_add_norm(x: torch.Tensor, norm: AddNorm, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(h) times the packed weight, h) for h = norm.residual + x, in one kernel: the
+    residual add and the norm run in the GEMV's prologue (_gemv_kernel's NORM). The other
+    arguments are gptq_gemv's."""
+    return _gemv(x, *args, **kwargs, norm=norm)
+
+
+def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+          g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
+          bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int | None = None,
+          splits: int | None = None, num_warps: int | None = None, num_stages: int = 3,
+          locks: torch.Tensor | None = None, swiglu: bool = False, pdl: bool = False,
+          norm: AddNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """gptq_gemv's product, and h where `norm` (gptq_gemv_add_norm) asks for the norm first."""
     M, K = x.shape
     N = qweight.shape[1]
     x = x.contiguous()
@@ -450,17 +546,24 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     y = torch.empty(M, N // 2 if swiglu else N, device=x.device, dtype=x.dtype)
     partial = y if splits == 1 else torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
     fuse_bias = bias is not None and (splits == 1 or last_sums)
+    h = xn = residual = None
+    if norm is not None:
+        h = torch.empty_like(x)
+        xn = torch.empty(tiles * M * splits, K, device=x.device, dtype=x.dtype)
+        residual = None if norm.residual is None else norm.residual.reshape(M, K).contiguous()
     _gemv_kernel[(tiles, M, splits)](
         x, qweight, scales, qzeros, g_idx if act_order else scales, bias if fuse_bias else y, partial, y,
-        locks if last_sums else y, N, K, K // splits, x.stride(0), ONE_BITS, BITS=bits, OFFSET=zero_offset,
+        locks if last_sums else y, y if residual is None else residual, y if norm is None else norm.weight,
+        y if h is None else h, y if xn is None else xn, N, K, K // splits, x.stride(0), ONE_BITS,
+        0.0 if norm is None else norm.eps, BITS=bits, OFFSET=zero_offset,
         GS=group_size, ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits,
         LAST_SUMS=last_sums, SWIGLU=swiglu, ONE_TILE=K // splits == bk,
-        PDL=pdl, num_warps=num_warps or gemv_warps(bk), num_stages=num_stages,
-        **launch_options(pdl))
+        PDL=pdl, NORM=norm is not None, HAS_RES=residual is not None, K_POW2=triton.next_power_of_2(K),
+        num_warps=num_warps or gemv_warps(bk), num_stages=num_stages, **launch_options(pdl))
     if splits > 1 and not last_sums:
         _sum_splits_kernel[(triton.cdiv(N, 1024), M)](partial, bias if bias is not None else y, y, N, SPLITS=splits,
                                                        HAS_BIAS=bias is not None, BLOCK=1024, SWIGLU=swiglu)
-    return y
+    return y, h
 
 
 def gptq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
@@ -515,6 +618,24 @@ def gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
 def _(x, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_offset, block_n, block_depth, splits,
       num_warps, swiglu=False, pdl=False):
     return x.new_empty(x.shape[0], qweight.shape[1] // 2 if swiglu else qweight.shape[1])
+
+
+@torch.library.custom_op("qrobust::gptq_gemv_add_norm", mutates_args=())
+def gemv_add_norm_op(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                     qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
+                     bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int, group_size: int,
+                     zero_offset: int, block_n: int, block_depth: int, splits: int, num_warps: int,
+                     swiglu: bool = False, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """gptq_gemv_add_norm: (the product, h)."""
+    return gptq_gemv_add_norm(x, AddNorm(residual, norm_weight, eps), qweight, scales, qzeros, g_idx, bits,
+                              group_size, zero_offset, bias=bias, block_n=block_n, block_depth=block_depth,
+                              splits=splits, num_warps=num_warps, locks=locks, swiglu=swiglu, pdl=pdl)
+
+
+@gemv_add_norm_op.register_fake
+def _(x, residual, norm_weight, eps, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_offset,
+      block_n, block_depth, splits, num_warps, swiglu=False, pdl=False):
+    return x.new_empty(x.shape[0], qweight.shape[1] // 2 if swiglu else qweight.shape[1]), torch.empty_like(x)
 
 
 @torch.library.custom_op("qrobust::gptq_dequantize", mutates_args=())

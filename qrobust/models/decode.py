@@ -5,8 +5,9 @@ hundreds of small kernels one by one from Python costs as much again. So both ki
 captured CUDA graph: the AR decoder one decoding step over a static KV cache (greedy: the
 argmax and the position update are inside the graph), the diffusion sampler one full-sequence
 forward; optionally torch.compile fuses the small kernels inside the graph first. Inference-only
-rewrites cut the kernels per layer further: fused q/k/v and SwiGLU layers (fuse_projections)
-and one attention kernel per layer (use_attention_kernel). On CPU the same code runs eagerly,
+rewrites cut the kernels per layer further: fused q/k/v and SwiGLU layers (fuse_projections),
+the residual adds and norms before them inside their GEMVs (fuse_norms) and one attention
+kernel per layer (use_attention_kernel). On CPU the same code runs eagerly,
 which is how it is tested.
 """
 from __future__ import annotations
@@ -58,6 +59,15 @@ class SwiGLU(nn.Module):
         if isinstance(self.linear, QuantLinear):
             return self.linear.forward_swiglu(x)
         return interleaved_swiglu(self.linear(x))
+
+    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                         norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """QuantLinear.forward_add_norm's one-kernel residual add, norm and SwiGLU product, or None."""
+        from qrobust.quant.qlinear import QuantLinear
+
+        if isinstance(self.linear, QuantLinear):
+            return self.linear.forward_add_norm(x, residual, norm, swiglu=True)
+        return None
 
 
 def fuse_projections(model: TransformerLM) -> int:
@@ -120,6 +130,21 @@ def use_pdl(model: TransformerLM, on: bool = True) -> int:
             block.self_attn.decode_attention = functools.partial(decode_attention_op, pdl=True) if on \
                 else decode_attention_op
             changed += 1
+    return changed
+
+
+def fuse_norms(model: TransformerLM, on: bool = True) -> int:
+    """For batch-1 decoding with fused projections (fuse_projections): the packed q/k/v and
+    SwiGLU layers add the residual and apply the RMSNorm before them in their GEMV's prologue
+    (QuantLinear.forward_add_norm), which removes the two element-wise kernels a block has left
+    besides its products and attention. Takes effect where the packed kernels run; on=False
+    goes back. Returns how many layers changed."""
+    changed = 0
+    for block in model.model.layers:
+        for layer in (block.self_attn.qkv_proj, getattr(block.mlp.swiglu, "linear", None)):
+            if hasattr(layer, "fuse_norm"):
+                layer.fuse_norm = on
+                changed += 1
     return changed
 
 

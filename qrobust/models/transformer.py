@@ -60,6 +60,23 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def residual_sum(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return x if residual is None else residual + x
+
+
+def add_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                    linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(norm(h)), h) for the residual stream h = residual + x (x where residual is None):
+    in one kernel where the layer can (a forward_add_norm that does not return None: packed
+    layers on the GEMV, QuantLinear.forward_add_norm), else as three steps."""
+    fused = getattr(linear, "forward_add_norm", None)
+    out = None if fused is None else fused(x, residual, norm)
+    if out is None:
+        h = residual_sum(x, residual)
+        out = linear(norm(h)), h
+    return out
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
@@ -116,16 +133,34 @@ class Attention(nn.Module):
         # one kernel (models.decode.use_attention_kernel)
         self.decode_attention: Callable[..., torch.Tensor] | None = None
 
+    def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kv = self.n_kv_head * self.head_dim
+        return qkv.split([self.n_head * self.head_dim, kv, kv], dim=-1)
+
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        kv = self.n_kv_head * self.head_dim
-        return self.qkv_proj(x).split([self.n_head * self.head_dim, kv, kv], dim=-1)
+        return self._split_qkv(self.qkv_proj(x))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self._qkv(x)
+        return self.attend(*self._qkv(x), rope, mask, cache)
+
+    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                         rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                         cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(norm(h)), h) for the residual stream h = residual + x (add_norm_linear)."""
+        if self.qkv_proj is None:
+            h = residual_sum(x, residual)
+            return self(norm(h), rope, mask, cache), h
+        qkv, h = add_norm_linear(x, residual, norm, self.qkv_proj)
+        return self.attend(*self._split_qkv(qkv), rope, mask, cache), h
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The output projection of the attention of q over k and v, as they come from the q/k/v
+        products [B, T, heads·head_dim]."""
+        B, T, _ = q.shape
         cos, sin = rope
         if cache is not None and T == 1 and self.decode_attention is not None:
             # one kernel normalizes, rotates and caches the new token's heads and attends
@@ -158,6 +193,15 @@ class MLP(nn.Module):
             return self.down_proj(self.swiglu(x))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                         norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(norm(h)), h) for the residual stream h = residual + x (add_norm_linear)."""
+        if self.swiglu is None:
+            h = residual_sum(x, residual)
+            return self(norm(h)), h
+        gated, h = add_norm_linear(x, residual, norm, self.swiglu)
+        return self.down_proj(gated), h
+
 
 class Block(nn.Module):
     def __init__(self, config: TransformerConfig):
@@ -169,8 +213,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out, h = self.forward_deferred(x, None, rope, mask, cache)
+        return h + out
+
+    def forward_deferred(self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                         mask: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on residual + x (x where residual is None) with its last residual add left
+        to the caller: (the MLP's output, the stream it adds to). The next block adds it, so that
+        with fused layers each add and the norm after it run inside a GEMV (add_norm_linear)."""
+        attended, h = self.self_attn.forward_add_norm(x, residual, self.input_layernorm, rope, mask, cache)
+        return self.mlp.forward_add_norm(attended, h, self.post_attention_layernorm)
 
 
 class Backbone(nn.Module):
@@ -233,9 +285,10 @@ class TransformerLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(positions[None], x.dtype)
         mask = (torch.arange(max_len, device=positions.device)[None, :] <= positions[:, None])[None, None]
+        residual = None
         for block, cache in zip(self.model.layers, caches):
-            x = block(x, rope, mask, cache)
-        return self.lm_head(self.model.norm(x))
+            x, residual = block.forward_deferred(x, residual, rope, mask, cache)
+        return self.lm_head(self.model.norm(residual_sum(x, residual)))
 
     def new_caches(self, batch: int, max_len: int, positions: torch.Tensor) -> list[KVCache]:
         c = self.config

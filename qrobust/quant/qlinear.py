@@ -47,6 +47,8 @@ class QuantLinear(nn.Module):
         self._kernel_args: tuple | None = None
         # GEMV calls as programmatic dependent launches (models.decode.use_pdl): for decoding only
         self.pdl = False
+        # forward_add_norm on one GEMV that adds the residual and normalizes first (models.decode.fuse_norms)
+        self.fuse_norm = False
 
     @classmethod
     def from_result(cls, result: QuantResult, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -124,19 +126,23 @@ class QuantLinear(nn.Module):
         self._kernel_args = (device, None if in_order else self.g_idx, gs, config, locks)
         return True
 
+    def _gemv_args(self, dtype: torch.dtype, swiglu: bool) -> tuple:
+        """What the GEMV ops (kernels.gptq_matmul) take after their inputs, for inputs of `dtype`."""
+        _, g_idx, gs, c, locks = self._kernel_args
+        return (self.qweight, self.scales, self.qzeros, g_idx, None if self.bias is None else self.bias.to(dtype),
+                locks, self.spec.bits, gs, FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits,
+                c.num_warps, swiglu, self.pdl)
+
     def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         from qrobust.kernels.gptq_matmul import dequantize_op, gemv_op
 
-        _, g_idx, gs, c, locks = self._kernel_args
-        packed = (self.qweight, self.scales, self.qzeros, g_idx)
-        quant = (self.spec.bits, gs, FORMAT_OFFSET[self.format])
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.reshape(-1, self.in_features)
+        args = self._gemv_args(x.dtype, swiglu)
         if rows.shape[0] <= GEMV_MAX_ROWS:
-            y = gemv_op(rows, *packed, bias, locks, *quant, c.block_n, c.block_depth, c.splits, c.num_warps, swiglu,
-                        self.pdl)
+            y = gemv_op(rows, *args)
         else:
-            w = dequantize_op(*packed, *quant, self.in_features, x.dtype)
+            qweight, scales, qzeros, g_idx, bias, _, bits, group_size, offset = args[:9]
+            w = dequantize_op(qweight, scales, qzeros, g_idx, bits, group_size, offset, self.in_features, x.dtype)
             y = rows @ w if bias is None else torch.addmm(bias, rows, w)
             y = interleaved_swiglu(y) if swiglu else y
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -147,6 +153,23 @@ class QuantLinear(nn.Module):
         if self._weight is None or self._weight.dtype != x.dtype or self._weight.device != x.device:
             self._weight = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
         return F.linear(x, self._weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
+                         swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(self(norm(h)), h) for the residual stream h = residual + x (x alone without a residual)
+        and an RMSNorm `norm`, computed by one GEMV that adds and normalizes in its prologue (with
+        `swiglu`, forward_swiglu's product): where fuse_norm is on, the packed kernels run, rows
+        are few and the norm's weights have x's dtype. Otherwise None, and the caller adds and
+        normalizes itself (models.transformer.add_norm_linear)."""
+        rows = x.reshape(-1, self.in_features)
+        if not (self.fuse_norm and self.uses_kernels(x.device) and rows.shape[0] <= GEMV_MAX_ROWS
+                and norm.weight.dtype == x.dtype):
+            return None
+        from qrobust.kernels.gptq_matmul import gemv_add_norm_op
+
+        res = None if residual is None else residual.reshape(rows.shape)
+        y, h = gemv_add_norm_op(rows, res, norm.weight, norm.eps, *self._gemv_args(x.dtype, swiglu))
+        return y.reshape(*x.shape[:-1], y.shape[-1]), h.reshape(x.shape)
 
     def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate)·up of a layer whose outputs interleave gate and up (concat with interleave):
