@@ -5,7 +5,7 @@
 # quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention's first command and
 # fused ran on older code; pdl's first, second and fifth commands (also run on 6c6eee8: *_6c6eee8_*) and
 # attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which); norms
-# on the commit that added --fuse-norms (its *_run1_*, *_run2_* files: the same commands on other H100s);
+# on b84e5b1 or an earlier state of it (README says which; *_run1_*, *_run2_*: the same commands on other H100s);
 # peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
