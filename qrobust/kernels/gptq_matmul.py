@@ -311,24 +311,20 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
     KC: tl.constexpr = BLOCK_K // 32
     x_row = x_ptr + m * stride_x
     chunks = tl.arange(0, KC) * 32
-    if ONE_TILE:
+    if ONE_TILE:  # its tile's weights come before the wait
         kc = split * k_split + chunks
         words, s, z = _load_tile(qw_ptr, s_ptr, qz_ptr, kc, n, nmask[None, :], N, BITS, OFFSET, GS, ACT_ORDER)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        if NORM:
-            x_row = _normed_row(x_row, r_ptr, nw_ptr, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES, K_POW2)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    if NORM:
+        x_row = _normed_row(x_row, r_ptr, nw_ptr, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES, K_POW2)
+    if ONE_TILE:
         if PDL:
             words = _after_wait(words, x_row, K)
         acc = _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS, OFFSET, ACT_ORDER,
                          BLOCK_N)
     else:
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        if NORM:
-            x_row = _normed_row(x_row, r_ptr, nw_ptr, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES, K_POW2)
         acc = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
         for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
             kc = k0 + chunks

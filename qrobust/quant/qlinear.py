@@ -137,12 +137,13 @@ class QuantLinear(nn.Module):
         from qrobust.kernels.gptq_matmul import dequantize_op, gemv_op
 
         rows = x.reshape(-1, self.in_features)
-        args = self._gemv_args(x.dtype, swiglu)
         if rows.shape[0] <= GEMV_MAX_ROWS:
-            y = gemv_op(rows, *args)
+            y = gemv_op(rows, *self._gemv_args(x.dtype, swiglu))
         else:
-            qweight, scales, qzeros, g_idx, bias, _, bits, group_size, offset = args[:9]
-            w = dequantize_op(qweight, scales, qzeros, g_idx, bits, group_size, offset, self.in_features, x.dtype)
+            _, g_idx, gs, _, _ = self._kernel_args
+            w = dequantize_op(self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
+                              FORMAT_OFFSET[self.format], self.in_features, x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
             y = rows @ w if bias is None else torch.addmm(bias, rows, w)
             y = interleaved_swiglu(y) if swiglu else y
         return y.reshape(*x.shape[:-1], y.shape[-1])
