@@ -7,7 +7,8 @@ instructions over the codes one thread handles in one tile; the loop runs once w
 program gets one tile, as the default tiling arranges).
 
     python benchmarks/kernel_asm.py [--bits 2,3,4,8] [--block-n 32] [--block-k 2048] [--warps 8]
-                                    [--splits 1] [--swiglu] [--pdl] [--norm] [--arch 90] [--out FILE.json]
+                                    [--splits 1] [--swiglu] [--pdl] [--norm] [--half2] [--arch 90]
+                                    [--out FILE.json]
 
 The kernel comes from whichever qrobust is imported (gptq_matmul.compile_gemv_for), so
 PYTHONPATH=<another checkout> compares another version of it.
@@ -30,14 +31,14 @@ INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-
 
 
 def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, splits: int = 1,
-                 swiglu: bool = False, pdl: bool = False, norm: bool = False):
+                 swiglu: bool = False, pdl: bool = False, norm: bool = False, half2: bool = False):
     """The GEMV as the default path launches it (one tile per program, no act-order, no bias,
     K-splits summed by the last split; with `swiglu`, the activation applied as it stores; with
     `pdl`, as a programmatic dependent launch; with `norm`, the residual add and RMSNorm in its
     prologue), compiled for sm_<arch>."""
     constants = dict(BITS=bits, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=False, BLOCK_N=block_n,
                      BLOCK_K=block_k, SPLITS=splits, LAST_SUMS=True, SWIGLU=swiglu, ONE_TILE=True, PDL=pdl,
-                     NORM=norm, HAS_RES=norm, K_POW2=triton.next_power_of_2(block_k * splits))
+                     NORM=norm, HAS_RES=norm, K_POW2=triton.next_power_of_2(block_k * splits), HALF2=half2, ASM=True)
     return gptq_matmul.compile_gemv_for(arch, constants, num_warps=warps)
 
 
@@ -60,14 +61,14 @@ def sass_facts(cubin: bytes) -> tuple[collections.Counter, dict]:
 
 
 def describe(bits: int, block_n: int, block_k: int, warps: int, splits: int, arch: int, swiglu: bool = False,
-             pdl: bool = False, norm: bool = False) -> dict:
-    kernel = compile_gemv(bits, block_n, block_k, warps, arch, splits, swiglu, pdl, norm)
+             pdl: bool = False, norm: bool = False, half2: bool = False) -> dict:
+    kernel = compile_gemv(bits, block_n, block_k, warps, arch, splits, swiglu, pdl, norm, half2)
     ops, resources = sass_facts(kernel.asm["cubin"])
     codes_per_thread = block_n * block_k // (32 * warps)
     alu = sum(n for op, n in ops.items() if op in ("FFMA", "FADD", "FMUL", "LOP3", "SHF", "SGXT", "PRMT", "I2FP",
                                                    "IMAD", "IADD3", "LEA", "BFE"))
     return {"bits": bits, "block_n": block_n, "block_k": block_k, "warps": warps, "splits": splits, "swiglu": swiglu,
-            "pdl": pdl, "norm": norm, "arch": f"sm_{arch}",
+            "pdl": pdl, "norm": norm, "half2": half2, "arch": f"sm_{arch}",
             "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
             "barriers": kernel.asm["ptx"].count("bar.sync"), **resources,
             "sass_instructions": sum(ops.values()), "codes_per_thread": codes_per_thread,
@@ -85,6 +86,7 @@ def main() -> None:
     p.add_argument("--swiglu", action="store_true", help="the variant that stores silu(gate)·up (fused SwiGLU layers)")
     p.add_argument("--pdl", action="store_true", help="the variant launched as a programmatic dependent launch")
     p.add_argument("--norm", action="store_true", help="the variant with the residual add and RMSNorm in its prologue")
+    p.add_argument("--half2", action="store_true", help="the variant that sums two codes at a time in float16")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90: H100)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -92,7 +94,7 @@ def main() -> None:
         raise SystemExit("kernel_asm.py: this Triton ships no CUDA tools (backends/nvidia/bin); "
                          "install a Linux x86-64 Triton wheel")
     rows = [describe(int(b), args.block_n, args.block_k, args.warps, args.splits, args.arch, args.swiglu, args.pdl,
-                     args.norm)
+                     args.norm, args.half2)
             for b in args.bits.split(",")]
     print(f"{'bits':>4} {'convert':>7} {'bar.sync':>8} {'regs':>4} {'stack':>5} {'SASS':>5} {'/code':>6} {'ALU/code':>8}  top opcodes")
     for r in rows:

@@ -15,7 +15,8 @@ Every kernel's output is checked against the torch dequantization first; a wrong
 reported, not timed.
 
     python benchmarks/packed_gemv.py [--splits 16,48] [--block-n 32,64] [--block-k 64,128]
-                                     [--warps 1,2] [--rows 16,96,256] [--marlin] [--layers down_proj,...]
+                                     [--warps 1,2] [--half2 0,1] [--rows 16,96,256] [--marlin]
+                                     [--layers down_proj,...]
                                      [--out FILE.json]
 
 Several values of --splits/--block-n/--block-k/--warps time every combination whose tile fits
@@ -148,13 +149,15 @@ def gemv_rows(name: str, N: int, K: int, bits: int, layer: QuantLinear, nbytes: 
             continue
         if (bk // 32) * bn > 512 * warps:
             continue  # more than 16 codes per thread and chunk of 32 inputs spill registers
-        cfg = {"splits": splits, "block_n": bn, "block_depth": bk, "num_warps": warps, "num_stages": stages,
-               "locks": gemv_locks(N, device, 1, bn) if locks else None}
-        label = "default " if i == 0 else ""
-        out.append(checked({"layer": name, "N": N, "K": K, "bits": bits, "default": i == 0,
-                            "config": {**cfg, "locks": bool(locks)}, "weight_bytes": nbytes,
-                            "kernel": f"qrobust {bits}-bit {label}s{splits} n{bn} k{bk} w{warps} p{stages} l{locks}"},
-                           [lambda o=o: gptq_gemv(x, *o, *rest, **cfg) for o in operands], ref, base, device))
+        for half2 in (bool(int(h)) for h in args.half2.split(",")):
+            cfg = {"splits": splits, "block_n": bn, "block_depth": bk, "num_warps": warps, "num_stages": stages,
+                   "locks": gemv_locks(N, device, 1, bn) if locks else None, "half2": half2}
+            label = ("default " if i == 0 else "") + ("half2 " if half2 else "")
+            out.append(checked({"layer": name, "N": N, "K": K, "bits": bits, "default": i == 0, "half2": half2,
+                                "config": {**cfg, "locks": bool(locks)}, "weight_bytes": nbytes,
+                                "kernel": f"qrobust {bits}-bit {label}s{splits} n{bn} k{bk} w{warps} p{stages} l{locks}"},
+                               [lambda o=o, cfg=cfg: gptq_gemv(x, *o, *rest, **cfg) for o in operands], ref, base,
+                               device))
     return out
 
 
@@ -202,6 +205,7 @@ def main() -> None:
     p.add_argument("--warps", default="2", help="warps per GEMV program")
     p.add_argument("--stages", default="3", help="software-pipelining stages of the GEMV's loop")
     p.add_argument("--locks", default="1", help="1: the last K-split adds the partial sums; 0: a second kernel does")
+    p.add_argument("--half2", default="0", help="0: float32 sums; 1: codes summed two at a time in float16 (0,1: both)")
     p.add_argument("--layers", default=",".join(SHAPES), help="which layer shapes, comma separated")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--rows", default="16,96,256", help="batch sizes for the matmul comparison ('' to skip)")
@@ -253,7 +257,7 @@ def main() -> None:
         key = (r["layer"], r.get("bits", 16))
         if "us" in r and "rows" not in r and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
-    defaults = {(r["layer"], r["bits"]): r for r in rows if r.get("default") and "us" in r}
+    defaults = {(r["layer"], r["bits"]): r for r in rows if r.get("default") and not r.get("half2") and "us" in r}
     for (layer, bits), r in best.items():
         d = defaults.get((layer, bits))
         note = f"  (default tiling {d['us']:.2f} µs)" if d is not None and d is not r else ""

@@ -29,7 +29,7 @@ from qrobust.errors import QrobustError
 from qrobust.kernels import kernels_enabled
 from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
 from qrobust.models.decode import (GraphedForward, GreedyDecoder, fuse_norms, fuse_projections, sync,
-                                   use_attention_kernel, use_pdl)
+                                   use_attention_kernel, use_half2, use_pdl)
 from qrobust.models.diffusion import SamplerConfig, diffusion_generate
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import QuantLinear, replace_linear
@@ -70,6 +70,8 @@ class GenerateBench:
     # AR decoding with fuse: the packed q/k/v and SwiGLU GEMVs add the residual and normalize in their prologue
     # (models.decode.fuse_norms)
     fuse_norms: bool = False
+    # the packed GEMVs sum codes two at a time in float16 (models.decode.use_half2)
+    half2: bool = False
 
     @property
     def uses_tinygemm(self) -> bool:
@@ -142,6 +144,8 @@ def build_model(bench: GenerateBench, bits: int) -> nn.Module:
         use_pdl(model)
     if bench.fuse_norms and bench.kind == "ar":
         fuse_norms(model)
+    if bench.half2:
+        use_half2(model)
     return model
 
 
@@ -215,6 +219,7 @@ def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress
         row["pdl_gemv_layers"] = sum(m.pdl for m in model.modules() if isinstance(m, QuantLinear))
         row["norm_gemv_layers"] = sum(m.fuse_norm and m.uses_kernels(on) for m in model.modules()
                                       if isinstance(m, QuantLinear))
+        row["half2_gemv_layers"] = sum(m.takes_half2(on) for m in model.modules() if isinstance(m, QuantLinear))
         row["attention_kernel"] = any(b.self_attn.decode_attention is not None for b in model.model.layers)
         if bandwidth and bench.kind == "ar" and "error" not in row:
             row["bandwidth_floor_fraction"] = row["tokens_per_s"] / (bandwidth / weight_bytes)

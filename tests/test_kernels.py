@@ -350,7 +350,8 @@ import sys
 from qrobust.kernels import gptq_matmul
 norm = sys.argv[1] == "norm"
 constants = dict(BITS=3, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, SPLITS=2,
-                 LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True, NORM=norm, HAS_RES=norm, K_POW2=512)
+                 LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True, NORM=norm, HAS_RES=norm, K_POW2=512,
+                 HALF2=False, ASM=True)
 print(gptq_matmul.compile_gemv_for(90, constants, dtype="fp32", num_warps=1).asm["ttir"])
 """
 

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qrobust.kernels import interpreting
+
 
 @triton.jit
 def _load_u32(ptrs, mask):
@@ -193,6 +195,139 @@ def _load_tile(qw_ptr, s_ptr, qz_ptr, kc, n, mask, N, BITS: tl.constexpr, OFFSET
     return words, s, z
 
 
+@triton.constexpr_function
+def half2_pairs(bits: int) -> tuple[tuple[int, int, int, int], ...] | None:
+    """How the half2 path (_tile_sums) reads one chunk of 32 b-bit codes (b words): as 16 pairs
+    (j_lo, j_hi, p_lo, p_hi), each filling one register of two float16 halves. The low half takes
+    code j_lo from the chunk's bits [p_lo, p_lo + 32), where it starts at bit t_lo = b·j_lo − p_lo;
+    the high half takes code j_hi from bits [p_hi, p_hi + 32), starting at bit 16 + t_hi. With
+    t + b ≤ 10 both codes sit in their half's mantissa below 1024's exponent (one mask and OR),
+    and where p_lo = p_hi one shift serves both. None for widths without a plan."""
+    if bits in (2, 4, 8):  # word r, shifted by 0 or 8: bits 0-7 with bits 16-23
+        pairs = [(p // bits + i, (p + 16) // bits + i, p, p) for r in range(bits) for s in (0, 8)
+                 for p in [32 * r + s] for i in range(8 // bits)]
+    elif bits == 3:  # codes m…m+4 with m+5…m+9 from two windows, then 30 with 31
+        pairs = [(m + i, m + 5 + i, 3 * (m + 3 * (i // 3)) - 1, 3 * (m + 3 * (i // 3)) - 1)
+                 for m in (0, 10, 20) for i in range(5)] + [(30, 31, 90, 77)]
+    else:
+        return None
+    assert sorted(j for pair in pairs for j in pair[:2]) == list(range(32))
+    assert all(0 <= bits * jl - pl <= 10 - bits and 0 <= bits * jh - ph - 16 <= 10 - bits for jl, jh, pl, ph in pairs)
+    return tuple(pairs)
+
+
+@triton.constexpr_function
+def _half_bits(value: float) -> int:
+    """The float16 bits of a normal value it holds exactly (written out: Triton's dependency scan
+    of compile-time functions refuses library calls)."""
+    sign, a, e = (1 << 15 if value < 0 else 0), (-value if value < 0 else value), 15
+    while a >= 2:
+        a, e = a / 2, e + 1
+    while a < 1:
+        a, e = a * 2, e - 1
+    return sign | e << 10 | int((a - 1) * 1024)
+
+
+@triton.constexpr_function
+def _pair_count(bits):
+    return len(half2_pairs(bits))
+
+
+@triton.constexpr_function
+def _pair_const(bits, k, what):
+    """Pair k's constants (half2_pairs): its windows, the mask of its two codes, and the float16
+    pair (scale, offset) that turns 1024 + 2ᵗ·q into d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹, exactly (as int32)."""
+    j_lo, j_hi, p_lo, p_hi = half2_pairs(bits)[k]
+    t_lo, t_hi = bits * j_lo - p_lo, bits * j_hi - p_hi - 16
+    if what == "p_lo":
+        return p_lo
+    if what == "p_hi":
+        return p_hi
+    if what == "j_lo":
+        return j_lo
+    if what == "j_hi":
+        return j_hi
+    if what == "mask":
+        return (((1 << bits) - 1) << t_lo) | (((1 << bits) - 1) << (16 + t_hi))
+    # 1024 + 2ᵗq scaled by 2⁻ᵗ⁻⁽ᵇ⁻¹⁾ less 2¹¹⁻ᵗ⁻ᵇ + 1: exact in float16
+    lanes = [2.0 ** (-t - bits + 1) if what == "scale" else -(2.0 ** (11 - t - bits)) - 1 for t in (t_lo, t_hi)]
+    word = _half_bits(lanes[0]) | _half_bits(lanes[1]) << 16
+    return word - (1 << 32) if word >= 1 << 31 else word  # as int32
+
+
+@triton.jit
+def _window(words, P: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """Bits [P, P + 32) of a chunk's b words (zeros outside them), as a uint32: across two words,
+    one funnel shift (PTX shf.r; the compiler makes two shifts and an OR of the plain form)."""
+    R: tl.constexpr = P // 32
+    S: tl.constexpr = P % 32
+    if R < 0:
+        v = words[0] << (32 - S)
+    elif S == 0:
+        v = words[R]
+    elif R + 1 == BITS:
+        v = words[R] >> S
+    elif ASM:
+        v = tl.inline_asm_elementwise(f"shf.r.wrap.b32 $0, $1, $2, {S};", "=r,r,r", [words[R], words[R + 1]],
+                                      dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        v = (words[R] >> S) | (words[R + 1] << (32 - S))
+    return v
+
+
+@triton.jit
+def _halves(v):
+    """A uint32 holding two float16 values, as (low, high) float32."""
+    lo = (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _half_word(lo, hi):
+    """Two float32 values rounded to float16, as one uint32 (low, high)."""
+    lo_bits = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    return lo_bits | (hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+
+
+@triton.jit
+def _hfma2(a, b, c, ASM: tl.constexpr):
+    """a·b + c on pairs of float16 held in uint32s (PTX fma.rn.f16x2); without ASM (Triton's
+    interpreter, which runs no PTX) the same in float32 rounded to float16, as the tests check it."""
+    if ASM:
+        out = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.uint32,
+                                        is_pure=True, pack=1)
+    else:
+        a_lo, a_hi = _halves(a)
+        b_lo, b_hi = _halves(b)
+        c_lo, c_hi = _halves(c)
+        out = _half_word(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi)
+    return out
+
+
+@triton.jit
+def _half2_sums(words, x_row, kc, one, BITS: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+    """[KC, BLOCK_N]: each chunk's Σ d·x, d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹, two codes per instruction in float16
+    (half2_pairs; x float16): a mask and an OR with `one` (HALF2_ONE, float16 1024 twice; in a
+    register for the reason _unit_float's is) make the float16 1024 + 2ᵗ·q of each, one fma
+    makes d of both, another adds d·x to the chunk's pair of float16 sums. |d| ≤ 1, so no sum
+    leaves x's range."""
+    KC: tl.constexpr = kc.shape[0]
+    acc = tl.zeros([KC, BLOCK_N], dtype=tl.uint32)
+    for k in tl.static_range(_pair_count(BITS)):
+        mask = _pair_const(BITS, k, "mask")
+        lo = _window(words, _pair_const(BITS, k, "p_lo"), BITS, ASM) & (mask & 0xFFFF)
+        hi = _window(words, _pair_const(BITS, k, "p_hi"), BITS, ASM) & (mask & 0x7FFF0000)
+        scale = tl.full([1, 1], _pair_const(BITS, k, "scale"), tl.int32).to(tl.uint32, bitcast=True)
+        offset = tl.full([1, 1], _pair_const(BITS, k, "offset"), tl.int32).to(tl.uint32, bitcast=True)
+        d = _hfma2(lo | hi | one, scale, offset, ASM)
+        x_lo = tl.load(x_row + kc + _pair_const(BITS, k, "j_lo")).to(tl.uint16, bitcast=True).to(tl.uint32)
+        x_hi = tl.load(x_row + kc + _pair_const(BITS, k, "j_hi")).to(tl.uint16, bitcast=True).to(tl.uint32)
+        acc = _hfma2(d, (x_lo | x_hi << 16)[:, None], acc, ASM)
+    lo, hi = _halves(acc)
+    return lo + hi
+
+
 @triton.jit
 def _after_wait(words, x_row, K):
     """The words unchanged, made to depend on a value read after the PDL wait: otherwise ptxas
@@ -209,11 +344,17 @@ def _after_wait(words, x_row, K):
 
 @triton.jit
 def _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS: tl.constexpr,
-               OFFSET: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_N: tl.constexpr):
+               OFFSET: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_N: tl.constexpr, HALF2: tl.constexpr,
+               ASM: tl.constexpr):
     """[KC, BLOCK_N]: each chunk's Σ ŵ·x for the tile _load_tile read, x_row the row's inputs."""
     KC: tl.constexpr = kc.shape[0]
     TOP: tl.constexpr = 23 - BITS  # where _unit_float reads a code
     SCALE: tl.constexpr = 1 << BITS  # q = SCALE·u − SCALE for u = 1 + q·2⁻ᵇ
+    if HALF2 and not ACT_ORDER:
+        # Σ (q − z)·x = HALF·Σ d·x − (z − HALF)·Σ x, for d = (q − HALF)/HALF; z came with SCALE added
+        HALF: tl.constexpr = 1 << (BITS - 1)
+        part = _half2_sums(words, x_row, kc, one, BITS, BLOCK_N, ASM)
+        return s * (part * HALF - (z - SCALE - HALF) * _chunk_sums(x_row, kc, BLOCK_N))
     part = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
     prev = tl.zeros([KC, BLOCK_N], dtype=tl.uint32)
     for r in tl.static_range(BITS):
@@ -280,7 +421,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
                  BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
                  LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
-                 NORM: tl.constexpr, HAS_RES: tl.constexpr, K_POW2: tl.constexpr):
+                 NORM: tl.constexpr, HAS_RES: tl.constexpr, K_POW2: tl.constexpr, HALF2: tl.constexpr,
+                 ASM: tl.constexpr):
     """Outputs n of row m over inputs [split·k_split, (split+1)·k_split). One split writes y [M, N];
     several write float32 partial sums p [splits, M, N], which with LAST_SUMS the split that
     finishes last for a tile adds up into y (counting arrivals in lock, which it resets to zero),
@@ -323,14 +465,14 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
         if PDL:
             words = _after_wait(words, x_row, K)
         acc = _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS, OFFSET, ACT_ORDER,
-                         BLOCK_N)
+                         BLOCK_N, HALF2, ASM)
     else:
         acc = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
         for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
             kc = k0 + chunks
             words, s, z = _load_tile(qw_ptr, s_ptr, qz_ptr, kc, n, nmask[None, :], N, BITS, OFFSET, GS, ACT_ORDER)
             acc += _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS, OFFSET,
-                              ACT_ORDER, BLOCK_N)
+                              ACT_ORDER, BLOCK_N, HALF2, ASM)
     _store_gemv(tl.sum(acc, axis=0), b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n0, N, HAS_BIAS, BLOCK_N,
                 SPLITS, LAST_SUMS, SWIGLU)
 
@@ -441,6 +583,7 @@ def block_k(K: int, group_size: int, act_order: bool, preferred: int, chunked: b
 
 
 ONE_BITS = 0x3F800000  # float32 1.0 (_unit_float)
+HALF2_ONE = 0x64006400  # float16 1024.0 twice (_half2_sums)
 
 
 @dataclass(frozen=True)
@@ -469,6 +612,16 @@ def gemv_config(K: int, group_size: int, act_order: bool) -> GemvConfig:
     return GemvConfig(32, bk, K // bk, num_warps=gemv_warps(bk))
 
 
+def half2_pays(N: int, config: GemvConfig, sms: int) -> bool:
+    """Whether a GEMV of N outputs with this tiling should take the half2 sums (gptq_gemv's half2)
+    on a GPU of `sms` multiprocessors: where its grid has at least two programs per SM. Then
+    instruction throughput bounds the product and half2's fewer instructions pay: on an H100 the
+    fused gate/up product took 14% less time at 4 bits, 13% at 2 bits; with one program per SM
+    (q/k/v, o_proj) latency bounds it and half2 was up to 9% slower (20% at 8 bits;
+    benchmarks/packed_gemv.py --half2 0,1, README: GPU performance)."""
+    return triton.cdiv(N, config.block_n) * config.splits >= 2 * sms
+
+
 def gemv_locks(N: int, device: torch.device, rows: int, block_n: int) -> torch.Tensor:
     """The arrival counters gptq_gemv's split-K programs share: zeros, one per output tile and
     row, which every call leaves at zero again. Owned by one layer: calls that run at the same
@@ -480,7 +633,8 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
               g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
               bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int | None = None,
               splits: int | None = None, num_warps: int | None = None, num_stages: int = 3,
-              locks: torch.Tensor | None = None, swiglu: bool = False, pdl: bool = False) -> torch.Tensor:
+              locks: torch.Tensor | None = None, swiglu: bool = False, pdl: bool = False,
+              half2: bool = False) -> torch.Tensor:
     """x [M, K] (M small) times the packed weight: [M, N] in x's dtype. g_idx is None when inputs
     are grouped in order (group = k // group_size), else each input's group (act-order);
     zero_offset is what the checkpoint format subtracted from the stored zero points. Tiles are
@@ -491,9 +645,11 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     second kernel does. With `swiglu`, the weight's outputs interleave gate and up (g₀, u₀, g₁,
     u₁, …) and the result is silu(gate)·up [M, N/2], applied as the kernel stores it. `pdl` launches
     it as a programmatic dependent launch (see _gemv_kernel; Hopper and later, pdl_supported):
-    only where no kernel just before it writes the packed weights, as in decoding."""
+    only where no kernel just before it writes the packed weights, as in decoding. `half2` sums
+    each chunk of 32 inputs two codes at a time in float16 (_half2_sums) where it can: float16
+    x, inputs in group order, widths with a half2_pairs plan."""
     return _gemv(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias, block_n, block_depth,
-                 splits, num_warps, num_stages, locks, swiglu, pdl)[0]
+                 splits, num_warps, num_stages, locks, swiglu, pdl, half2)[0]
 
 
 @dataclass(frozen=True)
@@ -516,13 +672,14 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
           g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
           bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int | None = None,
           splits: int | None = None, num_warps: int | None = None, num_stages: int = 3,
-          locks: torch.Tensor | None = None, swiglu: bool = False, pdl: bool = False,
+          locks: torch.Tensor | None = None, swiglu: bool = False, pdl: bool = False, half2: bool = False,
           norm: AddNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """gptq_gemv's product, and h where `norm` (gptq_gemv_add_norm) asks for the norm first."""
     M, K = x.shape
     N = qweight.shape[1]
     x = x.contiguous()
     act_order = g_idx is not None
+    half2 = half2 and x.dtype == torch.float16 and not act_order and half2_pairs(bits) is not None
     if block_depth is None:
         bk = gemv_config(K, group_size, act_order).block_depth
     else:
@@ -550,12 +707,12 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
     _gemv_kernel[(tiles, M, splits)](
         x, qweight, scales, qzeros, g_idx if act_order else scales, bias if fuse_bias else y, partial, y,
         locks if last_sums else y, y if residual is None else residual, y if norm is None else norm.weight,
-        y if h is None else h, y if xn is None else xn, N, K, K // splits, x.stride(0), ONE_BITS,
+        y if h is None else h, y if xn is None else xn, N, K, K // splits, x.stride(0), HALF2_ONE if half2 else ONE_BITS,
         0.0 if norm is None else norm.eps, BITS=bits, OFFSET=zero_offset,
         GS=group_size, ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits,
         LAST_SUMS=last_sums, SWIGLU=swiglu, ONE_TILE=K // splits == bk,
         PDL=pdl, NORM=norm is not None, HAS_RES=residual is not None, K_POW2=triton.next_power_of_2(K),
-        num_warps=num_warps or gemv_warps(bk), num_stages=num_stages, **launch_options(pdl))
+        HALF2=half2, ASM=not interpreting(), num_warps=num_warps or gemv_warps(bk), num_stages=num_stages, **launch_options(pdl))
     if splits > 1 and not last_sums:
         _sum_splits_kernel[(triton.cdiv(N, 1024), M)](partial, bias if bias is not None else y, y, N, SPLITS=splits,
                                                        HAS_BIAS=bias is not None, BLOCK=1024, SWIGLU=swiglu)
@@ -604,15 +761,16 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
 def gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
             g_idx: torch.Tensor | None, bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int,
             group_size: int, zero_offset: int, block_n: int, block_depth: int, splits: int,
-            num_warps: int, swiglu: bool = False, pdl: bool = False) -> torch.Tensor:
+            num_warps: int, swiglu: bool = False, pdl: bool = False, half2: bool = False) -> torch.Tensor:
     """gptq_gemv. `locks` is not listed as mutated: every call leaves it as it found it."""
     return gptq_gemv(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias=bias, block_n=block_n,
-                     block_depth=block_depth, splits=splits, num_warps=num_warps, locks=locks, swiglu=swiglu, pdl=pdl)
+                     block_depth=block_depth, splits=splits, num_warps=num_warps, locks=locks, swiglu=swiglu, pdl=pdl,
+                     half2=half2)
 
 
 @gemv_op.register_fake
 def _(x, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_offset, block_n, block_depth, splits,
-      num_warps, swiglu=False, pdl=False):
+      num_warps, swiglu=False, pdl=False, half2=False):
     return x.new_empty(x.shape[0], qweight.shape[1] // 2 if swiglu else qweight.shape[1])
 
 
@@ -621,16 +779,16 @@ def gemv_add_norm_op(x: torch.Tensor, residual: torch.Tensor | None, norm_weight
                      qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
                      bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int, group_size: int,
                      zero_offset: int, block_n: int, block_depth: int, splits: int, num_warps: int,
-                     swiglu: bool = False, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     swiglu: bool = False, pdl: bool = False, half2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """gptq_gemv_add_norm: (the product, h)."""
     return gptq_gemv_add_norm(x, AddNorm(residual, norm_weight, eps), qweight, scales, qzeros, g_idx, bits,
                               group_size, zero_offset, bias=bias, block_n=block_n, block_depth=block_depth,
-                              splits=splits, num_warps=num_warps, locks=locks, swiglu=swiglu, pdl=pdl)
+                              splits=splits, num_warps=num_warps, locks=locks, swiglu=swiglu, pdl=pdl, half2=half2)
 
 
 @gemv_add_norm_op.register_fake
 def _(x, residual, norm_weight, eps, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_offset,
-      block_n, block_depth, splits, num_warps, swiglu=False, pdl=False):
+      block_n, block_depth, splits, num_warps, swiglu=False, pdl=False, half2=False):
     return x.new_empty(x.shape[0], qweight.shape[1] // 2 if swiglu else qweight.shape[1]), torch.empty_like(x)
 
 

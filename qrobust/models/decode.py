@@ -133,6 +133,22 @@ def use_pdl(model: TransformerLM, on: bool = True) -> int:
     return changed
 
 
+def use_half2(model: TransformerLM, on: bool = True) -> int:
+    """The packed layers' GEMVs sum each chunk of 32 inputs two codes at a time in float16
+    (kernels.gptq_matmul._half2_sums) where they can (float16 activations, inputs in group order,
+    2/3/4/8 bits) and where their grid makes it pay (QuantLinear.takes_half2): fewer instructions
+    per code, at about twice the float32 sums' error (README: GPU performance). on=False goes
+    back. Returns how many layers changed."""
+    from qrobust.quant.qlinear import QuantLinear
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.half2 = on
+            changed += 1
+    return changed
+
+
 def fuse_norms(model: TransformerLM, on: bool = True) -> int:
     """For batch-1 decoding with fused projections (fuse_projections): the packed q/k/v and
     SwiGLU layers add the residual and apply the RMSNorm before them in their GEMV's prologue
