@@ -38,7 +38,8 @@ def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, s
     prologue), compiled for sm_<arch>."""
     constants = dict(BITS=bits, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=False, BLOCK_N=block_n,
                      BLOCK_K=block_k, SPLITS=splits, LAST_SUMS=True, SWIGLU=swiglu, ONE_TILE=True, PDL=pdl,
-                     NORM=norm, HAS_RES=norm, K_POW2=triton.next_power_of_2(block_k * splits), HALF2=half2, ASM=True)
+                     NORM=norm, HAS_RES=norm, K_POW2=triton.next_power_of_2(block_k * splits),
+                     HALF2=half2 and gptq_matmul.half2_pairs(bits) is not None, ASM=True)
     return gptq_matmul.compile_gemv_for(arch, constants, num_warps=warps)
 
 
@@ -68,7 +69,7 @@ def describe(bits: int, block_n: int, block_k: int, warps: int, splits: int, arc
     alu = sum(n for op, n in ops.items() if op in ("FFMA", "FADD", "FMUL", "LOP3", "SHF", "SGXT", "PRMT", "I2FP",
                                                    "IMAD", "IADD3", "LEA", "BFE"))
     return {"bits": bits, "block_n": block_n, "block_k": block_k, "warps": warps, "splits": splits, "swiglu": swiglu,
-            "pdl": pdl, "norm": norm, "half2": half2, "arch": f"sm_{arch}",
+            "pdl": pdl, "norm": norm, "half2": half2 and gptq_matmul.half2_pairs(bits) is not None, "arch": f"sm_{arch}",
             "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
             "barriers": kernel.asm["ptx"].count("bar.sync"), **resources,
             "sass_instructions": sum(ops.values()), "codes_per_thread": codes_per_thread,

@@ -196,24 +196,17 @@ def _load_tile(qw_ptr, s_ptr, qz_ptr, kc, n, mask, N, BITS: tl.constexpr, OFFSET
 
 
 @triton.constexpr_function
-def half2_pairs(bits: int) -> tuple[tuple[int, int, int, int], ...] | None:
-    """How the half2 path (_tile_sums) reads one chunk of 32 b-bit codes (b words): as 16 pairs
-    (j_lo, j_hi, p_lo, p_hi), each filling one register of two float16 halves. The low half takes
-    code j_lo from the chunk's bits [p_lo, p_lo + 32), where it starts at bit t_lo = b·j_lo − p_lo;
-    the high half takes code j_hi from bits [p_hi, p_hi + 32), starting at bit 16 + t_hi. With
-    t + b ≤ 10 both codes sit in their half's mantissa below 1024's exponent (one mask and OR),
-    and where p_lo = p_hi one shift serves both. None for widths without a plan."""
-    if bits in (2, 4, 8):  # word r, shifted by 0 or 8: bits 0-7 with bits 16-23
-        pairs = [(p // bits + i, (p + 16) // bits + i, p, p) for r in range(bits) for s in (0, 8)
-                 for p in [32 * r + s] for i in range(8 // bits)]
-    elif bits == 3:  # codes m…m+4 with m+5…m+9 from two windows, then 30 with 31
-        pairs = [(m + i, m + 5 + i, 3 * (m + 3 * (i // 3)) - 1, 3 * (m + 3 * (i // 3)) - 1)
-                 for m in (0, 10, 20) for i in range(5)] + [(30, 31, 90, 77)]
-    else:
+def half2_pairs(bits: int) -> tuple[tuple[int, int, int, int, int], ...] | None:
+    """How the half2 sums (_half2_sums) read a chunk of 32 b-bit codes (b words): 16 pairs
+    (j_lo, j_hi, r, s, t), codes j_lo and j_hi taken together from word r shifted right by s ∈
+    {0, 8}, where they start at bits t and 16 + t (t + b ≤ 8). With 1024's exponent ORed in,
+    each sits in the mantissa of one float16 half. None but for 2, 4 and 8 bits: 3-bit codes
+    straddle words, and a plan of funnel-shifted windows took 104 registers (64 for the float32
+    sums) and decoded slower than the float32 sums on an H100 (README: GPU performance)."""
+    if bits not in (2, 4, 8):
         return None
-    assert sorted(j for pair in pairs for j in pair[:2]) == list(range(32))
-    assert all(0 <= bits * jl - pl <= 10 - bits and 0 <= bits * jh - ph - 16 <= 10 - bits for jl, jh, pl, ph in pairs)
-    return tuple(pairs)
+    return tuple(((32 * r + s) // bits + i, (32 * r + s + 16) // bits + i, r, s, bits * i)
+                 for r in range(bits) for s in (0, 8) for i in range(8 // bits))
 
 
 @triton.constexpr_function
@@ -235,44 +228,16 @@ def _pair_count(bits):
 
 @triton.constexpr_function
 def _pair_const(bits, k, what):
-    """Pair k's constants (half2_pairs): its windows, the mask of its two codes, and the float16
-    pair (scale, offset) that turns 1024 + 2ᵗ·q into d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹, exactly (as int32)."""
-    j_lo, j_hi, p_lo, p_hi = half2_pairs(bits)[k]
-    t_lo, t_hi = bits * j_lo - p_lo, bits * j_hi - p_hi - 16
-    if what == "p_lo":
-        return p_lo
-    if what == "p_hi":
-        return p_hi
-    if what == "j_lo":
-        return j_lo
-    if what == "j_hi":
-        return j_hi
-    if what == "mask":
-        return (((1 << bits) - 1) << t_lo) | (((1 << bits) - 1) << (16 + t_hi))
-    # 1024 + 2ᵗq scaled by 2⁻ᵗ⁻⁽ᵇ⁻¹⁾ less 2¹¹⁻ᵗ⁻ᵇ + 1: exact in float16
-    lanes = [2.0 ** (-t - bits + 1) if what == "scale" else -(2.0 ** (11 - t - bits)) - 1 for t in (t_lo, t_hi)]
-    word = _half_bits(lanes[0]) | _half_bits(lanes[1]) << 16
-    return word - (1 << 32) if word >= 1 << 31 else word  # as int32
-
-
-@triton.jit
-def _window(words, P: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    """Bits [P, P + 32) of a chunk's b words (zeros outside them), as a uint32: across two words,
-    one funnel shift (PTX shf.r; the compiler makes two shifts and an OR of the plain form)."""
-    R: tl.constexpr = P // 32
-    S: tl.constexpr = P % 32
-    if R < 0:
-        v = words[0] << (32 - S)
-    elif S == 0:
-        v = words[R]
-    elif R + 1 == BITS:
-        v = words[R] >> S
-    elif ASM:
-        v = tl.inline_asm_elementwise(f"shf.r.wrap.b32 $0, $1, $2, {S};", "=r,r,r", [words[R], words[R + 1]],
-                                      dtype=tl.uint32, is_pure=True, pack=1)
-    else:
-        v = (words[R] >> S) | (words[R + 1] << (32 - S))
-    return v
+    """Pair k's (half2_pairs) codes j_lo and j_hi, word, shift, the mask of its two codes, and
+    both halves of the float16 scale and offset that turn 1024 + 2ᵗ·q into d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹,
+    exactly (as int32)."""
+    j_lo, j_hi, r, s, t = half2_pairs(bits)[k]
+    fields = {"j_lo": j_lo, "j_hi": j_hi, "word": r, "shift": s,
+              "mask": ((1 << bits) - 1) * (1 << t | 1 << (16 + t)),
+              "scale": _half_bits(2.0 ** (-t - bits + 1)) * 0x10001,
+              "offset": _half_bits(-(2.0 ** (11 - t - bits)) - 1) * 0x10001}
+    word = fields[what]
+    return word - (1 << 32) if word >= 1 << 31 else word
 
 
 @triton.jit
@@ -315,12 +280,10 @@ def _half2_sums(words, x_row, kc, one, BITS: tl.constexpr, BLOCK_N: tl.constexpr
     KC: tl.constexpr = kc.shape[0]
     acc = tl.zeros([KC, BLOCK_N], dtype=tl.uint32)
     for k in tl.static_range(_pair_count(BITS)):
-        mask = _pair_const(BITS, k, "mask")
-        lo = _window(words, _pair_const(BITS, k, "p_lo"), BITS, ASM) & (mask & 0xFFFF)
-        hi = _window(words, _pair_const(BITS, k, "p_hi"), BITS, ASM) & (mask & 0x7FFF0000)
+        v = (words[_pair_const(BITS, k, "word")] >> _pair_const(BITS, k, "shift")) & _pair_const(BITS, k, "mask")
         scale = tl.full([1, 1], _pair_const(BITS, k, "scale"), tl.int32).to(tl.uint32, bitcast=True)
         offset = tl.full([1, 1], _pair_const(BITS, k, "offset"), tl.int32).to(tl.uint32, bitcast=True)
-        d = _hfma2(lo | hi | one, scale, offset, ASM)
+        d = _hfma2(v | one, scale, offset, ASM)
         x_lo = tl.load(x_row + kc + _pair_const(BITS, k, "j_lo")).to(tl.uint16, bitcast=True).to(tl.uint32)
         x_hi = tl.load(x_row + kc + _pair_const(BITS, k, "j_hi")).to(tl.uint16, bitcast=True).to(tl.uint32)
         acc = _hfma2(d, (x_lo | x_hi << 16)[:, None], acc, ASM)
@@ -610,16 +573,6 @@ def gemv_config(K: int, group_size: int, act_order: bool) -> GemvConfig:
     neither the width nor the number of outputs changes it."""
     bk = block_k(K, group_size, act_order, 2048 if K <= 2048 else 1024, chunked=True)
     return GemvConfig(32, bk, K // bk, num_warps=gemv_warps(bk))
-
-
-def half2_pays(N: int, config: GemvConfig, sms: int) -> bool:
-    """Whether a GEMV of N outputs with this tiling should take the half2 sums (gptq_gemv's half2)
-    on a GPU of `sms` multiprocessors: where its grid has at least two programs per SM. Then
-    instruction throughput bounds the product and half2's fewer instructions pay: on an H100 the
-    fused gate/up product took 14% less time at 4 bits, 13% at 2 bits; with one program per SM
-    (q/k/v, o_proj) latency bounds it and half2 was up to 9% slower (20% at 8 bits;
-    benchmarks/packed_gemv.py --half2 0,1, README: GPU performance)."""
-    return triton.cdiv(N, config.block_n) * config.splits >= 2 * sms
 
 
 def gemv_locks(N: int, device: torch.device, rows: int, block_n: int) -> torch.Tensor:

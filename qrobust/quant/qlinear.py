@@ -49,7 +49,7 @@ class QuantLinear(nn.Module):
         self.pdl = False
         # forward_add_norm on one GEMV that adds the residual and normalizes first (models.decode.fuse_norms)
         self.fuse_norm = False
-        # GEMV sums codes two at a time in float16 where that pays (takes_half2; models.decode.use_half2)
+        # GEMV sums codes two at a time in float16 where it can (takes_half2; models.decode.use_half2)
         self.half2 = False
 
     @classmethod
@@ -115,7 +115,7 @@ class QuantLinear(nn.Module):
             return self._kernel_args != () and self._kernel_args[0] == device
         if not kernels_enabled(device) or self.qweight.device != device:
             return False
-        from qrobust.kernels.gptq_matmul import gemv_config, gemv_locks, half2_pays
+        from qrobust.kernels.gptq_matmul import gemv_config, gemv_locks
 
         K, gs = self.in_features, self.spec.group_size if self.spec.group_size != -1 else self.in_features
         in_order = torch.equal(self.g_idx.long(), torch.arange(K, device=device) // gs)
@@ -125,24 +125,22 @@ class QuantLinear(nn.Module):
             self._kernel_args = ()
             return False
         locks = gemv_locks(self.out_features, device, GEMV_MAX_ROWS, config.block_n)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        self._kernel_args = (device, None if in_order else self.g_idx, gs, config, locks,
-                             half2_pays(self.out_features, config, sms))
+        self._kernel_args = (device, None if in_order else self.g_idx, gs, config, locks)
         return True
 
     def _gemv_args(self, dtype: torch.dtype, swiglu: bool) -> tuple:
         """What the GEMV ops (kernels.gptq_matmul) take after their inputs, for inputs of `dtype`."""
-        _, g_idx, gs, c, locks, half2_pays = self._kernel_args
+        _, g_idx, gs, c, locks = self._kernel_args
         return (self.qweight, self.scales, self.qzeros, g_idx, None if self.bias is None else self.bias.to(dtype),
                 locks, self.spec.bits, gs, FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits,
-                c.num_warps, swiglu, self.pdl, self.half2 and half2_pays)
+                c.num_warps, swiglu, self.pdl, self.half2)
 
     def takes_half2(self, device: torch.device) -> bool:
-        """Whether the GEMV on `device` sums codes two at a time in float16: asked for (half2) and
-        paying for this layer's grid (kernels.gptq_matmul.half2_pays)."""
+        """Whether the GEMV on `device` sums codes two at a time in float16 (for float16 inputs):
+        asked for (half2), with inputs in group order and a width half2_pairs has a plan for."""
         from qrobust.kernels.gptq_matmul import half2_pairs
 
-        return (self.half2 and self.uses_kernels(device) and self._kernel_args[5] and self._kernel_args[1] is None
+        return (self.half2 and self.uses_kernels(device) and self._kernel_args[1] is None
                 and half2_pairs(self.spec.bits) is not None)
 
     def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
@@ -152,7 +150,7 @@ class QuantLinear(nn.Module):
         if rows.shape[0] <= GEMV_MAX_ROWS:
             y = gemv_op(rows, *self._gemv_args(x.dtype, swiglu))
         else:
-            _, g_idx, gs, *_ = self._kernel_args
+            _, g_idx, gs, _, _ = self._kernel_args
             w = dequantize_op(self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
                               FORMAT_OFFSET[self.format], self.in_features, x.dtype)
             bias = None if self.bias is None else self.bias.to(x.dtype)
