@@ -35,11 +35,11 @@ def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, s
     """The GEMV as the default path launches it (one tile per program, no act-order, no bias,
     K-splits summed by the last split; with `swiglu`, the activation applied as it stores; with
     `pdl`, as a programmatic dependent launch; with `norm`, the residual add and RMSNorm in its
-    prologue), compiled for sm_<arch>."""
+    prologue; with `half2`, float16 sums, for widths with a plan), compiled for sm_<arch>."""
     constants = dict(BITS=bits, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=False, BLOCK_N=block_n,
                      BLOCK_K=block_k, SPLITS=splits, LAST_SUMS=True, SWIGLU=swiglu, ONE_TILE=True, PDL=pdl,
                      NORM=norm, HAS_RES=norm, K_POW2=triton.next_power_of_2(block_k * splits),
-                     HALF2=half2 and gptq_matmul.half2_pairs(bits) is not None, ASM=True)
+                     HALF2=half2, ASM=True)
     return gptq_matmul.compile_gemv_for(arch, constants, num_warps=warps)
 
 
@@ -63,13 +63,14 @@ def sass_facts(cubin: bytes) -> tuple[collections.Counter, dict]:
 
 def describe(bits: int, block_n: int, block_k: int, warps: int, splits: int, arch: int, swiglu: bool = False,
              pdl: bool = False, norm: bool = False, half2: bool = False) -> dict:
+    half2 = half2 and gptq_matmul.half2_pairs(bits) is not None
     kernel = compile_gemv(bits, block_n, block_k, warps, arch, splits, swiglu, pdl, norm, half2)
     ops, resources = sass_facts(kernel.asm["cubin"])
     codes_per_thread = block_n * block_k // (32 * warps)
     alu = sum(n for op, n in ops.items() if op in ("FFMA", "FADD", "FMUL", "LOP3", "SHF", "SGXT", "PRMT", "I2FP",
                                                    "IMAD", "IADD3", "LEA", "BFE"))
     return {"bits": bits, "block_n": block_n, "block_k": block_k, "warps": warps, "splits": splits, "swiglu": swiglu,
-            "pdl": pdl, "norm": norm, "half2": half2 and gptq_matmul.half2_pairs(bits) is not None, "arch": f"sm_{arch}",
+            "pdl": pdl, "norm": norm, "half2": half2, "arch": f"sm_{arch}",
             "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
             "barriers": kernel.asm["ptx"].count("bar.sync"), **resources,
             "sass_instructions": sum(ops.values()), "codes_per_thread": codes_per_thread,

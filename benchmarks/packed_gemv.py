@@ -153,9 +153,9 @@ def gemv_rows(name: str, N: int, K: int, bits: int, layer: QuantLinear, nbytes: 
             cfg = {"splits": splits, "block_n": bn, "block_depth": bk, "num_warps": warps, "num_stages": stages,
                    "locks": gemv_locks(N, device, 1, bn) if locks else None, "half2": half2}
             label = ("default " if i == 0 else "") + ("half2 " if half2 else "")
+            kernel = f"qrobust {bits}-bit {label}s{splits} n{bn} k{bk} w{warps} p{stages} l{locks}"
             out.append(checked({"layer": name, "N": N, "K": K, "bits": bits, "default": i == 0, "half2": half2,
-                                "config": {**cfg, "locks": bool(locks)}, "weight_bytes": nbytes,
-                                "kernel": f"qrobust {bits}-bit {label}s{splits} n{bn} k{bk} w{warps} p{stages} l{locks}"},
+                                "config": {**cfg, "locks": bool(locks)}, "weight_bytes": nbytes, "kernel": kernel},
                                [lambda o=o, cfg=cfg: gptq_gemv(x, *o, *rest, **cfg) for o in operands], ref, base,
                                device))
     return out

@@ -69,18 +69,19 @@ def test_bench_generate_cli_rejects_bad_bits(capsys):
     assert "unsupported bit width" in capsys.readouterr().err
 
 
-def test_bench_generate_cli_passes_pdl_fused_norms_and_the_tinygemm_choice(tmp_path):
+def test_bench_generate_cli_passes_pdl_fused_norms_half2_and_the_tinygemm_choice(tmp_path):
     import json
 
     common = ["bench", "generate", "--shape", "qwen3-0.6b", "--layers", "1", "--vocab-size", "256", "--bits", "4",
               "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1", "--device", "cpu"]
     for extra, tinygemm, layers in ((["--pdl"], None, 0), (["--pdl", "--tinygemm"], True, 7), ([], None, 7),
-                                    (["--pdl", "--fuse", "--fuse-norms"], None, 0)):
+                                    (["--pdl", "--fuse", "--fuse-norms", "--half2"], None, 0)):
         out = tmp_path / "gen.json"
         assert main(common + extra + ["--out", str(out)]) == 0
         results = json.loads(out.read_text())
         assert results["bench"]["pdl"] == ("--pdl" in extra) and results["bench"]["tinygemm"] == tinygemm
         assert results["bench"]["fuse_norms"] == ("--fuse-norms" in extra)
+        assert results["bench"]["half2"] == ("--half2" in extra)
         run = results["runs"][0]
         assert run["tinygemm_layers"] == layers and run["pdl_gemv_layers"] == 0  # no PDL on CPU
-        assert run["norm_gemv_layers"] == 0  # nor packed kernels
+        assert run["norm_gemv_layers"] == run["half2_gemv_layers"] == 0  # nor packed kernels

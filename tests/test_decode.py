@@ -7,8 +7,8 @@ from qrobust.bench_generate import GenerateBench, bench_generate, model_bytes, q
 from qrobust.errors import QrobustError
 from qrobust.models.decode import GraphedForward, GreedyDecoder
 from qrobust.models.transformer import TransformerConfig, TransformerLM
-from qrobust.quant.grid import QuantSpec
-from qrobust.quant.qlinear import QuantLinear
+from qrobust.quant.grid import QuantSpec, rtn
+from qrobust.quant.qlinear import QuantLinear, replace_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CUDA the decoder replays graphs
 
@@ -281,6 +281,39 @@ def test_pdl_decodes_the_same_tokens():
     assert GreedyDecoder(model, max_len=20).generate(prompt, 10).tokens.tolist() == expected.tolist()
     use_pdl(model, on=False)
     assert not any(m.pdl for m in packed)
+
+
+def test_half2_decodes_float16_models_on_its_sums(monkeypatch):
+    """use_half2 on a float16 model: the 4-bit layers' GEMVs get half2 at a decoding step (one:
+    interpreting is slow), the 3-bit one (no plan) does not take it, and greedy decoding gives
+    the torch path's tokens."""
+    from qrobust import kernels
+    from qrobust.kernels import gptq_matmul
+    from qrobust.models.decode import use_half2
+
+    if not kernels.supports(DEVICE):
+        pytest.skip("Triton cannot run here")
+    model = _model().half()
+    replace_linear(model, "model.layers.1.mlp.down_proj",
+                   rtn(model.model.layers[1].mlp.down_proj.weight, QuantSpec(3, 32, sym=True)))
+    quantize_blocks_rtn(model, QuantSpec(4, 32, sym=True))
+    prompt = torch.tensor([5, 17, 3, 44, 8])
+    expected = GreedyDecoder(model, max_len=20, graphs=False).generate(prompt, 2).tokens
+    import qrobust.quant.qlinear as qlinear
+
+    monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
+    calls = []
+    op = gptq_matmul.gemv_op
+    monkeypatch.setattr(gptq_matmul, "gemv_op", lambda *args: calls.append(args[-1]) or op(*args))
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert use_half2(model) == len(packed) == 14
+    on = torch.device(DEVICE)
+    assert [m.takes_half2(on) for m in packed].count(False) == 1
+    tokens = GreedyDecoder(model, max_len=20, graphs=False).generate(prompt, 2).tokens
+    assert tokens.tolist() == expected.tolist()
+    assert len(calls) == 14 and all(calls)  # one one-token step; the 3-bit layer's flag is ignored
+    use_half2(model, on=False)
+    assert not any(m.half2 for m in packed)
 
 
 def test_compile_options_turn_on_inductors_dependent_launches_only_when_asked():

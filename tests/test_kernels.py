@@ -144,6 +144,91 @@ def test_gemv_adds_the_residual_and_normalizes_in_its_prologue(swiglu, shuffled)
             torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_half2_pairs_take_every_code_of_a_chunk_once_from_its_place():
+    """Each pair's two codes sit in their word at bits 32·r + s + t and 16 more, inside the low
+    byte of a float16 half; every code of the chunk comes once; 3 bits have no plan."""
+    from qrobust.kernels.gptq_matmul import half2_pairs
+
+    for bits in (2, 4, 8):
+        pairs = half2_pairs(bits)
+        assert sorted(j for p in pairs for j in p[:2]) == list(range(32))
+        for j_lo, j_hi, r, s, t in pairs:
+            assert bits * j_lo == 32 * r + s + t and bits * j_hi == bits * j_lo + 16 and t + bits <= 8
+    assert half2_pairs(3) is None
+
+
+def _half2_reference(x: torch.Tensor, layer: QuantLinear, group_size: int) -> torch.Tensor:
+    """x [M, K] (float16) times the layer as the half2 sums compute it, in float64 but for their
+    float16 roundings: per chunk of 32 inputs, d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹ times x added pair by pair
+    (half2_pairs' order) into two float16 sums, rounded at each step."""
+    from qrobust.kernels.gptq_matmul import half2_pairs
+
+    bits = layer.spec.bits
+    half = 2 ** (bits - 1)
+    d = (layer.codes().double() - half) / half
+    z, s, xd = layer.zero_points().double(), layer.scales.double(), x.double()
+    out = torch.zeros(x.shape[0], layer.out_features, dtype=torch.float64, device=x.device)
+    for c in range(0, layer.in_features, 32):
+        sums = [torch.zeros_like(out, dtype=torch.float16) for _ in range(2)]
+        for pair in half2_pairs(bits):
+            for i, j in enumerate(pair[:2]):
+                sums[i] = (xd[:, c + j, None] * d[None, :, c + j] + sums[i].double()).half()
+        g = c // group_size
+        chunk_x = xd[:, c:c + 32].sum(1, keepdim=True)
+        out += s[g] * (half * (sums[0].double() + sums[1].double()) - (z[g] - half) * chunk_x)
+    return out
+
+
+def _ulps(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest difference in units of float16's spacing at the reference's values."""
+    spacing = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(2.0 ** -14))) - 10)
+    return float(((y.double() - ref).abs() / spacing).max())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_half2_gemv_rounds_its_float16_sums_as_planned(bits):
+    """With half2 the GEMV's outputs are within a float16 spacing or two of _half2_reference, in
+    one K-split and in two; the float32 sums (no half2) are tens of spacings away at these
+    sizes, so the half2 path ran. Float32 inputs fall back to the float32 sums."""
+    from qrobust.kernels.gptq_matmul import gemv_locks, gptq_gemv
+
+    layer = _layer(bits, 64, False, False, bias=False, N=64)
+    g = torch.Generator().manual_seed(bits)
+    x = (3 * torch.randn(2, layer.in_features, generator=g)).half().to(DEVICE)
+    args = (layer.qweight, layer.scales, layer.qzeros, None, bits, 64, FORMAT_OFFSET[layer.format])
+    ref = _half2_reference(x, layer, 64)
+    locks = gemv_locks(layer.out_features, x.device, rows=2, block_n=32)
+    for splits, lock in ((1, None), (2, locks)):
+        y = gptq_gemv(x, *args, splits=splits, block_depth=256 // splits, locks=lock, half2=True)
+        assert _ulps(y, ref) <= 2
+    assert _ulps(gptq_gemv(x, *args), ref) > 10
+    x32 = x.float()
+    assert torch.equal(gptq_gemv(x32, *args, half2=True), gptq_gemv(x32, *args))
+
+
+def test_half2_gemv_with_the_norm_and_swiglu_sums_the_normalized_row():
+    """gptq_gemv_add_norm with half2 (and SwiGLU, two K-splits): the half2 sums of the float16
+    RMSNorm(residual + x), then silu(gate)·up."""
+    from qrobust.kernels.gptq_matmul import AddNorm, gemv_locks, gptq_gemv_add_norm
+    from qrobust.models.transformer import RMSNorm
+
+    layer = _layer(4, 64, False, False, bias=False, N=64)
+    K = layer.in_features
+    norm = RMSNorm(K, 1e-6).to(DEVICE).half()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(K, generator=g) + 0.5)
+    x, residual = (torch.randn(2, K, generator=g).half().to(DEVICE) for _ in range(2))
+    with torch.no_grad():
+        ref = _half2_reference(norm(residual + x), layer, 64)
+    ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
+    locks = gemv_locks(layer.out_features, x.device, rows=2, block_n=32)
+    y, _ = gptq_gemv_add_norm(x, AddNorm(residual, norm.weight.detach(), norm.eps), layer.qweight, layer.scales,
+                              layer.qzeros, None, 4, 64, FORMAT_OFFSET[layer.format], splits=2, block_depth=128,
+                              locks=locks, swiglu=True, half2=True)
+    assert _ulps(y, ref) <= 2
+
+
 @pytest.mark.parametrize("bits,group_size,sym,shuffled", CASES)
 def test_fused_matmul_matches_the_torch_dequantization(bits, group_size, sym, shuffled):
     from qrobust.kernels.gptq_matmul import gptq_matmul

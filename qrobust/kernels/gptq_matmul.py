@@ -7,7 +7,8 @@ the zero point z of the input's group and the output; zero points are read from 
 
 - gptq_gemv: y = x Ŵᵀ for a few rows of x (batch-1 decoding), memory bound: each program reads
   its outputs' packed words once and dequantizes in registers. gptq_gemv_add_norm adds a
-  residual and applies an RMSNorm to x first, in the same kernel.
+  residual and applies an RMSNorm to x first, in the same kernel. With half2 (float16 x; 2, 4
+  and 8 bits) it sums two codes per instruction in float16 (_half2_sums), else one in float32.
 - gptq_dequantize: Ŵᵀ [K, N] in the activation dtype, for larger batches (prefill, diffusion
   steps), which then run on the dense matmul.
 - gptq_matmul: the same product with the dequantization fused into a tensor-core matmul (to be
@@ -408,7 +409,10 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
     without HAS_RES), and the product takes RMSNorm(h) with the norm's weights nw (_add_norm_row):
     each program normalizes its K-split of the row into its own slice of xn [programs, K] and
     reads it from there, and the programs of the first output tile write h [M, K]. That folds
-    the residual add and the norm, one element-wise kernel each time, into the GEMV after them."""
+    the residual add and the norm, one element-wise kernel each time, into the GEMV after them.
+
+    HALF2: each chunk's sums in float16, two codes at a time (_half2_sums, `one` = HALF2_ONE);
+    ASM: on a GPU (off, the interpreter computes the same in Triton's operations)."""
     m, split = tl.program_id(1), tl.program_id(2)
     n0 = tl.program_id(0) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
@@ -660,12 +664,14 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
     _gemv_kernel[(tiles, M, splits)](
         x, qweight, scales, qzeros, g_idx if act_order else scales, bias if fuse_bias else y, partial, y,
         locks if last_sums else y, y if residual is None else residual, y if norm is None else norm.weight,
-        y if h is None else h, y if xn is None else xn, N, K, K // splits, x.stride(0), HALF2_ONE if half2 else ONE_BITS,
+        y if h is None else h, y if xn is None else xn, N, K, K // splits, x.stride(0),
+        HALF2_ONE if half2 else ONE_BITS,
         0.0 if norm is None else norm.eps, BITS=bits, OFFSET=zero_offset,
         GS=group_size, ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits,
         LAST_SUMS=last_sums, SWIGLU=swiglu, ONE_TILE=K // splits == bk,
         PDL=pdl, NORM=norm is not None, HAS_RES=residual is not None, K_POW2=triton.next_power_of_2(K),
-        HALF2=half2, ASM=not interpreting(), num_warps=num_warps or gemv_warps(bk), num_stages=num_stages, **launch_options(pdl))
+        HALF2=half2, ASM=not interpreting(), num_warps=num_warps or gemv_warps(bk), num_stages=num_stages,
+        **launch_options(pdl))
     if splits > 1 and not last_sums:
         _sum_splits_kernel[(triton.cdiv(N, 1024), M)](partial, bias if bias is not None else y, y, N, SPLITS=splits,
                                                        HAS_BIAS=bias is not None, BLOCK=1024, SWIGLU=swiglu)
