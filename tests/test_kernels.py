@@ -430,26 +430,22 @@ def test_decode_attention_normalizes_rotates_and_caches_the_new_token(position):
                          new=dataclasses.replace(new, k=k[:, :, :D]))
 
 
-PDL_TTIR = """
-import sys
+PDL_COMPILE = """
+import json, sys
 from qrobust.kernels import gptq_matmul
-norm = sys.argv[1] == "norm"
+overrides, dtype, form = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 constants = dict(BITS=3, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, SPLITS=2,
-                 LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True, NORM=norm, HAS_RES=norm, K_POW2=512,
+                 LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True, NORM=False, HAS_RES=False, K_POW2=512,
                  HALF2=False, ASM=True)
-print(gptq_matmul.compile_gemv_for(90, constants, dtype="fp32", num_warps=1).asm["ttir"])
+print(gptq_matmul.compile_gemv_for(90, {**constants, **overrides}, dtype=dtype, num_warps=1).asm[form])
 """
 
 
-@pytest.mark.parametrize("variant", ["plain", "norm"])
-def test_gemv_with_pdl_reads_only_weights_before_it_waits(variant):
-    """Launched as a programmatic dependent launch, the GEMV may run while the kernel before it
-    still writes x: compiled for an H100 (no GPU needed; outside the interpreter, hence a separate
-    process), everything before its wait loads the packed weights and zero points (int32) or the
-    scales (fp16), and every read of x (here fp32) and every write comes after, once; so do the
-    residual's reads and the norm's writes where the residual add and the norm come first."""
+def _compiled_with_pdl(overrides: dict, dtype: str, form: str) -> tuple[str, str]:
+    """The GEMV compiled for an H100 as a programmatic dependent launch (no GPU needed; outside
+    the interpreter, hence a separate process), its `form` (ttir, ptx) split at its one wait."""
+    import json
     import os
-    import re
     import subprocess
     import sys
 
@@ -458,11 +454,41 @@ def test_gemv_with_pdl_reads_only_weights_before_it_waits(variant):
     if not hasattr(tl.extra.cuda, "gdc_wait"):
         pytest.skip("this Triton has no griddepcontrol calls")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    ttir = subprocess.run([sys.executable, "-c", PDL_TTIR, variant], env=env, capture_output=True, text=True,
-                          check=True).stdout
-    assert ttir.count("griddepcontrol.wait") == 1 and ttir.count("griddepcontrol.launch_dependents") == 1
-    before, after = ttir.split("griddepcontrol.wait")
+    code = subprocess.run([sys.executable, "-c", PDL_COMPILE, json.dumps(overrides), dtype, form], env=env,
+                          capture_output=True, text=True, check=True).stdout
+    assert code.count("griddepcontrol.wait") == 1 and code.count("griddepcontrol.launch_dependents") == 1
+    before, after = code.split("griddepcontrol.wait")
+    return before, after
+
+
+@pytest.mark.parametrize("variant", ["plain", "norm"])
+def test_gemv_with_pdl_reads_only_weights_before_it_waits(variant):
+    """Launched as a programmatic dependent launch, the GEMV may run while the kernel before it
+    still writes x: everything before its wait loads the packed weights and zero points (int32)
+    or the scales (fp16), and every read of x (here fp32) and every write comes after, once; so
+    do the residual's reads and the norm's writes where the residual add and the norm come first."""
+    import re
+
+    norm = variant == "norm"
+    before, after = _compiled_with_pdl({"NORM": norm, "HAS_RES": norm}, "fp32", "ttir")
     pointee = r"tt\.load [^:]*: (?:tensor<[^>]*)?!tt\.ptr<(\w+)>"
     assert set(re.findall(pointee, before)) == {"i32", "f16"}
     assert not re.search(r"tt\.(store|atomic)", before)
     assert "f32" in re.findall(pointee, after)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_half2_gemv_with_pdl_unpacks_codes_only_after_it_waits(bits):
+    """Under PDL the half2 sums mask their codes out of the words after the wait: the LLVM of
+    Triton 3.6 moved the masks (PTX and.b32 with the pairs' masks) ahead of it where _after_wait
+    ORed its zero in, and ptxas then held every masked pair in registers while the loads were in
+    flight (184 to 255 registers instead of 71 to 127 at 2 to 8 bits, and a slower product)."""
+    import re
+
+    from qrobust.kernels.gptq_matmul import half2_pairs
+
+    before, after = _compiled_with_pdl({"BITS": bits, "HALF2": True, "HAS_BIAS": False}, "fp16", "ptx")
+    masks = {((1 << bits) - 1) * (1 << t | 1 << (16 + t)) for *_, t in half2_pairs(bits)}
+    masked = r"and\.b32\s+%r\d+, %r\d+, (\d+);"
+    assert not masks & {int(m) for m in re.findall(masked, before)}
+    assert masks <= {int(m) for m in re.findall(masked, after)}

@@ -296,13 +296,14 @@ def _half2_sums(words, x_row, kc, one, BITS: tl.constexpr, BLOCK_N: tl.constexpr
 def _after_wait(words, x_row, K):
     """The words unchanged, made to depend on a value read after the PDL wait: otherwise ptxas
     unpacks them before the wait, while their loads are in flight, and holds every unpacked code
-    in registers (up to 255, and spills). The zero it ORs in (x₀ ≠ x₀ and K < 0: never true, but
-    no compiler can tell) ties them to x₀, the first input."""
+    in registers (up to 255, and spills). The zero it adds (x₀ ≠ x₀ and K < 0: never true, but
+    no compiler can tell) ties them to x₀, the first input; an OR would not: LLVM distributes
+    the half2 sums' shifts and masks over it and moves them ahead of the wait again."""
     x0 = tl.load(x_row).to(tl.float32)
     zero = ((x0 != x0) & (K < 0)).to(tl.uint32)
     out = ()
     for r in tl.static_range(len(words)):
-        out = out + (words[r] | zero,)
+        out = out + (words[r] + zero,)
     return out
 
 
