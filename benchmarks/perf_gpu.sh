@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
-#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion|norms]
+#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion|norms|half2]
 # quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention's first command and
 # fused ran on older code; pdl's first, second and fifth commands (also run on 6c6eee8: *_6c6eee8_*) and
 # attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which); norms
 # on b84e5b1 or an earlier state of it (README says which; *_run1_*, *_run2_*: the same commands on other H100s);
+# half2 on 5f7c147 but its *_off_* and *_orzero_* files (48ff055) and its single products (an earlier state of 85680cf);
 # peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
@@ -93,6 +94,17 @@ case ${1:-quantize} in
       --out "$OUT/decode_attention_sweep_qwen3-1.7b_h100.json"
     timeout 220 $g --kind diffusion --compile --fuse --bits 16,4,2 --new-tokens 64 --repeats 3 \
       --out "$OUT/bench_generate_diffusion_fused_compiled_rerun_qwen3-1.7b_h100.json" ;;
+  half2)     # GEMVs summing two codes per instruction in float16: single products with and without, the table
+             # (3 bits have no half2 plan: their row comes from the *_off_* run), the same without --half2 (another
+             # machine, 48ff055, with the *_orzero_* run of --half2 before its PDL fix), the output layer packed too
+    timeout 200 python3 benchmarks/packed_gemv.py --half2 0,1 --block-k 4096 --rows '' --bits 4,3,2,8 \
+      --layers "qkv (fused),q_proj/o_proj,gate_up (fused),down_proj" --out "$OUT/packed_gemv_half2_qwen3-1.7b_h100.json"
+    timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_qwen3-1.7b_h100.json"
+    timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_off_qwen3-1.7b_h100.json"
+    timeout 120 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --lm-head-bits 4 --bits 16,4,2 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_lmhead4_qwen3-1.7b_h100.json" ;;
   diffusion) # denoising steps, fused and compiled (the time limit stopped the first before 8 bits)
     timeout 200 $g --kind diffusion --compile --fuse --bits 16,4,2,3,8 --repeats 3 --new-tokens 64 \
       --out "$OUT/bench_generate_diffusion_fused_compiled_qwen3-1.7b_h100.json"
