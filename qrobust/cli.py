@@ -407,7 +407,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                         "the RMSNorm before them in their prologue (two element-wise kernels per block fewer)")
     g.add_argument("--half2", action="store_true",
                    help="the packed GEMVs sum codes two at a time in float16 (fp16 activations, in-order groups): "
-                        "fewer instructions per code, about four times the rounding error of float32 sums")
+                        "fewer instructions per code, about twice the rounding error of float32 sums")
     g.add_argument("--out", default=None, help="JSON file for the measurements")
 
 
