@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 
 from qrobust.kernels import gptq_matmul
@@ -63,7 +64,7 @@ def sass_facts(cubin: bytes) -> tuple[collections.Counter, dict]:
 
 def describe(bits: int, block_n: int, block_k: int, warps: int, splits: int, arch: int, swiglu: bool = False,
              pdl: bool = False, norm: bool = False, half2: bool = False) -> dict:
-    half2 = half2 and gptq_matmul.half2_pairs(bits) is not None
+    half2 = half2 and gptq_matmul.half2_applies(bits, False, torch.float16)
     kernel = compile_gemv(bits, block_n, block_k, warps, arch, splits, swiglu, pdl, norm, half2)
     ops, resources = sass_facts(kernel.asm["cubin"])
     codes_per_thread = block_n * block_k // (32 * warps)

@@ -214,12 +214,12 @@ def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress
         except Exception as e:  # noqa: BLE001 - one failing width (e.g. torch.compile) must not lose the others
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         on = model.device  # with its index: the layers cached their choice for it
-        row["packed_kernels"] = any(m.uses_kernels(on) for m in model.modules() if isinstance(m, QuantLinear))
+        packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        row["packed_kernels"] = any(m.uses_kernels(on) for m in packed)
         row["tinygemm_layers"] = sum(isinstance(m, TinyGemmLinear) for m in model.modules())
-        row["pdl_gemv_layers"] = sum(m.pdl for m in model.modules() if isinstance(m, QuantLinear))
-        row["norm_gemv_layers"] = sum(m.fuse_norm and m.uses_kernels(on) for m in model.modules()
-                                      if isinstance(m, QuantLinear))
-        row["half2_gemv_layers"] = sum(m.takes_half2(on) for m in model.modules() if isinstance(m, QuantLinear))
+        row["pdl_gemv_layers"] = sum(m.pdl for m in packed)
+        row["norm_gemv_layers"] = sum(m.fuse_norm and m.uses_kernels(on) for m in packed)
+        row["half2_gemv_layers"] = sum(m.takes_half2(on) for m in packed)
         row["attention_kernel"] = any(b.self_attn.decode_attention is not None for b in model.model.layers)
         if bandwidth and bench.kind == "ar" and "error" not in row:
             row["bandwidth_floor_fraction"] = row["tokens_per_s"] / (bandwidth / weight_bytes)

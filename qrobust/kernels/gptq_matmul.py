@@ -210,6 +210,12 @@ def half2_pairs(bits: int) -> tuple[tuple[int, int, int, int, int], ...] | None:
                  for r in range(bits) for s in (0, 8) for i in range(8 // bits))
 
 
+def half2_applies(bits: int, act_order: bool, dtype: torch.dtype) -> bool:
+    """Whether gptq_gemv's half2 sums can serve a layer: float16 inputs, inputs in group order, a
+    width half2_pairs has a plan for."""
+    return dtype == torch.float16 and not act_order and half2_pairs(bits) is not None
+
+
 @triton.constexpr_function
 def _half_bits(value: float) -> int:
     """The float16 bits of a normal value it holds exactly (written out: Triton's dependency scan
@@ -604,8 +610,8 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     u₁, …) and the result is silu(gate)·up [M, N/2], applied as the kernel stores it. `pdl` launches
     it as a programmatic dependent launch (see _gemv_kernel; Hopper and later, pdl_supported):
     only where no kernel just before it writes the packed weights, as in decoding. `half2` sums
-    each chunk of 32 inputs two codes at a time in float16 (_half2_sums) where it can: float16
-    x, inputs in group order, widths with a half2_pairs plan."""
+    each chunk of 32 inputs two codes at a time in float16 (_half2_sums) where it can
+    (half2_applies)."""
     return _gemv(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias, block_n, block_depth,
                  splits, num_warps, num_stages, locks, swiglu, pdl, half2)[0]
 
@@ -637,7 +643,7 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
     N = qweight.shape[1]
     x = x.contiguous()
     act_order = g_idx is not None
-    half2 = half2 and x.dtype == torch.float16 and not act_order and half2_pairs(bits) is not None
+    half2 = half2 and half2_applies(bits, act_order, x.dtype)
     if block_depth is None:
         bk = gemv_config(K, group_size, act_order).block_depth
     else:

@@ -116,15 +116,10 @@ def use_pdl(model: TransformerLM, on: bool = True) -> int:
     changes; on=False goes back. Returns how many layers changed."""
     from qrobust.kernels.decode_attention import decode_attention_op
     from qrobust.kernels.gptq_matmul import pdl_supported
-    from qrobust.quant.qlinear import QuantLinear
 
     if not pdl_supported(model.device):
         return 0
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.pdl = on
-            changed += 1
+    changed = _set_packed(model, "pdl", on)
     for block in model.model.layers:
         if block.self_attn.decode_attention is not None:
             block.self_attn.decode_attention = functools.partial(decode_attention_op, pdl=True) if on \
@@ -139,14 +134,17 @@ def use_half2(model: TransformerLM, on: bool = True) -> int:
     2, 4 or 8 bits; QuantLinear.takes_half2): fewer instructions per code, at about twice the
     float32 sums' error (README: GPU performance). on=False goes back. Returns how many layers
     changed."""
+    return _set_packed(model, "half2", on)
+
+
+def _set_packed(model: TransformerLM, switch: str, on: bool) -> int:
+    """Sets the QuantLinear switch `switch` (pdl, half2) of every packed layer; returns how many."""
     from qrobust.quant.qlinear import QuantLinear
 
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.half2 = on
-            changed += 1
-    return changed
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for module in packed:
+        setattr(module, switch, on)
+    return len(packed)
 
 
 def fuse_norms(model: TransformerLM, on: bool = True) -> int:

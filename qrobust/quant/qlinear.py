@@ -136,12 +136,12 @@ class QuantLinear(nn.Module):
                 c.num_warps, swiglu, self.pdl, self.half2)
 
     def takes_half2(self, device: torch.device) -> bool:
-        """Whether the GEMV on `device` sums codes two at a time in float16 (for float16 inputs):
-        asked for (half2), with inputs in group order and a width half2_pairs has a plan for."""
-        from qrobust.kernels.gptq_matmul import half2_pairs
+        """Whether the GEMV on `device` sums codes two at a time in float16 for float16 inputs:
+        asked for (half2) and possible for this layer (kernels.gptq_matmul.half2_applies)."""
+        from qrobust.kernels.gptq_matmul import half2_applies
 
-        return (self.half2 and self.uses_kernels(device) and self._kernel_args[1] is None
-                and half2_pairs(self.spec.bits) is not None)
+        return (self.half2 and self.uses_kernels(device)
+                and half2_applies(self.spec.bits, self._kernel_args[1] is not None, torch.float16))
 
     def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         from qrobust.kernels.gptq_matmul import dequantize_op, gemv_op
