@@ -10,12 +10,13 @@ have nearly flat logits, so a margin of an fp16 rounding step or two flips greed
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from qrobust.bench_generate import GenerateBench, build_model, random_prompt
 from qrobust.models.decode import greedy_token, use_attention_kernel
+
+from gpu_script import require_cuda, write_rows
 
 
 def compare(bench: GenerateBench, bits: int, steps: int) -> dict:
@@ -53,8 +54,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("attention_agreement.py: needs a CUDA device")
+    require_cuda("attention_agreement.py")
     bench = GenerateBench(fuse=True, attention_kernel=False)  # the kernel is switched per step
     rows = [compare(bench, int(b), args.steps) for b in args.bits.split(",")]
     for r in rows:
@@ -62,9 +62,7 @@ def main() -> None:
         print(f"{r['bits']:>2}-bit: logits differ by at most {100 * r['max_rel_logit_diff']:.2f}% of the largest "
               f"({r['logit_scale']:.2f}), median {100 * r['median_rel_logit_diff']:.2f}%; argmax differs at {flips}; "
               f"smallest top-2 margins {r['smallest_top2_margins']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+    write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

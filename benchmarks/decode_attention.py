@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 
 import torch
 import torch.nn.functional as F
+from gpu_script import require_cuda, write_rows
 from packed_gemv import graph_us
 
 from qrobust.kernels.decode_attention import attention_splits, decode_attention
@@ -39,8 +39,7 @@ def main() -> None:
                    help="programs per KV head: one, default (attention_splits) or numbers (comma-separated)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("decode_attention.py: needs a CUDA device")
+    require_cuda("decode_attention.py")
     device = torch.device("cuda")
     rows = []
     for L in (int(c) for c in args.cache.split(",")):
@@ -69,9 +68,7 @@ def main() -> None:
                 print(f"cache {L:5d} position {position:5d}: torch {base:6.2f} µs, kernel (block {block_l:3d}, "
                       f"{warps} warps, {n:2d} splits) {us:6.2f} µs, {base / us:5.2f}x, max error {err:.1e}", flush=True)
             rows.append(row)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+    write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ tokens, bit for bit.
 from __future__ import annotations
 
 import argparse
-import json
-
-import torch
 
 from qrobust.bench_generate import GenerateBench, build_model, random_prompt
 from qrobust.models.decode import GreedyDecoder, use_pdl
+
+from gpu_script import require_cuda, write_rows
 
 
 def compare(bench: GenerateBench, bits: int) -> dict:
@@ -43,17 +42,14 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("pdl_agreement.py: needs a CUDA device")
+    require_cuda("pdl_agreement.py")
     bench = GenerateBench(fuse=True, new_tokens=args.new_tokens)
     rows = [compare(bench, int(b)) for b in args.bits.split(",")]
     for r in rows:
         verdict = "same tokens" if r["same_tokens"] else f"tokens differ from step {r['first_difference']}"
         print(f"{r['bits']:>2}-bit: {verdict}; uncompiled graphs {r['tokens_per_s_plain']:.1f} → "
               f"{r['tokens_per_s_pdl']:.1f} tokens/s")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+    write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ With --compile the step is compiled first, so the element-wise kernels are fused
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 
@@ -18,6 +17,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from qrobust.bench_generate import GenerateBench, build_model, random_prompt
 from qrobust.models.decode import GreedyDecoder, fused, sync
+
+from gpu_script import require_cuda, write_rows
 
 KINDS = {  # substring of a kernel's name → kind, first match wins
     "_gemv_kernel": "products", "_sum_splits": "products", "_weight_int4pack": "products",
@@ -75,8 +76,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("profile_decode.py: needs a CUDA device")
+    require_cuda("profile_decode.py")
     bits = tuple(int(b) for b in args.bits.split(","))
     bench = GenerateBench(shape=args.shape, kind="ar", bits=bits, compile=args.compile, fuse=args.fuse,
                           fuse_norms=args.fuse_norms, tinygemm=args.tinygemm)
@@ -87,10 +87,7 @@ def main() -> None:
               f"({r['kernels_per_step']:.0f} kernels): {kinds}; warm-up {r['warmup_s']:.1f} s")
         for t in r["top"]:
             print(f"    {t['us']:8.1f} µs {t['calls']:5.0f}x  {t['kernel']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"bench": vars(args), "torch": torch.__version__,
-                       "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+    write_rows(args.out, rows, bench=vars(args))
 
 
 if __name__ == "__main__":
