@@ -94,14 +94,16 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, pm_ptr, pl_ptr
     length = tl.load(pos_ptr) + 1
     kv = b * stride_kb + h * stride_kh
     if PROLOGUE:
+        # every split computes the new key, so that its reads go out with q's, not after the position's
+        new = b * stride_nb + h * D
+        k_new = _norm_rope(kn_ptr + new + tl.zeros([1, 1], tl.int32), kw_ptr, cos_ptr, sin_ptr, eps, d, D)
+        v_new = tl.load(vn_ptr + new + d[None, :])
         q_rows = q_ptr + b * stride_qb + tl.minimum(heads, h * REP + REP - 1) * stride_qh  # padding: repeats
         q = tl.where(rmask, _norm_rope(q_rows, qw_ptr, cos_ptr, sin_ptr, eps, d, D), 0.0).to(k_ptr.dtype.element_ty)
         if (length - 1) // split_len == split:  # the new key and value go into the caches, then are read back
-            new = b * stride_nb + h * D
-            k_new = _norm_rope(kn_ptr + new + tl.zeros([1, 1], tl.int32), kw_ptr, cos_ptr, sin_ptr, eps, d, D)
             at = kv + (length - 1) * stride_kl + d[None, :]
             tl.store(k_ptr + at, k_new.to(k_ptr.dtype.element_ty))
-            tl.store(v_ptr + at, tl.load(vn_ptr + new + d[None, :]))
+            tl.store(v_ptr + at, v_new)
             tl.debug_barrier()
     else:
         q = tl.load(q_ptr + b * stride_qb + heads * stride_qh + d[None, :], mask=rmask, other=0.0)
