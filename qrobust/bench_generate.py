@@ -196,18 +196,33 @@ def measure_diffusion(model: nn.Module, bench: GenerateBench) -> dict:
             "peak_gib": peak_gib(device)}
 
 
+def release(device: torch.device, compiled: bool) -> None:
+    """Frees what one width's measurement held, so that the next width's peak memory counts only
+    its own: torch.compile's caches may still hold the compiled step, and through it the decoder
+    and its model."""
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress: bool = True) -> dict:
-    """Measures every bit width in turn; with `out`, the JSON is rewritten after each one."""
+    """Measures every bit width in turn; with `out`, the JSON is rewritten after each one. A row's
+    leftover_gib is the CUDA memory still allocated before its model is built (what earlier
+    widths left behind, which its peak_gib includes)."""
     check_device(bench.device)
     device = torch.device(bench.device)
     bandwidth = copy_bandwidth(device)
     results = {"bench": asdict(bench), "environment": environment(bench.device), "copy_bandwidth_gbs":
                None if bandwidth is None else bandwidth / 1e9, "runs": []}
     for bits in tqdm(bench.bits, desc=f"bench generate {bench.kind}", disable=not progress):
+        leftover = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
         model = build_model(bench, bits)
         weight_bytes = model_bytes(model)
         row = {"bits": bits, "weight_gib": weight_bytes / 2**30,
-               "lm_head_bits": bench.lm_head_bits if bits != FULL_PRECISION and bench.lm_head_bits else FULL_PRECISION}
+               "lm_head_bits": bench.lm_head_bits if bits != FULL_PRECISION and bench.lm_head_bits else FULL_PRECISION,
+               "leftover_gib": leftover}
         try:
             with torch.no_grad():
                 row.update(measure_ar(model, bench) if bench.kind == "ar" else measure_diffusion(model, bench))
@@ -225,9 +240,7 @@ def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress
             row["bandwidth_floor_fraction"] = row["tokens_per_s"] / (bandwidth / weight_bytes)
         results["runs"].append(row)
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device, bench.compile)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(results, indent=2))

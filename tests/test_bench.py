@@ -85,3 +85,30 @@ def test_bench_generate_cli_passes_pdl_fused_norms_half2_and_the_tinygemm_choice
         run = results["runs"][0]
         assert run["tinygemm_layers"] == layers and run["pdl_gemv_layers"] == 0  # no PDL on CPU
         assert run["norm_gemv_layers"] == run["half2_gemv_layers"] == 0  # nor packed kernels
+
+
+def test_bench_generate_releases_each_width_before_the_next(monkeypatch):
+    """Each width's model is gone before the next one is built (its peak memory would count it
+    otherwise), also after a compiled run; on CPU there is no CUDA memory to report as left over."""
+    import gc
+    import weakref
+
+    from qrobust import bench_generate as bg
+
+    built, build = [], bg.build_model
+
+    def tracked(bench, bits):
+        gc.collect()
+        assert all(ref() is None for ref in built), "an earlier width's model is still alive"
+        model = build(bench, bits)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(bg, "build_model", tracked)
+    bench = bg.GenerateBench(shape="qwen3-0.6b", kind="ar", bits=[16, 4, 2], layers=1, vocab_size=256, prompt_len=4,
+                             new_tokens=2, repeats=1, device="cpu", compile=True)
+    results = bg.bench_generate(bench, progress=False)
+    assert [r["bits"] for r in results["runs"]] == [16, 4, 2] and len(built) == 3
+    assert all("error" not in r and r["leftover_gib"] is None for r in results["runs"])
+    gc.collect()
+    assert all(ref() is None for ref in built)
