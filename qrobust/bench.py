@@ -106,6 +106,11 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def allocated_gib(device: torch.device) -> float | None:
+    """CUDA memory allocated now, in GiB; None on CPU."""
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def run_ours(model_dir: Path, bench: QuantBench, calib: torch.Tensor) -> dict:
     from qrobust.models import load_model
     from qrobust.quant import QuantizeConfig, StageTimer, quantize_model
