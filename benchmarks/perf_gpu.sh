@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
-#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion|norms|half2]
+#   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion|norms|half2|
+#                                newkey|experiments]
 # quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention's first command and
 # fused ran on older code; pdl's first, second and fifth commands (also run on 6c6eee8: *_6c6eee8_*) and
 # attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which); norms
 # on b84e5b1 or an earlier state of it (README says which; *_run1_*, *_run2_*: the same commands on other H100s);
 # half2 on 5f7c147 but its *_off_* and *_orzero_* files (48ff055) and its single products (an earlier state of 85680cf);
+# newkey on c3c7c8a (its peak run on cd3659f); experiments on 0f2e78f with the patches, over five GPU sessions (the
+# committed files sit in run1 ... run5, named by patch; README says which machine ran which);
 # peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
@@ -100,11 +103,35 @@ case ${1:-quantize} in
     timeout 200 python3 benchmarks/packed_gemv.py --half2 0,1 --block-k 4096 --rows '' --bits 4,3,2,8 \
       --layers "qkv (fused),q_proj/o_proj,gate_up (fused),down_proj" --out "$OUT/packed_gemv_half2_qwen3-1.7b_h100.json"
     timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,8 --repeats 3 \
-      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_qwen3-1.7b_h100.json"
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_5f7c147_qwen3-1.7b_h100.json"
     timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --bits 16,4,2,3,8 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_off_qwen3-1.7b_h100.json"
     timeout 120 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --lm-head-bits 4 --bits 16,4,2 --repeats 3 \
-      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_lmhead4_qwen3-1.7b_h100.json" ;;
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_lmhead4_5f7c147_qwen3-1.7b_h100.json" ;;
+  newkey)    # c3c7c8a's attention (the new key read with q): the table, the output layer packed too, and one more
+             # run for the peak column (cd3659f: peak_gib - leftover_gib)
+    timeout 230 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_qwen3-1.7b_h100.json"
+    timeout 110 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --lm-head-bits 4 --bits 16,4 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_lmhead4_qwen3-1.7b_h100.json"
+    timeout 270 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,3,8 --repeats 1 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_peak_qwen3-1.7b_h100.json" ;;
+  experiments) # where a 4-bit token's time goes: 0f2e78f's code with each patch in results/perf/attention_experiments
+             # (and none: base), in a scratch worktree; the GEMV-warps patch once per W16 setting
+    out=$(realpath "$OUT")/attention_experiments
+    patches=$(realpath results/perf/attention_experiments/patches)
+    mkdir -p "$out"
+    for name in base $(cd "$patches" && ls *.diff | sed 's/\.diff$//'); do
+      for w16 in $([ "$name" = new_key_before_position_gemv_16_warps ] && echo q all none || echo -); do
+        rm -rf /tmp/qrobust_experiment
+        git worktree add -f -q --detach /tmp/qrobust_experiment 0f2e78f
+        [ "$name" = base ] || git -C /tmp/qrobust_experiment apply "$patches/$name.diff"
+        suffix=$([ "$w16" = - ] || echo "_W16$w16")
+        (cd /tmp/qrobust_experiment && W16=$w16 PYTHONPATH=. timeout 100 $g --kind ar --compile --fuse --pdl \
+          --fuse-norms --half2 --bits 4 --repeats 3 --out "$out/${name}${suffix}_4.json")
+        git worktree remove --force /tmp/qrobust_experiment
+      done
+    done ;;
   diffusion) # denoising steps, fused and compiled (the time limit stopped the first before 8 bits)
     timeout 200 $g --kind diffusion --compile --fuse --bits 16,4,2,3,8 --repeats 3 --new-tokens 64 \
       --out "$OUT/bench_generate_diffusion_fused_compiled_qwen3-1.7b_h100.json"
