@@ -290,6 +290,18 @@ def test_quant_linear_forward_takes_the_packed_path(monkeypatch, rows):
     torch.testing.assert_close(y, x @ layer.dequantized_weight().t() + layer.bias, rtol=1e-4, atol=1e-4)
 
 
+def test_quant_linear_reads_an_unindexed_cuda_device_as_the_current_one(monkeypatch):
+    """uses_kernels(torch.device("cuda")) answers for the current CUDA device, as tensors placed
+    on "cuda" go there, rather than No because "cuda" is not "cuda:0" (checked on CPU against a
+    layer whose choice was cached for cuda:1)."""
+    layer = _layer(4, 64, False, shuffled=False)
+    layer._kernel_args = (torch.device("cuda", 1),) + (None,) * 4
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert layer.uses_kernels(torch.device("cuda")) and layer.uses_kernels(torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert not layer.uses_kernels(torch.device("cuda"))
+
+
 def test_quant_linear_falls_back_when_tiles_do_not_fit(monkeypatch):
     import qrobust.quant.qlinear as qlinear
 

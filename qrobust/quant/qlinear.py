@@ -110,7 +110,10 @@ class QuantLinear(nn.Module):
     def uses_kernels(self, device: torch.device) -> bool:
         """Whether forward on `device` runs the packed kernels (checked once per load: inputs must
         come in multiples of 32 and groups in whole tiles). Later calls read only the cached
-        answer, which keeps forward traceable by torch.compile."""
+        answer, which keeps forward traceable by torch.compile. An unindexed `cuda` means the
+        current CUDA device, as it does for tensors."""
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if self._kernel_args is not None:
             return self._kernel_args != () and self._kernel_args[0] == device
         if not kernels_enabled(device) or self.qweight.device != device:
