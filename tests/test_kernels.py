@@ -445,17 +445,19 @@ def test_decode_attention_normalizes_rotates_and_caches_the_new_token(position):
 PDL_COMPILE = """
 import json, sys
 from qrobust.kernels import gptq_matmul
-overrides, dtype, form = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+overrides, dtype, form, norm_dtype = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 constants = dict(BITS=3, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, SPLITS=2,
                  LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True, NORM=False, HAS_RES=False, K_POW2=512,
                  HALF2=False, ASM=True)
-print(gptq_matmul.compile_gemv_for(90, {**constants, **overrides}, dtype=dtype, num_warps=1).asm[form])
+print(gptq_matmul.compile_gemv_for(90, {**constants, **overrides}, dtype=dtype, num_warps=1,
+                                   norm_dtype=norm_dtype).asm[form])
 """
 
 
-def _compiled_with_pdl(overrides: dict, dtype: str, form: str) -> tuple[str, str]:
+def _compiled_with_pdl(overrides: dict, dtype: str, form: str, norm_dtype: str = "fp16") -> tuple[str, str]:
     """The GEMV compiled for an H100 as a programmatic dependent launch (no GPU needed; outside
-    the interpreter, hence a separate process), its `form` (ttir, ptx) split at its one wait."""
+    the interpreter, hence a separate process), activations of `dtype` and norm weights of
+    `norm_dtype`, its `form` (ttir, ptx) split at its one wait."""
     import json
     import os
     import subprocess
@@ -466,8 +468,8 @@ def _compiled_with_pdl(overrides: dict, dtype: str, form: str) -> tuple[str, str
     if not hasattr(tl.extra.cuda, "gdc_wait"):
         pytest.skip("this Triton has no griddepcontrol calls")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = subprocess.run([sys.executable, "-c", PDL_COMPILE, json.dumps(overrides), dtype, form], env=env,
-                          capture_output=True, text=True, check=True).stdout
+    code = subprocess.run([sys.executable, "-c", PDL_COMPILE, json.dumps(overrides), dtype, form, norm_dtype],
+                          env=env, capture_output=True, text=True, check=True).stdout
     assert code.count("griddepcontrol.wait") == 1 and code.count("griddepcontrol.launch_dependents") == 1
     before, after = code.split("griddepcontrol.wait")
     return before, after
@@ -477,8 +479,10 @@ def _compiled_with_pdl(overrides: dict, dtype: str, form: str) -> tuple[str, str
 def test_gemv_with_pdl_reads_only_weights_before_it_waits(variant):
     """Launched as a programmatic dependent launch, the GEMV may run while the kernel before it
     still writes x: everything before its wait loads the packed weights and zero points (int32)
-    or the scales (fp16), and every read of x (here fp32) and every write comes after, once; so
-    do the residual's reads and the norm's writes where the residual add and the norm come first."""
+    or the scales and the norm's weights (fp16), and every read of x (here fp32) and every write
+    comes after, once; so do the residual's reads and the norm's writes where the residual add
+    and the norm come first. Nothing reads fp16 after the wait: the norm's weights too come before
+    it, not after the mean of squares, where their load held up every program (faster decoding)."""
     import re
 
     norm = variant == "norm"
@@ -486,7 +490,7 @@ def test_gemv_with_pdl_reads_only_weights_before_it_waits(variant):
     pointee = r"tt\.load [^:]*: (?:tensor<[^>]*)?!tt\.ptr<(\w+)>"
     assert set(re.findall(pointee, before)) == {"i32", "f16"}
     assert not re.search(r"tt\.(store|atomic)", before)
-    assert "f32" in re.findall(pointee, after)
+    assert "f32" in re.findall(pointee, after) and "f16" not in re.findall(pointee, after)
 
 
 @pytest.mark.parametrize("bits", [2, 4])

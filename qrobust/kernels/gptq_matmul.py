@@ -354,12 +354,13 @@ def _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, B
 
 
 @triton.jit
-def _add_norm_row(x_row, r_row, w_ptr, h_row, xn_row, lo, hi, K, eps, write_h, HAS_RES: tl.constexpr,
+def _add_norm_row(x_row, r_row, w, h_row, xn_row, lo, hi, K, eps, write_h, HAS_RES: tl.constexpr,
                   K_POW2: tl.constexpr):
     """The GEMV's input for inputs [lo, hi) as an RMSNorm computes it from the row x plus the
     residual r (h = r + x in x's dtype, h·rsqrt(mean(h²) + eps) rounded to it, times the norm's
-    weight w), stored at xn_row, with h at h_row if write_h; the same roundings as
-    models.transformer.RMSNorm. Every program reads the whole row for the mean of squares."""
+    weights w, [K_POW2] as _norm_weights read them), stored at xn_row, with h at h_row if
+    write_h; the same roundings as models.transformer.RMSNorm. Every program reads the whole row
+    for the mean of squares."""
     k = tl.arange(0, K_POW2)
     mask = k < K
     h = tl.load(x_row + k, mask=mask, other=0.0)
@@ -370,18 +371,24 @@ def _add_norm_row(x_row, r_row, w_ptr, h_row, xn_row, lo, hi, K, eps, write_h, H
     hf = h.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / K + eps)
     normed = (hf * rstd).to(h.dtype).to(tl.float32)
-    w = tl.load(w_ptr + k, mask=mask, other=0.0).to(tl.float32)
     tl.store(xn_row + k, (w * normed).to(xn_row.dtype.element_ty), mask=mine)
     tl.debug_barrier()  # the row's other threads read what this one stored
 
 
 @triton.jit
-def _normed_row(x_row, r_ptr, nw_ptr, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES: tl.constexpr,
+def _norm_weights(nw_ptr, K, K_POW2: tl.constexpr):
+    """The norm's weights [K_POW2] as float32 (zero past K), in _add_norm_row's layout."""
+    k = tl.arange(0, K_POW2)
+    return tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _normed_row(x_row, r_ptr, nw, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES: tl.constexpr,
                 K_POW2: tl.constexpr):
     """This program's row of xn, holding the normalized inputs of its K-split (see _gemv_kernel)."""
     program = (tl.program_id(0) * tl.num_programs(1) + m) * tl.num_programs(2) + split
     xn_row = xn_ptr + program.to(tl.int64) * K
-    _add_norm_row(x_row, r_ptr + m * K, nw_ptr, h_ptr + m * K, xn_row, split * k_split, (split + 1) * k_split, K,
+    _add_norm_row(x_row, r_ptr + m * K, nw, h_ptr + m * K, xn_row, split * k_split, (split + 1) * k_split, K,
                   eps, tl.program_id(0) == 0, HAS_RES, K_POW2)
     return xn_row
 
@@ -407,8 +414,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
     each have their own group, take them off per code). README: GPU performance.
 
     PDL (programmatic dependent launch): the kernel may start while the one before it in the
-    stream still runs; it reads its first tile of weights, which nothing before it writes, then
-    waits for that kernel (griddepcontrol) before it reads x or writes anything, and lets the
+    stream still runs; it reads its first tile of weights (and with NORM the norm's weights), which
+    nothing before it writes, then waits for that kernel (griddepcontrol) before it reads x or writes anything, and lets the
     kernel after it start likewise. With one tile per program (ONE_TILE, as the default tiling
     arranges) that read happens before the wait; with several, all reads come after it.
 
@@ -427,6 +434,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
     KC: tl.constexpr = BLOCK_K // 32
     x_row = x_ptr + m * stride_x
     chunks = tl.arange(0, KC) * 32
+    if NORM:  # weights too: before the wait, rather than serialized after the mean of squares
+        nw = _norm_weights(nw_ptr, K, K_POW2)
     if ONE_TILE:  # its tile's weights come before the wait
         kc = split * k_split + chunks
         words, s, z = _load_tile(qw_ptr, s_ptr, qz_ptr, kc, n, nmask[None, :], N, BITS, OFFSET, GS, ACT_ORDER)
@@ -434,7 +443,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     if NORM:
-        x_row = _normed_row(x_row, r_ptr, nw_ptr, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES, K_POW2)
+        x_row = _normed_row(x_row, r_ptr, nw, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES, K_POW2)
     if ONE_TILE:
         if PDL:
             words = _after_wait(words, x_row, K)
@@ -517,17 +526,18 @@ def launch_options(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
-def compile_gemv_for(arch: int, constants: dict, dtype: str = "fp16", num_warps: int = 8, num_stages: int = 3):
+def compile_gemv_for(arch: int, constants: dict, dtype: str = "fp16", num_warps: int = 8, num_stages: int = 3,
+                     norm_dtype: str | None = None):
     """_gemv_kernel compiled for CUDA compute capability `arch` (×10) without a GPU, to read the
-    code it becomes (benchmarks/kernel_asm.py; the PDL test): activations, norm weights and
-    outputs of Triton type `dtype`, every pointer and integer 16-byte aligned, `constants` the
+    code it becomes (benchmarks/kernel_asm.py; the PDL test): activations and outputs of Triton
+    type `dtype`, norm weights of `norm_dtype` (default `dtype`), every pointer and integer 16-byte aligned, `constants` the
     kernel's constexpr parameters (all of them), PDL's launch option where constants ask for it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     act = "*" + dtype
     pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32", "b_ptr": act,
-                "p_ptr": "*fp32", "y_ptr": act, "lock_ptr": "*i32", "r_ptr": act, "nw_ptr": act, "h_ptr": act,
+                "p_ptr": "*fp32", "y_ptr": act, "lock_ptr": "*i32", "r_ptr": act, "nw_ptr": "*" + (norm_dtype or dtype), "h_ptr": act,
                 "xn_ptr": act}
     integers = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32", "one": "u32"}
     signature = {**pointers, **integers, "eps": "fp32", **{name: "constexpr" for name in constants}}
