@@ -49,22 +49,20 @@ def _merge_splits(pm_ptr, pl_ptr, pacc_ptr, y_ptr, slot, y_rows, d, SPLITS: tl.c
 
 
 @triton.jit
-def _row_and_rotated(x_ptr, d, D: tl.constexpr):
-    """Rows x_ptr [R, 1] + d as they are and rotated by half their length (the rotate-half form
-    reads each row twice, which keeps the rotation out of registers), in float32."""
+def _norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, eps, d, D: tl.constexpr):
+    """RMSNorm (weight w, float32 statistics) then the rotary embedding (rotate-half form, cos and
+    sin of the position) of the rows x_ptr [R, 1] + d, in float32: each row is read twice, as it
+    is and rotated by half its length, which keeps the rotation out of registers."""
     half = (d + D // 2) % D
-    return tl.load(x_ptr + d[None, :]).to(tl.float32), tl.load(x_ptr + half[None, :]).to(tl.float32)
-
-
-@triton.jit
-def _norm_rope(x, w, cos, sin, eps, d, D: tl.constexpr):
-    """RMSNorm (float32 statistics) then the rotary embedding of rows x = (x, x rotated) with the
-    norm's weights w = (w, w rotated) (both as _row_and_rotated reads them) and the position's cos
-    and sin [1, D], in float32. Every input comes as a value: a kernel reads them all before the
-    first reduction, whose barriers would otherwise hold back each read that follows them."""
-    rstd = tl.rsqrt(tl.sum(x[0] * x[0], axis=1) / D + eps)[:, None]
+    x = tl.load(x_ptr + d[None, :]).to(tl.float32)
+    x_half = tl.load(x_ptr + half[None, :]).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
     sign = tl.where(d < D // 2, -1.0, 1.0)[None, :]
-    return x[0] * rstd * w[0] * cos + sign * x[1] * rstd * w[1] * sin
+    w = tl.load(w_ptr + d).to(tl.float32)[None, :]
+    w_half = tl.load(w_ptr + half).to(tl.float32)[None, :]
+    cos = tl.load(cos_ptr + d).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + d).to(tl.float32)[None, :]
+    return x * rstd * w * cos + sign * x_half * rstd * w_half * sin
 
 
 @triton.jit
@@ -85,32 +83,23 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, pm_ptr, pl_ptr
     PDL (programmatic dependent launch): everything it reads comes from the kernels before it, so
     it waits for them first, then lets the next kernel start (which reads its own weights while
     this one runs)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = tl.arange(0, ROWS)
     d = tl.arange(0, D)
     rmask = (r < REP)[:, None]
     heads = (h * REP + r)[:, None]
-    one_row = tl.zeros([1, 1], tl.int32)
-    if PROLOGUE:  # the norms' weights: nothing writes them, so they are read before the wait
-        qw = _row_and_rotated(qw_ptr + one_row, d, D)
-        kw = _row_and_rotated(kw_ptr + one_row, d, D)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     length = tl.load(pos_ptr) + 1
     kv = b * stride_kb + h * stride_kh
     if PROLOGUE:
-        # every read goes out at once, before the norms' reductions; every split computes the new
-        # key, so that its reads go out with q's, not after the position's
+        # every split computes the new key, so that its reads go out with q's, not after the position's
         new = b * stride_nb + h * D
-        k_in = _row_and_rotated(kn_ptr + new + one_row, d, D)
-        q_rows = q_ptr + b * stride_qb + tl.minimum(heads, h * REP + REP - 1) * stride_qh  # padding: repeats
-        q_in = _row_and_rotated(q_rows, d, D)
-        cos = tl.load(cos_ptr + d[None, :]).to(tl.float32)
-        sin = tl.load(sin_ptr + d[None, :]).to(tl.float32)
+        k_new = _norm_rope(kn_ptr + new + tl.zeros([1, 1], tl.int32), kw_ptr, cos_ptr, sin_ptr, eps, d, D)
         v_new = tl.load(vn_ptr + new + d[None, :])
-        q = tl.where(rmask, _norm_rope(q_in, qw, cos, sin, eps, d, D), 0.0).to(k_ptr.dtype.element_ty)
-        k_new = _norm_rope(k_in, kw, cos, sin, eps, d, D)
+        q_rows = q_ptr + b * stride_qb + tl.minimum(heads, h * REP + REP - 1) * stride_qh  # padding: repeats
+        q = tl.where(rmask, _norm_rope(q_rows, qw_ptr, cos_ptr, sin_ptr, eps, d, D), 0.0).to(k_ptr.dtype.element_ty)
         if (length - 1) // split_len == split:  # the new key and value go into the caches, then are read back
             at = kv + (length - 1) * stride_kl + d[None, :]
             tl.store(k_ptr + at, k_new.to(k_ptr.dtype.element_ty))
