@@ -116,6 +116,14 @@ case ${1:-quantize} in
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_lmhead4_qwen3-1.7b_h100.json"
     timeout 270 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,3,8 --repeats 1 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_peak_qwen3-1.7b_h100.json" ;;
+  isolated)  # the norm weights before the GEMV's wait: the table with each width in a process of its own (the
+             # default on CUDA since then), the output layer packed too, and 16,4 in one process for comparison
+    timeout 330 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_isolated_qwen3-1.7b_h100.json"
+    timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --lm-head-bits 4 --bits 16,4 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_isolated_lmhead4_qwen3-1.7b_h100.json"
+    timeout 110 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --no-isolate --bits 16,4 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_together_qwen3-1.7b_h100.json" ;;
   experiments) # where a 4-bit token's time goes: 0f2e78f's code with each patch in results/perf/attention_experiments
              # (and none: base), in a scratch worktree; the GEMV-warps patch once per W16 setting
     out=$(realpath "$OUT")/attention_experiments

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,10 +76,18 @@ class GenerateBench:
     fuse_norms: bool = False
     # the packed GEMVs sum codes two at a time in float16 (models.decode.use_half2)
     half2: bool = False
+    # each width measured in a fresh process, so that nothing an earlier width leaves behind (memory still
+    # allocated, compiled code, allocator state) touches it; None: on CUDA, where a 4-bit run after fp16 in the
+    # same process decoded about 2% slower than alone on an H100 (README: GPU performance)
+    isolate: bool | None = None
 
     @property
     def uses_tinygemm(self) -> bool:
         return not self.pdl if self.tinygemm is None else self.tinygemm
+
+    @property
+    def isolates(self) -> bool:
+        return torch.device(self.device).type == "cuda" if self.isolate is None else self.isolate
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b != FULL_PRECISION and b not in (2, 3, 4, 8)]
@@ -197,45 +208,66 @@ def measure_diffusion(model: nn.Module, bench: GenerateBench) -> dict:
             "peak_gib": peak_gib(device)}
 
 
+def measure_width(bench: GenerateBench, bits: int, bandwidth: float | None) -> dict:
+    """One width's row: a fresh model, its decoding (or diffusion steps) measured, and which
+    kernels it ran. leftover_gib is the CUDA memory still allocated before its model is built,
+    which earlier widths measured in the same process left behind (on an H100, 0.1 to 0.8 GiB
+    after packed widths, that gc and torch._dynamo.reset() do not free); peak_gib is its own peak
+    above that. The model is released before it returns."""
+    device = torch.device(bench.device)
+    leftover = allocated_gib(device)
+    model = build_model(bench, bits)
+    weight_bytes = model_bytes(model)
+    row = {"bits": bits, "weight_gib": weight_bytes / 2**30,
+           "lm_head_bits": bench.lm_head_bits if bits != FULL_PRECISION and bench.lm_head_bits else FULL_PRECISION,
+           "leftover_gib": leftover}
+    try:
+        with torch.no_grad():
+            row.update(measure_ar(model, bench) if bench.kind == "ar" else measure_diffusion(model, bench))
+    except Exception as e:  # noqa: BLE001 - one failing width (e.g. torch.compile) must not lose the others
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    if row.get("peak_gib") is not None and leftover is not None:
+        row["peak_gib"] -= leftover
+    on = model.device  # with its index: the layers cached their choice for it
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    row["packed_kernels"] = any(m.uses_kernels(on) for m in packed)
+    row["tinygemm_layers"] = sum(isinstance(m, TinyGemmLinear) for m in model.modules())
+    row["pdl_gemv_layers"] = sum(m.pdl for m in packed)
+    row["norm_gemv_layers"] = sum(m.fuse_norm and m.uses_kernels(on) for m in packed)
+    row["half2_gemv_layers"] = sum(m.takes_half2(on) for m in packed)
+    row["attention_kernel"] = any(b.self_attn.decode_attention is not None for b in model.model.layers)
+    if bandwidth and bench.kind == "ar" and "error" not in row:
+        row["bandwidth_floor_fraction"] = row["tokens_per_s"] / (bandwidth / weight_bytes)
+    del model, packed
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def measure_width_alone(bench: GenerateBench, bits: int, bandwidth: float | None) -> dict:
+    """measure_width in a process of its own (spawned: CUDA cannot be forked); a process that dies
+    (killed for memory, a crash in a kernel) leaves a row with the error, not a lost run."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(measure_width, bench, bits, bandwidth).result()
+        except BrokenProcessPool as e:
+            return {"bits": bits, "error": f"the process measuring {bits} bits died: {e}"}
+
+
 def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress: bool = True) -> dict:
-    """Measures every bit width in turn; with `out`, the JSON is rewritten after each one. A row's
-    leftover_gib is the CUDA memory still allocated before its model is built, which earlier
-    widths left behind (on an H100, 0.1 to 0.8 GiB after packed widths, that gc and
-    torch._dynamo.reset() do not free); its peak_gib is its own peak above that."""
+    """Measures every bit width in turn (measure_width), each in a fresh process where
+    bench.isolates; with `out`, the JSON is rewritten after each one."""
     check_device(bench.device)
     device = torch.device(bench.device)
     bandwidth = copy_bandwidth(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     results = {"bench": asdict(bench), "environment": environment(bench.device), "copy_bandwidth_gbs":
-               None if bandwidth is None else bandwidth / 1e9, "runs": []}
+               None if bandwidth is None else bandwidth / 1e9, "isolated": bench.isolates, "runs": []}
+    measure = measure_width_alone if bench.isolates else measure_width
     for bits in tqdm(bench.bits, desc=f"bench generate {bench.kind}", disable=not progress):
-        leftover = allocated_gib(device)
-        model = build_model(bench, bits)
-        weight_bytes = model_bytes(model)
-        row = {"bits": bits, "weight_gib": weight_bytes / 2**30,
-               "lm_head_bits": bench.lm_head_bits if bits != FULL_PRECISION and bench.lm_head_bits else FULL_PRECISION,
-               "leftover_gib": leftover}
-        try:
-            with torch.no_grad():
-                row.update(measure_ar(model, bench) if bench.kind == "ar" else measure_diffusion(model, bench))
-        except Exception as e:  # noqa: BLE001 - one failing width (e.g. torch.compile) must not lose the others
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        if row.get("peak_gib") is not None and leftover is not None:
-            row["peak_gib"] -= leftover
-        on = model.device  # with its index: the layers cached their choice for it
-        packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
-        row["packed_kernels"] = any(m.uses_kernels(on) for m in packed)
-        row["tinygemm_layers"] = sum(isinstance(m, TinyGemmLinear) for m in model.modules())
-        row["pdl_gemv_layers"] = sum(m.pdl for m in packed)
-        row["norm_gemv_layers"] = sum(m.fuse_norm and m.uses_kernels(on) for m in packed)
-        row["half2_gemv_layers"] = sum(m.takes_half2(on) for m in packed)
-        row["attention_kernel"] = any(b.self_attn.decode_attention is not None for b in model.model.layers)
-        if bandwidth and bench.kind == "ar" and "error" not in row:
-            row["bandwidth_floor_fraction"] = row["tokens_per_s"] / (bandwidth / weight_bytes)
-        results["runs"].append(row)
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        results["runs"].append(measure(bench, bits, bandwidth))
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(results, indent=2))

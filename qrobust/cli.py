@@ -408,6 +408,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--half2", action="store_true",
                    help="the packed GEMVs sum codes two at a time in float16 (fp16 activations, in-order groups): "
                         "fewer instructions per code, about twice the rounding error of float32 sums")
+    g.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure each width in a fresh process, untouched by what earlier widths leave behind "
+                        "(default: on CUDA)")
     g.add_argument("--out", default=None, help="JSON file for the measurements")
 
 
@@ -441,7 +444,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
                           fuse=args.fuse, tinygemm=args.tinygemm,
                           tinygemm_swiglu=args.tinygemm_swiglu, attention_kernel=not args.no_attention_kernel,
                           lm_head_bits=args.lm_head_bits, pdl=args.pdl, fuse_norms=args.fuse_norms,
-                          half2=args.half2)
+                          half2=args.half2, isolate=args.isolate)
     results = bench_generate(bench, args.out)
     for line in summary_lines(results):
         print(line)

@@ -87,6 +87,63 @@ def test_bench_generate_cli_passes_pdl_fused_norms_half2_and_the_tinygemm_choice
         assert run["norm_gemv_layers"] == run["half2_gemv_layers"] == 0  # nor packed kernels
 
 
+def test_bench_generate_measures_each_width_alone_where_asked(tmp_path):
+    """--isolate measures every width in a process of its own, with the rows an in-process run
+    gives (same model, same greedy tokens) and nothing left over from the width before; the CLI
+    passes the choice on, and leaving it unset means isolated only on CUDA."""
+    from qrobust import bench_generate as bg
+
+    common = ["bench", "generate", "--shape", "qwen3-0.6b", "--layers", "1", "--vocab-size", "256", "--bits", "16,4",
+              "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1", "--device", "cpu"]
+    runs = {}
+    for flag in ("--isolate", "--no-isolate"):
+        out = tmp_path / f"{flag}.json"
+        assert main(common + [flag, "--out", str(out)]) == 0
+        results = json.loads(out.read_text())
+        assert results["isolated"] == (flag == "--isolate") == results["bench"]["isolate"]
+        runs[flag] = results["runs"]
+    alone, together = runs["--isolate"], runs["--no-isolate"]
+    assert [r["bits"] for r in alone] == [16, 4] and not any("error" in r for r in alone)
+    for a, t in zip(alone, together):
+        assert a["tokens"] == t["tokens"] and a["weight_gib"] == t["weight_gib"]
+        assert a["tinygemm_layers"] == t["tinygemm_layers"]
+    assert not bg.GenerateBench(device="cpu").isolates and bg.GenerateBench(device="cuda").isolates
+    assert bg.GenerateBench(device="cpu", isolate=True).isolates
+
+
+def test_a_width_whose_process_dies_leaves_an_error_row_and_the_rest_go_on(monkeypatch):
+    """A width measured alone whose process dies (killed for memory, a crash in a kernel) becomes a
+    row with the error, and the widths after it are still measured."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from qrobust import bench_generate as bg
+
+    class Pool:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, bench, bits, bandwidth):
+            future = Future()
+            if bits == 4:
+                future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+            else:
+                future.set_result({"bits": bits, "weight_gib": 1.0})
+            return future
+
+    monkeypatch.setattr(bg, "ProcessPoolExecutor", Pool)
+    bench = bg.GenerateBench(shape="qwen3-0.6b", bits=(16, 4, 2), device="cpu", isolate=True)
+    runs = bg.bench_generate(bench, progress=False)["runs"]
+    assert [r["bits"] for r in runs] == [16, 4, 2] and "error" not in runs[0] and "error" not in runs[2]
+    assert runs[1]["error"].startswith("the process measuring 4 bits died")
+
+
 def test_bench_generate_releases_each_width_and_counts_only_its_own_peak(monkeypatch):
     """Each width's model is gone before the next one is built, and a row's peak is its own: the
     memory still allocated before its model was built (left over from earlier widths, as the
