@@ -2,14 +2,14 @@
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
 #   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion|norms|half2|
-#                                newkey|experiments]
+#                                newkey|experiments|isolated]
 # quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention's first command and
 # fused ran on older code; pdl's first, second and fifth commands (also run on 6c6eee8: *_6c6eee8_*) and
 # attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which); norms
 # on b84e5b1 or an earlier state of it (README says which; *_run1_*, *_run2_*: the same commands on other H100s);
 # half2 on 5f7c147 but its *_off_* and *_orzero_* files (48ff055) and its single products (an earlier state of 85680cf);
 # newkey on c3c7c8a (its peak run on cd3659f); experiments on 0f2e78f with the patches, over five GPU sessions (the
-# committed files sit in run1 ... run5, named by patch; README says which machine ran which);
+# committed files sit in run1 ... run5, named by patch; README says which machine ran which); isolated on df20bc3;
 # peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
