@@ -2,7 +2,7 @@
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
 #   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion|norms|half2|
-#                                newkey|experiments|isolated]
+#                                newkey|experiments|isolated|normweights]
 # quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention's first command and
 # fused ran on older code; pdl's first, second and fifth commands (also run on 6c6eee8: *_6c6eee8_*) and
 # attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which); norms
@@ -10,6 +10,7 @@
 # half2 on 5f7c147 but its *_off_* and *_orzero_* files (48ff055) and its single products (an earlier state of 85680cf);
 # newkey on c3c7c8a (its peak run on cd3659f); experiments on 0f2e78f with the patches, over five GPU sessions (the
 # committed files sit in run1 ... run5, named by patch; README says which machine ran which); isolated on df20bc3;
+# normweights on the commits its runs name (before df20bc3: every width of a command in one process);
 # peer and marlin need GPTQModel 7.2.0 on PYTHONPATH (see ../shared/wheels/gptqmodel-7.2.0-py312/README.md).
 set -uo pipefail
 OUT=${OUT:-results/perf}
@@ -140,6 +141,36 @@ case ${1:-quantize} in
         git worktree remove --force /tmp/qrobust_experiment
       done
     done ;;
+  normweights) # the experiments around the norm weights read before the GEMV's wait, as they ran in three GPU
+             # sessions (results/perf/norm_weight_experiments/runN): file, code, patches (+ joins two), widths
+    out=$(realpath "$OUT")/norm_weight_experiments
+    patches=$(realpath results/perf/norm_weight_experiments/patches)
+    while read -r run name rev diffs bits; do
+      rm -rf /tmp/qrobust_experiment
+      git worktree add -f -q --detach /tmp/qrobust_experiment "$rev"
+      for d in ${diffs//+/ }; do [ "$d" = - ] || git -C /tmp/qrobust_experiment apply "$patches/$d.diff"; done
+      mkdir -p "$out/$run"
+      (cd /tmp/qrobust_experiment && PYTHONPATH=. timeout 200 $g --kind ar --compile --fuse --pdl --fuse-norms \
+        --half2 --bits "$bits" --repeats 2 --out "$out/$run/$name.json")
+      git worktree remove --force /tmp/qrobust_experiment
+    done <<'RUNS'
+run1 base_16_4 8aff2fc - 16,4
+run1 early_trigger_16_4 8aff2fc early_trigger 16,4
+run1 early_trigger_norm_weights 8aff2fc early_trigger_norm_weights 4
+run1 norm_weights 8aff2fc norm_weights 4
+run1 base 8aff2fc - 4
+run2 base_16_4 8aff2fc - 16,4
+run2 attention_new_token_from_registers_16_4 920eeef attention_reads_together+attention_new_token_from_registers 16,4
+run2 attention_reads_together_16_4 920eeef attention_reads_together 16,4
+run2 norm_weights 8aff2fc norm_weights 4
+run2 base 8aff2fc - 4
+run3 norm_weights_16_4 920eeef - 16,4
+run3 gemv_4_warps 920eeef gemv_4_warps 4
+run3 norm_weights 920eeef - 4
+run3 gemv_4_warps_4_2 920eeef gemv_4_warps 4,2
+run3 norm_weights_4_2 920eeef - 4,2
+RUNS
+    ;;
   diffusion) # denoising steps, fused and compiled (the time limit stopped the first before 8 bits)
     timeout 200 $g --kind diffusion --compile --fuse --bits 16,4,2,3,8 --repeats 3 --new-tokens 64 \
       --out "$OUT/bench_generate_diffusion_fused_compiled_qwen3-1.7b_h100.json"

@@ -9,7 +9,7 @@ with the residual adds and norms inside the fused layers' GEMVs. Decoding replay
 CUDA graphs (qrobust.models.decode), so the numbers measure the kernels and the memory traffic
 rather than Python's launch overhead. The fraction of the bandwidth floor divides tokens/s by
 what streaming every weight byte once per token at the copy bandwidth measured in the same run
-would allow.
+would allow. On CUDA each width runs in a process of its own (GenerateBench.isolate).
 """
 from __future__ import annotations
 
