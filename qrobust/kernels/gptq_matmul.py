@@ -414,10 +414,11 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
     each have their own group, take them off per code). README: GPU performance.
 
     PDL (programmatic dependent launch): the kernel may start while the one before it in the
-    stream still runs; it reads its first tile of weights (and with NORM the norm's weights), which
-    nothing before it writes, then waits for that kernel (griddepcontrol) before it reads x or writes anything, and lets the
-    kernel after it start likewise. With one tile per program (ONE_TILE, as the default tiling
-    arranges) that read happens before the wait; with several, all reads come after it.
+    stream still runs; it reads its first tile of weights (and with NORM the norm's weights),
+    which nothing before it writes, then waits for that kernel (griddepcontrol) before it reads x
+    or writes anything, and lets the kernel after it start likewise. With one tile per program
+    (ONE_TILE, as the default tiling arranges) that read happens before the wait; with several,
+    all reads come after it.
 
     NORM: x is a block's residual stream still to be added to the residual r (h = r + x, or x
     without HAS_RES), and the product takes RMSNorm(h) with the norm's weights nw (_add_norm_row):
@@ -530,15 +531,16 @@ def compile_gemv_for(arch: int, constants: dict, dtype: str = "fp16", num_warps:
                      norm_dtype: str | None = None):
     """_gemv_kernel compiled for CUDA compute capability `arch` (×10) without a GPU, to read the
     code it becomes (benchmarks/kernel_asm.py; the PDL test): activations and outputs of Triton
-    type `dtype`, norm weights of `norm_dtype` (default `dtype`), every pointer and integer 16-byte aligned, `constants` the
-    kernel's constexpr parameters (all of them), PDL's launch option where constants ask for it."""
+    type `dtype`, norm weights of `norm_dtype` (default `dtype`), every pointer and integer
+    16-byte aligned, `constants` the kernel's constexpr parameters (all of them), PDL's launch
+    option where constants ask for it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     act = "*" + dtype
     pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32", "b_ptr": act,
-                "p_ptr": "*fp32", "y_ptr": act, "lock_ptr": "*i32", "r_ptr": act, "nw_ptr": "*" + (norm_dtype or dtype), "h_ptr": act,
-                "xn_ptr": act}
+                "p_ptr": "*fp32", "y_ptr": act, "lock_ptr": "*i32", "r_ptr": act, "nw_ptr": "*" + (norm_dtype or dtype),
+                "h_ptr": act, "xn_ptr": act}
     integers = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32", "one": "u32"}
     signature = {**pointers, **integers, "eps": "fp32", **{name: "constexpr" for name in constants}}
     names = list(signature)
