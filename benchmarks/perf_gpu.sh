@@ -125,7 +125,7 @@ case ${1:-quantize} in
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_isolated_lmhead4_qwen3-1.7b_h100.json"
     timeout 110 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --no-isolate --bits 16,4 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_together_qwen3-1.7b_h100.json" ;;
-  l2first)   # the packed weights read with L2's evict_first policy (this file's isolated case, on 4c0ffee)
+  l2first)   # the packed weights read with L2's evict_first policy (this file's isolated case, on 0c07361)
     timeout 330 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,3,8 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_l2first_qwen3-1.7b_h100.json"
     timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --lm-head-bits 4 --bits 16,4 --repeats 3 \
