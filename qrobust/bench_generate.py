@@ -247,12 +247,15 @@ def measure_width(bench: GenerateBench, bits: int, bandwidth: float | None) -> d
 
 def measure_width_alone(bench: GenerateBench, bits: int, bandwidth: float | None) -> dict:
     """measure_width in a process of its own (spawned: CUDA cannot be forked); a process that dies
-    (killed for memory, a crash in a kernel) leaves a row with the error, not a lost run."""
+    (killed for memory, a crash in a kernel) or fails (building the model, e.g. out of memory)
+    leaves a row with the error, and the widths after it are still measured."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
             return pool.submit(measure_width, bench, bits, bandwidth).result()
         except BrokenProcessPool as e:
             return {"bits": bits, "error": f"the process measuring {bits} bits died: {e}"}
+        except Exception as e:  # noqa: BLE001 - as measure_width's own: one width must not lose the others
+            return {"bits": bits, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
 
 def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress: bool = True) -> dict:

@@ -111,9 +111,9 @@ def test_bench_generate_measures_each_width_alone_where_asked(tmp_path):
     assert bg.GenerateBench(device="cpu", isolate=True).isolates
 
 
-def test_a_width_whose_process_dies_leaves_an_error_row_and_the_rest_go_on(monkeypatch):
-    """A width measured alone whose process dies (killed for memory, a crash in a kernel) becomes a
-    row with the error, and the widths after it are still measured."""
+def test_a_width_whose_process_dies_or_fails_leaves_an_error_row_and_the_rest_go_on(monkeypatch):
+    """A width measured alone whose process dies (killed for memory, a crash in a kernel) or
+    raises becomes a row with the error, and the widths after it are still measured."""
     from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
 
@@ -133,15 +133,18 @@ def test_a_width_whose_process_dies_leaves_an_error_row_and_the_rest_go_on(monke
             future = Future()
             if bits == 4:
                 future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+            elif bits == 3:
+                future.set_exception(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"))
             else:
                 future.set_result({"bits": bits, "weight_gib": 1.0})
             return future
 
     monkeypatch.setattr(bg, "ProcessPoolExecutor", Pool)
-    bench = bg.GenerateBench(shape="qwen3-0.6b", bits=(16, 4, 2), device="cpu", isolate=True)
+    bench = bg.GenerateBench(shape="qwen3-0.6b", bits=(16, 4, 3, 2), device="cpu", isolate=True)
     runs = bg.bench_generate(bench, progress=False)["runs"]
-    assert [r["bits"] for r in runs] == [16, 4, 2] and "error" not in runs[0] and "error" not in runs[2]
+    assert [r["bits"] for r in runs] == [16, 4, 3, 2] and "error" not in runs[0] and "error" not in runs[3]
     assert runs[1]["error"].startswith("the process measuring 4 bits died")
+    assert runs[2]["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
 def test_bench_generate_releases_each_width_and_counts_only_its_own_peak(monkeypatch):
