@@ -17,6 +17,15 @@ OUT=${OUT:-results/perf}
 mkdir -p "$OUT"
 q="python3 -m qrobust.cli bench quantize --shape qwen3-1.7b"
 g="python3 -m qrobust.cli bench generate --shape qwen3-1.7b"
+patched() {  # commit, patch folder, patch names joined by + (- for none), then a command to run in that checkout
+  local rev=$1 dir=$2 diffs=$3
+  shift 3
+  rm -rf /tmp/qrobust_experiment
+  git worktree add -f -q --detach /tmp/qrobust_experiment "$rev"
+  for d in ${diffs//+/ }; do [ "$d" = - ] || git -C /tmp/qrobust_experiment apply "$dir/$d.diff"; done
+  (cd /tmp/qrobust_experiment && PYTHONPATH=. "$@")
+  git worktree remove --force /tmp/qrobust_experiment
+}
 case ${1:-quantize} in
   quantize)  # qrobust's GPTQ alone, three runs; the summary reports the median
     $q --repeats 3 --out "$OUT/bench_quantize_qwen3-1.7b_h100.json" ;;
@@ -137,13 +146,9 @@ case ${1:-quantize} in
     mkdir -p "$out"
     for name in base $(cd "$patches" && ls *.diff | sed 's/\.diff$//'); do
       for w16 in $([ "$name" = new_key_before_position_gemv_16_warps ] && echo q all none || echo -); do
-        rm -rf /tmp/qrobust_experiment
-        git worktree add -f -q --detach /tmp/qrobust_experiment 0f2e78f
-        [ "$name" = base ] || git -C /tmp/qrobust_experiment apply "$patches/$name.diff"
         suffix=$([ "$w16" = - ] || echo "_W16$w16")
-        (cd /tmp/qrobust_experiment && W16=$w16 PYTHONPATH=. timeout 100 $g --kind ar --compile --fuse --pdl \
-          --fuse-norms --half2 --bits 4 --repeats 3 --out "$out/${name}${suffix}_4.json")
-        git worktree remove --force /tmp/qrobust_experiment
+        W16=$w16 patched 0f2e78f "$patches" "$([ "$name" = base ] && echo - || echo "$name")" timeout 100 $g --kind ar \
+          --compile --fuse --pdl --fuse-norms --half2 --bits 4 --repeats 3 --out "$out/${name}${suffix}_4.json"
       done
     done ;;
   normweights) # the experiments around the norm weights read before the GEMV's wait, as they ran in seven GPU
@@ -152,13 +157,9 @@ case ${1:-quantize} in
     out=$(realpath "$OUT")/norm_weight_experiments
     patches=$(realpath results/perf/norm_weight_experiments/patches)
     while read -r run name rev diffs bits; do
-      rm -rf /tmp/qrobust_experiment
-      git worktree add -f -q --detach /tmp/qrobust_experiment "$rev"
-      for d in ${diffs//+/ }; do [ "$d" = - ] || git -C /tmp/qrobust_experiment apply "$patches/$d.diff"; done
       mkdir -p "$out/$run"
-      (cd /tmp/qrobust_experiment && PYTHONPATH=. timeout 200 $g --kind ar --compile --fuse --pdl --fuse-norms \
-        --half2 --bits "$bits" --repeats 2 --out "$out/$run/$name.json")
-      git worktree remove --force /tmp/qrobust_experiment
+      patched "$rev" "$patches" "$diffs" timeout 200 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 \
+        --bits "$bits" --repeats 2 --out "$out/$run/$name.json"
     done <<'RUNS'
 run1 base_16_4 8aff2fc - 16,4
 run1 early_trigger_16_4 8aff2fc early_trigger 16,4

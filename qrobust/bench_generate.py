@@ -208,6 +208,11 @@ def measure_diffusion(model: nn.Module, bench: GenerateBench) -> dict:
             "peak_gib": peak_gib(device)}
 
 
+def error_text(e: Exception) -> str:
+    """A failed width's error for its row: the exception's type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
 def measure_width(bench: GenerateBench, bits: int, bandwidth: float | None) -> dict:
     """One width's row: a fresh model, its decoding (or diffusion steps) measured, and which
     kernels it ran. leftover_gib is the CUDA memory still allocated before its model is built,
@@ -225,7 +230,7 @@ def measure_width(bench: GenerateBench, bits: int, bandwidth: float | None) -> d
         with torch.no_grad():
             row.update(measure_ar(model, bench) if bench.kind == "ar" else measure_diffusion(model, bench))
     except Exception as e:  # noqa: BLE001 - one failing width (e.g. torch.compile) must not lose the others
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        row["error"] = error_text(e)
     if row.get("peak_gib") is not None and leftover is not None:
         row["peak_gib"] -= leftover
     on = model.device  # with its index: the layers cached their choice for it
@@ -255,7 +260,7 @@ def measure_width_alone(bench: GenerateBench, bits: int, bandwidth: float | None
         except BrokenProcessPool as e:
             return {"bits": bits, "error": f"the process measuring {bits} bits died: {e}"}
         except Exception as e:  # noqa: BLE001 - as measure_width's own: one width must not lose the others
-            return {"bits": bits, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            return {"bits": bits, "error": error_text(e)}
 
 
 def bench_generate(bench: GenerateBench, out: str | Path | None = None, progress: bool = True) -> dict:
