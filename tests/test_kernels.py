@@ -146,14 +146,16 @@ def test_gemv_adds_the_residual_and_normalizes_in_its_prologue(swiglu, shuffled)
 
 def test_half2_pairs_take_every_code_of_a_chunk_once_from_its_place():
     """Each pair's two codes sit in their word at bits 32·r + s + t and 16 more, inside the low
-    byte of a float16 half; every code of the chunk comes once; 3 bits have no plan."""
+    byte of a float16 half; every code of the chunk comes once, word by word (_half2_sums reads
+    a word's inputs together); 3 bits have no plan."""
     from qrobust.kernels.gptq_matmul import half2_pairs
 
     for bits in (2, 4, 8):
         pairs = half2_pairs(bits)
         assert sorted(j for p in pairs for j in p[:2]) == list(range(32))
-        for j_lo, j_hi, r, s, t in pairs:
+        for k, (j_lo, j_hi, r, s, t) in enumerate(pairs):
             assert bits * j_lo == 32 * r + s + t and bits * j_hi == bits * j_lo + 16 and t + bits <= 8
+            assert r == k // (16 // bits) and j_lo // (32 // bits) == r  # a word's pairs together, inputs its own
     assert half2_pairs(3) is None
 
 
@@ -202,8 +204,22 @@ def test_half2_gemv_rounds_its_float16_sums_as_planned(bits):
         y = gptq_gemv(x, *args, splits=splits, block_depth=256 // splits, locks=lock, half2=True)
         assert _ulps(y, ref) <= 2
     assert _ulps(gptq_gemv(x, *args), ref) > 10
+    shifted = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view_as(x).copy_(x)
+    assert torch.equal(gptq_gemv(shifted, *args, half2=True), gptq_gemv(x, *args, half2=True))
     x32 = x.float()
     assert torch.equal(gptq_gemv(x32, *args, half2=True), gptq_gemv(x32, *args))
+
+
+def test_rows_for_the_half2_reads_start_at_16_bytes():
+    """aligned_rows leaves aligned rows alone and copies a view whose first row (or whose row
+    stride) is off 16 bytes, values unchanged: the half2 sums read x 16 bytes at a time."""
+    from qrobust.kernels.gptq_matmul import aligned_rows
+
+    x = torch.randn(3, 40).half()
+    assert aligned_rows(x) is x
+    for view in (torch.empty(121, dtype=torch.float16)[1:].view(3, 40).copy_(x), x[:, :36]):
+        y = aligned_rows(view.contiguous())
+        assert torch.equal(y, view) and y.data_ptr() % 16 == 0 and y.stride(0) * 2 % 16 == 0
 
 
 def test_half2_gemv_with_the_norm_and_swiglu_sums_the_normalized_row():
@@ -504,6 +520,20 @@ def test_gemv_reads_weights_as_first_to_leave_l2():
     loads = re.findall(r"ld\.global[\w:.]*", before)
     assert loads and all("L2::cache_hint" in load for load in loads)
     assert any("cache_hint" not in load for load in re.findall(r"ld\.global[\w:.]*", after))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_half2_gemv_reads_x_16_bytes_at_a_time(bits):
+    """The half2 sums read a chunk's inputs as 16-byte vectors (8 bytes at 8 bits, whose words
+    take 4 inputs each) and pair them with byte permutations, not as one 16-bit load per input:
+    one load of x per input cost about 2% of 4-bit decoding on an H100. The one 16-bit read
+    left after the wait is _after_wait's x₀."""
+    import re
+
+    _, after = _compiled_with_pdl({"BITS": bits, "HALF2": True, "HAS_BIAS": False}, "fp16", "ptx")
+    vector = r"ld\.global\.v2\.u32" if bits == 8 else r"ld\.global\.v4\.u32"
+    assert len(re.findall(vector, after)) >= 2 and len(re.findall(r"ld\.global\.b16", after)) == 1
+    assert len(re.findall(r"prmt\.b32", after)) >= 16
 
 
 @pytest.mark.parametrize("bits", [2, 4])

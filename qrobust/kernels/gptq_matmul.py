@@ -232,17 +232,12 @@ def _half_bits(value: float) -> int:
 
 
 @triton.constexpr_function
-def _pair_count(bits):
-    return len(half2_pairs(bits))
-
-
-@triton.constexpr_function
 def _pair_const(bits, k, what):
-    """Pair k's (half2_pairs) codes j_lo and j_hi, word, shift, the mask of its two codes, and
+    """Pair k's (half2_pairs) codes j_lo and j_hi, shift, the mask of its two codes, and
     both halves of the float16 scale and offset that turn 1024 + 2ᵗ·q into d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹,
     exactly (as int32)."""
-    j_lo, j_hi, r, s, t = half2_pairs(bits)[k]
-    fields = {"j_lo": j_lo, "j_hi": j_hi, "word": r, "shift": s,
+    j_lo, j_hi, _, s, t = half2_pairs(bits)[k]
+    fields = {"j_lo": j_lo, "j_hi": j_hi, "shift": s,
               "mask": ((1 << bits) - 1) * (1 << t | 1 << (16 + t)),
               "scale": _half_bits(2.0 ** (-t - bits + 1)) * 0x10001,
               "offset": _half_bits(-(2.0 ** (11 - t - bits)) - 1) * 0x10001}
@@ -281,22 +276,63 @@ def _hfma2(a, b, c, ASM: tl.constexpr):
 
 
 @triton.jit
+def _x_words(x_row, kc, first: tl.constexpr, count: tl.constexpr, ASM: tl.constexpr):
+    """`count` (2, 4 or 8) uint32 words of a chunk's float16 inputs from word `first` on, word w
+    holding inputs 2w and 2w + 1: [KC] each, read 8 or 16 bytes at a time (Triton vectorizes
+    only loads of a tensor's contiguous elements, and a thread's inputs are one element each of
+    several tensors). Not pure: the reads must stay after the PDL wait and the norm's barrier."""
+    at = x_row.to(tl.pointer_type(tl.uint32), bitcast=True) + kc // 2 + first
+    out = ()
+    if ASM and count == 2:
+        out = tl.inline_asm_elementwise("ld.global.v2.u32 {$0, $1}, [$2];", "=r,=r,l", [at],
+                                        dtype=(tl.uint32,) * 2, is_pure=False, pack=1)
+    else:
+        for w in tl.static_range(0, count, 4):
+            if ASM:
+                out = out + tl.inline_asm_elementwise("ld.global.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                                                      [at + w], dtype=(tl.uint32,) * 4, is_pure=False, pack=1)
+            else:
+                out = out + (tl.load(at + w), tl.load(at + w + 1), tl.load(at + w + 2), tl.load(at + w + 3))
+    return out
+
+
+@triton.jit
+def _x_pair(xw, j_lo: tl.constexpr, j_hi: tl.constexpr, ASM: tl.constexpr):
+    """The float16 inputs j_lo and j_hi (of the same parity) of a chunk as one uint32 (low,
+    high), from its words (_x_words): one byte permutation (PRMT)."""
+    lo, hi = xw[j_lo // 2], xw[j_hi // 2]
+    if ASM:
+        select: tl.constexpr = "0x5410" if j_lo % 2 == 0 else "0x7632"
+        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, " + select + ";", "=r,r,r", [lo, hi],
+                                        dtype=tl.uint32, is_pure=True, pack=1)
+    elif j_lo % 2 == 0:
+        out = (lo & 0xFFFF) | (hi << 16)
+    else:
+        out = (lo >> 16) | (hi & 0xFFFF0000)
+    return out
+
+
+@triton.jit
 def _half2_sums(words, x_row, kc, one, BITS: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """[KC, BLOCK_N]: each chunk's Σ d·x, d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹, two codes per instruction in float16
     (half2_pairs; x float16): a mask and an OR with `one` (HALF2_ONE, float16 1024 twice; in a
     register for the reason _unit_float's is) make the float16 1024 + 2ᵗ·q of each, one fma
     makes d of both, another adds d·x to the chunk's pair of float16 sums. |d| ≤ 1, so no sum
-    leaves x's range."""
+    leaves x's range. Word by word (half2_pairs lists a word's pairs together), the inputs its
+    codes take come as vectors (_x_words) and pair up in one PRMT each (_x_pair)."""
     KC: tl.constexpr = kc.shape[0]
     acc = tl.zeros([KC, BLOCK_N], dtype=tl.uint32)
-    for k in tl.static_range(_pair_count(BITS)):
-        v = (words[_pair_const(BITS, k, "word")] >> _pair_const(BITS, k, "shift")) & _pair_const(BITS, k, "mask")
-        scale = tl.full([1, 1], _pair_const(BITS, k, "scale"), tl.int32).to(tl.uint32, bitcast=True)
-        offset = tl.full([1, 1], _pair_const(BITS, k, "offset"), tl.int32).to(tl.uint32, bitcast=True)
-        d = _hfma2(v | one, scale, offset, ASM)
-        x_lo = tl.load(x_row + kc + _pair_const(BITS, k, "j_lo")).to(tl.uint16, bitcast=True).to(tl.uint32)
-        x_hi = tl.load(x_row + kc + _pair_const(BITS, k, "j_hi")).to(tl.uint16, bitcast=True).to(tl.uint32)
-        acc = _hfma2(d, (x_lo | x_hi << 16)[:, None], acc, ASM)
+    PER_WORD: tl.constexpr = 16 // BITS  # pairs in a word, and the input words its codes take
+    for r in tl.static_range(BITS):
+        xw = _x_words(x_row, kc, r * PER_WORD, PER_WORD, ASM)
+        for k in tl.static_range(r * PER_WORD, (r + 1) * PER_WORD):
+            v = (words[r] >> _pair_const(BITS, k, "shift")) & _pair_const(BITS, k, "mask")
+            scale = tl.full([1, 1], _pair_const(BITS, k, "scale"), tl.int32).to(tl.uint32, bitcast=True)
+            offset = tl.full([1, 1], _pair_const(BITS, k, "offset"), tl.int32).to(tl.uint32, bitcast=True)
+            d = _hfma2(v | one, scale, offset, ASM)
+            x = _x_pair(xw, _pair_const(BITS, k, "j_lo") - 2 * r * PER_WORD,
+                        _pair_const(BITS, k, "j_hi") - 2 * r * PER_WORD, ASM)
+            acc = _hfma2(d, x[:, None], acc, ASM)
     lo, hi = _halves(acc)
     return lo + hi
 
@@ -631,6 +667,15 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
                  splits, num_warps, num_stages, locks, swiglu, pdl, half2)[0]
 
 
+def aligned_rows(x: torch.Tensor, alignment: int = 16) -> torch.Tensor:
+    """x [M, K], or a copy of it whose rows start at multiples of `alignment` bytes, as the
+    half2 sums' vector reads of x need (_x_words): a view into a larger tensor may start anywhere."""
+    if x.data_ptr() % alignment or x.stride(0) * x.element_size() % alignment:
+        x = torch.empty_strided(x.shape, (triton.cdiv(x.shape[1] * x.element_size(), alignment) * alignment
+                                          // x.element_size(), 1), dtype=x.dtype, device=x.device).copy_(x)
+    return x
+
+
 @dataclass(frozen=True)
 class AddNorm:
     """What comes before a GEMV that takes a block's residual stream: h = residual + x (x alone
@@ -659,6 +704,8 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
     x = x.contiguous()
     act_order = g_idx is not None
     half2 = half2 and half2_applies(bits, act_order, x.dtype)
+    if half2:
+        x = aligned_rows(x)
     if block_depth is None:
         bk = gemv_config(K, group_size, act_order).block_depth
     else:
