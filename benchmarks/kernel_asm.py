@@ -39,7 +39,7 @@ def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, s
     prologue; with `half2`, float16 sums, for widths with a plan), compiled for sm_<arch>."""
     constants = dict(BITS=bits, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=False, BLOCK_N=block_n,
                      BLOCK_K=block_k, SPLITS=splits, LAST_SUMS=True, SWIGLU=swiglu, ONE_TILE=True, PDL=pdl,
-                     NORM=norm, HAS_RES=norm, K_POW2=triton.next_power_of_2(block_k * splits),
+                     NORM=norm, HAS_RES=norm, K_POW2=triton.next_power_of_2(block_k * splits), X_SPLITS=1,
                      HALF2=half2, ASM=True)
     return gptq_matmul.compile_gemv_for(arch, constants, num_warps=warps)
 

@@ -224,13 +224,18 @@ def test_attention_kernel_decodes_the_same_tokens(monkeypatch):
 def test_norms_fused_into_the_gemvs_decode_the_same_tokens(monkeypatch):
     """With q/k/v and gate/up fused and packed, fuse_norms moves each block's residual adds and
     RMSNorms into those layers' GEMVs: every decoding step runs them there (two per block), and
-    greedy decoding gives the tokens of the torch path."""
+    greedy decoding gives the tokens of the torch path. A down projection whose GEMV splits K
+    (here, with 64-deep tiles) leaves its split sums for the next block's q/k/v product or, in
+    the last block, for the final norm: the same tokens again."""
     from qrobust import kernels
     from qrobust.kernels import gptq_matmul
     from qrobust.models.decode import fuse_norms, fuse_projections
 
     if not kernels.supports(DEVICE):
         pytest.skip("Triton cannot run here")
+    config = gptq_matmul.gemv_config  # before any layer on a GPU caches its tiling
+    monkeypatch.setattr(gptq_matmul, "gemv_config", lambda K, group_size, act_order: config(K, group_size, act_order)
+                        if K <= 64 else gptq_matmul.GemvConfig(32, 64, K // 64, 1))
     model = _model()
     with torch.no_grad():
         for block in model.model.layers:  # norms that are not the identity
@@ -244,15 +249,18 @@ def test_norms_fused_into_the_gemvs_decode_the_same_tokens(monkeypatch):
     import qrobust.quant.qlinear as qlinear
 
     monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
-    calls = []
-    fused_op = gptq_matmul.gemv_add_norm_op
-    monkeypatch.setattr(gptq_matmul, "gemv_add_norm_op", lambda *args: calls.append(args[1] is None) or fused_op(*args))
-    assert fuse_norms(model) == 2 * 2
+    calls, split_calls = [], []
+    fused_op, split_op = gptq_matmul.gemv_add_norm_op, gptq_matmul.gemv_split_sums_op
+    monkeypatch.setattr(gptq_matmul, "gemv_add_norm_op",
+                        lambda *args: calls.append((args[1] is None, args[0].dim())) or fused_op(*args))
+    monkeypatch.setattr(gptq_matmul, "gemv_split_sums_op", lambda *args: split_calls.append(1) or split_op(*args))
+    assert fuse_norms(model) == 2 * 3
     eager = GreedyDecoder(model, max_len=20, graphs=False)  # a graph would replay the calls uncounted
     assert eager.generate(prompt, 10).tokens.tolist() == expected.tolist()
     # nine one-token steps (the prompt's forward has too many rows); only the first block's first
-    # product starts the stream without a residual
-    assert len(calls) == 9 * 2 * 2 and sum(calls) == 9
+    # product starts the stream without a residual, and the second block's takes split sums
+    assert len(calls) == 9 * 2 * 2 and sum(first for first, _ in calls) == 9
+    assert sum(dim == 3 for _, dim in calls) == 9 and len(split_calls) == 9 * 2
     fuse_norms(model, on=False)
     calls.clear()
     eager.generate(prompt, 3)

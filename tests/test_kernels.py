@@ -144,6 +144,36 @@ def test_gemv_adds_the_residual_and_normalizes_in_its_prologue(swiglu, shuffled)
             torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_sums_feed_the_next_gemvs_norm_as_the_added_product_would(dtype):
+    """gptq_gemv_split_sums leaves a product as its K-splits' float32 partial sums, which
+    gptq_gemv_add_norm adds up in its prologue: the same h and outputs, bit for bit, as adding
+    the splits first (locks) and passing the product; without a residual, or with locks, SwiGLU
+    or one split, split sums are refused."""
+    from qrobust.kernels.gptq_matmul import AddNorm, gemv_locks, gptq_gemv, gptq_gemv_add_norm, gptq_gemv_split_sums
+    from qrobust.models.transformer import RMSNorm
+
+    down, up = _layer(4, 64, False, False, N=128, K=256, bias=False), _layer(4, 64, False, False, N=64, K=128,
+                                                                           bias=False, seed=1)
+    g = torch.Generator().manual_seed(4)
+    x, residual = torch.randn(2, 256, generator=g).to(DEVICE, dtype), torch.randn(2, 128, generator=g).to(DEVICE, dtype)
+    norm = RMSNorm(128, 1e-6).to(DEVICE, dtype)
+    down_args = (down.qweight, down.scales, down.qzeros, None, 4, 64, FORMAT_OFFSET[down.format])
+    up_args = (up.qweight, up.scales, up.qzeros, None, 4, 64, FORMAT_OFFSET[up.format])
+    add_norm = AddNorm(residual, norm.weight.detach(), norm.eps)
+    sums = gptq_gemv_split_sums(x, *down_args, splits=4, block_depth=64)
+    assert sums.shape == (4, 2, 128) and sums.dtype == torch.float32
+    product = gptq_gemv(x, *down_args, splits=4, block_depth=64, locks=gemv_locks(128, x.device, 2, 32))
+    for y_ref, y in zip(gptq_gemv_add_norm(product, add_norm, *up_args, half2=True),
+                        gptq_gemv_add_norm(sums, add_norm, *up_args, half2=True)):
+        assert y.dtype == dtype and torch.equal(y, y_ref)
+    with pytest.raises(ValueError, match="residual"):
+        gptq_gemv_add_norm(sums, AddNorm(None, norm.weight.detach(), norm.eps), *up_args)
+    for bad in ({"splits": 1, "block_depth": 256}, {"locks": gemv_locks(128, x.device, 2, 32)}):
+        with pytest.raises(ValueError, match="split sums"):
+            gptq_gemv_split_sums(x, *down_args, **{"splits": 4, "block_depth": 64, **bad})
+
+
 def test_half2_pairs_take_every_code_of_a_chunk_once_from_its_place():
     """Each pair's two codes sit in their word at bits 32·r + s + t and 16 more, inside the low
     byte of a float16 half; every code of the chunk comes once, word by word (_half2_sums reads
@@ -278,7 +308,7 @@ def test_gemv_config_gives_each_program_one_deep_tile():
     from qrobust.kernels.gptq_matmul import GemvConfig, gemv_config
 
     assert gemv_config(2048, 128, act_order=False) == GemvConfig(32, 2048, 1, 8)  # all of K, 256 codes a thread
-    assert gemv_config(6144, 128, act_order=False) == GemvConfig(32, 1024, 6, 4)  # deeper: K-splits of 1024
+    assert gemv_config(6144, 128, act_order=False) == GemvConfig(32, 2048, 3, 8)  # deeper: K-splits of 2048
     assert gemv_config(1536, 96, act_order=False) == GemvConfig(32, 512, 3, 2)  # the deepest tile dividing K
     assert gemv_config(256, 32, act_order=True) == GemvConfig(32, 256, 1, 1)
 
@@ -464,7 +494,7 @@ from qrobust.kernels import gptq_matmul
 overrides, dtype, form, norm_dtype = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 constants = dict(BITS=3, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, SPLITS=2,
                  LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True, NORM=False, HAS_RES=False, K_POW2=512,
-                 HALF2=False, ASM=True)
+                 X_SPLITS=1, HALF2=False, ASM=True)
 print(gptq_matmul.compile_gemv_for(90, {**constants, **overrides}, dtype=dtype, num_warps=1,
                                    norm_dtype=norm_dtype).asm[form])
 """
@@ -536,18 +566,19 @@ def test_half2_gemv_reads_x_16_bytes_at_a_time(bits):
     assert len(re.findall(r"prmt\.b32", after)) >= 16
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_half2_gemv_with_pdl_unpacks_codes_only_after_it_waits(bits):
-    """Under PDL the half2 sums mask their codes out of the words after the wait: the LLVM of
-    Triton 3.6 moved the masks (PTX and.b32 with the pairs' masks) ahead of it where _after_wait
-    ORed its zero in, and ptxas then held every masked pair in registers while the loads were in
-    flight (184 to 255 registers instead of 71 to 127 at 2 to 8 bits, and a slower product)."""
+    """Under PDL the half2 sums mask their codes out of the words after the wait, each pair in
+    one lop3 with `one`, which is read after it: the LLVM of Triton 3.6 moved plain masks (PTX
+    and.b32) ahead of the wait wherever the words alone fed them, and ptxas then held every
+    masked pair in registers while the loads were in flight (184 to 255 registers instead of 71
+    to 127 at 2 to 8 bits, and a slower product)."""
     import re
 
     from qrobust.kernels.gptq_matmul import half2_pairs
 
     before, after = _compiled_with_pdl({"BITS": bits, "HALF2": True, "HAS_BIAS": False}, "fp16", "ptx")
     masks = {((1 << bits) - 1) * (1 << t | 1 << (16 + t)) for *_, t in half2_pairs(bits)}
-    masked = r"and\.b32\s+%r\d+, %r\d+, (\d+);"
+    masked = r"(?:and\.b32\s+%r\d+, %r\d+|lop3\.b32\s+%r\d+, (?:%r\d+|t)), (\d+)[,;]"
     assert not masks & {int(m) for m in re.findall(masked, before)}
     assert masks <= {int(m) for m in re.findall(masked, after)}

@@ -312,6 +312,27 @@ def _x_pair(xw, j_lo: tl.constexpr, j_hi: tl.constexpr, ASM: tl.constexpr):
     return out
 
 
+@triton.constexpr_function
+def _masked_pair_asm(shift, mask):
+    """PTX for ((word >> shift) & mask) | one, word $1 and one $2: the mask and the OR in one lop3."""
+    lop3 = f"lop3.b32 $0, {'t' if shift else '$1'}, {mask}, $2, 0xEA;"
+    return f"{{ .reg .b32 t; shr.b32 t, $1, {shift}; {lop3} }}" if shift else lop3
+
+
+@triton.jit
+def _masked_pair(word, one, SHIFT: tl.constexpr, MASK: tl.constexpr, ASM: tl.constexpr):
+    """((word >> SHIFT) & MASK) | one: a pair's codes with float16 1024's exponent in both halves.
+    On a GPU the mask and the OR are one PTX lop3 (with the shift, one asm statement), so that
+    under PDL, where `one` is read after the wait, no compiler can mask the words ahead of it
+    (LLVM splits a plain AND and OR and hoists the AND; see _after_wait)."""
+    if ASM:
+        out = tl.inline_asm_elementwise(_masked_pair_asm(SHIFT, MASK), "=r,r,r", [word, one], dtype=tl.uint32,
+                                        is_pure=True, pack=1)
+    else:
+        out = ((word >> SHIFT) & MASK) | one
+    return out
+
+
 @triton.jit
 def _half2_sums(words, x_row, kc, one, BITS: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """[KC, BLOCK_N]: each chunk's Σ d·x, d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹, two codes per instruction in float16
@@ -326,10 +347,10 @@ def _half2_sums(words, x_row, kc, one, BITS: tl.constexpr, BLOCK_N: tl.constexpr
     for r in tl.static_range(BITS):
         xw = _x_words(x_row, kc, r * PER_WORD, PER_WORD, ASM)
         for k in tl.static_range(r * PER_WORD, (r + 1) * PER_WORD):
-            v = (words[r] >> _pair_const(BITS, k, "shift")) & _pair_const(BITS, k, "mask")
+            v = _masked_pair(words[r], one, _pair_const(BITS, k, "shift"), _pair_const(BITS, k, "mask"), ASM)
             scale = tl.full([1, 1], _pair_const(BITS, k, "scale"), tl.int32).to(tl.uint32, bitcast=True)
             offset = tl.full([1, 1], _pair_const(BITS, k, "offset"), tl.int32).to(tl.uint32, bitcast=True)
-            d = _hfma2(v | one, scale, offset, ASM)
+            d = _hfma2(v, scale, offset, ASM)
             x = _x_pair(xw, _pair_const(BITS, k, "j_lo") - 2 * r * PER_WORD,
                         _pair_const(BITS, k, "j_hi") - 2 * r * PER_WORD, ASM)
             acc = _hfma2(d, x[:, None], acc, ASM)
@@ -338,14 +359,22 @@ def _half2_sums(words, x_row, kc, one, BITS: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _zero_after_wait(x_row, K):
+    """A uint32 zero that no compiler can tell is zero (x₀ ≠ x₀ and K < 0: never true), read
+    after the PDL wait: what it is added to cannot be computed before the wait."""
+    x0 = tl.load(x_row).to(tl.float32)
+    return ((x0 != x0) & (K < 0)).to(tl.uint32)
+
+
+@triton.jit
 def _after_wait(words, x_row, K):
     """The words unchanged, made to depend on a value read after the PDL wait: otherwise ptxas
     unpacks them before the wait, while their loads are in flight, and holds every unpacked code
-    in registers (up to 255, and spills). The zero it adds (x₀ ≠ x₀ and K < 0: never true, but
-    no compiler can tell) ties them to x₀, the first input; an OR would not: LLVM distributes
-    the half2 sums' shifts and masks over it and moves them ahead of the wait again."""
-    x0 = tl.load(x_row).to(tl.float32)
-    zero = ((x0 != x0) & (K < 0)).to(tl.uint32)
+    in registers (up to 255, and spills). An added zero (_zero_after_wait) ties them to x₀, the
+    first input; an OR would not: LLVM distributes shifts and masks over it and moves them
+    ahead of the wait again. The half2 sums tie `one` instead (_masked_pair), one addition
+    rather than one per word."""
+    zero = _zero_after_wait(x_row, K)
     out = ()
     for r in tl.static_range(len(words)):
         out = out + (words[r] + zero,)
@@ -393,16 +422,31 @@ def _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, B
 
 
 @triton.jit
-def _add_norm_row(x_row, r_row, w, h_row, xn_row, lo, hi, K, eps, write_h, HAS_RES: tl.constexpr,
-                  K_POW2: tl.constexpr):
+def _stream_row(x_row, k, mask, x_split_stride, dtype, X_SPLITS: tl.constexpr):
+    """Row x's inputs k: as stored, or with X_SPLITS > 1 the float32 partial sums of a GEMV's
+    K-splits (x_split_stride apart, gptq_gemv_split_sums) added up in order and rounded to
+    `dtype`, as _add_splits would have stored them."""
+    if X_SPLITS == 1:
+        x = tl.load(x_row + k, mask=mask, other=0.0)
+    else:
+        total = tl.zeros(k.shape, dtype=tl.float32)
+        for s in tl.static_range(X_SPLITS):
+            total += tl.load(x_row + s * x_split_stride + k, mask=mask, other=0.0)
+        x = total.to(dtype)
+    return x
+
+
+@triton.jit
+def _add_norm_row(x_row, r_row, w, h_row, xn_row, lo, hi, K, eps, write_h, x_split_stride, HAS_RES: tl.constexpr,
+                  K_POW2: tl.constexpr, X_SPLITS: tl.constexpr):
     """The GEMV's input for inputs [lo, hi) as an RMSNorm computes it from the row x plus the
-    residual r (h = r + x in x's dtype, h·rsqrt(mean(h²) + eps) rounded to it, times the norm's
+    residual r (h = r + x in h's dtype, h·rsqrt(mean(h²) + eps) rounded to it, times the norm's
     weights w, [K_POW2] as _norm_weights read them), stored at xn_row, with h at h_row if
     write_h; the same roundings as models.transformer.RMSNorm. Every program reads the whole row
-    for the mean of squares."""
+    for the mean of squares. x may be split sums (_stream_row)."""
     k = tl.arange(0, K_POW2)
     mask = k < K
-    h = tl.load(x_row + k, mask=mask, other=0.0)
+    h = _stream_row(x_row, k, mask, x_split_stride, h_row.dtype.element_ty, X_SPLITS)
     if HAS_RES:
         h = h + tl.load(r_row + k, mask=mask, other=0.0)
     mine = mask & (k >= lo) & (k < hi)
@@ -422,24 +466,24 @@ def _norm_weights(nw_ptr, K, K_POW2: tl.constexpr):
 
 
 @triton.jit
-def _normed_row(x_row, r_ptr, nw, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES: tl.constexpr,
-                K_POW2: tl.constexpr):
+def _normed_row(x_row, r_ptr, nw, h_ptr, xn_ptr, m, split, k_split, K, eps, x_split_stride, HAS_RES: tl.constexpr,
+                K_POW2: tl.constexpr, X_SPLITS: tl.constexpr):
     """This program's row of xn, holding the normalized inputs of its K-split (see _gemv_kernel)."""
     program = (tl.program_id(0) * tl.num_programs(1) + m) * tl.num_programs(2) + split
     xn_row = xn_ptr + program.to(tl.int64) * K
     _add_norm_row(x_row, r_ptr + m * K, nw, h_ptr + m * K, xn_row, split * k_split, (split + 1) * k_split, K,
-                  eps, tl.program_id(0) == 0, HAS_RES, K_POW2)
+                  eps, tl.program_id(0) == 0, x_split_stride, HAS_RES, K_POW2, X_SPLITS)
     return xn_row
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, r_ptr, nw_ptr, h_ptr, xn_ptr,
-                 N, K, k_split, stride_x, one, eps,
+                 N, K, k_split, stride_x, x_split_stride, one, eps,
                  BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
                  LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
-                 NORM: tl.constexpr, HAS_RES: tl.constexpr, K_POW2: tl.constexpr, HALF2: tl.constexpr,
-                 ASM: tl.constexpr):
+                 NORM: tl.constexpr, HAS_RES: tl.constexpr, K_POW2: tl.constexpr, X_SPLITS: tl.constexpr,
+                 HALF2: tl.constexpr, ASM: tl.constexpr):
     """Outputs n of row m over inputs [split·k_split, (split+1)·k_split). One split writes y [M, N];
     several write float32 partial sums p [splits, M, N], which with LAST_SUMS the split that
     finishes last for a tile adds up into y (counting arrivals in lock, which it resets to zero),
@@ -464,6 +508,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
     each program normalizes its K-split of the row into its own slice of xn [programs, K] and
     reads it from there, and the programs of the first output tile write h [M, K]. That folds
     the residual add and the norm, one element-wise kernel each time, into the GEMV after them.
+    With X_SPLITS > 1, x is the float32 partial sums [X_SPLITS, M, K] (x_split_stride apart) a
+    product left unadded (gptq_gemv_split_sums), added up here as that product would have.
 
     HALF2: each chunk's sums in float16, two codes at a time (_half2_sums, `one` = HALF2_ONE);
     ASM: on a GPU (off, the interpreter computes the same in Triton's operations)."""
@@ -483,9 +529,12 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     if NORM:
-        x_row = _normed_row(x_row, r_ptr, nw, h_ptr, xn_ptr, m, split, k_split, K, eps, HAS_RES, K_POW2)
+        x_row = _normed_row(x_row, r_ptr, nw, h_ptr, xn_ptr, m, split, k_split, K, eps, x_split_stride, HAS_RES,
+                            K_POW2, X_SPLITS)
     if ONE_TILE:
-        if PDL:
+        if PDL and HALF2:
+            one = one + _zero_after_wait(x_row, K)
+        elif PDL:
             words = _after_wait(words, x_row, K)
         acc = _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS, OFFSET, ACT_ORDER,
                          BLOCK_N, HALF2, ASM)
@@ -580,7 +629,7 @@ def compile_gemv_for(arch: int, constants: dict, dtype: str = "fp16", num_warps:
     pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32", "b_ptr": act,
                 "p_ptr": "*fp32", "y_ptr": act, "lock_ptr": "*i32", "r_ptr": act, "nw_ptr": "*" + (norm_dtype or dtype),
                 "h_ptr": act, "xn_ptr": act}
-    integers = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32", "one": "u32"}
+    integers = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32", "x_split_stride": "i32", "one": "u32"}
     signature = {**pointers, **integers, "eps": "fp32", **{name: "constexpr" for name in constants}}
     names = list(signature)
     source = ASTSource(_gemv_kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
@@ -626,14 +675,16 @@ def gemv_warps(block_depth: int) -> int:
 
 def gemv_config(K: int, group_size: int, act_order: bool) -> GemvConfig:
     """The GEMV's tiling for a layer of K inputs: programs of 32 outputs that each read one deep tile,
-    all of K up to 2048 inputs (deeper layers: tiles of 1024, one per K-split), with a warp per
+    all of K up to 2048 inputs (deeper layers: tiles of 2048, one per K-split), with a warp per
     256 inputs, so that each thread unpacks 256 codes. Few programs with many loads in flight
     each beat many shallow ones, whose fixed costs (the K-split partial sums, their counters)
     dominate products of a few microseconds. On an H100 at Qwen3-1.7B's shapes, at 2, 4 and 8
-    bits, this was the fastest tiling measured or within 2% of it, but for the fused gate/up
-    product at 2 and 8 bits (24%, 10%; benchmarks/packed_gemv.py, README: GPU performance);
-    neither the width nor the number of outputs changes it."""
-    bk = block_k(K, group_size, act_order, 2048 if K <= 2048 else 1024, chunked=True)
+    bits, this was the fastest tiling measured alone or within 2% of it, but for the fused
+    gate/up product at 2 and 8 bits (24%, 10%; benchmarks/packed_gemv.py, README: GPU
+    performance), and for the 6144-deep down projection, where 1024-deep tiles did as well
+    alone; in 4-bit decoding three 2048-deep splits of it beat six 1024-deep ones by 0.7%, and
+    split sums (gptq_gemv_split_sums) leave fewer partial sums for the next product to add."""
+    bk = block_k(K, group_size, act_order, 2048, chunked=True)
     return GemvConfig(32, bk, K // bk, num_warps=gemv_warps(bk))
 
 
@@ -687,9 +738,19 @@ class AddNorm:
 
 def gptq_gemv_add_norm(x: torch.Tensor, norm: AddNorm, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h) times the packed weight, h) for h = norm.residual + x, in one kernel: the
-    residual add and the norm run in the GEMV's prologue (_gemv_kernel's NORM). The other
-    arguments are gptq_gemv's."""
+    residual add and the norm run in the GEMV's prologue (_gemv_kernel's NORM). x is [M, K], or
+    with a residual the split sums [S, M, K] of gptq_gemv_split_sums, which the prologue adds up
+    first. The other arguments are gptq_gemv's."""
     return _gemv(x, *args, **kwargs, norm=norm)
+
+
+def gptq_gemv_split_sums(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """gptq_gemv's product left as its K-splits' float32 partial sums [splits, M, N] (several
+    splits, no locks, SwiGLU or bias), for a GEMV with a norm to add up in its prologue
+    (gptq_gemv_add_norm with x [splits, M, K]): the split that finishes last then has no partial
+    sums to gather, and its arrival counter, fence and reads leave the critical path. The
+    arguments are gptq_gemv's."""
+    return _gemv(x, *args, **kwargs, add_splits=False)[0]
 
 
 def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
@@ -697,14 +758,20 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
           bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int | None = None,
           splits: int | None = None, num_warps: int | None = None, num_stages: int = 3,
           locks: torch.Tensor | None = None, swiglu: bool = False, pdl: bool = False, half2: bool = False,
-          norm: AddNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """gptq_gemv's product, and h where `norm` (gptq_gemv_add_norm) asks for the norm first."""
-    M, K = x.shape
+          norm: AddNorm | None = None, add_splits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """gptq_gemv's product, and h where `norm` (gptq_gemv_add_norm) asks for the norm first; x
+    [S, M, K] there is split sums (gptq_gemv_split_sums). Without add_splits, the K-splits'
+    partial sums [splits, M, N] instead of the product."""
+    x_splits = x.shape[0] if x.dim() == 3 else 1
+    if x_splits > 1 and (norm is None or norm.residual is None):
+        raise ValueError("gptq_gemv: split sums [S, M, K] are an input only where a residual and a norm follow")
+    dtype = x.dtype if x_splits == 1 else norm.residual.dtype
+    M, K = x.shape[-2:]
     N = qweight.shape[1]
     x = x.contiguous()
     act_order = g_idx is not None
-    half2 = half2 and half2_applies(bits, act_order, x.dtype)
-    if half2:
+    half2 = half2 and half2_applies(bits, act_order, dtype)
+    if half2 and norm is None:
         x = aligned_rows(x)
     if block_depth is None:
         bk = gemv_config(K, group_size, act_order).block_depth
@@ -722,25 +789,29 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
     last_sums = splits > 1 and locks is not None
     if last_sums and locks.numel() < tiles * M:
         raise ValueError(f"gptq_gemv needs {tiles * M} locks for {M} rows, got {locks.numel()}")
-    y = torch.empty(M, N // 2 if swiglu else N, device=x.device, dtype=x.dtype)
+    if not add_splits and (splits == 1 or last_sums or swiglu or bias is not None):
+        raise ValueError("gptq_gemv: split sums need several K-splits, no locks, no SwiGLU and no bias")
+    y = torch.empty(M, N // 2 if swiglu else N, device=x.device, dtype=dtype)
     partial = y if splits == 1 else torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
     fuse_bias = bias is not None and (splits == 1 or last_sums)
     h = xn = residual = None
     if norm is not None:
-        h = torch.empty_like(x)
-        xn = torch.empty(tiles * M * splits, K, device=x.device, dtype=x.dtype)
+        h = torch.empty(M, K, device=x.device, dtype=dtype)
+        xn = torch.empty(tiles * M * splits, K, device=x.device, dtype=dtype)
         residual = None if norm.residual is None else norm.residual.reshape(M, K).contiguous()
     _gemv_kernel[(tiles, M, splits)](
         x, qweight, scales, qzeros, g_idx if act_order else scales, bias if fuse_bias else y, partial, y,
         locks if last_sums else y, y if residual is None else residual, y if norm is None else norm.weight,
-        y if h is None else h, y if xn is None else xn, N, K, K // splits, x.stride(0),
-        HALF2_ONE if half2 else ONE_BITS,
+        y if h is None else h, y if xn is None else xn, N, K, K // splits, x.stride(-2),
+        x.stride(0) if x_splits > 1 else 0, HALF2_ONE if half2 else ONE_BITS,
         0.0 if norm is None else norm.eps, BITS=bits, OFFSET=zero_offset,
         GS=group_size, ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits,
         LAST_SUMS=last_sums, SWIGLU=swiglu, ONE_TILE=K // splits == bk,
         PDL=pdl, NORM=norm is not None, HAS_RES=residual is not None, K_POW2=triton.next_power_of_2(K),
-        HALF2=half2, ASM=not interpreting(), num_warps=num_warps or gemv_warps(bk), num_stages=num_stages,
+        X_SPLITS=x_splits, HALF2=half2, ASM=not interpreting(), num_warps=num_warps or gemv_warps(bk), num_stages=num_stages,
         **launch_options(pdl))
+    if not add_splits:
+        return partial, h
     if splits > 1 and not last_sums:
         _sum_splits_kernel[(triton.cdiv(N, 1024), M)](partial, bias if bias is not None else y, y, N, SPLITS=splits,
                                                        HAS_BIAS=bias is not None, BLOCK=1024, SWIGLU=swiglu)
@@ -802,6 +873,22 @@ def _(x, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_off
     return x.new_empty(x.shape[0], qweight.shape[1] // 2 if swiglu else qweight.shape[1])
 
 
+@torch.library.custom_op("qrobust::gptq_gemv_split_sums", mutates_args=())
+def gemv_split_sums_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                       g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int, block_n: int,
+                       block_depth: int, splits: int, num_warps: int, pdl: bool = False,
+                       half2: bool = False) -> torch.Tensor:
+    """gptq_gemv_split_sums."""
+    return gptq_gemv_split_sums(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, block_n=block_n,
+                                block_depth=block_depth, splits=splits, num_warps=num_warps, pdl=pdl, half2=half2)
+
+
+@gemv_split_sums_op.register_fake
+def _(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, block_n, block_depth, splits, num_warps,
+      pdl=False, half2=False):
+    return x.new_empty(splits, x.shape[0], qweight.shape[1], dtype=torch.float32)
+
+
 @torch.library.custom_op("qrobust::gptq_gemv_add_norm", mutates_args=())
 def gemv_add_norm_op(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                      qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
@@ -817,7 +904,9 @@ def gemv_add_norm_op(x: torch.Tensor, residual: torch.Tensor | None, norm_weight
 @gemv_add_norm_op.register_fake
 def _(x, residual, norm_weight, eps, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_offset,
       block_n, block_depth, splits, num_warps, swiglu=False, pdl=False, half2=False):
-    return x.new_empty(x.shape[0], qweight.shape[1] // 2 if swiglu else qweight.shape[1]), torch.empty_like(x)
+    stream = x if residual is None else residual  # [M, K] in the activations' dtype; x may be split sums
+    return stream.new_empty(stream.shape[0], qweight.shape[1] // 2 if swiglu else qweight.shape[1]), \
+        torch.empty_like(stream)
 
 
 @torch.library.custom_op("qrobust::gptq_dequantize", mutates_args=())

@@ -151,14 +151,22 @@ def fuse_norms(model: TransformerLM, on: bool = True) -> int:
     """For batch-1 decoding with fused projections (fuse_projections): the packed q/k/v and
     SwiGLU layers add the residual and apply the RMSNorm before them in their GEMV's prologue
     (QuantLinear.forward_add_norm), which removes the two element-wise kernels a block has left
-    besides its products and attention. Takes effect where the packed kernels run; on=False
-    goes back. Returns how many layers changed."""
+    besides its products and attention. In such blocks the packed down projection, whose GEMV
+    splits K, leaves its split sums for the next block's q/k/v product to add up
+    (QuantLinear.forward_split_sums): the last split no longer gathers them, a fence and a read
+    of L2 on the critical path of every block. Takes effect where the packed kernels run;
+    on=False goes back. Returns how many layers changed."""
     changed = 0
     for block in model.model.layers:
-        for layer in (block.self_attn.qkv_proj, getattr(block.mlp.swiglu, "linear", None)):
-            if hasattr(layer, "fuse_norm"):
-                layer.fuse_norm = on
-                changed += 1
+        fused = [layer for layer in (block.self_attn.qkv_proj, getattr(block.mlp.swiglu, "linear", None))
+                 if hasattr(layer, "fuse_norm")]
+        for layer in fused:
+            layer.fuse_norm = on
+        down = block.mlp.down_proj
+        if fused and hasattr(down, "split_sums"):
+            down.split_sums = on
+            fused.append(down)
+        changed += len(fused)
     return changed
 
 

@@ -61,7 +61,17 @@ class RMSNorm(nn.Module):
 
 
 def residual_sum(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    return x if residual is None else residual + x
+    """residual + x (x where residual is None). x may be a product's split sums, one dimension
+    more than the residual (QuantLinear.forward_split_sums): added up in order in float32 and
+    rounded to the residual's dtype, as the GEMV would have."""
+    if residual is None:
+        return x
+    if x.dim() > residual.dim():
+        total = x[0]
+        for part in x[1:]:
+            total = total + part
+        x = total.to(residual.dtype)
+    return residual + x
 
 
 def add_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
@@ -200,7 +210,9 @@ class MLP(nn.Module):
             h = residual_sum(x, residual)
             return self(norm(h)), h
         gated, h = add_norm_linear(x, residual, norm, self.swiglu)
-        return self.down_proj(gated), h
+        split_sums = getattr(self.down_proj, "forward_split_sums", None)
+        out = None if split_sums is None else split_sums(gated)
+        return (self.down_proj(gated) if out is None else out), h
 
 
 class Block(nn.Module):
@@ -214,13 +226,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         out, h = self.forward_deferred(x, None, rope, mask, cache)
-        return h + out
+        return residual_sum(out, h)
 
     def forward_deferred(self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
                          mask: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on residual + x (x where residual is None) with its last residual add left
         to the caller: (the MLP's output, the stream it adds to). The next block adds it, so that
-        with fused layers each add and the norm after it run inside a GEMV (add_norm_linear)."""
+        with fused layers each add and the norm after it run inside a GEMV (add_norm_linear); the
+        output may be split sums (residual_sum)."""
         attended, h = self.self_attn.forward_add_norm(x, residual, self.input_layernorm, rope, mask, cache)
         return self.mlp.forward_add_norm(attended, h, self.post_attention_layernorm)
 

@@ -49,6 +49,8 @@ class QuantLinear(nn.Module):
         self.pdl = False
         # forward_add_norm on one GEMV that adds the residual and normalizes first (models.decode.fuse_norms)
         self.fuse_norm = False
+        # forward_split_sums leaves a K-split product unadded, for such a GEMV to add (models.decode.fuse_norms)
+        self.split_sums = False
         # GEMV sums codes two at a time in float16 where it can (takes_half2; models.decode.use_half2)
         self.half2 = False
 
@@ -173,17 +175,38 @@ class QuantLinear(nn.Module):
         """(self(norm(h)), h) for the residual stream h = residual + x (x alone without a residual)
         and an RMSNorm `norm`, computed by one GEMV that adds and normalizes in its prologue (with
         `swiglu`, forward_swiglu's product): where fuse_norm is on, the packed kernels run, rows
-        are few and the norm's weights have x's dtype. Otherwise None, and the caller adds and
-        normalizes itself (models.transformer.add_norm_linear)."""
-        rows = x.reshape(-1, self.in_features)
+        are few and the norm's weights have the stream's dtype. With a residual, x may be the split
+        sums [S, ..., K] of forward_split_sums, which the prologue adds up first. Otherwise None,
+        and the caller adds and normalizes itself (models.transformer.add_norm_linear)."""
+        stream = x if residual is None else residual  # x may be split sums (forward_split_sums)
+        rows = stream.reshape(-1, self.in_features)
         if not (self.fuse_norm and self.uses_kernels(x.device) and rows.shape[0] <= GEMV_MAX_ROWS
-                and norm.weight.dtype == x.dtype):
+                and norm.weight.dtype == stream.dtype):
             return None
         from qrobust.kernels.gptq_matmul import gemv_add_norm_op
 
-        res = None if residual is None else residual.reshape(rows.shape)
-        y, h = gemv_add_norm_op(rows, res, norm.weight, norm.eps, *self._gemv_args(x.dtype, swiglu))
-        return y.reshape(*x.shape[:-1], y.shape[-1]), h.reshape(x.shape)
+        x_rows = x.reshape(x.shape[0], *rows.shape) if x.dim() > stream.dim() else x.reshape(rows.shape)
+        res = None if residual is None else rows
+        y, h = gemv_add_norm_op(x_rows, res, norm.weight, norm.eps, *self._gemv_args(stream.dtype, swiglu))
+        return y.reshape(*stream.shape[:-1], y.shape[-1]), h.reshape(stream.shape)
+
+    def forward_split_sums(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This layer's product left as the float32 partial sums of its GEMV's K-splits,
+        [splits, *x.shape[:-1], out_features], for the next block's first GEMV to add up in its
+        prologue with the residual and the norm (forward_add_norm; models.transformer.residual_sum
+        adds them up anywhere else): where split_sums is on, the packed kernels run, rows are few,
+        the GEMV splits K, and there is no bias. Otherwise None, and the caller runs forward."""
+        rows = x.reshape(-1, self.in_features)
+        if not (self.split_sums and self.bias is None and self.uses_kernels(x.device)
+                and rows.shape[0] <= GEMV_MAX_ROWS and self._kernel_args[3].splits > 1):
+            return None
+        from qrobust.kernels.gptq_matmul import gemv_split_sums_op
+
+        _, g_idx, gs, c, _ = self._kernel_args
+        sums = gemv_split_sums_op(rows, self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
+                                  FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits, c.num_warps,
+                                  self.pdl, self.half2)
+        return sums.reshape(c.splits, *x.shape[:-1], self.out_features)
 
     def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate)·up of a layer whose outputs interleave gate and up (concat with interleave):
