@@ -2,7 +2,7 @@
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
 #   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion|norms|half2|
-#                                newkey|experiments|isolated|normweights|l2first]
+#                                newkey|experiments|isolated|normweights|l2first|splitsums]
 # quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention's first command and
 # fused ran on older code; pdl's first, second and fifth commands (also run on 6c6eee8: *_6c6eee8_*) and
 # attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which); norms
@@ -139,6 +139,11 @@ case ${1:-quantize} in
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_l2first_qwen3-1.7b_h100.json"
     timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --lm-head-bits 4 --bits 16,4 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_l2first_lmhead4_qwen3-1.7b_h100.json" ;;
+  splitsums) # x read as vectors (7146c5f), then split sums, 2048-deep tiles and one lop3 per pair (0d7fa56)
+    timeout 330 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_splitsums_qwen3-1.7b_h100.json"
+    timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --lm-head-bits 4 --bits 16,4 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_splitsums_lmhead4_qwen3-1.7b_h100.json" ;;
   experiments) # where a 4-bit token's time goes: 0f2e78f's code with each patch in results/perf/attention_experiments
              # (and none: base), in a scratch worktree; the GEMV-warps patch once per W16 setting
     out=$(realpath "$OUT")/attention_experiments
