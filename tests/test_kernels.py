@@ -75,6 +75,27 @@ def test_gemv_and_dequantize_match_the_torch_dequantization(bits, group_size, sy
         torch.testing.assert_close(y, x @ ref.t() + layer.bias, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_float32_sums_read_16_bit_inputs_as_words(dtype, shuffled):
+    """3 bits (no half2 plan) with 16-bit inputs: the float32 sums take each input out of the
+    chunk's words (_x_words, _half_of), low half first, float16 and bfloat16 alike; a view whose
+    rows start off 16 bytes is copied first (aligned_rows)."""
+    from qrobust.kernels.gptq_matmul import gptq_gemv
+
+    layer = _layer(3, 64, False, shuffled, bias=False, N=64)
+    K = layer.in_features
+    x = torch.randn(2, K).to(DEVICE, dtype)
+    args = (layer.qweight, layer.scales, layer.qzeros, layer.g_idx if shuffled else None, 3, 64,
+            FORMAT_OFFSET[layer.format])
+    ref = (x.double() @ layer.dequantized_weight().double().t()).to(dtype)
+    y = gptq_gemv(x, *args)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+    shifted = torch.empty(x.numel() + 1, dtype=dtype, device=x.device)[1:].view_as(x).copy_(x)
+    assert torch.equal(gptq_gemv(shifted, *args), y)
+
+
 def test_gemv_tiles_may_cut_groups_of_whole_chunks():
     """Groups of 96 inputs (three chunks of 32): tiles of 128 start mid-group; without a tiling
     given, gemv_config's: three K-splits of 128 (384 has no deeper power-of-two divisor)."""

@@ -254,6 +254,13 @@ def _halves(v):
 
 
 @triton.jit
+def _half_of(word, HIGH: tl.constexpr, dtype: tl.constexpr):
+    """The low (or HIGH) 16-bit value of type `dtype` in a uint32, as float32."""
+    bits = (word >> 16) if HIGH else (word & 0xFFFF)
+    return bits.to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _half_word(lo, hi):
     """Two float32 values rounded to float16, as one uint32 (low, high)."""
     lo_bits = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
@@ -396,6 +403,9 @@ def _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, B
         return s * (part * HALF - (z - SCALE - HALF) * _chunk_sums(x_row, kc, BLOCK_N))
     part = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
     prev = tl.zeros([KC, BLOCK_N], dtype=tl.uint32)
+    X16: tl.constexpr = x_row.dtype.element_ty.primitive_bitwidth == 16
+    if X16:  # the chunk's inputs as 16-byte vectors, not one 16-bit load each
+        xw = _x_words(x_row, kc, 0, 16, ASM)
     for r in tl.static_range(BITS):
         cur = words[r]
         for j in tl.static_range(32):
@@ -405,7 +415,10 @@ def _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, B
                 else:  # it starts in the word before
                     v = _shifted(prev, TOP - (j * BITS) % 32) | (cur << (TOP + 32 - (j * BITS) % 32))
                 u = _unit_float(v, one, BITS)
-                xj = tl.load(x_row + kc + j).to(tl.float32)[:, None]
+                if X16:
+                    xj = _half_of(xw[j // 2], j % 2, x_row.dtype.element_ty)[:, None]
+                else:
+                    xj = tl.load(x_row + kc + j).to(tl.float32)[:, None]
                 if ACT_ORDER:
                     gj = tl.load(g_ptr + kc + j)[:, None]
                     sj = tl.load(s_ptr + gj * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
@@ -771,7 +784,7 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
     x = x.contiguous()
     act_order = g_idx is not None
     half2 = half2 and half2_applies(bits, act_order, dtype)
-    if half2 and norm is None:
+    if norm is None and x.element_size() == 2:  # read as vectors (_x_words)
         x = aligned_rows(x)
     if block_depth is None:
         bk = gemv_config(K, group_size, act_order).block_depth
