@@ -2,7 +2,7 @@
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
 #   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion|norms|half2|
-#                                newkey|experiments|isolated|normweights|l2first|splitsums]
+#                                newkey|experiments|isolated|normweights|l2first|splitsums|splitsumsexperiments]
 # quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention's first command and
 # fused ran on older code; pdl's first, second and fifth commands (also run on 6c6eee8: *_6c6eee8_*) and
 # attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which); norms
@@ -139,11 +139,54 @@ case ${1:-quantize} in
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_l2first_qwen3-1.7b_h100.json"
     timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --lm-head-bits 4 --bits 16,4 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_l2first_lmhead4_qwen3-1.7b_h100.json" ;;
-  splitsums) # x read as vectors (7146c5f), then split sums, 2048-deep tiles and one lop3 per pair (0d7fa56)
+  splitsums) # the AR table on 8bd07ff (and, as *_splitsums_0d7fa56_*, on 0d7fa56)
     timeout 330 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,3,8 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_splitsums_qwen3-1.7b_h100.json"
     timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --lm-head-bits 4 --bits 16,4 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_splitsums_lmhead4_qwen3-1.7b_h100.json" ;;
+  splitsumsexperiments) # the session behind splitsums, as it ran (results/perf/split_sums_experiments/runN, six
+             # H100 sessions, every width in a process of its own): file, code, patch, widths. lop3* and two_splits*
+             # ran on the uncommitted tree between 7146c5f and 0d7fa56; their patches give the same computation on 0d7fa56
+    out=$(realpath "$OUT")/split_sums_experiments
+    patches=$(realpath results/perf/split_sums_experiments/patches)
+    while read -r run name rev diffs bits; do
+      mkdir -p "$out/$run"
+      patched "$rev" "$patches" "$diffs" timeout 200 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 \
+        --bits "$bits" --repeats 2 --out "$out/$run/$name.json"
+    done <<'RUNS'
+run1 base 4d7733b - 4
+run1 no_unpacking 4d7733b no_unpacking 4
+run1 no_norm_prologue 4d7733b no_norm_prologue 4
+run1 one_x_load_per_chunk 4d7733b one_x_load_per_chunk 4
+run1 base_b 4d7733b - 4
+run2 base 4d7733b - 4
+run2 x_words 7146c5f - 4
+run2 maxnreg64_swiglu 7146c5f maxnreg64_swiglu 4
+run2 maxnreg64_swiglu_down 7146c5f maxnreg64_swiglu_down 4
+run2 base_b 4d7733b - 4
+run2 x_words_b 7146c5f - 4
+run2 maxnreg64_swiglu_b 7146c5f maxnreg64_swiglu 4
+run3 x_words 7146c5f - 4
+run3 lop3 0d7fa56 lop3 4
+run3 lop3_deep_down 0d7fa56 lop3_deep_down 4
+run3 two_splits_qkv_o 0d7fa56 two_splits_qkv_o 4
+run3 two_splits_o 0d7fa56 two_splits_o 4
+run3 x_words_b 7146c5f - 4
+run3 lop3_b 0d7fa56 lop3 4
+run4 lop3 0d7fa56 lop3 4
+run4 lop3_deep_down 0d7fa56 lop3_deep_down 4
+run4 deep_down_no_merge 0d7fa56 deep_down_no_merge 4
+run4 lop3_b 0d7fa56 lop3 4
+run4 lop3_deep_down_b 0d7fa56 lop3_deep_down 4
+run4 deep_down_no_merge_b 0d7fa56 deep_down_no_merge 4
+run5 split_sums_16_4 0d7fa56 - 16,4
+run5 lop3_deep_down 0d7fa56 lop3_deep_down 4
+run5 split_sums_b 0d7fa56 - 4
+run5 lop3_deep_down_b 0d7fa56 lop3_deep_down 4
+run6 base_3 3ed2b24 - 3
+run6 x_words_float32_3 8bd07ff - 3
+RUNS
+    ;;
   experiments) # where a 4-bit token's time goes: 0f2e78f's code with each patch in results/perf/attention_experiments
              # (and none: base), in a scratch worktree; the GEMV-warps patch once per W16 setting
     out=$(realpath "$OUT")/attention_experiments
