@@ -26,6 +26,16 @@ patched() {  # commit, patch folder, patch names joined by + (- for none), then 
   (cd /tmp/qrobust_experiment && PYTHONPATH=. "$@")
   git worktree remove --force /tmp/qrobust_experiment
 }
+patched_runs() {  # results/perf/<folder>'s runs, one per line on stdin: run, file name, commit, patches, widths
+  local out patches run name rev diffs bits
+  out=$(realpath "$OUT")/$1
+  patches=$(realpath "results/perf/$1/patches")
+  while read -r run name rev diffs bits; do
+    mkdir -p "$out/$run"
+    patched "$rev" "$patches" "$diffs" timeout 200 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 \
+      --bits "$bits" --repeats 2 --out "$out/$run/$name.json"
+  done
+}
 case ${1:-quantize} in
   quantize)  # qrobust's GPTQ alone, three runs; the summary reports the median
     $q --repeats 3 --out "$OUT/bench_quantize_qwen3-1.7b_h100.json" ;;
@@ -147,13 +157,7 @@ case ${1:-quantize} in
   splitsumsexperiments) # the session behind splitsums, as it ran (results/perf/split_sums_experiments/runN, six
              # H100 sessions, every width in a process of its own): file, code, patch, widths. lop3* and two_splits*
              # ran on the uncommitted tree between 7146c5f and 0d7fa56; their patches give the same computation on 0d7fa56
-    out=$(realpath "$OUT")/split_sums_experiments
-    patches=$(realpath results/perf/split_sums_experiments/patches)
-    while read -r run name rev diffs bits; do
-      mkdir -p "$out/$run"
-      patched "$rev" "$patches" "$diffs" timeout 200 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 \
-        --bits "$bits" --repeats 2 --out "$out/$run/$name.json"
-    done <<'RUNS'
+    patched_runs split_sums_experiments <<'RUNS'
 run1 base 4d7733b - 4
 run1 no_unpacking 4d7733b no_unpacking 4
 run1 no_norm_prologue 4d7733b no_norm_prologue 4
@@ -202,13 +206,7 @@ RUNS
   normweights) # the experiments around the norm weights read before the GEMV's wait, as they ran in seven GPU
              # sessions (results/perf/norm_weight_experiments/runN): file, code, patches (+ joins two), widths;
              # from c86b90d on, each width of a command runs in a process of its own
-    out=$(realpath "$OUT")/norm_weight_experiments
-    patches=$(realpath results/perf/norm_weight_experiments/patches)
-    while read -r run name rev diffs bits; do
-      mkdir -p "$out/$run"
-      patched "$rev" "$patches" "$diffs" timeout 200 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 \
-        --bits "$bits" --repeats 2 --out "$out/$run/$name.json"
-    done <<'RUNS'
+    patched_runs norm_weight_experiments <<'RUNS'
 run1 base_16_4 8aff2fc - 16,4
 run1 early_trigger_16_4 8aff2fc early_trigger 16,4
 run1 early_trigger_norm_weights 8aff2fc early_trigger_norm_weights 4

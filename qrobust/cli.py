@@ -404,7 +404,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                         "reading its weights while the one before it finishes")
     g.add_argument("--fuse-norms", action="store_true",
                    help="AR decoding with --fuse: the packed q/k/v and gate/up GEMVs add the residual and apply "
-                        "the RMSNorm before them in their prologue (two element-wise kernels per block fewer)")
+                        "the RMSNorm before them in their prologue (two element-wise kernels per block fewer), and "
+                        "the down projection leaves its K-split sums for the next q/k/v GEMV to add")
     g.add_argument("--half2", action="store_true",
                    help="the packed GEMVs sum codes two at a time in float16 (fp16 activations, in-order groups): "
                         "fewer instructions per code, about twice the rounding error of float32 sums")
