@@ -732,8 +732,8 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
 
 
 def aligned_rows(x: torch.Tensor, alignment: int = 16) -> torch.Tensor:
-    """x [M, K], or a copy of it whose rows start at multiples of `alignment` bytes, as the
-    half2 sums' vector reads of x need (_x_words): a view into a larger tensor may start anywhere."""
+    """x [M, K], or a copy of it whose rows start at multiples of `alignment` bytes, as the GEMV's
+    vector reads of 16-bit inputs need (_x_words): a view into a larger tensor may start anywhere."""
     if x.data_ptr() % alignment or x.stride(0) * x.element_size() % alignment:
         x = torch.empty_strided(x.shape, (triton.cdiv(x.shape[1] * x.element_size(), alignment) * alignment
                                           // x.element_size(), 1), dtype=x.dtype, device=x.device).copy_(x)
