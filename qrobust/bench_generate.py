@@ -239,6 +239,7 @@ def measure_width(bench: GenerateBench, bits: int, bandwidth: float | None) -> d
     row["tinygemm_layers"] = sum(isinstance(m, TinyGemmLinear) for m in model.modules())
     row["pdl_gemv_layers"] = sum(m.pdl for m in packed)
     row["norm_gemv_layers"] = sum(m.fuse_norm and m.uses_kernels(on) for m in packed)
+    row["split_sum_layers"] = sum(m.leaves_split_sums(on) for m in packed)
     row["half2_gemv_layers"] = sum(m.takes_half2(on) for m in packed)
     row["attention_kernel"] = any(b.self_attn.decode_attention is not None for b in model.model.layers)
     if bandwidth and bench.kind == "ar" and "error" not in row:

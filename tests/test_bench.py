@@ -84,7 +84,7 @@ def test_bench_generate_cli_passes_pdl_fused_norms_half2_and_the_tinygemm_choice
         assert results["bench"]["half2"] == ("--half2" in extra)
         run = results["runs"][0]
         assert run["tinygemm_layers"] == layers and run["pdl_gemv_layers"] == 0  # no PDL on CPU
-        assert run["norm_gemv_layers"] == run["half2_gemv_layers"] == 0  # nor packed kernels
+        assert run["norm_gemv_layers"] == run["half2_gemv_layers"] == run["split_sum_layers"] == 0  # nor packed kernels
 
 
 def test_bench_generate_measures_each_width_alone_where_asked(tmp_path):

@@ -255,6 +255,9 @@ def test_norms_fused_into_the_gemvs_decode_the_same_tokens(monkeypatch):
                         lambda *args: calls.append((args[1] is None, args[0].dim())) or fused_op(*args))
     monkeypatch.setattr(gptq_matmul, "gemv_split_sums_op", lambda *args: split_calls.append(1) or split_op(*args))
     assert fuse_norms(model) == 2 * 3
+    leaving = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)
+               and m.leaves_split_sums(torch.device(DEVICE))}
+    assert leaving == {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)}
     eager = GreedyDecoder(model, max_len=20, graphs=False)  # a graph would replay the calls uncounted
     assert eager.generate(prompt, 10).tokens.tolist() == expected.tolist()
     # nine one-token steps (the prompt's forward has too many rows); only the first block's first

@@ -190,6 +190,12 @@ class QuantLinear(nn.Module):
         y, h = gemv_add_norm_op(x_rows, res, norm.weight, norm.eps, *self._gemv_args(stream.dtype, swiglu))
         return y.reshape(*stream.shape[:-1], y.shape[-1]), h.reshape(stream.shape)
 
+    def leaves_split_sums(self, device: torch.device) -> bool:
+        """Whether forward_split_sums on `device` leaves split sums (for few rows): split_sums is
+        on, the packed kernels run, the GEMV splits K and there is no bias to add."""
+        return (self.split_sums and self.bias is None and self.uses_kernels(device)
+                and self._kernel_args[3].splits > 1)
+
     def forward_split_sums(self, x: torch.Tensor) -> torch.Tensor | None:
         """This layer's product left as the float32 partial sums of its GEMV's K-splits,
         [splits, *x.shape[:-1], out_features], for the next block's first GEMV to add up in its
@@ -197,8 +203,7 @@ class QuantLinear(nn.Module):
         adds them up anywhere else): where split_sums is on, the packed kernels run, rows are few,
         the GEMV splits K, and there is no bias. Otherwise None, and the caller runs forward."""
         rows = x.reshape(-1, self.in_features)
-        if not (self.split_sums and self.bias is None and self.uses_kernels(x.device)
-                and rows.shape[0] <= GEMV_MAX_ROWS and self._kernel_args[3].splits > 1):
+        if not (rows.shape[0] <= GEMV_MAX_ROWS and self.leaves_split_sums(x.device)):
             return None
         from qrobust.kernels.gptq_matmul import gemv_split_sums_op
 
