@@ -246,18 +246,16 @@ def _pair_const(bits, k, what):
 
 
 @triton.jit
-def _halves(v):
-    """A uint32 holding two float16 values, as (low, high) float32."""
-    lo = (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
-
-
-@triton.jit
 def _half_of(word, HIGH: tl.constexpr, dtype: tl.constexpr):
     """The low (or HIGH) 16-bit value of type `dtype` in a uint32, as float32."""
     bits = (word >> 16) if HIGH else (word & 0xFFFF)
     return bits.to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _halves(v):
+    """A uint32 holding two float16 values, as (low, high) float32."""
+    return _half_of(v, False, tl.float16), _half_of(v, True, tl.float16)
 
 
 @triton.jit
@@ -282,24 +280,30 @@ def _hfma2(a, b, c, ASM: tl.constexpr):
     return out
 
 
+@triton.constexpr_function
+def _vector_load_asm(n):
+    """PTX reading n (2 or 4) uint32 words at once into $0 … $n−1 from the address $n, and its constraints."""
+    return (f"ld.global.v{n}.u32 {{{', '.join(f'${i}' for i in range(n))}}}, [${n}];",
+            ",".join(["=r"] * n + ["l"]))
+
+
 @triton.jit
 def _x_words(x_row, kc, first: tl.constexpr, count: tl.constexpr, ASM: tl.constexpr):
-    """`count` (2, 4 or 8) uint32 words of a chunk's float16 inputs from word `first` on, word w
+    """`count` (2, 4 or 8) uint32 words of a chunk's 16-bit inputs from word `first` on, word w
     holding inputs 2w and 2w + 1: [KC] each, read 8 or 16 bytes at a time (Triton vectorizes
     only loads of a tensor's contiguous elements, and a thread's inputs are one element each of
     several tensors). Not pure: the reads must stay after the PDL wait and the norm's barrier."""
     at = x_row.to(tl.pointer_type(tl.uint32), bitcast=True) + kc // 2 + first
+    VEC: tl.constexpr = min(count, 4)
+    asm: tl.constexpr = _vector_load_asm(VEC)
     out = ()
-    if ASM and count == 2:
-        out = tl.inline_asm_elementwise("ld.global.v2.u32 {$0, $1}, [$2];", "=r,=r,l", [at],
-                                        dtype=(tl.uint32,) * 2, is_pure=False, pack=1)
-    else:
-        for w in tl.static_range(0, count, 4):
-            if ASM:
-                out = out + tl.inline_asm_elementwise("ld.global.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
-                                                      [at + w], dtype=(tl.uint32,) * 4, is_pure=False, pack=1)
-            else:
-                out = out + (tl.load(at + w), tl.load(at + w + 1), tl.load(at + w + 2), tl.load(at + w + 3))
+    for w in tl.static_range(0, count, VEC):
+        if ASM:
+            out = out + tl.inline_asm_elementwise(asm[0], asm[1], [at + w], dtype=(tl.uint32,) * VEC,
+                                                  is_pure=False, pack=1)
+        else:
+            for i in tl.static_range(VEC):
+                out = out + (tl.load(at + w + i),)
     return out
 
 
