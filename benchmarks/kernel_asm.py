@@ -27,17 +27,20 @@ import torch
 import triton
 
 from qrobust.kernels import gptq_matmul
+from qrobust.quant.pack import LAYOUTS, layout_applies
 
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
 def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, splits: int = 1,
-                 swiglu: bool = False, pdl: bool = False, norm: bool = False, half2: bool = False):
+                 swiglu: bool = False, pdl: bool = False, norm: bool = False, half2: bool = False,
+                 layout: str = "gptq"):
     """The GEMV as the default path launches it (one tile per program, no act-order, no bias,
     K-splits summed by the last split; with `swiglu`, the activation applied as it stores; with
     `pdl`, as a programmatic dependent launch; with `norm`, the residual add and RMSNorm in its
-    prologue; with `half2`, float16 sums, for widths with a plan), compiled for sm_<arch>."""
-    constants = dict(BITS=bits, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=False, BLOCK_N=block_n,
+    prologue; with `half2`, float16 sums, for widths with a plan), for qweight in `layout`, compiled
+    for sm_<arch>."""
+    constants = dict(BITS=bits, LAYOUT=layout, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=False, BLOCK_N=block_n,
                      BLOCK_K=block_k, SPLITS=splits, LAST_SUMS=True, SWIGLU=swiglu, ONE_TILE=True, PDL=pdl,
                      NORM=norm, HAS_RES=norm, K_POW2=triton.next_power_of_2(block_k * splits), X_SPLITS=1,
                      HALF2=half2, ASM=True)
@@ -63,15 +66,16 @@ def sass_facts(cubin: bytes) -> tuple[collections.Counter, dict]:
 
 
 def describe(bits: int, block_n: int, block_k: int, warps: int, splits: int, arch: int, swiglu: bool = False,
-             pdl: bool = False, norm: bool = False, half2: bool = False) -> dict:
-    half2 = half2 and gptq_matmul.half2_applies(bits, False, torch.float16)
-    kernel = compile_gemv(bits, block_n, block_k, warps, arch, splits, swiglu, pdl, norm, half2)
+             pdl: bool = False, norm: bool = False, half2: bool = False, layout: str = "gptq") -> dict:
+    layout = layout if layout_applies(bits, layout) else "gptq"
+    half2 = half2 and gptq_matmul.half2_applies(bits, False, torch.float16, layout)
+    kernel = compile_gemv(bits, block_n, block_k, warps, arch, splits, swiglu, pdl, norm, half2, layout)
     ops, resources = sass_facts(kernel.asm["cubin"])
     codes_per_thread = block_n * block_k // (32 * warps)
     alu = sum(n for op, n in ops.items() if op in ("FFMA", "FADD", "FMUL", "LOP3", "SHF", "SGXT", "PRMT", "I2FP",
                                                    "IMAD", "IADD3", "LEA", "BFE"))
     return {"bits": bits, "block_n": block_n, "block_k": block_k, "warps": warps, "splits": splits, "swiglu": swiglu,
-            "pdl": pdl, "norm": norm, "half2": half2, "arch": f"sm_{arch}",
+            "pdl": pdl, "norm": norm, "half2": half2, "layout": layout, "arch": f"sm_{arch}",
             "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
             "barriers": kernel.asm["ptx"].count("bar.sync"), **resources,
             "sass_instructions": sum(ops.values()), "codes_per_thread": codes_per_thread,
@@ -90,6 +94,8 @@ def main() -> None:
     p.add_argument("--pdl", action="store_true", help="the variant launched as a programmatic dependent launch")
     p.add_argument("--norm", action="store_true", help="the variant with the residual add and RMSNorm in its prologue")
     p.add_argument("--half2", action="store_true", help="the variant that sums two codes at a time in float16")
+    p.add_argument("--layout", default="gptq", choices=LAYOUTS,
+                   help="qweight's layout where the width has it (pairs: 3 bits), else gptq")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90: H100)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -97,7 +103,7 @@ def main() -> None:
         raise SystemExit("kernel_asm.py: this Triton ships no CUDA tools (backends/nvidia/bin); "
                          "install a Linux x86-64 Triton wheel")
     rows = [describe(int(b), args.block_n, args.block_k, args.warps, args.splits, args.arch, args.swiglu, args.pdl,
-                     args.norm, args.half2)
+                     args.norm, args.half2, args.layout)
             for b in args.bits.split(",")]
     print(f"{'bits':>4} {'convert':>7} {'bar.sync':>8} {'regs':>4} {'stack':>5} {'SASS':>5} {'/code':>6} {'ALU/code':>8}  top opcodes")
     for r in rows:

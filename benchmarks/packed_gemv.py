@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from qrobust.models.decode import capture, sync
 from qrobust.kernels.tinygemm import TinyGemmLinear
 from qrobust.quant.grid import QuantSpec, rtn
+from qrobust.quant.pack import repack_qweight
 from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
 
 SHAPES = {"q_proj/o_proj": (2048, 2048), "k_proj/v_proj": (1024, 2048), "gate/up_proj": (6144, 2048),
@@ -137,7 +138,11 @@ def gemv_rows(name: str, N: int, K: int, bits: int, layer: QuantLinear, nbytes: 
     """Our GEMV at the default tiling and at every combination asked for."""
     from qrobust.kernels.gptq_matmul import gemv_config, gemv_locks, gptq_gemv
 
-    operands = replicas((layer.qweight, layer.scales, layer.qzeros), copies(nbytes, device))
+    # the half2 sums read 3-bit codes in the pairs layout (qrobust.quant.pack), as QuantLinear.half2 repacks them
+    layouts = {"gptq": layer.qweight, "pairs": repack_qweight(layer.qweight, bits, K, "gptq", "pairs")} \
+        if bits == 3 else {"gptq": layer.qweight}
+    operands = {name: replicas((words, layer.scales, layer.qzeros), copies(nbytes, device))
+                for name, words in layouts.items()}
     rest = (None, bits, args.group_size, FORMAT_OFFSET[layer.format])
     d = gemv_config(K, args.group_size, False)
     combos = [(d.splits, d.block_n, d.block_depth, d.num_warps, 3, 1)]
@@ -150,14 +155,15 @@ def gemv_rows(name: str, N: int, K: int, bits: int, layer: QuantLinear, nbytes: 
         if (bk // 32) * bn > 512 * warps:
             continue  # more than 16 codes per thread and chunk of 32 inputs spill registers
         for half2 in (bool(int(h)) for h in args.half2.split(",")):
+            layout = "pairs" if half2 and "pairs" in layouts else "gptq"
             cfg = {"splits": splits, "block_n": bn, "block_depth": bk, "num_warps": warps, "num_stages": stages,
-                   "locks": gemv_locks(N, device, 1, bn) if locks else None, "half2": half2}
+                   "locks": gemv_locks(N, device, 1, bn) if locks else None, "half2": half2, "layout": layout}
             label = ("default " if i == 0 else "") + ("half2 " if half2 else "")
             kernel = f"qrobust {bits}-bit {label}s{splits} n{bn} k{bk} w{warps} p{stages} l{locks}"
             out.append(checked({"layer": name, "N": N, "K": K, "bits": bits, "default": i == 0, "half2": half2,
                                 "config": {**cfg, "locks": bool(locks)}, "weight_bytes": nbytes, "kernel": kernel},
-                               [lambda o=o, cfg=cfg: gptq_gemv(x, *o, *rest, **cfg) for o in operands], ref, base,
-                               device))
+                               [lambda o=o, cfg=cfg: gptq_gemv(x, *o, *rest, **cfg) for o in operands[layout]], ref,
+                               base, device))
     return out
 
 

@@ -296,8 +296,9 @@ def test_pdl_decodes_the_same_tokens():
 
 def test_half2_runs_the_gemvs_of_float16_models_on_its_sums(monkeypatch):
     """use_half2 on a float16 model: a forward of one token (few enough rows for the GEMV)
-    passes half2 to every packed layer's GEMV, the 3-bit one (no plan) does not take it, and the
-    logits are the torch path's up to float16 rounding."""
+    passes half2 to every packed layer's GEMV, the 3-bit one in the pairs layout (which goes back
+    to the GPTQ layout's words with half2 off), and the logits are the torch path's up to float16
+    rounding."""
     from qrobust import kernels
     from qrobust.kernels import gptq_matmul
     from qrobust.models.decode import use_half2
@@ -317,16 +318,19 @@ def test_half2_runs_the_gemvs_of_float16_models_on_its_sums(monkeypatch):
     monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
     calls = []
     op = gptq_matmul.gemv_op
-    monkeypatch.setattr(gptq_matmul, "gemv_op", lambda *args: calls.append(args[-1]) or op(*args))
+    monkeypatch.setattr(gptq_matmul, "gemv_op", lambda *args: calls.append(args[-2:]) or op(*args))
     packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    gptq_words = model.model.layers[1].mlp.down_proj.qweight.clone()
     assert use_half2(model) == len(packed) == 14
-    assert [m.takes_half2(model.device) for m in packed].count(False) == 1  # model.device: with its index
+    assert all(m.takes_half2(model.device) for m in packed)  # model.device: with its index
     with torch.no_grad():
         logits = model(ids).float()
-    assert len(calls) == 14 and all(calls)  # the 3-bit layer's GEMV ignores the flag
+    assert len(calls) == 14 and all(half2 for half2, _ in calls)
+    assert sorted(layout for _, layout in calls) == ["gptq"] * 13 + ["pairs"]
     torch.testing.assert_close(logits, expected, rtol=0, atol=2e-2 * float(expected.abs().max()))
     use_half2(model, on=False)
     assert not any(m.half2 for m in packed)
+    assert torch.equal(model.model.layers[1].mlp.down_proj.qweight, gptq_words)
 
 
 def test_compile_options_turn_on_inductors_dependent_launches_only_when_asked():

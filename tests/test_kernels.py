@@ -195,19 +195,37 @@ def test_split_sums_feed_the_next_gemvs_norm_as_the_added_product_would(dtype):
             gptq_gemv_split_sums(x, *down_args, **{"splits": 4, "block_depth": 64, **bad})
 
 
-def test_half2_pairs_take_every_code_of_a_chunk_once_from_its_place():
-    """Each pair's two codes sit in their word at bits 32·r + s + t and 16 more, inside the low
-    byte of a float16 half; every code of the chunk comes once, word by word (_half2_sums reads
-    a word's inputs together); 3 bits have no plan."""
-    from qrobust.kernels.gptq_matmul import half2_pairs
+def _pair_codes(words: list[int], pair) -> tuple[int, int]:
+    """What the half2 sums take out of a chunk's words for one pair (half2_pairs): its two codes,
+    read from the OR of its masked parts at bits t and 16 + t."""
+    _, _, t, parts = pair
+    v = 0
+    for r, s, mask in parts:
+        v |= (words[r] >> s) & (mask * 0x10001)
+    return (v >> t) & 0xFFFF, v >> (16 + t)
 
-    for bits in (2, 4, 8):
-        pairs = half2_pairs(bits)
-        assert sorted(j for p in pairs for j in p[:2]) == list(range(32))
-        for k, (j_lo, j_hi, r, s, t) in enumerate(pairs):
-            assert bits * j_lo == 32 * r + s + t and bits * j_hi == bits * j_lo + 16 and t + bits <= 8
-            assert r == k // (16 // bits) and j_lo // (32 // bits) == r  # a word's pairs together, inputs its own
-    assert half2_pairs(3) is None
+
+@pytest.mark.parametrize("bits,layout", [(2, "gptq"), (4, "gptq"), (8, "gptq"), (3, "pairs")])
+def test_half2_pairs_take_every_code_of_a_chunk_once_from_its_place(bits, layout):
+    """Packed in `layout`, a chunk of random codes comes out of its words pair by pair as the plan
+    says: every code once, each within float16 1024's mantissa (t + b ≤ 10); in the GPTQ layout
+    word by word (_half2_sums reads a word's inputs together), in the pairs layout inputs 2i and
+    2i + 1 together (one word of x, no permutation). 3 bits have no plan in the GPTQ layout."""
+    from qrobust.kernels.gptq_matmul import half2_pairs
+    from qrobust.quant.pack import pack_qweight
+
+    q = torch.randint(0, 2 ** bits, (1, 32), generator=torch.Generator().manual_seed(bits))
+    words = [int(w) & 0xFFFFFFFF for w in pack_qweight(q, bits, layout)[:, 0]]
+    pairs = half2_pairs(bits, layout)
+    assert sorted(j for p in pairs for j in p[:2]) == list(range(32))
+    for k, pair in enumerate(pairs):
+        j_lo, j_hi, t, parts = pair
+        assert _pair_codes(words, pair) == (q[0, j_lo], q[0, j_hi]) and t + bits <= 10
+        if layout == "pairs":
+            assert (j_lo, j_hi) == (2 * k, 2 * k + 1)
+        else:
+            assert [r for r, _, _ in parts] == [k // (16 // bits)] and j_lo // (32 // bits) == parts[0][0]
+    assert half2_pairs(3) is None and half2_pairs(4, "pairs") is None
 
 
 def _half2_reference(x: torch.Tensor, layer: QuantLinear, group_size: int) -> torch.Tensor:
@@ -223,7 +241,7 @@ def _half2_reference(x: torch.Tensor, layer: QuantLinear, group_size: int) -> to
     out = torch.zeros(x.shape[0], layer.out_features, dtype=torch.float64, device=x.device)
     for c in range(0, layer.in_features, 32):
         sums = [torch.zeros_like(out, dtype=torch.float16) for _ in range(2)]
-        for pair in half2_pairs(bits):
+        for pair in half2_pairs(bits, layer.layout):
             for i, j in enumerate(pair[:2]):
                 sums[i] = (xd[:, c + j, None] * d[None, :, c + j] + sums[i].double()).half()
         g = c // group_size
@@ -238,27 +256,59 @@ def _ulps(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((y.double() - ref).abs() / spacing).max())
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_half2_gemv_rounds_its_float16_sums_as_planned(bits):
     """With half2 the GEMV's outputs are within a float16 spacing or two of _half2_reference, in
     one K-split and in two; the float32 sums (no half2) are tens of spacings away at these
-    sizes, so the half2 path ran. Float32 inputs fall back to the float32 sums."""
+    sizes, so the half2 path ran. Float32 inputs fall back to the float32 sums. 3 bits: in the
+    pairs layout (the GPTQ layout has no plan)."""
     from qrobust.kernels.gptq_matmul import gemv_locks, gptq_gemv
 
     layer = _layer(bits, 64, False, False, bias=False, N=64)
+    layer.half2 = True
+    assert layer.layout == ("pairs" if bits == 3 else "gptq")
     g = torch.Generator().manual_seed(bits)
     x = (3 * torch.randn(2, layer.in_features, generator=g)).half().to(DEVICE)
     args = (layer.qweight, layer.scales, layer.qzeros, None, bits, 64, FORMAT_OFFSET[layer.format])
     ref = _half2_reference(x, layer, 64)
     locks = gemv_locks(layer.out_features, x.device, rows=2, block_n=32)
     for splits, lock in ((1, None), (2, locks)):
-        y = gptq_gemv(x, *args, splits=splits, block_depth=256 // splits, locks=lock, half2=True)
+        y = gptq_gemv(x, *args, splits=splits, block_depth=256 // splits, locks=lock, half2=True,
+                      layout=layer.layout)
         assert _ulps(y, ref) <= 2
-    assert _ulps(gptq_gemv(x, *args), ref) > 10
+    assert _ulps(gptq_gemv(x, *args, layout=layer.layout), ref) > 10
     shifted = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view_as(x).copy_(x)
-    assert torch.equal(gptq_gemv(shifted, *args, half2=True), gptq_gemv(x, *args, half2=True))
+    assert torch.equal(gptq_gemv(shifted, *args, half2=True, layout=layer.layout),
+                       gptq_gemv(x, *args, half2=True, layout=layer.layout))
     x32 = x.float()
-    assert torch.equal(gptq_gemv(x32, *args, half2=True), gptq_gemv(x32, *args))
+    assert torch.equal(gptq_gemv(x32, *args, half2=True, layout=layer.layout), gptq_gemv(x32, *args, layout=layer.layout))
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_kernels_read_the_3_bit_pairs_layout_as_the_gptq_layout(shuffled):
+    """The same 3-bit codes packed in the pairs layout give the GPTQ layout's results exactly:
+    the dequantization, the fused matmul, and the GEMV's float32 sums (same codes, same order of
+    additions), act-order included; a layout the width lacks is refused."""
+    from qrobust.kernels.gptq_matmul import gptq_dequantize, gptq_gemv, gptq_matmul
+    from qrobust.quant.pack import repack_qweight
+
+    layer = _layer(3, 64, False, shuffled, N=64)
+    K = layer.in_features
+    pairs = repack_qweight(layer.qweight, 3, K, "gptq", "pairs")
+    assert not torch.equal(pairs, layer.qweight)
+    g_idx = layer.g_idx if shuffled else None
+    rest = (layer.scales, layer.qzeros, g_idx, 3, 64, FORMAT_OFFSET[layer.format])
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    for dtype in (torch.float32, torch.float16):
+        assert torch.equal(gptq_dequantize(pairs, *rest, K=K, dtype=dtype, layout="pairs"),
+                           gptq_dequantize(layer.qweight, *rest, K=K, dtype=dtype))
+    for xs in (x, x.half()):
+        assert torch.equal(gptq_gemv(xs[:2], pairs, *rest, bias=layer.bias, layout="pairs"),
+                           gptq_gemv(xs[:2], layer.qweight, *rest, bias=layer.bias))
+    assert torch.equal(gptq_matmul(x, pairs, *rest, bias=layer.bias, layout="pairs"),
+                       gptq_matmul(x, layer.qweight, *rest, bias=layer.bias))
+    with pytest.raises(ValueError, match="no 'pairs' layout for 4-bit"):
+        gptq_gemv(x, layer.qweight, layer.scales, layer.qzeros, None, 4, 64, 1, layout="pairs")
 
 
 def test_rows_for_the_half2_reads_start_at_16_bytes():
@@ -513,7 +563,7 @@ PDL_COMPILE = """
 import json, sys
 from qrobust.kernels import gptq_matmul
 overrides, dtype, form, norm_dtype = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-constants = dict(BITS=3, OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, SPLITS=2,
+constants = dict(BITS=3, LAYOUT="gptq", OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, SPLITS=2,
                  LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True, NORM=False, HAS_RES=False, K_POW2=512,
                  X_SPLITS=1, HALF2=False, ASM=True)
 print(gptq_matmul.compile_gemv_for(90, {**constants, **overrides}, dtype=dtype, num_warps=1,
@@ -587,7 +637,7 @@ def test_half2_gemv_reads_x_16_bytes_at_a_time(bits):
     assert len(re.findall(r"prmt\.b32", after)) >= 16
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_half2_gemv_with_pdl_unpacks_codes_only_after_it_waits(bits):
     """Under PDL the half2 sums mask their codes out of the words after the wait, each pair in
     one lop3 with `one`, which is read after it: the LLVM of Triton 3.6 moved plain masks (PTX
@@ -598,8 +648,10 @@ def test_half2_gemv_with_pdl_unpacks_codes_only_after_it_waits(bits):
 
     from qrobust.kernels.gptq_matmul import half2_pairs
 
-    before, after = _compiled_with_pdl({"BITS": bits, "HALF2": True, "HAS_BIAS": False}, "fp16", "ptx")
-    masks = {((1 << bits) - 1) * (1 << t | 1 << (16 + t)) for *_, t in half2_pairs(bits)}
+    layout = "pairs" if bits == 3 else "gptq"
+    before, after = _compiled_with_pdl({"BITS": bits, "LAYOUT": layout, "HALF2": True, "HAS_BIAS": False}, "fp16",
+                                       "ptx")
+    masks = {mask * 0x10001 for *_, parts in half2_pairs(bits, layout) for _, _, mask in parts}
     masked = r"(?:and\.b32\s+%r\d+, %r\d+|lop3\.b32\s+%r\d+, (?:%r\d+|t)), (\d+)[,;]"
     assert not masks & {int(m) for m in re.findall(masked, before)}
     assert masks <= {int(m) for m in re.findall(masked, after)}

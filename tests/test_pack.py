@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from qrobust.errors import QrobustError
-from qrobust.quant.pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros, values_per_chunk
+from qrobust.quant.pack import (pack_qweight, pack_qzeros, repack_qweight, unpack_qweight, unpack_qzeros,
+                                 values_per_chunk)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -42,3 +43,25 @@ def test_three_bit_values_straddle_word_boundaries():
 def test_packing_refuses_sizes_it_cannot_pack():
     with pytest.raises(QrobustError, match="multiple of 32"):
         pack_qweight(torch.zeros(4, 48, dtype=torch.int64), 3)
+
+
+def test_three_bit_pairs_layout_puts_neighbouring_inputs_16_bits_apart():
+    """In the pairs layout value 2i + 1 sits 16 bits above value 2i (10 values a word, at bits
+    3i), and values 30 and 31 take bit 15 and bit 31 of each word, low bit first; it round-trips,
+    and repacking goes both ways."""
+    q = torch.zeros(1, 32, dtype=torch.int64)
+    q[0, 12], q[0, 13] = 0b101, 0b011  # word 1, i = 1
+    words = pack_qweight(q, 3, "pairs").to(torch.int64).flatten() & 0xFFFFFFFF
+    assert words.tolist() == [0, 0b101 << 3 | 0b011 << 19, 0]
+    q = torch.zeros(1, 32, dtype=torch.int64)
+    q[0, 30], q[0, 31] = 0b110, 0b001
+    words = pack_qweight(q, 3, "pairs").to(torch.int64).flatten() & 0xFFFFFFFF
+    assert words.tolist() == [1 << 31, 1 << 15, 1 << 15]
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 8, (24, 96), generator=g)
+    gptq, pairs = pack_qweight(q, 3), pack_qweight(q, 3, "pairs")
+    assert torch.equal(unpack_qweight(pairs, 3, 96, "pairs"), q.to(torch.int32))
+    assert torch.equal(repack_qweight(gptq, 3, 96, "gptq", "pairs"), pairs)
+    assert torch.equal(repack_qweight(pairs, 3, 96, "pairs", "gptq"), gptq)
+    with pytest.raises(QrobustError, match="no 'pairs' packing layout for 4-bit"):
+        pack_qweight(torch.zeros(4, 32, dtype=torch.int64), 4, "pairs")

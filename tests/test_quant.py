@@ -267,3 +267,33 @@ def test_block_forward_frees_each_input_once_its_output_exists(tiny_dirs, calib)
     adapter.blocks()[0].register_forward_pre_hook(hook, with_kwargs=True)
     quantize_model(adapter, QuantizeConfig(bits=4, group_size=16, nsamples=4, seqlen=64), calib[:4], progress=False)
     assert previous_freed[-3:] == [True, True, True]  # the final pass over block 0
+
+
+def test_half2_repacks_three_bit_layers_and_saves_the_gptq_layout():
+    """half2 on a 3-bit layer in group order repacks its codes in the pairs layout (same codes,
+    same output), its state dict still holds the GPTQ words, loading GPTQ words into it repacks
+    them, and half2 off restores the words exactly; act-order and 4-bit layers keep theirs."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    layer = QuantLinear.from_result(rtn(w, QuantSpec(3, 32, sym=True)), None, torch.float32)
+    words, codes = layer.qweight.clone(), layer.codes()
+    x = torch.randn(2, 64, generator=g)
+    y = layer(x)
+    layer.half2 = True
+    assert layer.layout == "pairs" and not torch.equal(layer.qweight, words)
+    assert torch.equal(layer.codes(), codes)
+    layer._weight = None  # the cached dequantization: rebuilt from the repacked words
+    assert torch.equal(layer(x), y)
+    assert torch.equal(layer.state_dict()["qweight"], words)
+    other = QuantLinear.from_result(rtn(2 * w, QuantSpec(3, 32, sym=True)), None, torch.float32)
+    layer.load_state_dict(other.state_dict())
+    assert layer.layout == "pairs" and torch.equal(layer.codes(), other.codes())
+    layer.half2 = False
+    assert layer.layout == "gptq" and torch.equal(layer.qweight, other.qweight)
+    for bits, perm in ((3, torch.randperm(64, generator=g)), (4, None)):
+        result = rtn(w, QuantSpec(bits, 32, sym=True))
+        if perm is not None:
+            result.q, result.g_idx = result.q[:, perm], result.g_idx[perm]
+        kept = QuantLinear.from_result(result, None, torch.float32)
+        kept.half2 = True
+        assert kept.layout == "gptq"

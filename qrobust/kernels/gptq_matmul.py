@@ -1,14 +1,17 @@
 """Matrix products that read GPTQ-packed weights as they are stored: no unpacked copy.
 
-qweight [K·b/32, N] int32 packs input features along its rows: for 2, 4 and 8 bits each word
-holds 32/b consecutive inputs; for 3 bits 32 inputs fill three words, two of them straddling a
-word boundary (qrobust.quant.pack). Weights dequantize as ŵ = s·(q − z), with the scale s and
-the zero point z of the input's group and the output; zero points are read from the packed qzeros.
+qweight [K·b/32, N] int32 packs input features along its rows, in chunks of 32 inputs (b words),
+laid out as GPTQ checkpoints are ("gptq": for 2, 4 and 8 bits each word holds 32/b consecutive
+inputs; for 3 bits 32 inputs fill three words, two of them straddling a word boundary) or, for 3
+bits, as the half2 sums read best ("pairs"; qrobust.quant.pack has both). Weights dequantize as
+ŵ = s·(q − z), with the scale s and the zero point z of the input's group and the output; zero
+points are read from the packed qzeros, always in the GPTQ layout.
 
 - gptq_gemv: y = x Ŵᵀ for a few rows of x (batch-1 decoding), memory bound: each program reads
   its outputs' packed words once and dequantizes in registers. gptq_gemv_add_norm adds a
   residual and applies an RMSNorm to x first, in the same kernel. With half2 (float16 x; 2, 4
-  and 8 bits) it sums two codes per instruction in float16 (_half2_sums), else one in float32.
+  and 8 bits, and 3 bits in the pairs layout) it sums two codes per instruction in float16
+  (_half2_sums), else one in float32.
 - gptq_dequantize: Ŵᵀ [K, N] in the activation dtype, for larger batches (prefill, diffusion
   steps), which then run on the dense matmul.
 - gptq_matmul: the same product with the dequantization fused into a tensor-core matmul (to be
@@ -23,6 +26,22 @@ import triton
 import triton.language as tl
 
 from qrobust.kernels import interpreting
+from qrobust.quant.pack import chunk_fields, layout_applies
+
+
+
+def _fields_of_32(bits: int, layout: str) -> tuple:
+    """chunk_fields for the kernels' chunks of 32 codes (b words), which hold 32/n packing chunks of n codes."""
+    fields = chunk_fields(bits, layout)
+    words = len(fields) * bits // 32
+    return tuple(tuple((c * words + word, first, width, low) for word, first, width, low in code)
+                 for c in range(32 // len(fields)) for code in fields)
+
+
+# Every layout's fields by (bits, layout), for the compile-time functions below: they may read a
+# module's constants but not call its functions.
+_FIELDS = {(bits, layout): _fields_of_32(bits, layout) for bits in range(1, 9) for layout in ("gptq", "pairs")
+           if layout_applies(bits, layout) and 32 % len(chunk_fields(bits, layout)) == 0}
 
 
 @triton.jit
@@ -92,11 +111,27 @@ def _exact_float(q):
 
 
 @triton.jit
-def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """Codes [BLOCK_K, BLOCK_N] of inputs k0… and outputs n (k0 a multiple of 32)."""
     maxq = (1 << BITS) - 1
     nmask = (n < N)[None, :]
-    if BITS == 3:
+    if BITS == 3 and LAYOUT == "pairs":
+        # value j < 30 at bit 16·(j mod 2) + 3·⌊(j mod 10)/2⌋ of word ⌊j/10⌋; values 30 and 31 bit by
+        # bit from bit 15 (or 31) of each word (qrobust.quant.pack)
+        KC: tl.constexpr = BLOCK_K // 32
+        row = (k0 // 32) * 3 + tl.arange(0, KC) * 3
+        w0 = _load_u32(qw_ptr + (row + 0)[:, None] * N + n[None, :], nmask)[:, None, :]
+        w1 = _load_u32(qw_ptr + (row + 1)[:, None] * N + n[None, :], nmask)[:, None, :]
+        w2 = _load_u32(qw_ptr + (row + 2)[:, None] * N + n[None, :], nmask)[:, None, :]
+        j = tl.arange(0, 32)[None, :, None]
+        word = j // 10
+        shift = (16 * (j % 2) + 3 * ((j % 10) // 2)).to(tl.uint32)
+        regular = (tl.where(word == 0, w0, tl.where(word == 1, w1, w2)) >> shift) & maxq
+        top = (15 + 16 * (j % 2)).to(tl.uint32)
+        spread = ((w0 >> top) & 1) | (((w1 >> top) & 1) << 1) | (((w2 >> top) & 1) << 2)
+        q = tl.where(j < 30, regular, spread).to(tl.int32)
+    elif BITS == 3:
         # 32 inputs per 3 words; value j starts at bit 3j, values 10 and 21 straddle two words
         KC: tl.constexpr = BLOCK_K // 32
         row = (k0 // 32) * 3 + tl.arange(0, KC) * 3
@@ -199,24 +234,44 @@ def _load_tile(qw_ptr, s_ptr, qz_ptr, kc, n, mask, N, BITS: tl.constexpr, OFFSET
     return words, s, z
 
 
+# The pairs layout's codes at bits 9 and 12 of a half word are read shifted down by 9 − r in word r
+# (r = 0, 1, 2), where float16 1024's mantissa holds them (t + b ≤ 10): codes 30 and 31, whose bit
+# r sits at bit 15 of word r, then come out of those same shifted words at bits 6, 7 and 8.
+PAIRS_HIGH_SHIFT = 9
+
+
 @triton.constexpr_function
-def half2_pairs(bits: int) -> tuple[tuple[int, int, int, int, int], ...] | None:
+def half2_pairs(bits: int, layout: str = "gptq"):
     """How the half2 sums (_half2_sums) read a chunk of 32 b-bit codes (b words): 16 pairs
-    (j_lo, j_hi, r, s, t), codes j_lo and j_hi taken together from word r shifted right by s ∈
-    {0, 8}, where they start at bits t and 16 + t (t + b ≤ 8). With 1024's exponent ORed in,
-    each sits in the mantissa of one float16 half. None but for 2, 4 and 8 bits: 3-bit codes
-    straddle words, and a plan of funnel-shifted windows took 104 registers (64 for the float32
-    sums) and decoded slower than the float32 sums on an H100 (README: GPU performance)."""
-    if bits not in (2, 4, 8):
+    (j_lo, j_hi, t, parts), codes j_lo and j_hi at bits t and 16 + t (t + b ≤ 10) of the OR of
+    `parts` (r, s, mask): word r shifted right by s under mask (both halves). With 1024's
+    exponent ORed in, each code sits in the mantissa of one float16 half. In the GPTQ layout, for
+    2, 4 and 8 bits: one part, s ∈ {0, 8}, j_hi = j_lo + 16/b. In the pairs layout, for 3 bits:
+    j_hi = j_lo + 1 (inputs that share one word of x), one part, but three for codes 30 and 31,
+    a bit from each word. None otherwise: in the GPTQ layout 3-bit codes straddle words, and a
+    plan of funnel-shifted windows took 104 registers (64 for the float32 sums) and decoded
+    slower than the float32 sums on an H100 (README: GPU performance)."""
+    if layout == "gptq" and bits in (2, 4, 8):
+        return tuple(((32 * r + s) // bits + i, (32 * r + s + 16) // bits + i, bits * i,
+                      ((r, s, ((1 << bits) - 1) << (bits * i)),))
+                     for r in range(bits) for s in (0, 8) for i in range(8 // bits))
+    if layout != "pairs" or bits != 3:
         return None
-    return tuple(((32 * r + s) // bits + i, (32 * r + s + 16) // bits + i, r, s, bits * i)
-                 for r in range(bits) for s in (0, 8) for i in range(8 // bits))
+    fields = _FIELDS[(bits, layout)]
+    plan = ()
+    for k in range(16):
+        lo = fields[2 * k]  # code 2k + 1's fields are these, 16 bits up
+        r, first = lo[0][:2]
+        t = first if len(lo) == 1 and first + bits <= 10 else first - (PAIRS_HIGH_SHIFT - r)
+        parts = tuple((r, first - t - low, ((1 << width) - 1) << (t + low)) for r, first, width, low in lo)
+        plan = plan + ((2 * k, 2 * k + 1, t, parts),)
+    return plan
 
 
-def half2_applies(bits: int, act_order: bool, dtype: torch.dtype) -> bool:
+def half2_applies(bits: int, act_order: bool, dtype: torch.dtype, layout: str = "gptq") -> bool:
     """Whether gptq_gemv's half2 sums can serve a layer: float16 inputs, inputs in group order, a
-    width half2_pairs has a plan for."""
-    return dtype == torch.float16 and not act_order and half2_pairs(bits) is not None
+    width and layout half2_pairs has a plan for."""
+    return dtype == torch.float16 and not act_order and half2_pairs(bits, layout) is not None
 
 
 @triton.constexpr_function
@@ -232,17 +287,57 @@ def _half_bits(value: float) -> int:
 
 
 @triton.constexpr_function
-def _pair_const(bits, k, what):
-    """Pair k's (half2_pairs) codes j_lo and j_hi, shift, the mask of its two codes, and
-    both halves of the float16 scale and offset that turn 1024 + 2ᵗ·q into d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹,
-    exactly (as int32)."""
-    j_lo, j_hi, _, s, t = half2_pairs(bits)[k]
-    fields = {"j_lo": j_lo, "j_hi": j_hi, "shift": s,
-              "mask": ((1 << bits) - 1) * (1 << t | 1 << (16 + t)),
+def _signed(word):
+    """A 32-bit pattern as the int32 that holds it."""
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+@triton.constexpr_function
+def _pair_const(bits, layout, k, what):
+    """Pair k's (half2_pairs) codes j_lo and j_hi, its number of parts, and both halves of the
+    float16 scale and offset that turn 1024 + 2ᵗ·q into d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹, exactly (as int32)."""
+    j_lo, j_hi, t, parts = half2_pairs(bits, layout)[k]
+    fields = {"j_lo": j_lo, "j_hi": j_hi, "parts": len(parts),
               "scale": _half_bits(2.0 ** (-t - bits + 1)) * 0x10001,
               "offset": _half_bits(-(2.0 ** (11 - t - bits)) - 1) * 0x10001}
-    word = fields[what]
-    return word - (1 << 32) if word >= 1 << 31 else word
+    return _signed(fields[what])
+
+
+@triton.constexpr_function
+def _part_const(bits, layout, k, p, what):
+    """Part p of pair k (half2_pairs): its word, shift and mask (in both halves, as int32)."""
+    r, s, mask = half2_pairs(bits, layout)[k][3][p]
+    return _signed({"word": r, "shift": s, "mask": mask * 0x10001}[what])
+
+
+@triton.constexpr_function
+def _x_load(bits, layout, k, what):
+    """The words of x (_x_words) to read before pair k: "first" and "count", 0 where those read
+    already cover its inputs; a word's inputs at a time in the GPTQ layout, 16 bytes in the pairs
+    layout (its words' inputs are not whole vectors)."""
+    loaded, first, count = 0, 0, 0
+    for i in range(k + 1):
+        j_lo, j_hi = half2_pairs(bits, layout)[i][:2]
+        first, count = loaded, 0
+        if max(j_lo, j_hi) // 2 >= loaded:
+            count = 16 // bits if layout == "gptq" else 4
+        loaded = loaded + count
+    return {"first": first, "count": count}[what]
+
+
+@triton.constexpr_function
+def _field(bits, layout, j, f, what):
+    """Code j's field f (qrobust.quant.pack.chunk_fields): "count" (its fields), "word", "first",
+    "width", "low", and "premask": whether the float32 sums must mask it before moving it into
+    place, where other bits of its word would land among the code's (_tile_sums)."""
+    fields = _FIELDS[(bits, layout)][j]
+    if what == "count":
+        return len(fields)
+    word, first, width, low = fields[f]
+    above_clear = first + width == 32 or low + width == bits  # bits above it leave the word or the code
+    below_clear = first == 0 or low == 0  # none below it, or they land below the code
+    return {"word": word, "first": first, "width": width, "low": low,
+            "premask": not (above_clear and below_clear)}[what]
 
 
 @triton.jit
@@ -309,10 +404,13 @@ def _x_words(x_row, kc, first: tl.constexpr, count: tl.constexpr, ASM: tl.conste
 
 @triton.jit
 def _x_pair(xw, j_lo: tl.constexpr, j_hi: tl.constexpr, ASM: tl.constexpr):
-    """The float16 inputs j_lo and j_hi (of the same parity) of a chunk as one uint32 (low,
-    high), from its words (_x_words): one byte permutation (PRMT)."""
+    """The float16 inputs j_lo and j_hi of a chunk as one uint32 (low, high), from its words
+    (_x_words, the chunk's from its first on): inputs 2i and 2i + 1 are word i, others (of the same
+    parity) take one byte permutation (PRMT)."""
     lo, hi = xw[j_lo // 2], xw[j_hi // 2]
-    if ASM:
+    if j_lo % 2 == 0 and j_hi == j_lo + 1:
+        out = lo
+    elif ASM:
         select: tl.constexpr = "0x5410" if j_lo % 2 == 0 else "0x7632"
         out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, " + select + ";", "=r,r,r", [lo, hi],
                                         dtype=tl.uint32, is_pure=True, pack=1)
@@ -332,7 +430,8 @@ def _masked_pair_asm(shift, mask):
 
 @triton.jit
 def _masked_pair(word, one, SHIFT: tl.constexpr, MASK: tl.constexpr, ASM: tl.constexpr):
-    """((word >> SHIFT) & MASK) | one: a pair's codes with float16 1024's exponent in both halves.
+    """((word >> SHIFT) & MASK) | one: a pair's codes with float16 1024's exponent in both halves
+    (or, `one` a pair masked already, another part of its codes).
     On a GPU the mask and the OR are one PTX lop3 (with the shift, one asm statement), so that
     under PDL, where `one` is read after the wait, no compiler can mask the words ahead of it
     (LLVM splits a plain AND and OR and hoists the AND; see _after_wait)."""
@@ -345,26 +444,29 @@ def _masked_pair(word, one, SHIFT: tl.constexpr, MASK: tl.constexpr, ASM: tl.con
 
 
 @triton.jit
-def _half2_sums(words, x_row, kc, one, BITS: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+def _half2_sums(words, x_row, kc, one, BITS: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                ASM: tl.constexpr):
     """[KC, BLOCK_N]: each chunk's Σ d·x, d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹, two codes per instruction in float16
-    (half2_pairs; x float16): a mask and an OR with `one` (HALF2_ONE, float16 1024 twice; in a
+    (half2_pairs; x float16): masks and ORs with `one` (HALF2_ONE, float16 1024 twice; in a
     register for the reason _unit_float's is) make the float16 1024 + 2ᵗ·q of each, one fma
     makes d of both, another adds d·x to the chunk's pair of float16 sums. |d| ≤ 1, so no sum
-    leaves x's range. Word by word (half2_pairs lists a word's pairs together), the inputs its
-    codes take come as vectors (_x_words) and pair up in one PRMT each (_x_pair)."""
+    leaves x's range. Pair by pair, the inputs come as vectors (_x_words) as the codes need them,
+    and pair up in at most one PRMT each (_x_pair)."""
     KC: tl.constexpr = kc.shape[0]
     acc = tl.zeros([KC, BLOCK_N], dtype=tl.uint32)
-    PER_WORD: tl.constexpr = 16 // BITS  # pairs in a word, and the input words its codes take
-    for r in tl.static_range(BITS):
-        xw = _x_words(x_row, kc, r * PER_WORD, PER_WORD, ASM)
-        for k in tl.static_range(r * PER_WORD, (r + 1) * PER_WORD):
-            v = _masked_pair(words[r], one, _pair_const(BITS, k, "shift"), _pair_const(BITS, k, "mask"), ASM)
-            scale = tl.full([1, 1], _pair_const(BITS, k, "scale"), tl.int32).to(tl.uint32, bitcast=True)
-            offset = tl.full([1, 1], _pair_const(BITS, k, "offset"), tl.int32).to(tl.uint32, bitcast=True)
-            d = _hfma2(v, scale, offset, ASM)
-            x = _x_pair(xw, _pair_const(BITS, k, "j_lo") - 2 * r * PER_WORD,
-                        _pair_const(BITS, k, "j_hi") - 2 * r * PER_WORD, ASM)
-            acc = _hfma2(d, x[:, None], acc, ASM)
+    xw = ()
+    for k in tl.static_range(16):
+        if _x_load(BITS, LAYOUT, k, "count") > 0:
+            xw = xw + _x_words(x_row, kc, _x_load(BITS, LAYOUT, k, "first"), _x_load(BITS, LAYOUT, k, "count"), ASM)
+        v = one
+        for p in tl.static_range(_pair_const(BITS, LAYOUT, k, "parts")):
+            v = _masked_pair(words[_part_const(BITS, LAYOUT, k, p, "word")], v, _part_const(BITS, LAYOUT, k, p, "shift"),
+                             _part_const(BITS, LAYOUT, k, p, "mask"), ASM)
+        scale = tl.full([1, 1], _pair_const(BITS, LAYOUT, k, "scale"), tl.int32).to(tl.uint32, bitcast=True)
+        offset = tl.full([1, 1], _pair_const(BITS, LAYOUT, k, "offset"), tl.int32).to(tl.uint32, bitcast=True)
+        d = _hfma2(v, scale, offset, ASM)
+        x = _x_pair(xw, _pair_const(BITS, LAYOUT, k, "j_lo"), _pair_const(BITS, LAYOUT, k, "j_hi"), ASM)
+        acc = _hfma2(d, x[:, None], acc, ASM)
     lo, hi = _halves(acc)
     return lo + hi
 
@@ -393,9 +495,21 @@ def _after_wait(words, x_row, K):
 
 
 @triton.jit
+def _field_at(words, BITS: tl.constexpr, LAYOUT: tl.constexpr, J: tl.constexpr, F: tl.constexpr,
+              TOP: tl.constexpr):
+    """Field F of code J (_field) moved to the code's bits at TOP (_unit_float then masks out the
+    rest of its word)."""
+    FIRST: tl.constexpr = _field(BITS, LAYOUT, J, F, "first")
+    field = words[_field(BITS, LAYOUT, J, F, "word")]
+    if _field(BITS, LAYOUT, J, F, "premask"):
+        field = field & (((1 << _field(BITS, LAYOUT, J, F, "width")) - 1) << FIRST)
+    return _shifted(field, TOP + _field(BITS, LAYOUT, J, F, "low") - FIRST)
+
+
+@triton.jit
 def _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS: tl.constexpr,
-               OFFSET: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_N: tl.constexpr, HALF2: tl.constexpr,
-               ASM: tl.constexpr):
+               LAYOUT: tl.constexpr, OFFSET: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_N: tl.constexpr,
+               HALF2: tl.constexpr, ASM: tl.constexpr):
     """[KC, BLOCK_N]: each chunk's Σ ŵ·x for the tile _load_tile read, x_row the row's inputs."""
     KC: tl.constexpr = kc.shape[0]
     TOP: tl.constexpr = 23 - BITS  # where _unit_float reads a code
@@ -403,34 +517,28 @@ def _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, B
     if HALF2 and not ACT_ORDER:
         # Σ (q − z)·x = HALF·Σ d·x − (z − HALF)·Σ x, for d = (q − HALF)/HALF; z came with SCALE added
         HALF: tl.constexpr = 1 << (BITS - 1)
-        part = _half2_sums(words, x_row, kc, one, BITS, BLOCK_N, ASM)
+        part = _half2_sums(words, x_row, kc, one, BITS, LAYOUT, BLOCK_N, ASM)
         return s * (part * HALF - (z - SCALE - HALF) * _chunk_sums(x_row, kc, BLOCK_N))
     part = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
-    prev = tl.zeros([KC, BLOCK_N], dtype=tl.uint32)
     X16: tl.constexpr = x_row.dtype.element_ty.primitive_bitwidth == 16
     if X16:  # the chunk's inputs as 16-byte vectors, not one 16-bit load each
         xw = _x_words(x_row, kc, 0, 16, ASM)
-    for r in tl.static_range(BITS):
-        cur = words[r]
-        for j in tl.static_range(32):
-            if (j * BITS + BITS - 1) // 32 == r:  # code j ends in word r
-                if (j * BITS) // 32 == r:
-                    v = _shifted(cur, TOP - (j * BITS) % 32)
-                else:  # it starts in the word before
-                    v = _shifted(prev, TOP - (j * BITS) % 32) | (cur << (TOP + 32 - (j * BITS) % 32))
-                u = _unit_float(v, one, BITS)
-                if X16:
-                    xj = _half_of(xw[j // 2], j % 2, x_row.dtype.element_ty)[:, None]
-                else:
-                    xj = tl.load(x_row + kc + j).to(tl.float32)[:, None]
-                if ACT_ORDER:
-                    gj = tl.load(g_ptr + kc + j)[:, None]
-                    sj = tl.load(s_ptr + gj * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
-                    zj = _zeros(qz_ptr, gj, n[None, :], nmask[None, :], N, BITS, OFFSET) + SCALE
-                    part += sj * (u * SCALE - zj) * xj
-                else:
-                    part += u * xj
-        prev = cur
+    for j in tl.static_range(32):
+        v = _field_at(words, BITS, LAYOUT, j, 0, TOP)
+        for f in tl.static_range(1, _field(BITS, LAYOUT, j, 0, "count")):
+            v = v | _field_at(words, BITS, LAYOUT, j, f, TOP)
+        u = _unit_float(v, one, BITS)
+        if X16:
+            xj = _half_of(xw[j // 2], j % 2, x_row.dtype.element_ty)[:, None]
+        else:
+            xj = tl.load(x_row + kc + j).to(tl.float32)[:, None]
+        if ACT_ORDER:
+            gj = tl.load(g_ptr + kc + j)[:, None]
+            sj = tl.load(s_ptr + gj * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+            zj = _zeros(qz_ptr, gj, n[None, :], nmask[None, :], N, BITS, OFFSET) + SCALE
+            part += sj * (u * SCALE - zj) * xj
+        else:
+            part += u * xj
     if not ACT_ORDER:
         # Σ (q − z)·x over a chunk = SCALE·Σ u·x − (SCALE + z)·Σ x, with the chunk's scale s and
         # zero z (plus SCALE, from _load_tile)
@@ -496,9 +604,9 @@ def _normed_row(x_row, r_ptr, nw, h_ptr, xn_ptr, m, split, k_split, K, eps, x_sp
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, r_ptr, nw_ptr, h_ptr, xn_ptr,
                  N, K, k_split, stride_x, x_split_stride, one, eps,
-                 BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                 LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
+                 BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr,
+                 ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLITS: tl.constexpr, LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
                  NORM: tl.constexpr, HAS_RES: tl.constexpr, K_POW2: tl.constexpr, X_SPLITS: tl.constexpr,
                  HALF2: tl.constexpr, ASM: tl.constexpr):
     """Outputs n of row m over inputs [split·k_split, (split+1)·k_split). One split writes y [M, N];
@@ -528,8 +636,9 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
     With X_SPLITS > 1, x is the float32 partial sums [X_SPLITS, M, K] (x_split_stride apart) a
     product left unadded (gptq_gemv_split_sums), added up here as that product would have.
 
-    HALF2: each chunk's sums in float16, two codes at a time (_half2_sums, `one` = HALF2_ONE);
-    ASM: on a GPU (off, the interpreter computes the same in Triton's operations)."""
+    LAYOUT: how qweight packs a chunk's codes (qrobust.quant.pack). HALF2: each chunk's sums in
+    float16, two codes at a time (_half2_sums, `one` = HALF2_ONE); ASM: on a GPU (off, the
+    interpreter computes the same in Triton's operations)."""
     m, split = tl.program_id(1), tl.program_id(2)
     n0 = tl.program_id(0) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
@@ -553,15 +662,15 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
             one = one + _zero_after_wait(x_row, K)
         elif PDL:
             words = _after_wait(words, x_row, K)
-        acc = _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS, OFFSET, ACT_ORDER,
-                         BLOCK_N, HALF2, ASM)
+        acc = _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS, LAYOUT, OFFSET,
+                         ACT_ORDER, BLOCK_N, HALF2, ASM)
     else:
         acc = tl.zeros([KC, BLOCK_N], dtype=tl.float32)
         for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
             kc = k0 + chunks
             words, s, z = _load_tile(qw_ptr, s_ptr, qz_ptr, kc, n, nmask[None, :], N, BITS, OFFSET, GS, ACT_ORDER)
-            acc += _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS, OFFSET,
-                              ACT_ORDER, BLOCK_N, HALF2, ASM)
+            acc += _tile_sums(words, s, z, x_row, s_ptr, qz_ptr, g_ptr, kc, n, nmask, N, one, BITS, LAYOUT,
+                              OFFSET, ACT_ORDER, BLOCK_N, HALF2, ASM)
     _store_gemv(tl.sum(acc, axis=0), b_ptr, p_ptr, y_ptr, lock_ptr, m, split, n0, N, HAS_BIAS, BLOCK_N,
                 SPLITS, LAST_SUMS, SWIGLU)
 
@@ -575,13 +684,13 @@ def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: t
 
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, qz_ptr, g_ptr, w_ptr, N, K,
-                    BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
+                    BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     k0 = tl.program_id(0) * BLOCK_K
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = (n < N)[None, :]
     k = k0 + tl.arange(0, BLOCK_K)
-    q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, BLOCK_K, BLOCK_N))
+    q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, LAYOUT, BLOCK_K, BLOCK_N))
     if ACT_ORDER:
         g = tl.load(g_ptr + k)[:, None]
     else:
@@ -593,8 +702,8 @@ def _dequant_kernel(qw_ptr, s_ptr, qz_ptr, g_ptr, w_ptr, N, K,
 
 @triton.jit
 def _matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_y,
-                   BITS: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr,
+                   ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y = x Ŵᵀ on tensor cores, each weight tile dequantized in registers on its way to tl.dot."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -603,7 +712,7 @@ def _matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, M, N, K, s
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=mmask[:, None], other=0.0)
-        q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, BLOCK_K, BLOCK_N))
+        q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, LAYOUT, BLOCK_K, BLOCK_N))
         if ACT_ORDER:
             g = tl.load(g_ptr + k)[:, None]
         else:
@@ -717,7 +826,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
               bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int | None = None,
               splits: int | None = None, num_warps: int | None = None, num_stages: int = 3,
               locks: torch.Tensor | None = None, swiglu: bool = False, pdl: bool = False,
-              half2: bool = False) -> torch.Tensor:
+              half2: bool = False, layout: str = "gptq") -> torch.Tensor:
     """x [M, K] (M small) times the packed weight: [M, N] in x's dtype. g_idx is None when inputs
     are grouped in order (group = k // group_size), else each input's group (act-order);
     zero_offset is what the checkpoint format subtracted from the stored zero points. Tiles are
@@ -730,9 +839,9 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     it as a programmatic dependent launch (see _gemv_kernel; Hopper and later, pdl_supported):
     only where no kernel just before it writes the packed weights, as in decoding. `half2` sums
     each chunk of 32 inputs two codes at a time in float16 (_half2_sums) where it can
-    (half2_applies)."""
+    (half2_applies). `layout` is qweight's (qrobust.quant.pack: "gptq", or "pairs" for 3 bits)."""
     return _gemv(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias, block_n, block_depth,
-                 splits, num_warps, num_stages, locks, swiglu, pdl, half2)[0]
+                 splits, num_warps, num_stages, locks, swiglu, pdl, half2, layout)[0]
 
 
 def aligned_rows(x: torch.Tensor, alignment: int = 16) -> torch.Tensor:
@@ -775,7 +884,8 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
           bias: torch.Tensor | None = None, block_n: int = 32, block_depth: int | None = None,
           splits: int | None = None, num_warps: int | None = None, num_stages: int = 3,
           locks: torch.Tensor | None = None, swiglu: bool = False, pdl: bool = False, half2: bool = False,
-          norm: AddNorm | None = None, add_splits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+          layout: str = "gptq", norm: AddNorm | None = None,
+          add_splits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """gptq_gemv's product, and h where `norm` (gptq_gemv_add_norm) asks for the norm first; x
     [S, M, K] there is split sums (gptq_gemv_split_sums). Without add_splits, the K-splits'
     partial sums [splits, M, N] instead of the product."""
@@ -787,7 +897,8 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
     N = qweight.shape[1]
     x = x.contiguous()
     act_order = g_idx is not None
-    half2 = half2 and half2_applies(bits, act_order, dtype)
+    _check_layout(bits, layout)
+    half2 = half2 and half2_applies(bits, act_order, dtype, layout)
     if norm is None and x.element_size() == 2:  # read as vectors (_x_words)
         x = aligned_rows(x)
     if block_depth is None:
@@ -821,7 +932,7 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
         locks if last_sums else y, y if residual is None else residual, y if norm is None else norm.weight,
         y if h is None else h, y if xn is None else xn, N, K, K // splits, x.stride(-2),
         x.stride(0) if x_splits > 1 else 0, HALF2_ONE if half2 else ONE_BITS,
-        0.0 if norm is None else norm.eps, BITS=bits, OFFSET=zero_offset,
+        0.0 if norm is None else norm.eps, BITS=bits, LAYOUT=layout, OFFSET=zero_offset,
         GS=group_size, ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits,
         LAST_SUMS=last_sums, SWIGLU=swiglu, ONE_TILE=K // splits == bk,
         PDL=pdl, NORM=norm is not None, HAS_RES=residual is not None, K_POW2=triton.next_power_of_2(K),
@@ -835,23 +946,30 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
     return y, h
 
 
+def _check_layout(bits: int, layout: str) -> None:
+    if not layout_applies(bits, layout):
+        raise ValueError(f"packed kernels: no {layout!r} layout for {bits}-bit codes (qrobust.quant.pack)")
+
+
 def gptq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
                     bits: int, group_size: int, zero_offset: int, K: int, dtype: torch.dtype,
-                    block_n: int = 64, block_depth: int = 64) -> torch.Tensor:
-    """Ŵᵀ [K, N] in `dtype`."""
+                    block_n: int = 64, block_depth: int = 64, layout: str = "gptq") -> torch.Tensor:
+    """Ŵᵀ [K, N] in `dtype`, from qweight in `layout`."""
     N = qweight.shape[1]
     act_order = g_idx is not None
+    _check_layout(bits, layout)
     bk = block_k(K, group_size, act_order, block_depth)
     w = torch.empty(K, N, device=qweight.device, dtype=dtype)
     grid = (K // bk, triton.cdiv(N, block_n))
     _dequant_kernel[grid](qweight, scales, qzeros, g_idx if act_order else scales, w, N, K, BITS=bits,
-                          OFFSET=zero_offset, GS=group_size, ACT_ORDER=act_order, BLOCK_N=block_n, BLOCK_K=bk)
+                          LAYOUT=layout, OFFSET=zero_offset, GS=group_size, ACT_ORDER=act_order, BLOCK_N=block_n, BLOCK_K=bk)
     return w
 
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                 g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
-                bias: torch.Tensor | None = None, block_n: int = 64, block_depth: int = 64) -> torch.Tensor:
+                bias: torch.Tensor | None = None, block_n: int = 64, block_depth: int = 64,
+                layout: str = "gptq") -> torch.Tensor:
     """x [M, K] times the packed weight with the dequantization fused into a tensor-core matmul,
     for batches too large for the GEMV (prefill, diffusion steps). Not yet the default anywhere:
     benchmarks/packed_gemv.py times it against dequantize-then-matmul."""
@@ -859,12 +977,13 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     N = qweight.shape[1]
     x = x.contiguous()
     act_order = g_idx is not None
+    _check_layout(bits, layout)
     bk = block_k(K, group_size, act_order, block_depth)
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _matmul_kernel[grid](x, qweight, scales, qzeros, g_idx if act_order else scales, bias if bias is not None else y,
-                         y, M, N, K, x.stride(0), y.stride(0), BITS=bits, OFFSET=zero_offset, GS=group_size,
+                         y, M, N, K, x.stride(0), y.stride(0), BITS=bits, LAYOUT=layout, OFFSET=zero_offset, GS=group_size,
                          ACT_ORDER=act_order, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                          BLOCK_K=bk)
     return y
@@ -877,16 +996,17 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
 def gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
             g_idx: torch.Tensor | None, bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int,
             group_size: int, zero_offset: int, block_n: int, block_depth: int, splits: int,
-            num_warps: int, swiglu: bool = False, pdl: bool = False, half2: bool = False) -> torch.Tensor:
+            num_warps: int, swiglu: bool = False, pdl: bool = False, half2: bool = False,
+            layout: str = "gptq") -> torch.Tensor:
     """gptq_gemv. `locks` is not listed as mutated: every call leaves it as it found it."""
     return gptq_gemv(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias=bias, block_n=block_n,
                      block_depth=block_depth, splits=splits, num_warps=num_warps, locks=locks, swiglu=swiglu, pdl=pdl,
-                     half2=half2)
+                     half2=half2, layout=layout)
 
 
 @gemv_op.register_fake
 def _(x, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_offset, block_n, block_depth, splits,
-      num_warps, swiglu=False, pdl=False, half2=False):
+      num_warps, swiglu=False, pdl=False, half2=False, layout="gptq"):
     return x.new_empty(x.shape[0], qweight.shape[1] // 2 if swiglu else qweight.shape[1])
 
 
@@ -894,15 +1014,16 @@ def _(x, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_off
 def gemv_split_sums_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                        g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int, block_n: int,
                        block_depth: int, splits: int, num_warps: int, pdl: bool = False,
-                       half2: bool = False) -> torch.Tensor:
+                       half2: bool = False, layout: str = "gptq") -> torch.Tensor:
     """gptq_gemv_split_sums."""
     return gptq_gemv_split_sums(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, block_n=block_n,
-                                block_depth=block_depth, splits=splits, num_warps=num_warps, pdl=pdl, half2=half2)
+                                block_depth=block_depth, splits=splits, num_warps=num_warps, pdl=pdl, half2=half2,
+                                layout=layout)
 
 
 @gemv_split_sums_op.register_fake
 def _(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, block_n, block_depth, splits, num_warps,
-      pdl=False, half2=False):
+      pdl=False, half2=False, layout="gptq"):
     return x.new_empty(splits, x.shape[0], qweight.shape[1], dtype=torch.float32)
 
 
@@ -911,16 +1032,18 @@ def gemv_add_norm_op(x: torch.Tensor, residual: torch.Tensor | None, norm_weight
                      qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
                      bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int, group_size: int,
                      zero_offset: int, block_n: int, block_depth: int, splits: int, num_warps: int,
-                     swiglu: bool = False, pdl: bool = False, half2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     swiglu: bool = False, pdl: bool = False, half2: bool = False,
+                     layout: str = "gptq") -> tuple[torch.Tensor, torch.Tensor]:
     """gptq_gemv_add_norm: (the product, h)."""
     return gptq_gemv_add_norm(x, AddNorm(residual, norm_weight, eps), qweight, scales, qzeros, g_idx, bits,
                               group_size, zero_offset, bias=bias, block_n=block_n, block_depth=block_depth,
-                              splits=splits, num_warps=num_warps, locks=locks, swiglu=swiglu, pdl=pdl, half2=half2)
+                              splits=splits, num_warps=num_warps, locks=locks, swiglu=swiglu, pdl=pdl, half2=half2,
+                              layout=layout)
 
 
 @gemv_add_norm_op.register_fake
 def _(x, residual, norm_weight, eps, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_offset,
-      block_n, block_depth, splits, num_warps, swiglu=False, pdl=False, half2=False):
+      block_n, block_depth, splits, num_warps, swiglu=False, pdl=False, half2=False, layout="gptq"):
     stream = x if residual is None else residual  # [M, K] in the activations' dtype; x may be split sums
     return stream.new_empty(stream.shape[0], qweight.shape[1] // 2 if swiglu else qweight.shape[1]), \
         torch.empty_like(stream)
@@ -928,10 +1051,11 @@ def _(x, residual, norm_weight, eps, qweight, scales, qzeros, g_idx, bias, locks
 
 @torch.library.custom_op("qrobust::gptq_dequantize", mutates_args=())
 def dequantize_op(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
-                  bits: int, group_size: int, zero_offset: int, K: int, dtype: torch.dtype) -> torch.Tensor:
-    return gptq_dequantize(qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, K, dtype)
+                  bits: int, group_size: int, zero_offset: int, K: int, dtype: torch.dtype,
+                  layout: str = "gptq") -> torch.Tensor:
+    return gptq_dequantize(qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, K, dtype, layout=layout)
 
 
 @dequantize_op.register_fake
-def _(qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, K, dtype):
+def _(qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, K, dtype, layout="gptq"):
     return qweight.new_empty(K, qweight.shape[1], dtype=dtype)

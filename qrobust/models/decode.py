@@ -131,9 +131,9 @@ def use_pdl(model: TransformerLM, on: bool = True) -> int:
 def use_half2(model: TransformerLM, on: bool = True) -> int:
     """The packed layers' GEMVs sum each chunk of 32 inputs two codes at a time in float16
     (kernels.gptq_matmul._half2_sums) where they can (float16 activations, inputs in group order,
-    2, 4 or 8 bits; QuantLinear.takes_half2): fewer instructions per code, at about twice the
-    float32 sums' error (README: GPU performance). on=False goes back. Returns how many layers
-    changed."""
+    2, 3, 4 or 8 bits; QuantLinear.takes_half2): fewer instructions per code, at about twice the
+    float32 sums' error (README: GPU performance). 3-bit layers repack their codes for it
+    (QuantLinear.half2). on=False goes back. Returns how many layers changed."""
     return _set_packed(model, "half2", on)
 
 

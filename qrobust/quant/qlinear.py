@@ -4,7 +4,9 @@ On CUDA, forward runs Triton kernels that read the packed buffers directly (a fu
 dequantize-and-multiply for a few rows, as in batch-1 decoding; a dequantized weight for the
 dense matmul otherwise), so the weights stay packed in memory. On CPU (or with
 QROBUST_KERNELS=0) forward dequantizes in torch and caches the result. Either way the buffers
-are the packed tensors, so what is saved is what was run.
+are the packed tensors. They hold the GPTQ layout, but for 3-bit layers with half2 on, whose
+codes are repacked for the GEMV (qrobust.quant.pack's pairs layout); what is saved is always the
+GPTQ layout.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from torch import nn
 
 from qrobust.kernels import kernels_enabled
 from qrobust.quant.grid import QuantResult, QuantSpec
-from qrobust.quant.pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
+from qrobust.quant.pack import pack_qweight, pack_qzeros, repack_qweight, unpack_qweight, unpack_qzeros
 
 # "gptq" (v1) stores zero − 1, the historical AutoGPTQ convention; "gptq_v2" stores zero as is.
 # Asymmetric grids can have zero = 0, which v1 cannot represent, so they are written as v2.
@@ -52,7 +54,9 @@ class QuantLinear(nn.Module):
         # forward_split_sums leaves a K-split product unadded, for such a GEMV to add (models.decode.fuse_norms)
         self.split_sums = False
         # GEMV sums codes two at a time in float16 where it can (takes_half2; models.decode.use_half2)
-        self.half2 = False
+        self._half2 = False
+        # how qweight packs codes (quant.pack): "gptq", or "pairs" for 3-bit half2 layers (the half2 setter)
+        self.layout = "gptq"
 
     @classmethod
     def from_result(cls, result: QuantResult, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -86,14 +90,45 @@ class QuantLinear(nn.Module):
                   first.scales.dtype if first.bias is None else first.bias.dtype, first.qweight.device)
 
         for name in ("qweight", "scales") + (("bias",) if first.bias is not None else ()):
-            getattr(out, name).copy_(join_outputs([getattr(m, name) for m in layers], -1, interleave))
+            getattr(out, name).copy_(join_outputs([m.gptq_qweight() if name == "qweight" else getattr(m, name)
+                                                   for m in layers], -1, interleave))
         zeros = [unpack_qzeros(m.qzeros, bits, m.out_features) for m in layers]
         out.qzeros.copy_(pack_qzeros(join_outputs(zeros, -1, interleave), bits))
         out.g_idx.copy_(first.g_idx)
+        out.half2 = first.half2
         return out
 
+    @property
+    def half2(self) -> bool:
+        return self._half2
+
+    @half2.setter
+    def half2(self, on: bool) -> None:
+        """Switches the half2 sums; a 3-bit layer in group order repacks its codes in the pairs
+        layout, whose pairs of codes the half2 sums read with a mask each (and back without)."""
+        self._half2 = on
+        self._relayout("pairs" if on and self.spec.bits == 3 and self._in_group_order() else "gptq")
+
+    def _in_group_order(self) -> bool:
+        gs = self.spec.group_size if self.spec.group_size != -1 else self.in_features
+        return torch.equal(self.g_idx.long().cpu(), torch.arange(self.in_features) // gs)
+
+    def _relayout(self, layout: str) -> None:
+        if layout != self.layout:
+            self.qweight.copy_(repack_qweight(self.qweight, self.spec.bits, self.in_features, self.layout, layout))
+            self.layout = layout
+
+    def gptq_qweight(self) -> torch.Tensor:
+        """qweight in the GPTQ layout (itself, but for repacked layers)."""
+        return repack_qweight(self.qweight, self.spec.bits, self.in_features, self.layout, "gptq")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "gptq":
+            destination[prefix + "qweight"] = self.gptq_qweight()
+
     def codes(self) -> torch.Tensor:
-        return unpack_qweight(self.qweight, self.spec.bits, self.in_features)
+        return unpack_qweight(self.qweight, self.spec.bits, self.in_features, self.layout)
 
     def zero_points(self) -> torch.Tensor:
         z = unpack_qzeros(self.qzeros, self.spec.bits, self.out_features).to(torch.int64)
@@ -105,9 +140,13 @@ class QuantLinear(nn.Module):
         q = self.codes().float()
         return self.scales.float()[g].t() * (q - self.zero_points().float()[g].t())
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loads the GPTQ layout, and repacks it where half2 asks (the half2 setter)."""
         self._weight, self._kernel_args = None, None
-        super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "qweight" in state_dict:
+            self.layout = "gptq"
+        self.half2 = self.half2
 
     def uses_kernels(self, device: torch.device) -> bool:
         """Whether forward on `device` runs the packed kernels (checked once per load: inputs must
@@ -138,7 +177,7 @@ class QuantLinear(nn.Module):
         _, g_idx, gs, c, locks = self._kernel_args
         return (self.qweight, self.scales, self.qzeros, g_idx, None if self.bias is None else self.bias.to(dtype),
                 locks, self.spec.bits, gs, FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits,
-                c.num_warps, swiglu, self.pdl, self.half2)
+                c.num_warps, swiglu, self.pdl, self.half2, self.layout)
 
     def takes_half2(self, device: torch.device) -> bool:
         """Whether the GEMV on `device` sums codes two at a time in float16 for float16 inputs:
@@ -146,7 +185,7 @@ class QuantLinear(nn.Module):
         from qrobust.kernels.gptq_matmul import half2_applies
 
         return (self.half2 and self.uses_kernels(device)
-                and half2_applies(self.spec.bits, self._kernel_args[1] is not None, torch.float16))
+                and half2_applies(self.spec.bits, self._kernel_args[1] is not None, torch.float16, self.layout))
 
     def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         from qrobust.kernels.gptq_matmul import dequantize_op, gemv_op
@@ -157,7 +196,7 @@ class QuantLinear(nn.Module):
         else:
             _, g_idx, gs, _, _ = self._kernel_args
             w = dequantize_op(self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
-                              FORMAT_OFFSET[self.format], self.in_features, x.dtype)
+                              FORMAT_OFFSET[self.format], self.in_features, x.dtype, self.layout)
             bias = None if self.bias is None else self.bias.to(x.dtype)
             y = rows @ w if bias is None else torch.addmm(bias, rows, w)
             y = interleaved_swiglu(y) if swiglu else y
@@ -210,7 +249,7 @@ class QuantLinear(nn.Module):
         _, g_idx, gs, c, _ = self._kernel_args
         sums = gemv_split_sums_op(rows, self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
                                   FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits, c.num_warps,
-                                  self.pdl, self.half2)
+                                  self.pdl, self.half2, self.layout)
         return sums.reshape(c.splits, *x.shape[:-1], self.out_features)
 
     def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
