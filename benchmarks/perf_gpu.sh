@@ -2,7 +2,8 @@
 # The GPU measurements behind results/perf (README: GPU performance), as they were run on one
 # H100, from the repository root with qrobust importable. Writes JSON into ${OUT:-results/perf}.
 #   bash benchmarks/perf_gpu.sh [quantize|peak|peer|generate|compiled|gemv|sweep|marlin|rows|profile|attention|fused|pdl|diffusion|norms|half2|
-#                                newkey|experiments|isolated|normweights|l2first|splitsums|splitsumsexperiments]
+#                                newkey|experiments|isolated|normweights|l2first|splitsums|splitsumsexperiments|
+#                                pairs3|pairs3experiments]
 # quantize, peak, peer, generate, compiled, gemv, sweep, marlin, rows, profile, attention's first command and
 # fused ran on older code; pdl's first, second and fifth commands (also run on 6c6eee8: *_6c6eee8_*) and
 # attention's second on bf3efbd, pdl's others and diffusion on 6c6eee8 or a0f0a7c (README says which); norms
@@ -154,6 +155,25 @@ case ${1:-quantize} in
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_splitsums_qwen3-1.7b_h100.json"
     timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --lm-head-bits 4 --bits 16,4 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_splitsums_lmhead4_qwen3-1.7b_h100.json" ;;
+  pairs3)    # the AR table on a07da83: 3-bit layers repacked for the half2 sums (QuantLinear.half2, pairs layout)
+    timeout 330 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,3,8 --repeats 3 \
+      --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_pairs3_qwen3-1.7b_h100.json" ;;
+  pairs3experiments) # the two sessions behind pairs3 (results/perf/pairs3_experiments/runN, H100s, a width per
+             # process): d3c94ce (base) against a07da83 with the pairs plan that shifts every word by 9 (shift9; run1 ran
+             # it as the uncommitted tree, the same computation) or a07da83 itself (pairs)
+    patched_runs pairs3_experiments <<'RUNS'
+run1 base_3 d3c94ce - 3
+run1 shift9_3 a07da83 shift9 3
+run1 base_4 d3c94ce - 4
+run1 shift9_4 a07da83 shift9 4
+run2 shift9_3 a07da83 shift9 3
+run2 pairs_3 a07da83 - 3
+run2 base_4 d3c94ce - 4
+run2 shift9_3_b a07da83 shift9 3
+run2 pairs_3_b a07da83 - 3
+run2 base_4_b d3c94ce - 4
+RUNS
+    ;;
   splitsumsexperiments) # the session behind splitsums, as it ran (results/perf/split_sums_experiments/runN, six
              # H100 sessions, every width in a process of its own): file, code, patch, widths. lop3* and two_splits*
              # ran on the uncommitted tree between 7146c5f and 0d7fa56; their patches give the same computation on 0d7fa56
