@@ -158,7 +158,7 @@ case ${1:-quantize} in
   pairs3)    # the AR table on a07da83: 3-bit layers repacked for the half2 sums (QuantLinear.half2, pairs layout)
     timeout 330 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 16,4,2,3,8 --repeats 3 \
       --out "$OUT/bench_generate_ar_fused_compiled_pdl_norms_half2_pairs3_qwen3-1.7b_h100.json" ;;
-  pairs3experiments) # the two sessions behind pairs3 (results/perf/pairs3_experiments/runN, H100s, a width per
+  pairs3experiments) # the sessions behind pairs3 (results/perf/pairs3_experiments/runN, H100s, a width per
              # process): d3c94ce (base) against a07da83 with the pairs plan that shifts every word by 9 (shift9; run1 ran
              # it as the uncommitted tree, the same computation) or a07da83 itself (pairs)
     patched_runs pairs3_experiments <<'RUNS'
@@ -173,7 +173,13 @@ run2 shift9_3_b a07da83 shift9 3
 run2 pairs_3_b a07da83 - 3
 run2 base_4_b d3c94ce - 4
 RUNS
-    ;;
+    mkdir -p "$OUT/pairs3_experiments/run3"  # a third session, on 7a88bc4 (a07da83's code): 4 and 3 bits, twice
+    for i in 1 2; do
+      for b in 4 3; do
+        timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits $b --repeats 3 \
+          --out "$OUT/pairs3_experiments/run3/bits${b}_$i.json"
+      done
+    done ;;
   splitsumsexperiments) # the session behind splitsums, as it ran (results/perf/split_sums_experiments/runN, six
              # H100 sessions, every width in a process of its own): file, code, patch, widths. lop3* and two_splits*
              # ran on the uncommitted tree between 7146c5f and 0d7fa56; their patches give the same computation on 0d7fa56
