@@ -78,9 +78,9 @@ def test_gemv_and_dequantize_match_the_torch_dequantization(bits, group_size, sy
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shuffled", [False, True])
 def test_float32_sums_read_16_bit_inputs_as_words(dtype, shuffled):
-    """3 bits (no half2 plan) with 16-bit inputs: the float32 sums take each input out of the
-    chunk's words (_x_words, _half_of), low half first, float16 and bfloat16 alike; a view whose
-    rows start off 16 bytes is copied first (aligned_rows)."""
+    """3 bits in the GPTQ layout (no half2 plan) with 16-bit inputs: the float32 sums take each
+    input out of the chunk's words (_x_words, _half_of), low half first, float16 and bfloat16
+    alike; a view whose rows start off 16 bytes is copied first (aligned_rows)."""
     from qrobust.kernels.gptq_matmul import gptq_gemv
 
     layer = _layer(3, 64, False, shuffled, bias=False, N=64)

@@ -26,8 +26,7 @@ import triton
 import triton.language as tl
 
 from qrobust.kernels import interpreting
-from qrobust.quant.pack import chunk_fields, layout_applies
-
+from qrobust.quant.pack import LAYOUTS, chunk_fields, layout_applies
 
 
 def _fields_of_32(bits: int, layout: str) -> tuple:
@@ -40,8 +39,8 @@ def _fields_of_32(bits: int, layout: str) -> tuple:
 
 # Every layout's fields by (bits, layout), for the compile-time functions below: they may read a
 # module's constants but not call its functions.
-_FIELDS = {(bits, layout): _fields_of_32(bits, layout) for bits in range(1, 9) for layout in ("gptq", "pairs")
-           if layout_applies(bits, layout) and 32 % len(chunk_fields(bits, layout)) == 0}
+_FIELDS = {(bits, layout): _fields_of_32(bits, layout) for bits in range(1, 9) for layout in LAYOUTS
+           if layout_applies(bits, layout)}
 
 
 @triton.jit
@@ -116,36 +115,31 @@ def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, LAYOUT: tl.constexpr, BLO
     """Codes [BLOCK_K, BLOCK_N] of inputs k0… and outputs n (k0 a multiple of 32)."""
     maxq = (1 << BITS) - 1
     nmask = (n < N)[None, :]
-    if BITS == 3 and LAYOUT == "pairs":
-        # value j < 30 at bit 16·(j mod 2) + 3·⌊(j mod 10)/2⌋ of word ⌊j/10⌋; values 30 and 31 bit by
-        # bit from bit 15 (or 31) of each word (qrobust.quant.pack)
+    if BITS == 3:  # 32 inputs per 3 words
         KC: tl.constexpr = BLOCK_K // 32
         row = (k0 // 32) * 3 + tl.arange(0, KC) * 3
         w0 = _load_u32(qw_ptr + (row + 0)[:, None] * N + n[None, :], nmask)[:, None, :]
         w1 = _load_u32(qw_ptr + (row + 1)[:, None] * N + n[None, :], nmask)[:, None, :]
         w2 = _load_u32(qw_ptr + (row + 2)[:, None] * N + n[None, :], nmask)[:, None, :]
-        j = tl.arange(0, 32)[None, :, None]
-        word = j // 10
-        shift = (16 * (j % 2) + 3 * ((j % 10) // 2)).to(tl.uint32)
-        regular = (tl.where(word == 0, w0, tl.where(word == 1, w1, w2)) >> shift) & maxq
-        top = (15 + 16 * (j % 2)).to(tl.uint32)
-        spread = ((w0 >> top) & 1) | (((w1 >> top) & 1) << 1) | (((w2 >> top) & 1) << 2)
-        q = tl.where(j < 30, regular, spread).to(tl.int32)
-    elif BITS == 3:
-        # 32 inputs per 3 words; value j starts at bit 3j, values 10 and 21 straddle two words
-        KC: tl.constexpr = BLOCK_K // 32
-        row = (k0 // 32) * 3 + tl.arange(0, KC) * 3
-        w0 = _load_u32(qw_ptr + (row + 0)[:, None] * N + n[None, :], nmask)[:, None, :]
-        w1 = _load_u32(qw_ptr + (row + 1)[:, None] * N + n[None, :], nmask)[:, None, :]
-        w2 = _load_u32(qw_ptr + (row + 2)[:, None] * N + n[None, :], nmask)[:, None, :]
-        bit = tl.arange(0, 32) * 3
-        word = (bit // 32)[None, :, None]
-        shift = (bit % 32).to(tl.uint32)[None, :, None]
-        cur = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
-        nxt = tl.where(word == 0, w1, w2)
-        straddle = shift > 29
-        hi = tl.where(straddle, nxt << tl.where(straddle, 32 - shift, 0), 0)
-        q = (((cur >> shift) | hi) & maxq).to(tl.int32)
+        if LAYOUT == "pairs":
+            # value j < 30 at bit 16·(j mod 2) + 3·⌊(j mod 10)/2⌋ of word ⌊j/10⌋; values 30 and 31 bit by
+            # bit from bit 15 (or 31) of each word (qrobust.quant.pack)
+            j = tl.arange(0, 32)[None, :, None]
+            word = j // 10
+            shift = (16 * (j % 2) + 3 * ((j % 10) // 2)).to(tl.uint32)
+            regular = (tl.where(word == 0, w0, tl.where(word == 1, w1, w2)) >> shift) & maxq
+            top = (15 + 16 * (j % 2)).to(tl.uint32)
+            spread = ((w0 >> top) & 1) | (((w1 >> top) & 1) << 1) | (((w2 >> top) & 1) << 2)
+            q = tl.where(j < 30, regular, spread).to(tl.int32)
+        else:  # value j starts at bit 3j, values 10 and 21 straddle two words
+            bit = tl.arange(0, 32) * 3
+            word = (bit // 32)[None, :, None]
+            shift = (bit % 32).to(tl.uint32)[None, :, None]
+            cur = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
+            nxt = tl.where(word == 0, w1, w2)
+            straddle = shift > 29
+            hi = tl.where(straddle, nxt << tl.where(straddle, 32 - shift, 0), 0)
+            q = (((cur >> shift) | hi) & maxq).to(tl.int32)
     else:
         VPW: tl.constexpr = 32 // BITS
         KW: tl.constexpr = BLOCK_K // VPW
@@ -315,9 +309,10 @@ def _x_load(bits, layout, k, what):
     """The words of x (_x_words) to read before pair k: "first" and "count", 0 where those read
     already cover its inputs; a word's inputs at a time in the GPTQ layout, 16 bytes in the pairs
     layout (its words' inputs are not whole vectors)."""
+    pairs = half2_pairs(bits, layout)
     loaded, first, count = 0, 0, 0
     for i in range(k + 1):
-        j_lo, j_hi = half2_pairs(bits, layout)[i][:2]
+        j_lo, j_hi = pairs[i][:2]
         first, count = loaded, 0
         if max(j_lo, j_hi) // 2 >= loaded:
             count = 16 // bits if layout == "gptq" else 4
@@ -460,8 +455,8 @@ def _half2_sums(words, x_row, kc, one, BITS: tl.constexpr, LAYOUT: tl.constexpr,
             xw = xw + _x_words(x_row, kc, _x_load(BITS, LAYOUT, k, "first"), _x_load(BITS, LAYOUT, k, "count"), ASM)
         v = one
         for p in tl.static_range(_pair_const(BITS, LAYOUT, k, "parts")):
-            v = _masked_pair(words[_part_const(BITS, LAYOUT, k, p, "word")], v, _part_const(BITS, LAYOUT, k, p, "shift"),
-                             _part_const(BITS, LAYOUT, k, p, "mask"), ASM)
+            v = _masked_pair(words[_part_const(BITS, LAYOUT, k, p, "word")], v,
+                             _part_const(BITS, LAYOUT, k, p, "shift"), _part_const(BITS, LAYOUT, k, p, "mask"), ASM)
         scale = tl.full([1, 1], _pair_const(BITS, LAYOUT, k, "scale"), tl.int32).to(tl.uint32, bitcast=True)
         offset = tl.full([1, 1], _pair_const(BITS, LAYOUT, k, "offset"), tl.int32).to(tl.uint32, bitcast=True)
         d = _hfma2(v, scale, offset, ASM)
@@ -606,9 +601,9 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_
                  N, K, k_split, stride_x, x_split_stride, one, eps,
                  BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr,
                  ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLITS: tl.constexpr, LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
-                 NORM: tl.constexpr, HAS_RES: tl.constexpr, K_POW2: tl.constexpr, X_SPLITS: tl.constexpr,
-                 HALF2: tl.constexpr, ASM: tl.constexpr):
+                 SPLITS: tl.constexpr, LAST_SUMS: tl.constexpr, SWIGLU: tl.constexpr, ONE_TILE: tl.constexpr,
+                 PDL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, K_POW2: tl.constexpr,
+                 X_SPLITS: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr):
     """Outputs n of row m over inputs [split·k_split, (split+1)·k_split). One split writes y [M, N];
     several write float32 partial sums p [splits, M, N], which with LAST_SUMS the split that
     finishes last for a tile adds up into y (counting arrivals in lock, which it resets to zero),
@@ -684,8 +679,8 @@ def _sum_splits_kernel(p_ptr, b_ptr, y_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: t
 
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, qz_ptr, g_ptr, w_ptr, N, K,
-                    BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr,
+                    ACT_ORDER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     k0 = tl.program_id(0) * BLOCK_K
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = (n < N)[None, :]
@@ -703,7 +698,8 @@ def _dequant_kernel(qw_ptr, s_ptr, qz_ptr, g_ptr, w_ptr, N, K,
 @triton.jit
 def _matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_y,
                    BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr,
-                   ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """y = x Ŵᵀ on tensor cores, each weight tile dequantized in registers on its way to tl.dot."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -936,7 +932,8 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
         GS=group_size, ACT_ORDER=act_order, HAS_BIAS=fuse_bias, BLOCK_N=block_n, BLOCK_K=bk, SPLITS=splits,
         LAST_SUMS=last_sums, SWIGLU=swiglu, ONE_TILE=K // splits == bk,
         PDL=pdl, NORM=norm is not None, HAS_RES=residual is not None, K_POW2=triton.next_power_of_2(K),
-        X_SPLITS=x_splits, HALF2=half2, ASM=not interpreting(), num_warps=num_warps or gemv_warps(bk), num_stages=num_stages,
+        X_SPLITS=x_splits, HALF2=half2, ASM=not interpreting(), num_warps=num_warps or gemv_warps(bk),
+        num_stages=num_stages,
         **launch_options(pdl))
     if not add_splits:
         return partial, h
@@ -962,7 +959,8 @@ def gptq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.T
     w = torch.empty(K, N, device=qweight.device, dtype=dtype)
     grid = (K // bk, triton.cdiv(N, block_n))
     _dequant_kernel[grid](qweight, scales, qzeros, g_idx if act_order else scales, w, N, K, BITS=bits,
-                          LAYOUT=layout, OFFSET=zero_offset, GS=group_size, ACT_ORDER=act_order, BLOCK_N=block_n, BLOCK_K=bk)
+                          LAYOUT=layout, OFFSET=zero_offset, GS=group_size, ACT_ORDER=act_order, BLOCK_N=block_n,
+                          BLOCK_K=bk)
     return w
 
 
@@ -983,9 +981,9 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _matmul_kernel[grid](x, qweight, scales, qzeros, g_idx if act_order else scales, bias if bias is not None else y,
-                         y, M, N, K, x.stride(0), y.stride(0), BITS=bits, LAYOUT=layout, OFFSET=zero_offset, GS=group_size,
-                         ACT_ORDER=act_order, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_K=bk)
+                         y, M, N, K, x.stride(0), y.stride(0), BITS=bits, LAYOUT=layout, OFFSET=zero_offset,
+                         GS=group_size, ACT_ORDER=act_order, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+                         BLOCK_N=block_n, BLOCK_K=bk)
     return y
 
 

@@ -42,7 +42,7 @@ def chunk_fields(bits: int, layout: str = "gptq") -> tuple[tuple[Field, ...], ..
     """Where each value of a chunk sits: for value j, its bit fields (module docstring), one
     unless it straddles words (GPTQ's 3 bits) or is spread over them (the pairs layout)."""
     if not layout_applies(bits, layout):
-        raise QrobustError(f"no {layout!r} packing layout for {bits}-bit values; layouts: gptq (2–8 bits), "
+        raise QrobustError(f"no {layout!r} packing layout for {bits}-bit values; layouts: gptq (1–8 bits), "
                            f"pairs (3 bits)")
     if layout == "pairs":
         regular = tuple(((j // 10, 16 * (j % 2) + 3 * (j % 10 // 2), 3, 0),) for j in range(30))

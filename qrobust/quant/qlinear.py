@@ -107,13 +107,19 @@ class QuantLinear(nn.Module):
         """Switches the half2 sums; a 3-bit layer in group order repacks its codes in the pairs
         layout, whose pairs of codes the half2 sums read with a mask each (and back without)."""
         self._half2 = on
-        self._relayout("pairs" if on and self.spec.bits == 3 and self._in_group_order() else "gptq")
+        self._relayout()
+
+    def _group_len(self) -> int:
+        return self.spec.group_size if self.spec.group_size != -1 else self.in_features
 
     def _in_group_order(self) -> bool:
-        gs = self.spec.group_size if self.spec.group_size != -1 else self.in_features
-        return torch.equal(self.g_idx.long().cpu(), torch.arange(self.in_features) // gs)
+        """Whether input k belongs to group k // group size (no act-order permutation)."""
+        return torch.equal(self.g_idx.long(), torch.arange(self.in_features, device=self.g_idx.device)
+                           // self._group_len())
 
-    def _relayout(self, layout: str) -> None:
+    def _relayout(self) -> None:
+        """Repacks qweight in the layout half2 asks for: pairs for a 3-bit layer in group order, else GPTQ's."""
+        layout = "pairs" if self.half2 and self.spec.bits == 3 and self._in_group_order() else "gptq"
         if layout != self.layout:
             self.qweight.copy_(repack_qweight(self.qweight, self.spec.bits, self.in_features, self.layout, layout))
             self.layout = layout
@@ -146,7 +152,7 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "qweight" in state_dict:
             self.layout = "gptq"
-        self.half2 = self.half2
+        self._relayout()
 
     def uses_kernels(self, device: torch.device) -> bool:
         """Whether forward on `device` runs the packed kernels (checked once per load: inputs must
@@ -161,10 +167,9 @@ class QuantLinear(nn.Module):
             return False
         from qrobust.kernels.gptq_matmul import gemv_config, gemv_locks
 
-        K, gs = self.in_features, self.spec.group_size if self.spec.group_size != -1 else self.in_features
-        in_order = torch.equal(self.g_idx.long(), torch.arange(K, device=device) // gs)
+        gs, in_order = self._group_len(), self._in_group_order()
         try:
-            config = gemv_config(K, gs, not in_order)
+            config = gemv_config(self.in_features, gs, not in_order)
         except ValueError:
             self._kernel_args = ()
             return False
@@ -172,12 +177,16 @@ class QuantLinear(nn.Module):
         self._kernel_args = (device, None if in_order else self.g_idx, gs, config, locks)
         return True
 
+    def _tiling_args(self) -> tuple:
+        """bits, group size, zero offset and the GEMV's tiling, as the GEMV ops take them."""
+        _, _, gs, c, _ = self._kernel_args
+        return (self.spec.bits, gs, FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits, c.num_warps)
+
     def _gemv_args(self, dtype: torch.dtype, swiglu: bool) -> tuple:
         """What the GEMV ops (kernels.gptq_matmul) take after their inputs, for inputs of `dtype`."""
-        _, g_idx, gs, c, locks = self._kernel_args
+        _, g_idx, _, _, locks = self._kernel_args
         return (self.qweight, self.scales, self.qzeros, g_idx, None if self.bias is None else self.bias.to(dtype),
-                locks, self.spec.bits, gs, FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits,
-                c.num_warps, swiglu, self.pdl, self.half2, self.layout)
+                locks, *self._tiling_args(), swiglu, self.pdl, self.half2, self.layout)
 
     def takes_half2(self, device: torch.device) -> bool:
         """Whether the GEMV on `device` sums codes two at a time in float16 for float16 inputs:
@@ -246,11 +255,10 @@ class QuantLinear(nn.Module):
             return None
         from qrobust.kernels.gptq_matmul import gemv_split_sums_op
 
-        _, g_idx, gs, c, _ = self._kernel_args
-        sums = gemv_split_sums_op(rows, self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
-                                  FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits, c.num_warps,
-                                  self.pdl, self.half2, self.layout)
-        return sums.reshape(c.splits, *x.shape[:-1], self.out_features)
+        g_idx, splits = self._kernel_args[1], self._kernel_args[3].splits
+        sums = gemv_split_sums_op(rows, self.qweight, self.scales, self.qzeros, g_idx, *self._tiling_args(), self.pdl,
+                                  self.half2, self.layout)
+        return sums.reshape(splits, *x.shape[:-1], self.out_features)
 
     def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate)·up of a layer whose outputs interleave gate and up (concat with interleave):
