@@ -179,7 +179,10 @@ RUNS
         timeout 150 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits $b --repeats 3 \
           --out "$OUT/pairs3_experiments/run3/bits${b}_$i.json"
       done
-    done ;;
+    done
+    mkdir -p "$OUT/pairs3_experiments/run4"  # a fourth, on d47c1e7 (the review of QuantLinear and _unpack_tile)
+    timeout 300 $g --kind ar --compile --fuse --pdl --fuse-norms --half2 --bits 4,3 --repeats 3 \
+      --out "$OUT/pairs3_experiments/run4/review_4_3.json" ;;
   splitsumsexperiments) # the session behind splitsums, as it ran (results/perf/split_sums_experiments/runN, six
              # H100 sessions, every width in a process of its own): file, code, patch, widths. lop3* and two_splits*
              # ran on the uncommitted tree between 7146c5f and 0d7fa56; their patches give the same computation on 0d7fa56
