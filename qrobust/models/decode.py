@@ -195,9 +195,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def capture(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int = 2) -> Callable[[], torch.Tensor]:
+def capture(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int = 2,
+            reset: Callable[[], None] | None = None, pool=None) -> Callable[[], torch.Tensor]:
     """A function that replays `fn` (which reads and writes only static tensors) as a CUDA graph;
-    on CPU, `fn` itself. `fn` runs `warmup` times first, so lazy setup happens outside the graph."""
+    on CPU, `fn` itself. `fn` runs `warmup` times first, so lazy setup happens outside the graph;
+    `reset`, where given, runs after each of those runs to undo what `fn` advanced (a graph
+    captured in the middle of generation). `pool`: a memory pool shared with other graphs that
+    are never replayed at the same time (torch.cuda.graph_pool_handle)."""
     if device.type != "cuda":
         return fn
     stream = torch.cuda.Stream(device)
@@ -205,9 +209,11 @@ def capture(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int = 
     with torch.cuda.stream(stream):
         for _ in range(warmup):
             fn()
+            if reset is not None:
+                reset()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
 
     def replay() -> torch.Tensor:
