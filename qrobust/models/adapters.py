@@ -1,6 +1,7 @@
 """One interface over both kinds of code LM: generate, loss, and the layers to quantize."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from abc import ABC, abstractmethod
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qrobust.errors import QrobustError
 from qrobust.models.diffusion import (
     SamplerConfig, diffusion_generate, mask_tokens, masked_diffusion_loss, stratified_mask_ratios,
 )
@@ -284,6 +286,7 @@ class DiffusionAdapter(ModelAdapter):
         self.shift_logits = shift_logits
         self.sampler = sampler or SamplerConfig()
         self.eps = eps
+        self._engine = None  # models.engine.DiffusionEngine, built on first use (native models only)
 
     def _ratios(self, n: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -307,10 +310,19 @@ class DiffusionAdapter(ModelAdapter):
         return noisy
 
     def _generate_batch(self, enc, max_new_tokens, stop, temperature, top_p, generator, on_step, min_new_tokens=0):
-        cfg = SamplerConfig(steps=self.sampler.steps, block_length=self.sampler.block_length,
-                            alg=self.sampler.alg, temperature=temperature, top_p=top_p)
-        out, passes = diffusion_generate(self.logits, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                         self.mask_token_id, self.shift_logits, cfg, generator, on_step)
+        cfg = dataclasses.replace(self.sampler, temperature=temperature, top_p=top_p)
+        args = (enc["input_ids"], enc["attention_mask"], max_new_tokens, self.mask_token_id, self.shift_logits, cfg,
+                generator, on_step)
+        if isinstance(self.model, TransformerLM):
+            from qrobust.models.engine import DiffusionEngine
+
+            if self._engine is None or self._engine.model is not self.model or self._engine.device != self.device:
+                self._engine = DiffusionEngine(self.model)
+            out, passes = self._engine.generate(*args)
+        elif cfg.mode == "fast":
+            raise QrobustError(f"{self.name}: the fast sampler runs on the native model only: load without remote code")
+        else:
+            out, passes = diffusion_generate(self.logits, *args)
         texts, counts = [], []
         ends = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
         for row in out.tolist():

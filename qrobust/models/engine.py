@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qrobust.models.decode import capture, greedy_token, sync
+from qrobust.models.decode import GraphedForward, capture, greedy_token, sync
+from qrobust.models.diffusion import SamplerConfig, diffusion_generate
 from qrobust.models.transformer import KVCache, TransformerLM
 
 
@@ -294,3 +295,49 @@ class AREngine:
                 out.tokens[i], out.batch_of[i] = t, len(out.batches)
             out.batches.append(record)
         return out
+
+
+class DiffusionEngine:
+    """Batched masked-diffusion sampling on the native TransformerLM(causal=False): the exact
+    sampler's steps replay one graphed forward of the padded batch (GraphedForward, on CUDA;
+    prompts left-padded further to a multiple of `length_quantum` so that batches share
+    shapes), the fast sampler runs models.fast_dllm. On CPU both run eagerly."""
+
+    def __init__(self, model: TransformerLM, graphs: bool = True, length_quantum: int = 64):
+        self.model, self.device = model, model.device
+        self.graphs = graphs and self.device.type == "cuda"
+        self.length_quantum = length_quantum if self.graphs else 1
+        self._forward: GraphedForward | None = None  # the last shape's; one at a time bounds graph memory
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
+
+    def logits_fn(self, shape: tuple[int, int]):
+        """The logits function of diffusion_generate for batches of `shape` (with padding)."""
+        if not self.graphs:
+            return lambda ids, mask: self.model(ids, mask)
+        if self._forward is None or tuple(self._forward.input_ids.shape) != tuple(shape):
+            self._forward = None
+            self._forward = GraphedForward(self.model, shape, padded=True, pool=self.pool)
+        return self._forward
+
+    def _pad(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int):
+        extra = -input_ids.shape[1] % self.length_quantum
+        if not extra:
+            return input_ids, attention_mask
+        B = input_ids.shape[0]
+        return (torch.cat([input_ids.new_full((B, extra), pad_id), input_ids], 1),
+                torch.cat([attention_mask.new_zeros(B, extra), attention_mask], 1))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 mask_token_id: int, shift: bool, config: SamplerConfig, generator: torch.Generator | None = None,
+                 on_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, int]:
+        """Response ids [B, max_new_tokens] and forward passes (diffusion_generate's contract)."""
+        if config.mode == "fast":
+            from qrobust.models.fast_dllm import fast_diffusion_generate
+
+            return fast_diffusion_generate(self.model, input_ids, attention_mask, max_new_tokens, mask_token_id,
+                                           shift, config, generator, graphs=self.graphs)
+        input_ids, attention_mask = self._pad(input_ids, attention_mask, mask_token_id)
+        logits = self.logits_fn((input_ids.shape[0], input_ids.shape[1] + max_new_tokens))
+        return diffusion_generate(logits, input_ids, attention_mask, max_new_tokens, mask_token_id, shift, config,
+                                  generator, on_step)

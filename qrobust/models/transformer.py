@@ -275,6 +275,11 @@ class TransformerLM(nn.Module):
         None without padding (attention then applies the causal pattern itself)."""
         if attention_mask is None or bool(attention_mask.all()):
             return None
+        return self.padding_mask(attention_mask, T, device)
+
+    def padding_mask(self, attention_mask: torch.Tensor, T: int, device: torch.device) -> torch.Tensor:
+        """attention_mask's boolean mask without looking at the padding first (no host sync, so
+        a CUDA graph can hold it; models.decode.GraphedForward)."""
         allowed = torch.ones(T, T, dtype=torch.bool, device=device)
         if self.config.causal:
             allowed = allowed.tril()
@@ -284,8 +289,10 @@ class TransformerLM(nn.Module):
         # Padding queries would see no key at all (NaN in softmax): let them see themselves.
         return allowed | torch.eye(T, dtype=torch.bool, device=device)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab]. attention_mask [B, T]: 1 for real tokens, 0 for (left) padding."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                sync_free: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab]. attention_mask [B, T]: 1 for real tokens, 0 for (left) padding.
+        sync_free: build the mask even where nothing is padded (no host sync: graph capture)."""
         B, T = input_ids.shape
         if attention_mask is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -293,7 +300,10 @@ class TransformerLM(nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(position_ids, x.dtype)
-        mask = self.attention_mask(attention_mask, T, input_ids.device)
+        if sync_free and attention_mask is not None:
+            mask = self.padding_mask(attention_mask, T, input_ids.device)
+        else:
+            mask = self.attention_mask(attention_mask, T, input_ids.device)
         for block in self.model.layers:
             x = block(x, rope, mask)
         return self.lm_head(self.model.norm(x))
