@@ -78,3 +78,101 @@ def test_sample_token_draws_by_quantile_within_the_nucleus():
 def test_batches_group_prompts_by_length_and_buckets_are_powers_of_two():
     assert length_groups([3, 9, 1, 9, 5], 2) == [[1, 3], [4, 0], [2]]
     assert batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(8) == [1, 2, 4, 8]
+
+
+# ---- diffusion -------------------------------------------------------------------------------------
+def _per_row_reference(logits_fn, input_ids, attention_mask, n, mask_id, shift, config):
+    """The sampler as it was before its commits were vectorized: one row at a time (greedy)."""
+    from qrobust.models.diffusion import _commit_schedule, _confidence, _sample, align_logits
+
+    B, P = input_ids.shape
+    x = torch.cat([input_ids, torch.full((B, n), mask_id)], dim=1)
+    attn = torch.cat([attention_mask, torch.ones(B, n, dtype=attention_mask.dtype)], 1)
+    block = config.block_length or n
+    for b in range(-(-n // block)):
+        lo, hi = P + b * block, min(P + (b + 1) * block, P + n)
+        for k in _commit_schedule(hi - lo, min(max(1, (config.steps or n) // -(-n // block)), hi - lo)):
+            logits = align_logits(logits_fn(x, attn), shift)
+            logits[..., mask_id] = float("-inf")
+            for row in range(B):
+                pos = (x[row, lo:hi] == mask_id).nonzero().squeeze(-1) + lo
+                if pos.numel():
+                    tokens, probs = _sample(logits[row, pos], 0.0, 1.0, None)
+                    chosen = _confidence(probs, tokens, config.alg, None).topk(min(k, pos.numel())).indices
+                    x[row, pos[chosen]] = tokens[chosen]
+    return x[:, P:]
+
+
+@pytest.fixture(scope="module")
+def tiny_dllm():
+    adapter = load_model("tiny-dllm")
+    adapter.tokenizer.padding_side = "left"
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def small_dllm(tiny_dirs):
+    """The test suite's random tiny diffusion model (cheaper than the built-in one)."""
+    adapter = load_model(str(tiny_dirs["diffusion"]))
+    adapter.tokenizer.padding_side = "left"
+    return adapter
+
+
+def _batch(adapter):
+    return adapter.tokenizer(PROMPTS[:3], return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("config", [dict(steps=8, block_length=8),
+                                    pytest.param(dict(block_length=8, alg="confidence"), marks=pytest.mark.slow)])
+def test_vectorized_diffusion_commits_equal_the_per_row_loop(tiny_dllm, config):
+    from qrobust.models.diffusion import SamplerConfig, diffusion_generate
+
+    enc, a = _batch(tiny_dllm), tiny_dllm
+    cfg = SamplerConfig(**config)
+    ours, _ = diffusion_generate(a.logits, enc.input_ids, enc.attention_mask, 16, a.mask_token_id, a.shift_logits, cfg)
+    ref = _per_row_reference(a.logits, enc.input_ids, enc.attention_mask, 16, a.mask_token_id, a.shift_logits, cfg)
+    assert torch.equal(ours, ref)
+
+
+def test_fast_sampler_with_one_token_blocks_is_the_exact_sampler(small_dllm):
+    """Blocks of one position: every block is decided by the refreshing full forward."""
+    from qrobust.models.diffusion import SamplerConfig, diffusion_generate
+    from qrobust.models.fast_dllm import fast_diffusion_generate
+
+    enc, a = _batch(small_dllm), small_dllm
+    exact, _ = diffusion_generate(a.logits, enc.input_ids, enc.attention_mask, 6, a.mask_token_id, a.shift_logits,
+                                  SamplerConfig(block_length=1))
+    fast, passes = fast_diffusion_generate(a.model, enc.input_ids, enc.attention_mask, 6, a.mask_token_id,
+                                           a.shift_logits, SamplerConfig(block_length=1, mode="fast"))
+    assert torch.equal(fast, exact) and passes == 6
+
+
+def test_fast_sampler_commits_confident_positions_together_and_fills_every_mask(small_dllm):
+    from qrobust.models.diffusion import SamplerConfig
+    from qrobust.models.fast_dllm import fast_diffusion_generate
+
+    enc, a = _batch(small_dllm), small_dllm
+    run = {th: fast_diffusion_generate(a.model, enc.input_ids, enc.attention_mask, 16, a.mask_token_id,
+                                       a.shift_logits, SamplerConfig(block_length=8, mode="fast", threshold=th))
+           for th in (0.0, 2.0)}
+    assert run[0.0][1] == 2  # every position is above 0: a block per forward
+    assert run[2.0][1] == 16  # none is above 2: one token per step
+    assert all(bool((out != a.mask_token_id).all()) for out, _ in run.values())
+
+
+def test_block_step_over_a_fresh_cache_gives_the_full_forwards_logits(small_dllm):
+    """The fast sampler's block forward (slots of one block over the cached keys) equals the
+    full forward at those positions while the cache is fresh: the padding and window are right."""
+    model, enc = small_dllm.model, _batch(small_dllm)
+    ids, attn = enc.input_ids, enc.attention_mask
+    L = ids.shape[1]
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    caches = model.new_caches(ids.shape[0], L, torch.arange(L))
+    with torch.no_grad():
+        full = model.forward_slots(ids, caches, positions, model.padding_mask(attn, L, ids.device))
+        window = torch.arange(L - 4, L)
+        for c in caches:
+            c.positions = window
+        part = model.forward_slots(ids[:, window], caches, positions[:, window], attn.bool()[:, None, None, :])
+        assert torch.allclose(part, full[:, window], atol=1e-5)
+        assert torch.allclose(full, model(ids, attn), atol=1e-5)
