@@ -21,6 +21,7 @@ engine_kernels.json, engine_agreement.json, engine_diffusion.json; a summary tab
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import time
@@ -87,8 +88,8 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(0, vocab - 3, (n, length), generator=g).tolist()
 
 
-def free(*objects) -> None:
-    del objects
+def release() -> None:
+    """Return the memory of what the caller just deleted to the device."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -113,7 +114,8 @@ def ar_throughput(plan: Plan, device: str) -> list[dict]:
                          "forward_passes": sum(b.forward_passes for b in out.batches),
                          "weights_gib": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30})
             print(f"  ar {bits:>2}-bit batch {batch:>3}: {tokens / seconds:9.1f} tok/s", flush=True)
-        free(model, engine)
+        del model, engine
+        release()
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["bits"] == 16}
     for r in rows:
         r["ratio_to_bf16"] = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else None
@@ -150,14 +152,15 @@ def kernel_table_check(plan: Plan, device: str) -> list[dict]:
             for m in plan.kernel_rows:
                 x = torch.randn(m, K, device=device, dtype=dtype)
                 with torch.no_grad():
-                    t_dense = _timed(lambda: dense(x), device, 20)
-                    t_packed = _timed(lambda: layer(x), device, 20)
+                    t_dense = _timed(functools.partial(dense, x), device, 20)
+                    t_packed = _timed(functools.partial(layer, x), device, 20)
                     err = (layer(x).float() - x.float() @ layer.dequantized_weight().t()).abs().max().item()
                 rows.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": m,
                              "kernel": layer.packed_kernel(m, x.device) if layer.uses_kernels(x.device) else "torch",
                              "us_bf16": 1e6 * t_dense, "us_packed": 1e6 * t_packed, "speedup": t_dense / t_packed,
                              "max_abs_error": err})
-        free(dense)
+        del dense, layer
+        release()
     return rows
 
 
@@ -208,7 +211,8 @@ def agreement(plan: Plan, device: str) -> list[dict]:
                 gap = float(top2[0] - top2[1])
             rows.append({"dtype": str(dtype).removeprefix("torch."), "row": r, "prompt_len": len(prompts[r]),
                          "tokens": len(a), "first_difference": first, "top2_gap_there": gap})
-        free(model, twin)
+        del model, twin
+        release()
     return rows
 
 
@@ -227,9 +231,8 @@ def diffusion(plan: Plan, device: str) -> list[dict]:
                 "fast": SamplerConfig(block_length=plan.diffusion_block, mode="fast", threshold=0.9)}
     rows, outputs = [], {}
     for name, sampler in samplers.items():
-        def run():
-            return engine.generate(prompts, attn, plan.diffusion_tokens, cfg.mask_token_id, cfg.shift_logits, sampler)
-
+        run = functools.partial(engine.generate, prompts, attn, plan.diffusion_tokens, cfg.mask_token_id,
+                                cfg.shift_logits, sampler)
         run()  # warm-up: graphs
         sync(torch.device(device))
         t0 = time.perf_counter()
@@ -244,7 +247,8 @@ def diffusion(plan: Plan, device: str) -> list[dict]:
     agree = float((outputs["fast"] == outputs["exact"]).float().mean())
     for r in rows:
         r["token_agreement_with_exact"] = agree if r["sampler"] == "fast" else 1.0
-    free(model, engine)
+    del model, engine
+    release()
     return rows
 
 

@@ -168,11 +168,12 @@ class ModelAdapter(ABC):
     ) -> list[Generation]:
         """Complete each prompt; the text is cut at the first stop sequence. min_new_tokens: no
         row finishes (at end-of-sequence or a stop string) before this many tokens, so that
-        benchmarks can force every generation to its full length."""
+        benchmarks can force every generation to its full length. on_step is called after each
+        forward pass of the per-batch path (diffusion models; not the AR engine, whose steps are graphs)."""
         from qrobust.models.engine import DecodeSettings
 
         settings = DecodeSettings(max_new_tokens, temperature, top_p, min_new_tokens, seed)
-        engine_out = None if on_step is not None else self._engine_generate(prompts, settings, stop, batch_size)
+        engine_out = self._engine_generate(prompts, settings, stop, batch_size)
         if engine_out is not None:
             return engine_out
         tok = self.tokenizer
