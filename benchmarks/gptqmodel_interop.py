@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from importlib import metadata
 import re
 import tempfile
 import time
@@ -53,13 +54,14 @@ class Case:
     hawq: bool = False
 
 
+# New kinds first, the symmetric widths measured before last: rows are written as cases finish.
 CASES = {c.name: c for c in (
-    *(Case(f"sym{b}", b) for b in (2, 3, 4, 8)),
-    *(Case(f"asym{b}", b, sym=False) for b in (2, 3, 4, 8)),
+    Case("sym4", 4), Case("asym4", 4, sym=False), Case("hawq", 4, hawq=True),
     Case("act4", 4, act_order=True), Case("act4-static", 4, act_order=True, static_groups=True),
-    Case("act3-asym", 3, sym=False, act_order=True), Case("act8-asym-static", 8, sym=False, act_order=True,
-                                                          static_groups=True),
-    Case("hawq", 4, hawq=True),
+    Case("act3-asym", 3, sym=False, act_order=True),
+    Case("act8-asym-static", 8, sym=False, act_order=True, static_groups=True),
+    *(Case(f"asym{b}", b, sym=False) for b in (2, 3, 8)),
+    *(Case(f"sym{b}", b) for b in (2, 3, 8)),
 )}
 TRANSFORMERS_CASES = ("sym4", "asym4", "act4", "hawq")
 
@@ -218,11 +220,11 @@ def environment() -> dict:
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    for package in ("gptqmodel", "optimum"):
+    for package in ("gptqmodel", "optimum", "torchao"):
         try:
-            env[package] = __import__(package).__version__
-        except Exception as e:  # recorded, not fatal: the loaders' rows say what failed
-            env[package] = f"unavailable ({type(e).__name__}: {e})"
+            env[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:  # recorded, not fatal: the loaders' rows say what failed
+            env[package] = None
     return env
 
 
@@ -263,7 +265,8 @@ def main() -> None:
         else:
             rows = []
             for reader_name, read in readers(args):
-                if reader_name == "transformers" and case.name not in TRANSFORMERS_CASES:
+                if (reader_name == "transformers" and case.name not in TRANSFORMERS_CASES
+                        or reader_name == "gptqmodel-triton" and case.bits == 3):  # its Triton kernel: 2/4/8 bits
                     continue
                 t1 = time.perf_counter()
                 try:
