@@ -175,13 +175,8 @@ def read_reference(checkpoint: Path, ours, ids, device) -> dict:
     return compare_model(ours, None, ids, device, lambda n: ref.get(n, (None, None)))
 
 
-def read_gptqmodel(checkpoint: Path, ours, ids, device, backend: str) -> dict:
-    from gptqmodel import BACKEND, GPTQModel
-
-    theirs = GPTQModel.load(str(checkpoint), backend=getattr(BACKEND, backend.upper()), device=device,
-                            dtype=torch.float16)
-    model = theirs.model
-
+def compare_loaded(ours, model, ids, device) -> dict:
+    """compare_model against a model another loader built, and the kernel classes it picked."""
     def weights(name):
         layer = model.get_submodule(name)
         return getattr(layer, "bits", None), their_weight(layer)
@@ -189,20 +184,21 @@ def read_gptqmodel(checkpoint: Path, ours, ids, device, backend: str) -> dict:
     row = compare_model(ours, model, ids, device, weights)
     row["kernel"] = sorted({type(model.get_submodule(n)).__name__ for n in ours.linear_layer_names()})
     return row
+
+
+def read_gptqmodel(checkpoint: Path, ours, ids, device, backend: str) -> dict:
+    from gptqmodel import BACKEND, GPTQModel
+
+    theirs = GPTQModel.load(str(checkpoint), backend=getattr(BACKEND, backend.upper()), device=device,
+                            dtype=torch.float16)
+    return compare_loaded(ours, theirs.model, ids, device)
 
 
 def read_transformers(checkpoint: Path, ours, ids, device) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float16, device_map=device).eval()
-
-    def weights(name):
-        layer = model.get_submodule(name)
-        return getattr(layer, "bits", None), their_weight(layer)
-
-    row = compare_model(ours, model, ids, device, weights)
-    row["kernel"] = sorted({type(model.get_submodule(n)).__name__ for n in ours.linear_layer_names()})
-    return row
+    return compare_loaded(ours, model, ids, device)
 
 
 def readers(args) -> list[tuple[str, object]]:
