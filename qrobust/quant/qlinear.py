@@ -139,6 +139,12 @@ class QuantLinear(nn.Module):
         z = unpack_qzeros(self.qzeros, self.spec.bits, self.out_features).to(torch.int64)
         return (z + FORMAT_OFFSET[self.format]) & self.spec.maxq
 
+    def qzeros_as(self, fmt: str) -> torch.Tensor:
+        """qzeros as checkpoint format `fmt` stores these zero points (FORMAT_OFFSET)."""
+        if fmt == self.format:
+            return self.qzeros
+        return pack_qzeros((self.zero_points() - FORMAT_OFFSET[fmt]) & self.spec.maxq, self.spec.bits)
+
     def dequantized_weight(self) -> torch.Tensor:
         """[out, in] float32 weight: scale · (q − zero), the same arithmetic as the quantizer."""
         g = self.g_idx.long()
