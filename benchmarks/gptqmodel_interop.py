@@ -163,7 +163,7 @@ def compare_model(ours, theirs_model, ids: torch.Tensor, device: str, weights_of
         row["max_rel_weight_diff"] = max(row["max_rel_weight_diff"], rel(mine.dequantized_weight(), w))
     if theirs_model is not None:
         with torch.no_grad():
-            l_ours = ours.model(input_ids=ids.to(device), use_cache=False).logits.float()
+            l_ours = ours.logits(ids.to(device)).float()  # the adapter's own forward (native or transformers)
             l_theirs = theirs_model(input_ids=ids.to(device), use_cache=False).logits.float()
         row["logits_max_rel_diff"] = rel(l_ours, l_theirs)
         row["top1_agreement"] = float((l_ours.argmax(-1) == l_theirs.argmax(-1)).float().mean())
@@ -208,7 +208,8 @@ def readers(args) -> list[tuple[str, object]]:
     for backend in args.backends.split(","):
         out.append((f"gptqmodel-{backend}", lambda c, o, i, d, b=backend: read_gptqmodel(c, o, i, d, b)))
     out.append(("transformers", read_transformers))
-    return out
+    wanted = set(args.readers.split(",")) if args.readers else None
+    return [r for r in out if wanted is None or r[0] in wanted]
 
 
 def environment() -> dict:
@@ -231,6 +232,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backends", default=None, help="GPTQModel backends (default: torch, and triton on CUDA)")
     ap.add_argument("--qrobust-only", action="store_true", help="no GPTQModel or transformers: our side and the reference reader")
+    ap.add_argument("--readers", default=None,
+                    help="comma-separated subset of reference, gptqmodel-<backend>, transformers (default: all)")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--out", default="interop.jsonl", help="JSON lines, one per case and reader")
     ap.add_argument("--work", default=None, help="where checkpoints go (default: a temporary directory)")
