@@ -18,6 +18,9 @@ def test_reference_solutions_all_pass():
     assert (he["problems"], he["statuses"]) == (164, {"passed": 164})
     assert (mbpp["problems"], mbpp["statuses"]) == (500, {"passed": 500})
     assert he["pass@1"]["value"] == 1.0 == mbpp["pass@1"]["value"]
+    # every verdict is decided apart from the solution's process, but MBPP/367's (its tests
+    # build a tree from the solution's own Node class)
+    assert he["isolation"] == {"isolated": 164} and mbpp["isolation"] == {"isolated": 499, "in-process": 1}
 
 
 def test_mbpp_split_and_prompts():
