@@ -110,20 +110,18 @@ def _drop_capabilities() -> None:
         raise OSError(ctypes.get_errno(), "capset failed")
 
 
-def _close_all_but(keep: set) -> None:
-    top = max(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 4096)
-    low = 3
-    for fd in sorted(keep) + [top]:
-        os.closerange(low, fd)
-        low = fd + 1
+def _only_descriptors(requests: int, replies: int) -> tuple[int, int]:
+    """Leave the process /dev/null as 0-2, its pipe pair as 3 and 4, and nothing else open."""
+    null, requests, replies = os.open(os.devnull, os.O_RDWR), os.dup(requests), os.dup(replies)
+    for fd, target in ((null, 0), (null, 1), (null, 2), (requests, 3), (replies, 4)):
+        os.dup2(fd, target)
+    os.closerange(5, max(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 4096))
+    return 3, 4
 
 
 def _run_candidate(cfg: dict, workdir: str, requests: int, replies: int, serve) -> None:
     try:
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        _close_all_but({requests, replies})
+        requests, replies = _only_descriptors(requests, replies)
         _enter(cfg["candidate_uid"], workdir, cfg)
         _drop_capabilities()
         serve(requests, replies)
