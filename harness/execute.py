@@ -47,6 +47,12 @@ def normalise_task_id(task: Task, task_id) -> str:
     return str(task_id)
 
 
+def runnable(task: Task, problem: Problem, solution: str, split: SplitTests) -> str | IsolatedProgram:
+    """What the sandbox runs for one solution: an isolated run, unless the problem's tests need
+    the solution's own objects (then solution and tests as one program)."""
+    return IsolatedProgram(solution, split.code, split.calls) if split.isolated else task.program(problem, solution)
+
+
 def execute_samples(samples: list[dict], task: Task, problems: list[Problem], workers: int = 2,
                     limits: Limits = Limits(), style: str | None = None, progress: bool = True,
                     sandbox: Sandbox | None = None) -> list[dict]:
@@ -68,9 +74,7 @@ def execute_samples(samples: list[dict], task: Task, problems: list[Problem], wo
         if tid not in splits:
             splits[tid] = task.isolated_tests(by_id[tid])
         split = splits[tid]
-        program = IsolatedProgram(solution, split.code, split.calls) if split.isolated else \
-            task.program(by_id[tid], solution)
-        jobs.append((tid, s.get("sample_idx", 0), program, split.fallback))
+        jobs.append((tid, s.get("sample_idx", 0), runnable(task, by_id[tid], solution, split), split.fallback))
     sandbox = sandbox or Sandbox(limits)
 
     def run(job):

@@ -77,7 +77,7 @@ def test_mbpp_setup_code_follows_the_solution():
     res = execute_samples([{"task_id": p.task_id, "solution": sanitize(p.reference, p.entry_point,
                                                                          also_needed=frozenset({"Node"}))}],
                           task, [p], progress=False)
-    assert res[0]["passed"]
+    assert res[0]["passed"] and res[0]["isolation"] == "in-process" and "Node" in res[0]["isolation_reason"]
 
 
 def test_compare_two_runs(tmp_path, capsys):
