@@ -170,10 +170,11 @@ def _split(cfg: dict, workdir: str) -> int:
         os.close(fd)
     code = _exit_code(_wait(judge))
     if code == _judge.CANDIDATE_ENDED:
-        code = _candidate_ended(candidate)
+        code = _candidate_ended(candidate)  # reaps it when it has ended
     try:
         os.kill(candidate, signal.SIGKILL)
-    except ProcessLookupError:
+        os.waitpid(candidate, 0)  # reaped, so its CPU time counts in the run's rusage
+    except (ProcessLookupError, ChildProcessError):
         pass
     return code
 

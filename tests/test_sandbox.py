@@ -206,3 +206,37 @@ def test_candidate_runs_as_another_uid_without_the_verdict_pipe(sandbox):
     solution = "import os\ndef ids():\n    return os.getuid(), sorted(int(fd) for fd in os.listdir('/proc/self/fd'))\n"
     tests = "import os\nuid, fds = ids()\nassert uid != os.getuid() and fds == [0, 1, 2, 3, 4, 5], (uid, fds)  # 5: listdir's own\n"
     assert sandbox.run(IsolatedProgram(solution, tests, ("ids",))).status == "passed"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv") or not os.path.exists("/usr/bin/python3"),
+                    reason="runs the sandbox as nobody: needs root, setpriv and a system python3")
+def test_without_root_the_candidate_has_no_capabilities_over_the_judge(tmp_path):
+    """As a non-root user there is one uid in the user namespace: the candidate keeps it, but
+    without capabilities, and the judge is non-dumpable, so ptrace and /proc/PID/mem are denied."""
+    import json
+    from pathlib import Path
+
+    sandbox_py = Path(__file__).resolve().parents[1] / "harness" / "sandbox.py"
+    probe = ("import ctypes, os\ndef probe():\n    libc, out = ctypes.CDLL(None), []\n"
+             "    me = int(os.readlink('/proc/self'))  # /proc is the host's: its pids, not the namespace's\n"
+             "    for p in [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != me]:\n"
+             "        try:\n            open(f'/proc/{p}/mem', 'rb')\n            out.append('mem')\n"
+             "        except OSError:\n            pass\n"
+             "        out.append(libc.ptrace(16, p, 0, 0))\n"
+             "    status = open('/proc/self/status').read().split()\n"
+             "    return out, status[status.index('CapEff:') + 1]\n")
+    script = ("import importlib.util, json, sys\n"
+              f"spec = importlib.util.spec_from_file_location('sandbox', {str(sandbox_py)!r})\n"
+              "sb = importlib.util.module_from_spec(spec)\nsys.modules['sandbox'] = sb\nspec.loader.exec_module(sb)\n"
+              "sandbox = sb.Sandbox(sb.Limits(timeout=5))\n"
+              f"r = sandbox.run(sb.IsolatedProgram({probe!r}, 'out, caps = probe()\\nassert caps == 16 * \"0\" and "
+              "set(out) == {-1}, (out, caps)', ('probe',)))\n"
+              "print(json.dumps([sandbox.prefix, r.status, r.reason]))\n")
+    os.chmod(tmp_path, 0o777)
+    out = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          "/usr/bin/python3", "-I", "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    prefix, status, reason = json.loads(out.stdout)
+    if not prefix:
+        pytest.skip("no user namespaces for an unprivileged user here")
+    assert "--user" in prefix and status == "passed", reason
