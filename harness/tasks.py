@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from harness.split import SplitTests, split_tests
 from qrobust.errors import QrobustError
 
 ChatTemplate = Callable[[str, str], str]  # (user message, assistant prefill) -> prompt text
@@ -50,8 +51,17 @@ class Task:
         """The whole module a completion stands for (HumanEval completions continue the prompt)."""
         raise NotImplementedError
 
-    def program(self, problem: Problem, solution: str) -> str:
+    def test_code(self, problem: Problem) -> str:
+        """The code that judges a solution: it raises unless the solution is right."""
         raise NotImplementedError
+
+    def program(self, problem: Problem, solution: str) -> str:
+        """Solution and tests as one program, to run in one interpreter."""
+        return f"{solution}\n\n{self.test_code(problem)}"
+
+    def isolated_tests(self, problem: Problem) -> SplitTests:
+        """The tests as the trusted half of an isolated run, or why they cannot be."""
+        return split_tests(problem.reference, problem.entry_point, self.test_code(problem))
 
     def check_style(self, style: str) -> str:
         style = style or self.default_style
@@ -107,8 +117,8 @@ class HumanEval(Task):
             return problem.text.rstrip() + completion
         return problem.text + completion
 
-    def program(self, problem, solution):
-        return f"{solution}\n\n{problem.tests}\n\ncheck({problem.entry_point})\n"
+    def test_code(self, problem):
+        return f"{problem.tests}\n\ncheck({problem.entry_point})\n"
 
 
 _ASSERT_CALL = re.compile(r"assert\s+(?:not\s+)?\(?\s*(?:set\(|math\.isclose\(|abs\()?\s*([A-Za-z_]\w*)\s*\(")
@@ -175,9 +185,9 @@ class MBPP(Task):
     def solution(self, problem, completion, style):
         return completion
 
-    def program(self, problem, solution):
+    def test_code(self, problem):
         # Setup code comes after the solution: two tasks build trees from classes it defines.
-        return f"{solution}\n\n{problem.setup}\n\n{problem.tests}\n"
+        return f"{problem.setup}\n\n{problem.tests}\n"
 
 
 TASKS: dict[str, Callable[[], Task]] = {"humaneval": HumanEval, "mbpp": MBPP}
