@@ -17,6 +17,11 @@ from qrobust.models.diffusion import SamplerConfig
 from qrobust.models.transformer import TransformerConfig, TransformerLM
 
 NATIVE_DIFFUSION_TYPE = "qrobust_dllm"
+# What transformers' tokenizers are saved as; a model directory holds at least one of them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model")
+# Fewer tokens than any tokenizer a model is trained with (a byte-level one has 256 and more).
+MIN_VOCAB = 16
 
 
 def state_dict_from(path: Path) -> dict[str, torch.Tensor]:
@@ -32,18 +37,27 @@ def state_dict_from(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_tokenizer(path: Path):
+    """The tokenizer saved in a model directory. Without its files transformers still returns one,
+    empty, which only fails later and elsewhere (calibration finds no text): refuse it here."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise QrobustError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                           "copy the tokenizer of the base model into it")
     # AutoTokenizer reads config.json and warns about model types it does not know (ours).
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise QrobustError(f"could not load the tokenizer in {path} ({type(e).__name__}: {e})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if len(tokenizer) < MIN_VOCAB:
+        raise QrobustError(f"{path} has a tokenizer of {len(tokenizer)} tokens, too few for a language model: "
+                           "copy the tokenizer of the base model into it")
+    return tokenizer
 
 
 def diffusion_adapter(model, tokenizer, name: str, config: TransformerConfig,
