@@ -12,7 +12,11 @@ from qrobust.models.tiny import tiny_config
 
 
 def test_native_causal_model_matches_transformers_qwen3(tiny_dirs, calib):
-    hf = load_model(str(tiny_dirs["ar"]))
+    from qrobust.models.adapters import ARAdapter
+    from qrobust.models.loading import load_transformers_causal
+
+    model = load_transformers_causal(tiny_dirs["ar"], torch.float32, "cpu")
+    hf = ARAdapter(model, None, "transformers", model.config.num_hidden_layers)
     assert type(hf.model).__name__ == "Qwen3ForCausalLM"
     native = load_native(tiny_dirs["ar"], read_config(tiny_dirs["ar"]), causal=True, dtype=torch.float32, device="cpu")
     mask = torch.ones(2, calib.shape[1], dtype=torch.long)

@@ -15,6 +15,9 @@ from qrobust.models.transformer import TransformerConfig, TransformerLM
 from qrobust.quant.checkpoint import load_quantized
 
 CODA_TYPES = {"coda"}
+# causal checkpoints the native TransformerLM runs (and the batched engine decodes, models.engine);
+# other architectures load through transformers
+NATIVE_CAUSAL_TYPES = {"qwen3"}
 
 
 @dataclass(frozen=True)
@@ -128,10 +131,29 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype | None
             model = load_native(path, cfg, causal=False, dtype=dtype, device=device)
             config = model.config
         return diffusion_adapter(model, tokenizer, name_or_path, config, sampler)
+    if model_type in NATIVE_CAUSAL_TYPES:
+        model = load_native(path, cfg, causal=True, dtype=dtype, device=device)
+        return ARAdapter(model, tokenizer, name_or_path, model.config.num_hidden_layers, generation_eos_ids(path))
+    model = load_transformers_causal(path, dtype, device)
+    return ARAdapter(model, tokenizer, name_or_path, model.config.num_hidden_layers)
+
+
+def load_transformers_causal(path: Path, dtype: torch.dtype, device: str):
+    """A causal LM through transformers' own modeling code (architectures the native model does
+    not cover; also the reference the native model and its engine are checked against)."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     except ValueError as e:
-        raise QrobustError(f"{name_or_path} is not a causal LM that transformers can load ({e})") from None
-    return ARAdapter(model, tokenizer, name_or_path, model.config.num_hidden_layers)
+        raise QrobustError(f"{path} is not a causal LM that transformers can load ({e})") from None
+
+
+def generation_eos_ids(path: Path) -> tuple[int, ...]:
+    """The end-of-sequence ids generation_config.json lists (Qwen3 stops at <|im_end|> and
+    <|endoftext|>), as transformers' generate reads them; () without that file."""
+    try:
+        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ()
+    return tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])

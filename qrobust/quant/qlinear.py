@@ -1,8 +1,9 @@
 """A linear layer stored as a GPTQ checkpoint stores it: packed codes, scales, zero points.
 
-On CUDA, forward runs Triton kernels that read the packed buffers directly (a fused
-dequantize-and-multiply for a few rows, as in batch-1 decoding; a dequantized weight for the
-dense matmul otherwise), so the weights stay packed in memory. On CPU (or with
+On CUDA, forward runs Triton kernels that read the packed buffers directly, the one that
+quant.kernel_choice's table names for the bit width and rows (a GEMV for a few rows, as in
+batch-1 decoding; a fused dequantize-in-the-loop matmul for batched decoding; a dequantized
+weight for the dense matmul for prefill), so the weights stay packed in memory. On CPU (or with
 QROBUST_KERNELS=0) forward dequantizes in torch and caches the result. Either way the buffers
 are the packed tensors. They hold the GPTQ layout, but for 3-bit layers with half2 on, whose
 codes are repacked for the GEMV (qrobust.quant.pack's pairs layout); what is saved is always the
@@ -16,15 +17,13 @@ from torch import nn
 
 from qrobust.kernels import kernels_enabled
 from qrobust.quant.grid import QuantResult, QuantSpec
+from qrobust.quant.kernel_choice import GEMV_MAX_ROWS, packed_kernel
 from qrobust.quant.pack import pack_qweight, pack_qzeros, repack_qweight, unpack_qweight, unpack_qzeros
 
 # "gptq" (v1) stores zero − 1, the historical AutoGPTQ convention; "gptq_v2" stores zero as is.
 # Asymmetric grids can have zero = 0, which v1 cannot represent, so they are written as v2.
 FORMAT_OFFSET = {"gptq": 1, "gptq_v2": 0}
 
-# Up to this many rows per call the fused kernel reads the packed weight once; beyond, one
-# dequantization feeds the dense matmul, whose cost it amortizes.
-GEMV_MAX_ROWS = 4
 
 
 def checkpoint_format(spec: QuantSpec) -> str:
@@ -196,20 +195,39 @@ class QuantLinear(nn.Module):
         return (self.half2 and self.uses_kernels(device)
                 and half2_applies(self.spec.bits, self._kernel_args[1] is not None, torch.float16, self.layout))
 
-    def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
-        from qrobust.kernels import dequantize_op, gemv_op
+    def packed_kernel(self, rows: int, device: torch.device) -> str:
+        """The packed product for `rows` rows on `device` (quant.kernel_choice)."""
+        return packed_kernel(device.type, self.spec.bits, rows)
 
+    def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= GEMV_MAX_ROWS:
-            y = gemv_op(rows, *self._gemv_args(x.dtype, swiglu))
-        else:
-            _, g_idx, gs, _, _ = self._kernel_args
-            w = dequantize_op(self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
-                              FORMAT_OFFSET[self.format], self.in_features, x.dtype, self.layout)
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = rows @ w if bias is None else torch.addmm(bias, rows, w)
-            y = interleaved_swiglu(y) if swiglu else y
+        product = _PACKED_PRODUCTS[self.packed_kernel(rows.shape[0], x.device)]
+        y = product(self, rows, swiglu)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _gemv_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
+        from qrobust.kernels import gemv_op
+
+        return gemv_op(rows, *self._gemv_args(rows.dtype, swiglu))
+
+    def _fused_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
+        from qrobust.kernels.packed_matmul import packed_matmul_op
+
+        _, g_idx, gs, _, _ = self._kernel_args
+        bias = None if self.bias is None else self.bias.to(rows.dtype)
+        y = packed_matmul_op(rows, self.qweight, self.scales, self.qzeros, g_idx, bias, self.spec.bits, gs,
+                             FORMAT_OFFSET[self.format], self.layout)
+        return interleaved_swiglu(y) if swiglu else y
+
+    def _dequant_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
+        from qrobust.kernels import dequantize_op
+
+        _, g_idx, gs, _, _ = self._kernel_args
+        w = dequantize_op(self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
+                          FORMAT_OFFSET[self.format], self.in_features, rows.dtype, self.layout)
+        bias = None if self.bias is None else self.bias.to(rows.dtype)
+        y = rows @ w if bias is None else torch.addmm(bias, rows, w)
+        return interleaved_swiglu(y) if swiglu else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_kernels(x.device):
@@ -228,7 +246,7 @@ class QuantLinear(nn.Module):
         and the caller adds and normalizes itself (models.transformer.add_norm_linear)."""
         stream = x if residual is None else residual  # x may be split sums (forward_split_sums)
         rows = stream.reshape(-1, self.in_features)
-        if not (self.fuse_norm and self.uses_kernels(x.device) and rows.shape[0] <= GEMV_MAX_ROWS
+        if not (self.fuse_norm and self.uses_kernels(x.device) and self.packed_kernel(rows.shape[0], x.device) == "gemv"
                 and norm.weight.dtype == stream.dtype):
             return None
         from qrobust.kernels import gemv_add_norm_op
@@ -251,7 +269,7 @@ class QuantLinear(nn.Module):
         adds them up anywhere else): where split_sums is on, the packed kernels run, rows are few,
         the GEMV splits K, and there is no bias. Otherwise None, and the caller runs forward."""
         rows = x.reshape(-1, self.in_features)
-        if not (rows.shape[0] <= GEMV_MAX_ROWS and self.leaves_split_sums(x.device)):
+        if not (self.leaves_split_sums(x.device) and self.packed_kernel(rows.shape[0], x.device) == "gemv"):
             return None
         from qrobust.kernels import gemv_split_sums_op
 
@@ -268,6 +286,14 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.spec.bits}, "
                 f"group_size={self.spec.group_size}, sym={self.spec.sym}")
+
+
+# quant.kernel_choice's kernel names → QuantLinear's products (rows [M, K], swiglu) → [M, N or N/2]
+_PACKED_PRODUCTS = {
+    "gemv": QuantLinear._gemv_product,
+    "fused_matmul": QuantLinear._fused_matmul_product,
+    "dequant_matmul": QuantLinear._dequant_matmul_product,
+}
 
 
 def join_outputs(tensors: list[torch.Tensor], dim: int, interleave: bool) -> torch.Tensor:
