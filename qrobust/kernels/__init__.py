@@ -8,8 +8,9 @@ check them on machines without a GPU.
 The products that read packed GPTQ weights: layouts (where packed codes sit; the compile-time
 plans), gemv_tiles (what a GEMV tile sums), gemv (the GEMV and its add-norm and split-sums
 forms), dequant (dequantize; the fused matmul), launch (PDL, arrival counters, tile depths) and
-ops (their torch custom ops). Besides: decode_attention, gptq_block (GPTQ's column loop),
-tinygemm, and availability (where the kernels run).
+ops (their torch custom ops); packed_matmul (split-K products for batched decoding). Besides:
+decode_attention, gptq_block (GPTQ's column loop), tinygemm, and availability (where the
+kernels run).
 """
 from __future__ import annotations
 
