@@ -169,7 +169,7 @@ def transformers_twin(model: TransformerLM):
     """transformers' Qwen3ForCausalLM holding the native model's weights."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from qrobust.models.loading import hf_config_dict
+    from qrobust.models.files import hf_config_dict
 
     cfg = hf_config_dict(model.config)
     cfg.pop("model_type", None), cfg.pop("architectures", None), cfg.pop("dtype", None)

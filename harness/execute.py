@@ -14,20 +14,20 @@ from harness.metrics import bootstrap_mean, per_problem_pass_at_k
 from harness.sandbox import IsolatedProgram, Limits, Sandbox
 from harness.split import SplitTests
 from harness.tasks import Problem, Task
-from qrobust.errors import QrobustError
+from harness.errors import HarnessError
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
-        raise QrobustError(f"{path} does not exist")
+        raise HarnessError(f"{path} does not exist")
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                raise QrobustError(f"{path}:{i} is not valid JSON: fix or regenerate the file") from None
+                raise HarnessError(f"{path}:{i} is not valid JSON: fix or regenerate the file") from None
     return rows
 
 
@@ -68,7 +68,7 @@ def execute_samples(samples: list[dict], task: Task, problems: list[Problem], wo
     for i, s in enumerate(samples):
         tid = normalise_task_id(task, s.get("task_id"))
         if tid not in by_id:
-            raise QrobustError(f"sample {i} has task_id {s.get('task_id')!r}, which is not in {task.name}: "
+            raise HarnessError(f"sample {i} has task_id {s.get('task_id')!r}, which is not in {task.name}: "
                                "check --benchmark")
         solution = s["solution"] if "solution" in s else task.solution(by_id[tid], s.get("completion", ""), style)
         if tid not in splits:
@@ -136,5 +136,5 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path) -> dict[str, dict]:
         out[bench_a.name] = {"problems": len(common), "pass@1_a": sum(a[t] for t in common) / len(common),
                              "pass@1_b": sum(b[t] for t in common) / len(common), **cmp.as_dict()}
     if not out:
-        raise QrobustError(f"{dir_a} and {dir_b} share no benchmark results: point both at `qrobust eval --out` dirs")
+        raise HarnessError(f"{dir_a} and {dir_b} share no benchmark results: point both at `qrobust eval --out` dirs")
     return out

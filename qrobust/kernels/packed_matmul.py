@@ -3,8 +3,8 @@
 Between the GEMV (a few rows) and dequantize-then-matmul (prefill), a batch of decoding rows is
 still memory bound: what matters is reading the packed words once and keeping enough programs
 in flight. Each program dequantizes its [BLOCK_K, BLOCK_N] weight tiles in registers on their
-way to tl.dot (as kernels.gptq_matmul's fused matmul does, with its unpacking helpers) over one
-of SPLIT_K slices of the inputs; with several slices the float32 partial sums are added up
+way to tl.dot (as kernels.dequant's fused matmul does, with kernels.layouts' unpacking helpers)
+over one of SPLIT_K slices of the inputs; with several slices the float32 partial sums are added up
 afterwards. packed_matmul_tiling picks the tiles and the split so that a layer of Qwen3-1.7B's
 shape (N of 1024 to 6144) has a few programs per SM.
 """
@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 # the fused matmul's unpacking helpers (Triton resolves a kernel's callees among its module's globals)
-from qrobust.kernels.gptq_matmul import _exact_float, _unpack_tile, _zeros, block_k
+from qrobust.kernels.launch import block_k
+from qrobust.kernels.layouts import _exact_float, _unpack_tile, _zeros
 
 
 @triton.jit
@@ -106,7 +107,7 @@ def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return y.to(x.dtype)
 
 
-# A custom op, as the other products (kernels.gptq_matmul): torch.compile treats it as one call.
+# A custom op, as the other products (kernels.ops): torch.compile treats it as one call.
 @torch.library.custom_op("qrobust::packed_matmul", mutates_args=())
 def packed_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                      g_idx: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,

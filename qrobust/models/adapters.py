@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.sanitize import cut_at_stop
 from qrobust.errors import QrobustError
 from qrobust.models.diffusion import (
     SamplerConfig, diffusion_generate, mask_tokens, masked_diffusion_loss, stratified_mask_ratios,
@@ -45,11 +46,6 @@ class BlockLayers:
     @property
     def names(self) -> list[str]:
         return [n for g in self.groups for n in g]
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 class ModelAdapter(ABC):

@@ -111,11 +111,11 @@ def use_attention_kernel(model: TransformerLM, on: bool = True) -> int:
 def use_pdl(model: TransformerLM, on: bool = True) -> int:
     """For inference on Hopper or later GPUs: the packed layers' GEMVs and the attention kernel
     launch as programmatic dependent launches, so each may start while the kernel before it
-    finishes, reading its weights before it waits for that kernel's outputs (kernels.gptq_matmul).
+    finishes, reading its weights before it waits for that kernel's outputs (kernels.gemv).
     Only for decoding, where nothing rewrites the weights between steps. Elsewhere nothing
     changes; on=False goes back. Returns how many layers changed."""
     from qrobust.kernels.decode_attention import decode_attention_op
-    from qrobust.kernels.gptq_matmul import pdl_supported
+    from qrobust.kernels import pdl_supported
 
     if not pdl_supported(model.device):
         return 0
@@ -130,7 +130,7 @@ def use_pdl(model: TransformerLM, on: bool = True) -> int:
 
 def use_half2(model: TransformerLM, on: bool = True) -> int:
     """The packed layers' GEMVs sum each chunk of 32 inputs two codes at a time in float16
-    (kernels.gptq_matmul._half2_sums) where they can (float16 activations, inputs in group order,
+    (kernels.gemv_tiles._half2_sums) where they can (float16 activations, inputs in group order,
     2, 3, 4 or 8 bits; QuantLinear.takes_half2): fewer instructions per code, at about twice the
     float32 sums' error (README: GPU performance). 3-bit layers repack their codes for it
     (QuantLinear.half2). on=False goes back. Returns how many layers changed."""

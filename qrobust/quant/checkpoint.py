@@ -17,17 +17,15 @@ from pathlib import Path
 
 import torch
 
-from qrobust import __version__
 from qrobust.errors import QrobustError
 from qrobust.models.adapters import ModelAdapter
 from qrobust.models.diffusion import SamplerConfig
-from qrobust.models.loading import (
-    _state_dict_from, _tokenizer, diffusion_adapter, hf_config_dict, unique_state_dict,
-)
+from qrobust.models.files import diffusion_adapter, hf_config_dict, load_tokenizer, state_dict_from, unique_state_dict
 from qrobust.models.transformer import TransformerConfig, TransformerLM
 from qrobust.quant.driver import LayerRecord, QuantizeConfig
 from qrobust.quant.grid import QuantSpec
 from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear, checkpoint_format, set_module
+from qrobust.version import __version__
 
 
 def _base_config(adapter: ModelAdapter) -> dict:
@@ -144,14 +142,14 @@ def load_quantized(path: str | Path, device: str = "cpu", sampler: SamplerConfig
         layer = QuantLinear(in_f, out_f, QuantSpec(**s), old.bias is not None, dtype)
         layer.format = fmt or layer.format  # how the stored zero points are offset
         set_module(model, name, layer)
-    state = _state_dict_from(path)
+    state = state_dict_from(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
         raise QrobustError(f"{path}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model = model.to(device).eval()
-    tokenizer = _tokenizer(path)
+    tokenizer = load_tokenizer(path)
     name = meta.get("base_model", str(path))
     if meta["kind"] == "diffusion":
         config = TransformerConfig.from_dict(meta.get("native_config") or cfg)

@@ -1,6 +1,6 @@
 """Which packed product a QuantLinear runs, by device, bit width and rows: one table.
 
-- gemv: kernels.gptq_matmul's GEMV, one pass over the packed words per few rows (decoding at
+- gemv: kernels.gemv's GEMV, one pass over the packed words per few rows (decoding at
   batch 1–4); it also carries the fused norms and split sums (models.decode.fuse_norms).
 - fused_matmul: kernels.packed_matmul, the weight tiles dequantized in registers on their way to
   the tensor cores, K split for parallelism (batched decoding: 5–64 rows), still memory bound.

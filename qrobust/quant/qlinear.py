@@ -170,7 +170,7 @@ class QuantLinear(nn.Module):
             return self._kernel_args != () and self._kernel_args[0] == device
         if not kernels_enabled(device) or self.qweight.device != device:
             return False
-        from qrobust.kernels.gptq_matmul import gemv_config, gemv_locks
+        from qrobust.kernels import gemv_config, gemv_locks
 
         gs, in_order = self._group_len(), self._in_group_order()
         try:
@@ -188,15 +188,15 @@ class QuantLinear(nn.Module):
         return (self.spec.bits, gs, FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits, c.num_warps)
 
     def _gemv_args(self, dtype: torch.dtype, swiglu: bool) -> tuple:
-        """What the GEMV ops (kernels.gptq_matmul) take after their inputs, for inputs of `dtype`."""
+        """What the GEMV ops (kernels.ops) take after their inputs, for inputs of `dtype`."""
         _, g_idx, _, _, locks = self._kernel_args
         return (self.qweight, self.scales, self.qzeros, g_idx, None if self.bias is None else self.bias.to(dtype),
                 locks, *self._tiling_args(), swiglu, self.pdl, self.half2, self.layout)
 
     def takes_half2(self, device: torch.device) -> bool:
         """Whether the GEMV on `device` sums codes two at a time in float16 for float16 inputs:
-        asked for (half2) and possible for this layer (kernels.gptq_matmul.half2_applies)."""
-        from qrobust.kernels.gptq_matmul import half2_applies
+        asked for (half2) and possible for this layer (kernels.layouts.half2_applies)."""
+        from qrobust.kernels import half2_applies
 
         return (self.half2 and self.uses_kernels(device)
                 and half2_applies(self.spec.bits, self._kernel_args[1] is not None, torch.float16, self.layout))
@@ -212,7 +212,7 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _gemv_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
-        from qrobust.kernels.gptq_matmul import gemv_op
+        from qrobust.kernels import gemv_op
 
         return gemv_op(rows, *self._gemv_args(rows.dtype, swiglu))
 
@@ -226,7 +226,7 @@ class QuantLinear(nn.Module):
         return interleaved_swiglu(y) if swiglu else y
 
     def _dequant_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
-        from qrobust.kernels.gptq_matmul import dequantize_op
+        from qrobust.kernels import dequantize_op
 
         _, g_idx, gs, _, _ = self._kernel_args
         w = dequantize_op(self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
@@ -255,7 +255,7 @@ class QuantLinear(nn.Module):
         if not (self.fuse_norm and self.uses_kernels(x.device) and self.packed_kernel(rows.shape[0], x.device) == "gemv"
                 and norm.weight.dtype == stream.dtype):
             return None
-        from qrobust.kernels.gptq_matmul import gemv_add_norm_op
+        from qrobust.kernels import gemv_add_norm_op
 
         x_rows = x.reshape(x.shape[0], *rows.shape) if x.dim() > stream.dim() else x.reshape(rows.shape)
         res = None if residual is None else rows
@@ -277,7 +277,7 @@ class QuantLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if not (self.leaves_split_sums(x.device) and self.packed_kernel(rows.shape[0], x.device) == "gemv"):
             return None
-        from qrobust.kernels.gptq_matmul import gemv_split_sums_op
+        from qrobust.kernels import gemv_split_sums_op
 
         g_idx, splits = self._kernel_args[1], self._kernel_args[3].splits
         sums = gemv_split_sums_op(rows, self.qweight, self.scales, self.qzeros, g_idx, *self._tiling_args(), self.pdl,
