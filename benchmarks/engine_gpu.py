@@ -140,8 +140,8 @@ def kernel_table_check(plan: Plan, device: str) -> list[dict]:
     bf16 nn.Linear of the same shape, 20 calls per timing (weights may partly stay in L2)."""
     cfg = config(plan, "ar")
     h, i = cfg.hidden_size, cfg.intermediate_size
-    shapes = {"q_proj": (h, cfg.num_attention_heads * cfg.head_dim), "k_proj": (h, cfg.num_key_value_heads * cfg.head_dim),
-              "gate_proj": (h, i), "down_proj": (i, h)}
+    shapes = {"q_proj": (h, cfg.num_attention_heads * cfg.head_dim),
+              "k_proj": (h, cfg.num_key_value_heads * cfg.head_dim), "gate_proj": (h, i), "down_proj": (i, h)}
     dtype = dtype_for(device)
     rows = []
     for name, (K, N) in shapes.items():
