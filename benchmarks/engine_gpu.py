@@ -32,7 +32,7 @@ from torch import nn
 
 from gpu_script import write_rows
 from qrobust.bench import QuantBench, random_lm, shape_config
-from qrobust.bench_generate import quantize_blocks_rtn
+from qrobust.bench_generate import model_bytes, quantize_blocks_rtn
 from qrobust.models.decode import sync
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
 from qrobust.models.transformer import TransformerConfig, TransformerLM
@@ -112,7 +112,7 @@ def ar_throughput(plan: Plan, device: str) -> list[dict]:
             rows.append({"bits": bits, "batch": batch, "new_tokens": plan.new_tokens, "tokens": tokens,
                          "seconds": seconds, "tokens_per_s": tokens / seconds,
                          "forward_passes": sum(b.forward_passes for b in out.batches),
-                         "weights_gib": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30})
+                         "weights_gib": model_bytes(model) / 2**30})
             print(f"  ar {bits:>2}-bit batch {batch:>3}: {tokens / seconds:9.1f} tok/s", flush=True)
         del model, engine
         release()
