@@ -32,7 +32,7 @@ from torch import nn
 
 from gpu_script import write_rows
 from qrobust.bench import QuantBench, random_lm, shape_config
-from qrobust.bench_generate import quantize_blocks_rtn
+from qrobust.bench_generate import model_bytes, quantize_blocks_rtn
 from qrobust.models.decode import sync
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
 from qrobust.models.transformer import TransformerConfig, TransformerLM
@@ -112,7 +112,7 @@ def ar_throughput(plan: Plan, device: str) -> list[dict]:
             rows.append({"bits": bits, "batch": batch, "new_tokens": plan.new_tokens, "tokens": tokens,
                          "seconds": seconds, "tokens_per_s": tokens / seconds,
                          "forward_passes": sum(b.forward_passes for b in out.batches),
-                         "weights_gib": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30})
+                         "weights_gib": model_bytes(model) / 2**30})
             print(f"  ar {bits:>2}-bit batch {batch:>3}: {tokens / seconds:9.1f} tok/s", flush=True)
         del model, engine
         release()
@@ -140,8 +140,8 @@ def kernel_table_check(plan: Plan, device: str) -> list[dict]:
     bf16 nn.Linear of the same shape, 20 calls per timing (weights may partly stay in L2)."""
     cfg = config(plan, "ar")
     h, i = cfg.hidden_size, cfg.intermediate_size
-    shapes = {"q_proj": (h, cfg.num_attention_heads * cfg.head_dim), "k_proj": (h, cfg.num_key_value_heads * cfg.head_dim),
-              "gate_proj": (h, i), "down_proj": (i, h)}
+    shapes = {"q_proj": (h, cfg.num_attention_heads * cfg.head_dim),
+              "k_proj": (h, cfg.num_key_value_heads * cfg.head_dim), "gate_proj": (h, i), "down_proj": (i, h)}
     dtype = dtype_for(device)
     rows = []
     for name, (K, N) in shapes.items():
