@@ -121,7 +121,9 @@ class DiffusionScorer:
         return F.log_softmax(logits, dim=-1).cpu().gather(-1, cont.expand(masks.shape[0], -1)[..., None])[..., 0]
 
     @torch.no_grad()
-    def score(self, context: list[int], continuation: list[int], device) -> tuple[float, bool]:
+    def score(self, context: list[int], continuation: list[int], device, greedy: bool = True) \
+            -> tuple[float, bool]:
+        """(ELBO estimate, is_greedy); greedy=False skips the extra forward pass and returns False."""
         if not context:
             raise QrobustError("a diffusion score needs at least one context token (lm-eval adds one)")
         seq = torch.tensor(context + continuation)
@@ -133,7 +135,7 @@ class DiffusionScorer:
             m = masks[lo:lo + self.batch_size]
             logp = self._log_probs(seq, m, start, device).double()
             total += float(((logp * m).sum(-1) * weights[lo:lo + self.batch_size]).sum())
-        return total / self.samples, self._greedy(seq, start, device)
+        return total / self.samples, greedy and self._greedy(seq, start, device)
 
     def _greedy(self, seq: torch.Tensor, start: int, device) -> bool:
         rows = seq.clone()[None]

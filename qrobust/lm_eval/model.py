@@ -98,13 +98,13 @@ class QrobustLM(TemplateLM):
                                                   continue_final_message=not add_generation_prompt)
 
     # ---- scoring -----------------------------------------------------------------------------
-    def _score_pairs(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool = True) \
-            -> list[tuple[float, bool]]:
+    def _score_pairs(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool = True,
+                     greedy: bool = True) -> list[tuple[float, bool]]:
         if self.kind == "ar":
             return ar_scores(self.adapter.logits, pairs, self.max_length, self.batch_size,
                              self.tokenizer.pad_token_id, self.adapter.device)
         fitted = [fit_window(c, x, self.max_length) for c, x in pairs]
-        return [self.scorer.score(c, x, self.adapter.device)
+        return [self.scorer.score(c, x, self.adapter.device, greedy)
                 for c, x in tqdm(fitted, desc="diffusion ELBO", disable=disable_tqdm)]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -121,7 +121,8 @@ class QrobustLM(TemplateLM):
             windows = list(map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
                 token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length, context_len=1)))
-            total = sum(score for score, _ in self._score_pairs([(list(c), list(x)) for c, x in windows]))
+            pairs = [(list(c), list(x)) for c, x in windows]
+            total = sum(score for score, _ in self._score_pairs(pairs, greedy=False))
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             out.append(total)
         return out

@@ -65,17 +65,18 @@ def _rank(key: str) -> str:
 
 
 def mbpp_choice_docs(**_metadata) -> dict:
-    """Multiple choice on MBPP's test split: after the 3-shot prompt, which of four reference
-    programs solves this problem? The distractors are the references of the three problems that
-    follow it (cyclically); the gold position is fixed by a hash of the task id."""
+    """Multiple choice on MBPP's test split: after the zero-shot prompt (the task and one test in a
+    docstring), which of four reference programs solves this problem? The distractors are the
+    references of the three problems that follow it (cyclically); the gold position is fixed by a
+    hash of the task id and the program text."""
     task = get_task("mbpp")
     problems = task.problems()
     rows = []
     for i, p in enumerate(problems):
         others = [problems[(i + d) % len(problems)].reference for d in range(1, MC_CHOICES)]
         choices = sorted([p.reference, *others], key=lambda c: _rank(p.task_id + c))
-        rows.append({"task_id": p.task_id, "prompt": task.prompt(p, "3shot"),
-                     "choices": [c + "\n[DONE]" for c in choices], "gold": choices.index(p.reference)})
+        rows.append({"task_id": p.task_id, "prompt": task.prompt(p, "zeroshot"),
+                     "choices": [c.strip() + "\n" for c in choices], "gold": choices.index(p.reference)})
     return _dataset(rows)
 
 
