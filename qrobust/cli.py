@@ -597,7 +597,7 @@ def _lm_eval_args(p: argparse.ArgumentParser) -> None:
 
 def _lm_eval(args: argparse.Namespace) -> int:
     from qrobust.lm_eval import QrobustLM
-    from qrobust.lm_eval.run import LmEvalConfig, run_lm_eval
+    from qrobust.lm_eval.run import LmEvalConfig, build_task_manager, run_lm_eval
 
     tasks = tuple(_csv(args.tasks))
     if not tasks:
@@ -609,13 +609,14 @@ def _lm_eval(args: argparse.Namespace) -> int:
     bits = parse_bits(args.bits) if args.bits else []
     if len(bits) > 1:
         raise QrobustError(f"one width per run, got --bits {args.bits}: run lm-eval once per width")
+    manager = build_task_manager(config)  # before the model loads: a mistyped task fails at once
     lm = QrobustLM(args.model, quantized=args.quantized, method=args.method, bits=bits[0] if bits else None,
                    plan=args.plan, group_size=args.group_size, nsamples=args.nsamples, calib_seqlen=args.calib_seqlen,
                    seed=args.seed, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                    max_length=args.max_length, estimator=args.estimator, mc_samples=args.mc_samples,
                    mc_batch_size=args.mc_batch_size, steps=args.steps, block_length=args.block_length, alg=args.alg,
                    work_dir=args.out)
-    results, table = run_lm_eval(lm, config, args.out)
+    results, table = run_lm_eval(lm, config, args.out, manager)
     from lm_eval.utils import make_table
 
     print(make_table(results))

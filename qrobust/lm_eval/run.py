@@ -34,12 +34,16 @@ class LmEvalConfig:
 
 
 def build_task_manager(config: LmEvalConfig):
-    """qrobust's tasks, plus lm-eval's built-in ones only when a requested task is not qrobust's."""
+    """qrobust's tasks and include_path, plus lm-eval's built-in ones only when a requested task is in neither."""
     from qrobust.lm_eval import qrobust_task_names, task_manager
 
     ours = set(qrobust_task_names())
-    needs_defaults = bool(config.include_path) or any(t not in ours for t in config.tasks)
-    manager = task_manager(config.include_path, include_defaults=needs_defaults)
+    mistyped = [t for t in config.tasks if t.startswith("qrobust_") and t not in ours and not config.include_path]
+    if mistyped:
+        raise QrobustError(f"unknown lm-eval task(s) {', '.join(mistyped)}: qrobust ships {', '.join(sorted(ours))}")
+    manager = task_manager(config.include_path, include_defaults=False)
+    if any(t not in manager.all_tasks for t in config.tasks):
+        manager = task_manager(config.include_path, include_defaults=True)
     unknown = [t for t in config.tasks if t not in manager.all_tasks]
     if unknown:
         raise QrobustError(f"unknown lm-eval task(s) {', '.join(unknown)}: qrobust ships {', '.join(sorted(ours))}; "
@@ -70,8 +74,9 @@ def tidy_rows(results: dict, lm) -> list[dict]:
     return rows
 
 
-def run_lm_eval(lm, config: LmEvalConfig, out_dir: str | Path) -> tuple[dict, Path]:
-    """Evaluate, write lm-eval's files and results.csv; returns (lm-eval's results, the csv path)."""
+def run_lm_eval(lm, config: LmEvalConfig, out_dir: str | Path, manager=None) -> tuple[dict, Path]:
+    """Evaluate, write lm-eval's files and results.csv; returns (lm-eval's results, the csv path).
+    manager: a TaskManager from build_task_manager(config), built here if not given."""
     import lm_eval
     import pandas as pd
     from lm_eval.loggers import EvaluationTracker
@@ -84,7 +89,7 @@ def run_lm_eval(lm, config: LmEvalConfig, out_dir: str | Path) -> tuple[dict, Pa
         gen_kwargs=config.gen_kwargs, apply_chat_template=config.apply_chat_template,
         fewshot_as_multiturn=config.fewshot_as_multiturn, system_instruction=config.system_instruction,
         bootstrap_iters=config.bootstrap_iters, log_samples=config.log_samples, evaluation_tracker=tracker,
-        task_manager=build_task_manager(config), confirm_run_unsafe_code=True, random_seed=config.seed,
+        task_manager=manager or build_task_manager(config), confirm_run_unsafe_code=True, random_seed=config.seed,
         numpy_random_seed=config.seed, torch_random_seed=config.seed, fewshot_random_seed=config.seed)
     samples = results.pop("samples", None) if config.log_samples else None
     tracker.general_config_tracker.model_name = lm.loaded.model
