@@ -116,16 +116,16 @@ def test_diffusion_estimates_are_seeded_and_converge(tiny_dirs):
     def estimate(estimator, samples, seed):
         scorer = DiffusionScorer(adapter.logits, adapter.mask_token_id, adapter.shift_logits, estimator, samples,
                                  batch_size=64, seed=seed)
-        return scorer.score(context, continuation, adapter.device)[0]
+        return scorer.score(context, continuation, adapter.device, greedy=False)[0]
 
     for estimator in ESTIMATORS:
         assert estimate(estimator, 8, 3) == estimate(estimator, 8, 3)
-        few = torch.tensor([estimate(estimator, 2, s) for s in range(8)])
-        many = torch.tensor([estimate(estimator, 64, s) for s in range(8)])
+        few = torch.tensor([estimate(estimator, 2, s) for s in range(6)])
+        many = torch.tensor([estimate(estimator, 32, s) for s in range(6)])
         assert (few < 0).all() and (many < 0).all()
         assert many.std() < few.std() / 2, estimator
         # Both estimate the same ELBO.
-        assert abs(many.mean() - few.mean()) < 3 * few.std() / 8 ** 0.5 + 1e-6
+        assert abs(many.mean() - few.mean()) < 3 * few.std() / 6 ** 0.5 + 1e-6
 
 
 class _ReferenceModel(LM):
