@@ -1,24 +1,23 @@
 #!/usr/bin/env bash
-# The committed lm-eval table: the built-in pair at full precision and GPTQ 2/3/4 bits (CPU, one thread).
-# Usage: bash results/lm-eval/run.sh [WORK_DIR]   (run from the repository root)
+# The committed lm-eval table: the built-in pair at full precision and GPTQ 2/3/4 bits (CPU, one thread per
+# config, JOBS configs at a time). Usage, from the repository root: bash results/lm-eval/run.sh [WORK_DIR]
 set -euo pipefail
 work=${1:-/tmp/qrobust-lm-eval-table}
-here=results/lm-eval
-tasks=qrobust_humaneval,qrobust_mbpp,qrobust_mbpp_choice,qrobust_heldout
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
-mkdir -p "$here/runs"
-for model in tiny-ar tiny-dllm; do
-  for target in fp16 2 3 4; do
-    name=$model-$([ "$target" = fp16 ] && echo fp16 || echo gptq-$target)
-    quant=$([ "$target" = fp16 ] && echo "" || echo "--method gptq --bits $target")
-    # --limit 8: the first 8 docs of each task (the 4 held-out documents are all used).
-    python -m qrobust.cli lm-eval --model "$model" $quant --tasks "$tasks" --limit 8 \
-      --gen-kwargs max_gen_toks=64 --mc-samples 16 --mc-batch-size 16 --bootstrap-iters 1000 \
-      --out "$work/$name" > "$work-$name.log" 2>&1
-    cp "$work/$name/results.csv" "$here/runs/$name.csv"
-    cp "$work"/$name/*/results_*.json "$here/runs/$name.json"
-  done
-done
+export LIMIT=${LIMIT:-4} MAX_GEN=${MAX_GEN:-32} MC=${MC:-8} TASKS=qrobust_humaneval,qrobust_mbpp,qrobust_mbpp_choice,qrobust_heldout
+mkdir -p "$work" results/lm-eval/runs
+one() {  # one config: MODEL TARGET (fp16 or a GPTQ width) WORK_DIR
+  local name=$1-$([ "$2" = fp16 ] && echo fp16 || echo gptq-$2) quant=""
+  [ "$2" = fp16 ] || quant="--method gptq --bits $2"
+  # --limit: the first LIMIT docs of each task (qrobust_heldout has 4 documents, all used).
+  python -m qrobust.cli lm-eval --model "$1" $quant --tasks "$TASKS" --limit "$LIMIT" \
+    --gen-kwargs "max_gen_toks=$MAX_GEN" --mc-samples "$MC" --mc-batch-size "$MC" --out "$3/$name" > "$3/$name.log" 2>&1
+  cp "$3/$name/results.csv" "results/lm-eval/runs/$name.csv"
+  cp "$3"/$name/*/results_*.json "results/lm-eval/runs/$name.json"
+}
+export -f one
+for m in tiny-dllm tiny-ar; do for t in fp16 2 3 4; do echo "$m $t"; done; done |
+  xargs -P "${JOBS:-2}" -L 1 bash -c 'one $0 $1 '"$work"
 python - <<'PY'
 import glob, pandas as pd
 rows = pd.concat([pd.read_csv(p) for p in sorted(glob.glob("results/lm-eval/runs/*.csv"))])
