@@ -42,13 +42,22 @@ class Loaded:
     bits: int
 
 
+def torch_dtype(name: str | None):
+    """A torch dtype by name; not imported from the CLI, which imports this package."""
+    import torch
+
+    dtype = getattr(torch, name, None) if name else None
+    if name and not isinstance(dtype, torch.dtype):
+        raise QrobustError(f"unknown dtype {name!r}: use float32, float16 or bfloat16")
+    return dtype
+
+
 def checkpoint_method(path: str | Path) -> str:
     meta = json.loads((Path(path) / "qrobust.json").read_text())
     return str(meta.get("quantization", {}).get("method", "gptq"))
 
 
 def load_target(spec: TargetSpec, work_dir: str | Path | None = None) -> Loaded:
-    from qrobust.cli import _dtype
     from qrobust.models import load_model
     from qrobust.probe import build_targets, target_for_checkpoint
 
@@ -63,7 +72,7 @@ def load_target(spec: TargetSpec, work_dir: str | Path | None = None) -> Loaded:
         target = target_for_checkpoint(spec.quantized)
         return Loaded(load_model(spec.quantized, device=spec.device), spec.model,
                       checkpoint_method(spec.quantized), target.bits)
-    base = load_model(spec.model, device=spec.device, dtype=_dtype(spec.dtype))
+    base = load_model(spec.model, device=spec.device, dtype=torch_dtype(spec.dtype))
     if not (spec.method or spec.plan):
         return Loaded(base, spec.model, BASELINE, 16)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="qrobust-lm-eval-"))
