@@ -209,3 +209,10 @@ def test_launcher_adds_qrobust_tasks(monkeypatch):
     from lm_eval.api.registry import get_model
 
     assert get_model("qrobust") is QrobustLM
+
+
+def test_cuda_default_of_lm_evals_cli_falls_back_to_cpu():
+    from qrobust.lm_eval.model import _device
+
+    assert _device("cuda") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert _device("cpu") == "cpu"

@@ -21,6 +21,15 @@ from qrobust.lm_eval.target import Loaded, TargetSpec, load_target
 DEFAULT_MAX_GEN_TOKS = 256
 
 
+def _device(name: str | None) -> str:
+    """lm-eval's CLI passes device='cuda' by default; like its `hf` model, fall back to the CPU without CUDA."""
+    import torch
+
+    if name is None or (str(name).startswith("cuda") and not torch.cuda.is_available()):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(name)
+
+
 def _max_length(adapter) -> int:
     config = getattr(adapter.model, "config", None)
     return int(getattr(config, "max_position_embeddings", None) or 2048)
@@ -42,7 +51,7 @@ class QrobustLM(TemplateLM):
     def __init__(self, model: str | None = None, adapter=None, quantized: str | None = None,
                  method: str | None = None, bits: int | None = None, plan: str | None = None,
                  group_size: int = 128, nsamples: int = 32, calib_seqlen: int = 512, seed: int = 0,
-                 device: str = "cpu", dtype: str | None = None, batch_size: int | str = 8,
+                 device: str | None = None, dtype: str | None = None, batch_size: int | str = 8,
                  max_batch_size: int | None = None, max_length: int | None = None, estimator: str = "count",
                  mc_samples: int = 32, mc_batch_size: int = 32, mc_seed: int = 0, steps: int | None = None,
                  block_length: int | None = None, alg: str | None = None, work_dir: str | None = None) -> None:
@@ -51,7 +60,7 @@ class QrobustLM(TemplateLM):
             if model is None:
                 raise QrobustError("QrobustLM needs model=NAME_OR_DIR (or adapter=a loaded ModelAdapter)")
             spec = TargetSpec(str(model), quantized, method, None if bits is None else int(bits), plan,
-                              int(group_size), int(nsamples), int(calib_seqlen), int(seed), device or "cpu", dtype)
+                              int(group_size), int(nsamples), int(calib_seqlen), int(seed), _device(device), dtype)
             loaded = load_target(spec, work_dir)
         else:
             loaded = Loaded(adapter, model or adapter.name, method or "fp16", int(bits or 16))
