@@ -568,6 +568,62 @@ def _attribute_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- lm-eval -----------------------------------------------------------------------------------
+def _lm_eval_args(p: argparse.ArgumentParser) -> None:
+    _target_args(p, several=False)
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated lm-eval tasks: qrobust_humaneval, qrobust_mbpp (+ _instruct), "
+                        "qrobust_mbpp_choice, qrobust_heldout, or any of lm-eval's")
+    p.add_argument("--limit", type=float, default=None, help="first K docs per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--gen-kwargs", default=None, help="lm-eval generation overrides, e.g. max_gen_toks=128")
+    p.add_argument("--apply-chat-template", action="store_true")
+    p.add_argument("--fewshot-as-multiturn", action="store_true")
+    p.add_argument("--system-instruction", default=None)
+    p.add_argument("--include-path", action="append", default=[], help="more lm-eval task folders")
+    p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval's stderr bootstrap (0: none)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
+    p.add_argument("--estimator", default="count", help="diffusion likelihood: count (LLaDA) or ratio (Dream)")
+    p.add_argument("--mc-samples", type=int, default=32, help="diffusion: masked copies per likelihood request")
+    p.add_argument("--mc-batch-size", type=int, default=32, help="diffusion: masked copies per forward pass")
+    p.add_argument("--steps", type=int, default=None, help="diffusion generation: denoising steps")
+    p.add_argument("--block-length", type=int, default=None, help="diffusion generation: block length")
+    p.add_argument("--alg", default=None, help="diffusion generation: confidence rule")
+    p.add_argument("--no-log-samples", action="store_true", help="skip lm-eval's per-sample files")
+    p.add_argument("--out", required=True)
+
+
+def _lm_eval(args: argparse.Namespace) -> int:
+    from qrobust.lm_eval import QrobustLM
+    from qrobust.lm_eval.run import LmEvalConfig, build_task_manager, run_lm_eval
+
+    tasks = tuple(_csv(args.tasks))
+    if not tasks:
+        raise QrobustError("no task given: use e.g. --tasks qrobust_humaneval,qrobust_mbpp")
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    config = LmEvalConfig(tasks, limit, args.num_fewshot, args.gen_kwargs, args.apply_chat_template,
+                          args.fewshot_as_multiturn, args.system_instruction, args.bootstrap_iters,
+                          not args.no_log_samples, args.include_path, args.seed)
+    bits = parse_bits(args.bits) if args.bits else []
+    if len(bits) > 1:
+        raise QrobustError(f"one width per run, got --bits {args.bits}: run lm-eval once per width")
+    manager = build_task_manager(config)  # before the model loads: a mistyped task fails at once
+    lm = QrobustLM(args.model, quantized=args.quantized, method=args.method, bits=bits[0] if bits else None,
+                   plan=args.plan, group_size=args.group_size, nsamples=args.nsamples, calib_seqlen=args.calib_seqlen,
+                   seed=args.seed, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                   max_length=args.max_length, estimator=args.estimator, mc_samples=args.mc_samples,
+                   mc_batch_size=args.mc_batch_size, steps=args.steps, block_length=args.block_length, alg=args.alg,
+                   work_dir=args.out)
+    results, table = run_lm_eval(lm, config, args.out, manager)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    print(f"wrote {table}")
+    return 0
+
+
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a sweep output directory")
     p.add_argument("--tolerance", type=float, default=0.02, help="allowed loss of the recommended config")
@@ -595,6 +651,7 @@ COMMANDS: dict[str, Command] = {
     "attribute": (_attribute_args, _attribute, "training-data influence of a full-precision or quantized model"),
     "attribute-compare": (_attribute_compare_args, _attribute_compare,
                           "rank agreement and bin-share shifts between two attribution runs"),
+    "lm-eval": (_lm_eval_args, _lm_eval, "lm-evaluation-harness tasks on a full-precision or quantized model"),
 }
 
 

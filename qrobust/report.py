@@ -236,6 +236,19 @@ def attribution_section(run: Path) -> list[str]:
             _md(table), ""]
 
 
+def lm_eval_section(run: Path) -> list[str]:
+    """lm-eval runs written under the sweep (`qrobust lm-eval --out RUN/lm-eval/NAME`): one row per config."""
+    paths = sorted((run / "lm-eval").glob("*/results.csv")) if (run / "lm-eval").exists() else []
+    if not paths:
+        return []
+    df = pd.concat([pd.read_csv(p) for p in paths])
+    table = df.pivot_table(index=["model", "method", "bits"], columns=["benchmark", "metric"], values="value")
+    table.columns = [f"{b} {m}" for b, m in table.columns]
+    return ["## lm-eval tasks", "", "From `qrobust lm-eval` (lm-eval's own files and per-metric CIs in "
+            "`lm-eval/NAME/`); diffusion likelihoods are Monte-Carlo ELBO bounds.", "",
+            _md(table.reset_index()), ""]
+
+
 def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
     run = Path(run_dir)
     if not (run / "configs").exists():
@@ -288,6 +301,7 @@ def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
         text += [f"### {title}", "", f"![{title}]({f})", ""]
     text += probe_section(run)
     text += attribution_section(run)
+    text += lm_eval_section(run)
     if failed:
         text += ["## Failed configs", ""] + [f"- `{f['id']}`: {f['error']}" for f in failed] + [""]
     (run / "report.md").write_text("\n".join(text))
