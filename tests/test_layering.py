@@ -36,6 +36,7 @@ UNITS = {
     "qrobust.bench": "studies",
     "qrobust.bench_generate": "studies",
     "qrobust.cli": "studies",
+    "qrobust.lm_eval": "studies",  # the lm-evaluation-harness backend
     "qrobust.probe": "studies",
     "qrobust.report": "studies",
     "qrobust.sweep": "studies",
