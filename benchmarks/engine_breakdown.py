@@ -95,7 +95,7 @@ def graph_time(fn, calls: int = 20, repeats: int = 5) -> float:
 def tilings(M: int, N: int, K: int, group_size: int) -> list[MatmulTiling]:
     default = packed_matmul_tiling(M, N, K, group_size, False)
     grid = [replace(default, block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st)
-            for bn, bk, sk, w, st in itertools.product((64, 128), (64, 128), (1, 2, 4, 8), (4, 8), (3,))
+            for bn, bk, sk, w, st in itertools.product((64, 128), (64, 128), (1, 4, 8), (4,), (3, 4))
             if K % (bk * sk) == 0 and bk % 32 == 0]
     return [default] + [t for t in grid if t != default]
 
@@ -160,7 +160,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     prof = [r for bits in (16, 4) for r in profile_steps(plan, bits, 64, args.profile_tokens)]
     write_rows(os.path.join(args.out, "engine_profile.json"), prof, part="profile")
-    tiles = tile_rows(plan, 64, (4, 2))
+    tiles = tile_rows(plan, 64, (4,))
     write_rows(os.path.join(args.out, "engine_tiles.json"), tiles, part="tiles")
     print("\n".join(summary(prof, tiles)))
 
