@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ClassVar, Sequence
 
 import torch
@@ -141,8 +141,10 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def _generate_batch(self, enc, max_new_tokens: int, stop: Sequence[str], temperature: float,
-                        top_p: float, generator: torch.Generator, on_step) -> tuple[list[str], list[int], int]:
-        """(texts, generated token counts, forward passes) for one tokenized, left-padded batch."""
+                        top_p: float, generator: torch.Generator, on_step,
+                        min_new_tokens: int = 0) -> tuple[list[str], list[int], int]:
+        """(texts, generated token counts, forward passes) for one tokenized, left-padded batch;
+        min_new_tokens: no row stops (end of text, stop sequence) before that many tokens."""
 
     def generate(
         self,
@@ -154,8 +156,10 @@ class ModelAdapter(ABC):
         seed: int = 0,
         batch_size: int = 8,
         on_step: Callable[[], None] | None = None,
+        min_new_tokens: int = 0,
     ) -> list[Generation]:
-        """Complete each prompt; the text is cut at the first stop sequence."""
+        """Complete each prompt; the text is cut at the first stop sequence. min_new_tokens =
+        max_new_tokens forces every generation to full length (benchmarks: upper-bound costs)."""
         tok = self.tokenizer
         tok.padding_side = "left"
         generator = torch.Generator().manual_seed(seed)
@@ -166,7 +170,7 @@ class ModelAdapter(ABC):
             enc = tok(chunk, return_tensors="pt", padding=True).to(self.device)
             t0 = time.perf_counter()
             texts, counts, passes = self._generate_batch(enc, max_new_tokens, stop, temperature, top_p,
-                                                         generator, on_step)
+                                                         generator, on_step, min_new_tokens)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
@@ -201,8 +205,12 @@ class ARAdapter(ModelAdapter):
     def calibration_inputs(self, input_ids, seed=0):
         return input_ids
 
-    def _generate_batch(self, enc, max_new_tokens, stop, temperature, top_p, generator, on_step):
+    def _generate_batch(self, enc, max_new_tokens, stop, temperature, top_p, generator, on_step, min_new_tokens=0):
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if min_new_tokens:
+            kwargs["min_new_tokens"] = min_new_tokens
+            if min_new_tokens >= max_new_tokens:
+                stop = ()  # full length: stop strings would end rows early; the text is still cut at them
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
@@ -254,9 +262,10 @@ class DiffusionAdapter(ModelAdapter):
         noisy, _ = mask_tokens(input_ids, t, self.mask_token_id, torch.Generator().manual_seed(seed + 1))
         return noisy
 
-    def _generate_batch(self, enc, max_new_tokens, stop, temperature, top_p, generator, on_step):
-        cfg = SamplerConfig(steps=self.sampler.steps, block_length=self.sampler.block_length,
-                            alg=self.sampler.alg, temperature=temperature, top_p=top_p)
+    def _generate_batch(self, enc, max_new_tokens, stop, temperature, top_p, generator, on_step, min_new_tokens=0):
+        # every response has max_new_tokens positions, denoised in the same steps whatever they hold:
+        # its cost does not depend on where the text ends, so min_new_tokens has nothing to force
+        cfg = replace(self.sampler, temperature=temperature, top_p=top_p)
         out, passes = diffusion_generate(self.logits, enc["input_ids"], enc["attention_mask"], max_new_tokens,
                                          self.mask_token_id, self.shift_logits, cfg, generator, on_step)
         texts, counts = [], []

@@ -74,7 +74,9 @@ class SamplerConfig:
 
     steps: denoising steps over the whole response; block_length: None for one block;
     alg: how confident a masked position is — 'confidence' (max prob), 'margin' (top1 − top2),
-    'entropy' (negative entropy) or 'random'; temperature 0 is greedy; top_p nucleus filter.
+    'entropy' (negative entropy) or 'random'; temperature 0 is greedy; top_p nucleus filter;
+    mode: 'exact' (the schedule above) or 'fast' (Fast-dLLM-style: commit every mask above
+    `threshold` confidence, at least one per step).
     """
 
     steps: int | None = None  # default: one token per step
@@ -82,10 +84,14 @@ class SamplerConfig:
     alg: str = "entropy"
     temperature: float = 0.0
     top_p: float = 1.0
+    mode: str = "exact"
+    threshold: float = 0.9
 
     def __post_init__(self) -> None:
         if self.alg not in ("confidence", "margin", "entropy", "random"):
             raise ValueError(f"unknown unmasking rule {self.alg!r}")
+        if self.mode not in ("exact", "fast"):
+            raise ValueError(f"unknown sampler mode {self.mode!r}")
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
