@@ -85,7 +85,7 @@ def build_pair(bench: StudyBench, root: Path, dtype: torch.dtype) -> dict[str, P
     dirs = {}
     for kind in bench.kinds:
         cfg = shape_config(QuantBench(shape=bench.shape, kind=kind, layers=bench.layers, vocab_size=bench.vocab_size))
-        model = random_lm(cfg, bench.device, bench.seed, dtype)
+        model = random_lm(cfg, bench.device, bench.seed, dtype).cpu()  # drawn on the device, saved from the host
         dirs[kind] = save_native(model, tokenizer, root / f"{bench.shape}-{kind}")
         del model
     return dirs
