@@ -155,16 +155,18 @@ def test_projection_adds_the_measured_rates_over_the_whole_study():
 
     rows = [row("bf16", 16, load=10.0, quantize=0.0, likelihood=1.0, generate=4.0, execute=2.0),
             row("gptq", 4, quantize=20.0, likelihood=1.0, generate=2.0, execute=2.0),
-            row("hawq", 4, hawq_analysis=60.0, quantize=30.0, likelihood=1.0, generate=6.0, execute=2.0)]
-    bench = StudyBench(kinds=("ar",), methods=("gptq", "hawq"), bits=(4,), generation={"max_new_tokens": 384})
+            row("hawq", 3, hawq_analysis=60.0, quantize=30.0, likelihood=1.0, generate=6.0, execute=2.0),
+            row("hawq", 4, hawq_analysis=0.001, quantize=30.0, likelihood=1.0, generate=6.0, execute=2.0)]
+    bench = StudyBench(kinds=("ar",), methods=("gptq", "hawq"), bits=(3, 4), generation={"max_new_tokens": 384})
     ar = project(rows, bench)["models"]["ar"]
-    # load + analysis once; baseline; gptq x3 and rtn x3 (mean of the quantized rows) and hawq x3, 664 problems
+    # load + analysis once (the cached second one adds nothing); baseline; gptq x3, hawq x3, and rtn x3 (the mean
+    # of the quantized rows), each over 664 problems
     per = {"full": (0.0, 1.0, 2.0, 1.0), "gptq": (20.0, 1.0, 1.0, 1.0), "hawq": (30.0, 1.0, 3.0, 1.0),
-           "rtn": (25.0, 1.0, 2.0, 1.0)}
+           "rtn": (80 / 3, 1.0, 7 / 3, 1.0)}
     counts = {"full": 1, "gptq": 3, "hawq": 3, "rtn": 3}
     each = sum(counts[k] * (q + lk + 664 * ex) for k, (q, lk, _, ex) in per.items())
     gen = sum(counts[k] * 664 * g for k, (_, _, g, _) in per.items())
-    assert ar["seconds_as_measured"] == pytest.approx(70.0 + each + gen)
+    assert ar["measured_configs"] == 4 and ar["seconds_as_measured"] == pytest.approx(70.0 + each + gen)
     assert ar["seconds_at_preset"] == pytest.approx(70.0 + each + 2 * gen)  # 768 / 384 new tokens
 
 
