@@ -10,8 +10,10 @@ program gets one tile, as the default tiling arranges).
                                     [--splits 1] [--swiglu] [--pdl] [--norm] [--half2] [--arch 90]
                                     [--out FILE.json]
 
-The kernel comes from whichever qrobust is imported (gptq_matmul.compile_gemv_for), so
-PYTHONPATH=<another checkout> compares another version of it.
+The kernel comes from whichever qrobust is imported (qrobust.kernels.compile_gemv_for), so
+PYTHONPATH=<another checkout> compares another version of it (one from before the kernels were
+split into modules, which had them in qrobust/kernels/gptq_matmul.py, with its own copy of this
+script).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 import triton
 
-from qrobust.kernels import gptq_matmul
+from qrobust.kernels import compile_gemv_for, half2_applies
 from qrobust.quant.pack import LAYOUTS, layout_applies
 
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
@@ -44,7 +46,7 @@ def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, s
                      BLOCK_K=block_k, SPLITS=splits, LAST_SUMS=True, SWIGLU=swiglu, ONE_TILE=True, PDL=pdl,
                      NORM=norm, HAS_RES=norm, K_POW2=triton.next_power_of_2(block_k * splits), X_SPLITS=1,
                      HALF2=half2, ASM=True)
-    return gptq_matmul.compile_gemv_for(arch, constants, num_warps=warps)
+    return compile_gemv_for(arch, constants, num_warps=warps)
 
 
 def nvidia_tool(name: str) -> str:
@@ -68,7 +70,7 @@ def sass_facts(cubin: bytes) -> tuple[collections.Counter, dict]:
 def describe(bits: int, block_n: int, block_k: int, warps: int, splits: int, arch: int, swiglu: bool = False,
              pdl: bool = False, norm: bool = False, half2: bool = False, layout: str = "gptq") -> dict:
     layout = layout if layout_applies(bits, layout) else "gptq"
-    half2 = half2 and gptq_matmul.half2_applies(bits, False, torch.float16, layout)
+    half2 = half2 and half2_applies(bits, False, torch.float16, layout)
     kernel = compile_gemv(bits, block_n, block_k, warps, arch, splits, swiglu, pdl, norm, half2, layout)
     ops, resources = sass_facts(kernel.asm["cubin"])
     codes_per_thread = block_n * block_k // (32 * warps)

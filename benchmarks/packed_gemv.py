@@ -108,7 +108,7 @@ def dense_us(w: torch.Tensor, x: torch.Tensor, device) -> float:
 
 def batched_rows(name: str, N: int, K: int, args, device) -> list[dict]:
     """fp16 matmul vs dequantize-then-matmul vs the fused kernel, at each --rows batch and width."""
-    from qrobust.kernels.gptq_matmul import gptq_dequantize, gptq_matmul
+    from qrobust.kernels import gptq_dequantize, gptq_matmul
 
     out = []
     torch.manual_seed(0)
@@ -136,7 +136,7 @@ def batched_rows(name: str, N: int, K: int, args, device) -> list[dict]:
 def gemv_rows(name: str, N: int, K: int, bits: int, layer: QuantLinear, nbytes: int, x: torch.Tensor,
               ref: torch.Tensor, base: float, args, device) -> list[dict]:
     """Our GEMV at the default tiling and at every combination asked for."""
-    from qrobust.kernels.gptq_matmul import gemv_config, gemv_locks, gptq_gemv
+    from qrobust.kernels import gemv_config, gemv_locks, gptq_gemv
 
     # the half2 sums read 3-bit codes in the pairs layout (qrobust.quant.pack), as QuantLinear.half2 repacks them
     layouts = {"gptq": layer.qweight, "pairs": repack_qweight(layer.qweight, bits, K, "gptq", "pairs")} \

@@ -1,25 +1,35 @@
 """Programs per second of the sandbox on the benchmarks' reference solutions.
 
-Prints, measured in the same run: a plain subprocess per program (no isolation, the baseline),
-the full sandbox with 1 worker, and the sandbox with N workers; and the ratios between them.
-Usage: python benchmarks/sandbox_throughput.py [--workers 2] [--limit 200]
+Prints, measured in the same run: a plain subprocess per program (solution and tests in one
+interpreter, no isolation: the baseline); the sandbox running each problem as `qrobust eval`
+does (isolated: tests and solution in separate processes, unless its tests need the solution's
+objects) with 1 and with N workers; and, with --in-process, the sandbox running every problem
+as one program (the way all of them ran before isolated runs existed). Besides programs/s, each
+line gives the CPU milliseconds per program of everything the runs started (user + system, from
+the reaped children's rusage): on a shared machine this moves far less with the load than
+programs/s does.
+Usage: PYTHONPATH=. python benchmarks/sandbox_throughput.py [--workers 2] [--limit 200] [--in-process]
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import Limits, Sandbox, get_task
+from harness import IsolatedProgram, Limits, Sandbox, get_task
+from harness.execute import runnable
 
 
-def programs(limit: int) -> list[str]:
+def programs(limit: int) -> list[tuple[str, str | IsolatedProgram]]:
+    """(whole program, what the sandbox runs) for each reference solution."""
     out = []
     for name in ("humaneval", "mbpp"):
         task = get_task(name)
-        out += [task.program(p, p.reference) for p in task.problems()]
+        out += [(task.program(p, p.reference), runnable(task, p, p.reference, task.isolated_tests(p)))
+                for p in task.problems()]
     return out[:limit]
 
 
@@ -28,29 +38,46 @@ def plain(program: str) -> bool:
                           timeout=10).returncode == 0
 
 
-def rate(fn, progs: list[str], workers: int) -> tuple[float, int]:
-    t0 = time.perf_counter()
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rate(fn, progs, workers: int) -> tuple[float, float, int]:
+    """programs/s, CPU ms per program, programs passed."""
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     with ThreadPoolExecutor(workers) as pool:
         ok = sum(map(bool, pool.map(fn, progs)))
-    return len(progs) / (time.perf_counter() - t0), ok
+    return len(progs) / (time.perf_counter() - t0), 1000 * (_children_cpu() - cpu0) / len(progs), ok
+
+
+def show(label: str, result: tuple[float, float, int], ratio: str = "") -> None:
+    per_s, cpu_ms, ok = result
+    print(f"{label:<28}: {per_s:6.1f} programs/s {cpu_ms:6.1f} CPU ms/program  ({ok} passed)  {ratio}".rstrip())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--in-process", action="store_true", help="also run every problem as one program in the sandbox")
     args = ap.parse_args()
-    progs = programs(args.limit)
+    whole, runs = zip(*programs(args.limit))
     sandbox = Sandbox(Limits(timeout=10))
-    base, ok0 = rate(plain, progs, 1)
-    one, ok1 = rate(lambda p: sandbox.run(p).passed, progs, 1)
-    many, ok2 = rate(lambda p: sandbox.run(p).passed, progs, args.workers)
-    print(f"programs: {len(progs)}  isolation: {sandbox.isolation}")
-    print(f"plain subprocess, 1 worker : {base:6.1f} programs/s  ({ok0} passed)")
-    print(f"sandbox, 1 worker          : {one:6.1f} programs/s  ({ok1} passed)  ratio vs plain {one / base:.2f}")
-    print(f"sandbox, {args.workers} workers         : {many:6.1f} programs/s  ({ok2} passed)  "
-          f"ratio vs 1 worker {many / one:.2f}")
+    isolated = sum(isinstance(r, IsolatedProgram) for r in runs)
+    print(f"programs: {len(runs)} ({isolated} isolated, {len(runs) - isolated} in-process)  "
+          f"sandbox: {sandbox.isolation}")
 
+    def run(program) -> bool:
+        return sandbox.run(program).passed
+
+    base, one, many = rate(plain, whole, 1), rate(run, runs, 1), rate(run, runs, args.workers)
+    show("plain subprocess, 1 worker", base)
+    show("sandbox, 1 worker", one, f"ratio vs plain {one[0] / base[0]:.2f}")
+    show(f"sandbox, {args.workers} workers", many, f"ratio vs 1 worker {many[0] / one[0]:.2f}")
+    if args.in_process:
+        old = rate(run, whole, 1)
+        show("sandbox in-process, 1 worker", old, f"isolated / in-process {one[0] / old[0]:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -3,10 +3,21 @@
 Each program gets: new network, PID, mount and IPC namespaces (no network; everything it
 starts dies with it; a private /tmp), an unprivileged uid when we run as root, rlimits on CPU
 seconds, address space, file size, processes and open files, its own working directory, a
-scrubbed environment, and a wall-clock timeout that kills its whole process group. A program
-passes only if it writes a fresh random token to a pipe after its last test, so exiting early
-with status 0 (sys.exit(0), os._exit(0)) is a failure. Where the kernel refuses namespaces,
-the same limits apply without them and results say which isolation was in force.
+scrubbed environment, and a wall-clock timeout that kills its whole process group. Where the
+kernel refuses namespaces, the same limits apply without them and results say which isolation
+was in force.
+
+Two ways to run, in those same namespaces and limits:
+- an IsolatedProgram (the default for benchmark problems): the tests run in a trusted process
+  and the candidate's solution in a separate untrusted one, under another uid, that serves the
+  calls the tests make; only plain data crosses (harness/_wire.py). The trusted process alone
+  holds the verdict pipe and its fresh random token, and writes the token only when the test
+  code has run to its end, so nothing the candidate does to its own interpreter reaches the
+  comparisons or the verdict (docs/sandbox.md);
+- a plain program (solution and tests in one interpreter, "in-process"): for the tests that
+  need the solution's own objects. It passes only if it writes the token to the pipe after its
+  last test, so exiting early with status 0 is a failure; but a hostile program can find the
+  token in its own source, so these results are marked.
 """
 from __future__ import annotations
 
@@ -26,6 +37,7 @@ from pathlib import Path
 LAUNCHER = Path(__file__).with_name("_launcher.py")
 STATUSES = ("passed", "failed", "timeout", "memory", "crashed")
 _UID_BASE = 61000  # one uid per worker slot, so process limits do not interfere
+_CANDIDATE_UID_BASE = 62000  # the untrusted half of an isolated run: another uid per slot
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,15 @@ class Limits:
     file_bytes: int = 16 << 20
     processes: int = 64
     open_files: int = 128
+
+
+@dataclass(frozen=True)
+class IsolatedProgram:
+    """A solution and the tests that judge it, to run in separate processes: `tests` runs in
+    the trusted one with each name in `calls` bound to a proxy for the solution's function."""
+    solution: str
+    tests: str
+    calls: tuple[str, ...]
 
 
 @dataclass
@@ -90,7 +111,7 @@ class Sandbox:
         with self._lock:
             self._slots.remove(slot)
 
-    def run(self, program: str, timeout: float | None = None) -> ExecResult:
+    def run(self, program: str | IsolatedProgram, timeout: float | None = None) -> ExecResult:
         timeout = timeout or self.limits.timeout
         slot = self._slot()
         try:
@@ -98,32 +119,44 @@ class Sandbox:
         finally:
             self._release(slot)
 
-    def _run(self, program: str, timeout: float, slot: int) -> ExecResult:
+    def _run(self, program: str | IsolatedProgram, timeout: float, slot: int) -> ExecResult:
         token = secrets.token_hex(16)
         read_fd, write_fd = os.pipe()
         host_dir = tempfile.mkdtemp(prefix="qrobust-sbx-")
         stderr_path = os.path.join(host_dir, "stderr")
-        uid = _UID_BASE + slot if self.drop_uid else None
+        isolated = isinstance(program, IsolatedProgram)
+        workdir = "/tmp/sandbox" if self.prefix else os.path.join(host_dir, "work")
         cfg = {
-            "python": sys.executable, "private_tmp": self.prefix is not None,
-            "workdir": None if self.prefix else os.path.join(host_dir, "work"), "uid": uid,
+            "mode": "split" if isolated else "program",
+            "python": sys.executable, "private_tmp": self.prefix is not None, "workdir": workdir,
+            "uid": _UID_BASE + slot if self.drop_uid else None,
+            "candidate_uid": _CANDIDATE_UID_BASE + slot if self.drop_uid else None,
+            "verdict_fd": write_fd,
             "cpu_seconds": int(timeout) + 1, "memory_bytes": self.limits.memory_bytes,
             "file_bytes": self.limits.file_bytes, "processes": self.limits.processes,
             "open_files": self.limits.open_files,
             "expose": sorted({os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}),
         }
-        footer = f"\nimport os as _qr_os\n_qr_os.write({write_fd}, b'{token}')\n"
+        if isolated:
+            stdin = json.dumps({"token": token, "solution": program.solution, "tests": program.tests,
+                                "calls": list(program.calls)})
+        else:
+            stdin = program + f"\nimport os as _qr_os\n_qr_os.write({write_fd}, b'{token}')\n"
+        # The launcher and everything it forks see only this environment (the isolated run's
+        # processes are forks, not fresh interpreters given a new one).
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
         cmd = (self.prefix or []) + [sys.executable, "-I", str(LAUNCHER), json.dumps(cfg)]
         t0 = time.perf_counter()
         timed_out = False
         try:
             with open(stderr_path, "wb") as err:
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
-                                        pass_fds=(write_fd,), start_new_session=True)
+                                        pass_fds=(write_fd,), start_new_session=True, env=env)
                 os.close(write_fd)
                 write_fd = -1
                 try:
-                    proc.communicate((program + footer).encode(), timeout=timeout)
+                    proc.communicate(stdin.encode(), timeout=timeout)
                 except subprocess.TimeoutExpired:
                     timed_out = True
                 finally:

@@ -9,10 +9,15 @@ from __future__ import annotations
 import ast
 import re
 import warnings
-
-from qrobust.models.adapters import cut_at_stop
+from typing import Sequence
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """text up to the first of the stop sequences in it (all of it if none is)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
 
 
 def strip_fences(text: str) -> str:

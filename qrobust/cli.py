@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Callable
 
-from qrobust.errors import QrobustError
+from qrobust.errors import USER_ERRORS, QrobustError
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 DTYPE_HELP = "float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)"
@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except QrobustError as e:
+    except USER_ERRORS as e:
         print(f"qrobust: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

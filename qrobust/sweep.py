@@ -280,9 +280,17 @@ def _guarded(job: Job, config: SweepConfig, out_dir: Path, cache: dict, progress
                 "traceback": traceback.format_exc(limit=5)}
 
 
+# A config whose Ray worker dies (killed, out of memory, node lost) runs again up to this many
+# times; exceptions inside a config are not retried (_guarded records them as failed).
+RAY_MAX_RETRIES = 3
+
+
 def ray_executor(jobs: list[Job], config: SweepConfig, out_dir: Path, on_done: Callable[[Job, dict], None],
-                 ray_address: str | None = None, progress: bool = True) -> None:
-    """Each config as a Ray task (one GPU each when the device is CUDA) on a Ray cluster."""
+                 ray_address: str | None = None, progress: bool = True, run: Callable[[Job], dict] | None = None,
+                 max_retries: int = RAY_MAX_RETRIES) -> None:
+    """Each config as a Ray task (one GPU each when the device is CUDA) on a Ray cluster; each
+    record reaches on_done (which writes it) as soon as its task ends. run: what a task does
+    with its job (default: the config itself, as the local executor runs it)."""
     try:
         import ray
     except ImportError:
@@ -291,16 +299,27 @@ def ray_executor(jobs: list[Job], config: SweepConfig, out_dir: Path, on_done: C
     if started_here:  # a local instance when no address is given; workers must import qrobust
         ray.init(address=ray_address, log_to_driver=False, include_dashboard=False)
     gpus = 1 if config.device.startswith("cuda") else 0
-    task = ray.remote(num_gpus=gpus, max_retries=0)(lambda j: _guarded(j, config, out_dir, {}))
+    run = run or (lambda j: _guarded(j, config, out_dir, {}))
+    task = ray.remote(num_gpus=gpus, max_retries=max_retries)(run)
     pending = {task.remote(j): j for j in jobs}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                on_done(pending.pop(ref), ray.get(ref))
+                job = pending.pop(ref)
+                on_done(job, _ray_result(ray, ref, job, max_retries))
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _ray_result(ray, ref, job: Job, max_retries: int) -> dict:
+    """The task's record, or a failed one when its worker died on every attempt (the sweep goes on)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as e:
+        return {"status": "failed", "id": job.id, "job": asdict(job),
+                "error": f"Ray worker lost on all {max_retries + 1} attempts: {type(e).__name__}: {str(e)[:500]}"}
 
 
 EXECUTORS = {"local": local_executor, "ray": ray_executor}

@@ -184,6 +184,44 @@ def test_validation_removes_the_top_bin_and_a_random_set_of_the_same_size():
     assert chosen == random_removal(counts, 150, random.Random(0))  # a seeded draw
 
 
+def test_validation_plans_shared_and_separate_top_bins_with_the_minimal_tests_first():
+    from qrobust.attribution.validate import plan_variants
+
+    counts = np.array([100, 50, 50, 200, 10, 40, 80, 70])
+    shared = plan_variants({"fp": {0, 1}, "gptq4": {0, 1}}, counts, draws=3)
+    assert [v.kind for v in shared] == ["full", "top bin", "random", "random", "random"]
+    assert all(v.targets == ("fp", "gptq4") for v in shared)
+    split = plan_variants({"fp": {0, 1}, "gptq4": {3}}, counts, draws=3)
+    assert [(v.kind, v.targets) for v in split[:7]] == [
+        ("full", ("fp", "gptq4")), ("top bin", ("fp",)), ("random", ("fp",)), ("random", ("fp",)),
+        ("top bin", ("gptq4",)), ("random", ("gptq4",)), ("random", ("gptq4",))]
+    assert len(split) == 9 and split[1].removed == {0, 1} and split[4].removed == {3}
+    for v in split:  # each random draw matches its own bin's tokens
+        if v.kind == "random":
+            target = 150 if v.targets == ("fp",) else 200
+            assert target <= counts[list(v.removed)].sum() < target + counts.max()
+
+
+def test_validation_summary_compares_the_top_bin_rise_with_the_random_draws():
+    from qrobust.attribution.validate import plan_variants, summarize
+
+    counts = np.array([100, 50, 50, 200, 10, 40, 80, 70])
+    variants = plan_variants({"fp": {0, 1}}, counts, draws=2)
+    base = np.array([1.0, 2.0, 3.0, 4.0])
+    rises = {"full": 0.0, "top bin": 0.5}
+    random_rises = iter([0.1, 0.2])
+    done = {}
+    for v in variants:
+        shift = rises[v.kind] if v.kind in rises else next(random_rises)
+        done[v.name] = {"per_query": {"fp:humaneval": (base + shift).tolist()}}
+    summary = summarize(variants, dict(list(done.items())[:2]), {"fp": {"top_bin": "a"}}, "humaneval")
+    assert summary["fp"]["rise_without_top_bin"] == pytest.approx(0.5) and "passed" not in summary["fp"]
+    fp = summarize(variants, done, {"fp": {"top_bin": "a"}}, "humaneval")["fp"]
+    assert fp["random_rises"] == pytest.approx([0.1, 0.2]) and fp["passed"] is True
+    assert fp["rise_without_top_bin_ci"] == pytest.approx([0.5, 0.5])
+    assert fp["z_over_random"] == pytest.approx((0.5 - 0.15) / np.std([0.1, 0.2], ddof=1))
+
+
 def test_batched_ar_features_equal_one_window_at_a_time(tiny_dirs):
     adapter = load_model(str(tiny_dirs["ar"]))
     texts = ["def f(x):\n    return x * 2\n", "import os\nprint(os.sep)\n" * 5, "class A:\n    pass\n" * 3]

@@ -66,3 +66,13 @@ def test_parse_bits():
     for bad in ("5", "2,x", ""):
         with pytest.raises(QrobustError):
             parse_bits(bad)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["execute", "MISSING", "--benchmark", "humaneval"], "does not exist"),
+    (["execute", "MISSING", "--benchmark", "nope"], "unknown benchmark"),
+])
+def test_harness_errors_are_reported_as_ours(tmp_path, capsys, argv, message):
+    """The harness has its own error type (it imports nothing of qrobust); the CLI reports it the same way."""
+    code, _, err = run(capsys, *[str(tmp_path / "missing.jsonl") if a == "MISSING" else a for a in argv])
+    assert code == 2 and err.startswith("qrobust: ") and message in err and len(err.splitlines()) == 1

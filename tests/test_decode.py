@@ -228,14 +228,14 @@ def test_norms_fused_into_the_gemvs_decode_the_same_tokens(monkeypatch):
     (here, with 64-deep tiles) leaves its split sums for the next block's q/k/v product or, in
     the last block, for the final norm: the same tokens again."""
     from qrobust import kernels
-    from qrobust.kernels import gptq_matmul
+    from qrobust.kernels import gemv, ops
     from qrobust.models.decode import fuse_norms, fuse_projections
 
     if not kernels.supports(DEVICE):
         pytest.skip("Triton cannot run here")
-    config = gptq_matmul.gemv_config  # before any layer on a GPU caches its tiling
-    monkeypatch.setattr(gptq_matmul, "gemv_config", lambda K, group_size, act_order: config(K, group_size, act_order)
-                        if K <= 64 else gptq_matmul.GemvConfig(32, 64, K // 64, 1))
+    config = gemv.gemv_config  # before any layer on a GPU caches its tiling
+    monkeypatch.setattr(gemv, "gemv_config", lambda K, group_size, act_order: config(K, group_size, act_order)
+                        if K <= 64 else gemv.GemvConfig(32, 64, K // 64, 1))
     model = _model()
     with torch.no_grad():
         for block in model.model.layers:  # norms that are not the identity
@@ -250,10 +250,10 @@ def test_norms_fused_into_the_gemvs_decode_the_same_tokens(monkeypatch):
 
     monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
     calls, split_calls = [], []
-    fused_op, split_op = gptq_matmul.gemv_add_norm_op, gptq_matmul.gemv_split_sums_op
-    monkeypatch.setattr(gptq_matmul, "gemv_add_norm_op",
+    fused_op, split_op = ops.gemv_add_norm_op, ops.gemv_split_sums_op
+    monkeypatch.setattr(ops, "gemv_add_norm_op",
                         lambda *args: calls.append((args[1] is None, args[0].dim())) or fused_op(*args))
-    monkeypatch.setattr(gptq_matmul, "gemv_split_sums_op", lambda *args: split_calls.append(1) or split_op(*args))
+    monkeypatch.setattr(ops, "gemv_split_sums_op", lambda *args: split_calls.append(1) or split_op(*args))
     assert fuse_norms(model) == 2 * 3
     leaving = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)
                and m.leaves_split_sums(torch.device(DEVICE))}
@@ -274,7 +274,7 @@ def test_pdl_decodes_the_same_tokens():
     """Programmatic dependent launches change when kernels start, not what they compute: greedy
     tokens stay the same, bit for bit, on a Hopper GPU; elsewhere use_pdl changes nothing."""
     from qrobust import kernels
-    from qrobust.kernels.gptq_matmul import pdl_supported
+    from qrobust.kernels import pdl_supported
     from qrobust.models.decode import use_attention_kernel, use_pdl
 
     model = _model()
@@ -300,7 +300,7 @@ def test_half2_runs_the_gemvs_of_float16_models_on_its_sums(monkeypatch):
     to the GPTQ layout's words with half2 off), and the logits are the torch path's up to float16
     rounding."""
     from qrobust import kernels
-    from qrobust.kernels import gptq_matmul
+    from qrobust.kernels import ops
     from qrobust.models.decode import use_half2
 
     if not kernels.supports(DEVICE):
@@ -317,8 +317,8 @@ def test_half2_runs_the_gemvs_of_float16_models_on_its_sums(monkeypatch):
         expected = model(ids).float()
     monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
     calls = []
-    op = gptq_matmul.gemv_op
-    monkeypatch.setattr(gptq_matmul, "gemv_op", lambda *args: calls.append(args[-2:]) or op(*args))
+    op = ops.gemv_op
+    monkeypatch.setattr(ops, "gemv_op", lambda *args: calls.append(args[-2:]) or op(*args))
     packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
     gptq_words = model.model.layers[1].mlp.down_proj.qweight.clone()
     assert use_half2(model) == len(packed) == 14

@@ -55,7 +55,7 @@ CASES = [(4, 128, True, False), (3, 64, False, False), (2, 32, True, True), (8, 
 
 @pytest.mark.parametrize("bits,group_size,sym,shuffled", CASES)
 def test_gemv_and_dequantize_match_the_torch_dequantization(bits, group_size, sym, shuffled):
-    from qrobust.kernels.gptq_matmul import gemv_locks, gptq_dequantize, gptq_gemv
+    from qrobust.kernels import gemv_locks, gptq_dequantize, gptq_gemv
 
     layer = _layer(bits, group_size, sym, shuffled)
     K = layer.in_features
@@ -81,7 +81,7 @@ def test_float32_sums_read_16_bit_inputs_as_words(dtype, shuffled):
     """3 bits in the GPTQ layout (no half2 plan) with 16-bit inputs: the float32 sums take each
     input out of the chunk's words (_x_words, _half_of), low half first, float16 and bfloat16
     alike; a view whose rows start off 16 bytes is copied first (aligned_rows)."""
-    from qrobust.kernels.gptq_matmul import gptq_gemv
+    from qrobust.kernels import gptq_gemv
 
     layer = _layer(3, 64, False, shuffled, bias=False, N=64)
     K = layer.in_features
@@ -99,7 +99,7 @@ def test_float32_sums_read_16_bit_inputs_as_words(dtype, shuffled):
 def test_gemv_tiles_may_cut_groups_of_whole_chunks():
     """Groups of 96 inputs (three chunks of 32): tiles of 128 start mid-group; without a tiling
     given, gemv_config's: three K-splits of 128 (384 has no deeper power-of-two divisor)."""
-    from qrobust.kernels.gptq_matmul import gptq_gemv
+    from qrobust.kernels import gptq_gemv
 
     layer = _layer(3, 96, False, False, K=384)
     x = torch.randn(1, 384, device=DEVICE)
@@ -114,7 +114,7 @@ def test_gemv_applies_swiglu_to_interleaved_gate_and_up(bits):
     """A gate and an up layer interleaved into one: the GEMV's silu(gate)·up output equals torch's
     on the separate layers, in one split, with the last split adding up, and with a second kernel;
     a layer on the torch path (CPU default) gives the same through forward_swiglu."""
-    from qrobust.kernels.gptq_matmul import gemv_locks, gptq_gemv
+    from qrobust.kernels import gemv_locks, gptq_gemv
 
     gate, up = _layer(bits, 64, False, False, N=64), _layer(bits, 64, False, False, N=64, seed=1)
     fused = QuantLinear.concat([gate, up], interleave=True)
@@ -138,7 +138,7 @@ def test_gemv_adds_the_residual_and_normalizes_in_its_prologue(swiglu, shuffled)
     and in several (each program normalizing its split of the row, the last one or a second
     kernel adding up), for two rows, with SwiGLU's activation on the way out too, and for an
     act-order layer (two splits only: slow to interpret)."""
-    from qrobust.kernels.gptq_matmul import AddNorm, gemv_locks, gptq_gemv_add_norm
+    from qrobust.kernels import AddNorm, gemv_locks, gptq_gemv_add_norm
     from qrobust.models.transformer import RMSNorm
 
     layer = _layer(4, 64, False, shuffled, N=64, bias=False)
@@ -171,7 +171,7 @@ def test_split_sums_feed_the_next_gemvs_norm_as_the_added_product_would(dtype):
     gptq_gemv_add_norm adds up in its prologue: the same h and outputs, bit for bit, as adding
     the splits first (locks) and passing the product; without a residual, or with locks, SwiGLU
     or one split, split sums are refused."""
-    from qrobust.kernels.gptq_matmul import AddNorm, gemv_locks, gptq_gemv, gptq_gemv_add_norm, gptq_gemv_split_sums
+    from qrobust.kernels import AddNorm, gemv_locks, gptq_gemv, gptq_gemv_add_norm, gptq_gemv_split_sums
     from qrobust.models.transformer import RMSNorm
 
     down, up = _layer(4, 64, False, False, N=128, K=256, bias=False), _layer(4, 64, False, False, N=64, K=128,
@@ -211,7 +211,7 @@ def test_half2_pairs_take_every_code_of_a_chunk_once_from_its_place(bits, layout
     says: every code once, each within float16 1024's mantissa (t + b ≤ 10); in the GPTQ layout
     word by word (_half2_sums reads a word's inputs together), in the pairs layout inputs 2i and
     2i + 1 together (one word of x, no permutation). 3 bits have no plan in the GPTQ layout."""
-    from qrobust.kernels.gptq_matmul import half2_pairs
+    from qrobust.kernels.layouts import half2_pairs
     from qrobust.quant.pack import pack_qweight
 
     q = torch.randint(0, 2 ** bits, (1, 32), generator=torch.Generator().manual_seed(bits))
@@ -232,7 +232,7 @@ def _half2_reference(x: torch.Tensor, layer: QuantLinear, group_size: int) -> to
     """x [M, K] (float16) times the layer as the half2 sums compute it, in float64 but for their
     float16 roundings: per chunk of 32 inputs, d = (q − 2ᵇ⁻¹)/2ᵇ⁻¹ times x added pair by pair
     (half2_pairs' order) into two float16 sums, rounded at each step."""
-    from qrobust.kernels.gptq_matmul import half2_pairs
+    from qrobust.kernels.layouts import half2_pairs
 
     bits = layer.spec.bits
     half = 2 ** (bits - 1)
@@ -262,7 +262,7 @@ def test_half2_gemv_rounds_its_float16_sums_as_planned(bits):
     one K-split and in two; the float32 sums (no half2) are tens of spacings away at these
     sizes, so the half2 path ran. Float32 inputs fall back to the float32 sums. 3 bits: in the
     pairs layout (the GPTQ layout has no plan)."""
-    from qrobust.kernels.gptq_matmul import gemv_locks, gptq_gemv
+    from qrobust.kernels import gemv_locks, gptq_gemv
 
     layer = _layer(bits, 64, False, False, bias=False, N=64)
     layer.half2 = True
@@ -289,7 +289,7 @@ def test_kernels_read_the_3_bit_pairs_layout_as_the_gptq_layout(shuffled):
     """The same 3-bit codes packed in the pairs layout give the GPTQ layout's results exactly:
     the dequantization, the fused matmul, and the GEMV's float32 sums (same codes, same order of
     additions), act-order included; a layout the width lacks is refused."""
-    from qrobust.kernels.gptq_matmul import gptq_dequantize, gptq_gemv, gptq_matmul
+    from qrobust.kernels import gptq_dequantize, gptq_gemv, gptq_matmul
     from qrobust.quant.pack import repack_qweight
 
     layer = _layer(3, 64, False, shuffled, N=64)
@@ -314,7 +314,7 @@ def test_kernels_read_the_3_bit_pairs_layout_as_the_gptq_layout(shuffled):
 def test_rows_for_the_half2_reads_start_at_16_bytes():
     """aligned_rows leaves aligned rows alone and copies a view whose first row (or whose row
     stride) is off 16 bytes, values unchanged: the half2 sums read x 16 bytes at a time."""
-    from qrobust.kernels.gptq_matmul import aligned_rows
+    from qrobust.kernels.gemv import aligned_rows
 
     x = torch.randn(3, 40).half()
     assert aligned_rows(x) is x
@@ -326,7 +326,7 @@ def test_rows_for_the_half2_reads_start_at_16_bytes():
 def test_half2_gemv_with_the_norm_and_swiglu_sums_the_normalized_row():
     """gptq_gemv_add_norm with half2 (and SwiGLU, two K-splits): the half2 sums of the float16
     RMSNorm(residual + x), then silu(gate)·up."""
-    from qrobust.kernels.gptq_matmul import AddNorm, gemv_locks, gptq_gemv_add_norm
+    from qrobust.kernels import AddNorm, gemv_locks, gptq_gemv_add_norm
     from qrobust.models.transformer import RMSNorm
 
     layer = _layer(4, 64, False, False, bias=False, N=64)
@@ -348,7 +348,7 @@ def test_half2_gemv_with_the_norm_and_swiglu_sums_the_normalized_row():
 
 @pytest.mark.parametrize("bits,group_size,sym,shuffled", CASES)
 def test_fused_matmul_matches_the_torch_dequantization(bits, group_size, sym, shuffled):
-    from qrobust.kernels.gptq_matmul import gptq_matmul
+    from qrobust.kernels import gptq_matmul
 
     layer = _layer(bits, group_size, sym, shuffled).half() if DEVICE == "cuda" else _layer(bits, group_size, sym, shuffled)
     K = layer.in_features
@@ -362,7 +362,7 @@ def test_fused_matmul_matches_the_torch_dequantization(bits, group_size, sym, sh
 
 
 def test_tile_depth_divides_groups_or_cuts_them_at_whole_chunks():
-    from qrobust.kernels.gptq_matmul import block_k
+    from qrobust.kernels.launch import block_k
 
     assert block_k(2048, 128, act_order=False, preferred=512) == 128
     assert block_k(2048, 128, act_order=False, preferred=512, chunked=True) == 512
@@ -376,7 +376,7 @@ def test_tile_depth_divides_groups_or_cuts_them_at_whole_chunks():
 
 
 def test_gemv_config_gives_each_program_one_deep_tile():
-    from qrobust.kernels.gptq_matmul import GemvConfig, gemv_config
+    from qrobust.kernels import GemvConfig, gemv_config
 
     assert gemv_config(2048, 128, act_order=False) == GemvConfig(32, 2048, 1, 8)  # all of K, 256 codes a thread
     assert gemv_config(6144, 128, act_order=False) == GemvConfig(32, 2048, 3, 8)  # deeper: K-splits of 2048
@@ -385,7 +385,7 @@ def test_gemv_config_gives_each_program_one_deep_tile():
 
 
 def test_gemv_rejects_tiles_narrower_than_a_chunk():
-    from qrobust.kernels.gptq_matmul import gptq_gemv
+    from qrobust.kernels import gptq_gemv
 
     layer = _layer(4, 128, True, False)
     with pytest.raises(ValueError, match="block_n must be a power of two"):
@@ -469,7 +469,7 @@ def test_tinygemm_layer_matches_the_quant_layer_and_repacks_only_what_applies():
 def test_products_are_custom_ops_that_torch_compile_can_trace():
     """The fake (shape-only) implementations agree with the kernels, which torch.compile and
     CUDA graphs rely on."""
-    from qrobust.kernels.gptq_matmul import dequantize_op, gemv_locks, gemv_op
+    from qrobust.kernels import dequantize_op, gemv_locks, gemv_op
 
     layer = _layer(4, 64, True, shuffled=False)
     x = torch.randn(2, layer.in_features, device=DEVICE)
@@ -561,13 +561,13 @@ def test_decode_attention_normalizes_rotates_and_caches_the_new_token(position):
 
 PDL_COMPILE = """
 import json, sys
-from qrobust.kernels import gptq_matmul
+from qrobust.kernels import compile_gemv_for
 overrides, dtype, form, norm_dtype = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 constants = dict(BITS=3, LAYOUT="gptq", OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, SPLITS=2,
                  LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True, NORM=False, HAS_RES=False, K_POW2=512,
                  X_SPLITS=1, HALF2=False, ASM=True)
-print(gptq_matmul.compile_gemv_for(90, {**constants, **overrides}, dtype=dtype, num_warps=1,
-                                   norm_dtype=norm_dtype).asm[form])
+print(compile_gemv_for(90, {**constants, **overrides}, dtype=dtype, num_warps=1,
+                       norm_dtype=norm_dtype).asm[form])
 """
 
 
@@ -646,7 +646,7 @@ def test_half2_gemv_with_pdl_unpacks_codes_only_after_it_waits(bits):
     to 127 at 2 to 8 bits, and a slower product)."""
     import re
 
-    from qrobust.kernels.gptq_matmul import half2_pairs
+    from qrobust.kernels.layouts import half2_pairs
 
     layout = "pairs" if bits == 3 else "gptq"
     before, after = _compiled_with_pdl({"BITS": bits, "LAYOUT": layout, "HALF2": True, "HAS_BIAS": False}, "fp16",

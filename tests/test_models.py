@@ -12,7 +12,11 @@ from qrobust.models.tiny import tiny_config
 
 
 def test_native_causal_model_matches_transformers_qwen3(tiny_dirs, calib):
-    hf = load_model(str(tiny_dirs["ar"]))
+    from qrobust.models.adapters import ARAdapter
+    from qrobust.models.loading import load_transformers_causal
+
+    model = load_transformers_causal(tiny_dirs["ar"], torch.float32, "cpu")
+    hf = ARAdapter(model, None, "transformers", model.config.num_hidden_layers)
     assert type(hf.model).__name__ == "Qwen3ForCausalLM"
     native = load_native(tiny_dirs["ar"], read_config(tiny_dirs["ar"]), causal=True, dtype=torch.float32, device="cpu")
     mask = torch.ones(2, calib.shape[1], dtype=torch.long)
@@ -122,3 +126,37 @@ def test_layer_groups_follow_shared_inputs_on_every_load(tiny_dirs, kind):
         for block in load_model(str(tiny_dirs[kind])).quantizable_layers():
             short = [[n.rsplit(".", 1)[-1] for n in g] for g in block.groups]
             assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def _without_tokenizer(model_dir, out):
+    """A copy of a saved model with its weights and config.json but no tokenizer files."""
+    out.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (out / name).write_bytes((model_dir / name).read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ar", "diffusion"])
+def test_a_model_without_tokenizer_files_says_so(tiny_dirs, tmp_path, capsys, kind):
+    """transformers hands out an empty tokenizer for a directory without tokenizer files; loading
+    refuses it at once rather than letting calibration fail on text of no tokens."""
+    from qrobust.cli import main
+
+    bare = _without_tokenizer(tiny_dirs[kind], tmp_path / "bare")
+    with pytest.raises(QrobustError, match="has no tokenizer files .*copy the tokenizer of the base model"):
+        load_model(str(bare))
+    code = main(["quantize", "--model", str(bare), "--method", "rtn", "--group-size", "32",
+                 "--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"qrobust: {bare} has no tokenizer files") and not (tmp_path / "q").exists()
+
+
+def test_a_tokenizer_of_almost_no_tokens_is_refused(tiny_dirs, tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    bare = _without_tokenizer(tiny_dirs["ar"], tmp_path / "bare")
+    tiny = Tokenizer(models.WordLevel({"<unk>": 0, "def": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tiny, unk_token="<unk>").save_pretrained(str(bare))
+    with pytest.raises(QrobustError, match="a tokenizer of 2 tokens"):
+        load_model(str(bare))

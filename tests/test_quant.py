@@ -117,7 +117,22 @@ def test_plan_sets_bits_per_layer(tmp_path, tiny_dirs, calib):
     out = save_quantized(adapter, config, records, tmp_path / "q", base_model="tiny")
     dynamic = json.loads((out / "quantize_config.json").read_text())["dynamic"]
     assert len(dynamic) == 2 and all(k.startswith("+:^") for k in dynamic)
-    assert load_quantized(out).model.get_submodule(names[0]).spec.bits == 2
+    reloaded = load_quantized(out)
+    assert reloaded.model.get_submodule(names[0]).spec.bits == 2
+    # mixed widths are gptq_v2: the zero points are stored as they are (symmetric 2-bit: 2), since
+    # GPTQModel's v1 -> v2 conversion would add the default width's offset to every layer
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == qc["format"] == "gptq_v2" and qc["sym"]
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "model.safetensors"))
+    for name, bits in ((names[0], 2), (names[1], 4)):
+        assert int(stored[f"{name}.qzeros"][0, 0]) & (2**bits - 1) == 2 ** (bits - 1)
+        assert torch.equal(adapter.model.get_submodule(name).dequantized_weight(),
+                           reloaded.model.get_submodule(name).dequantized_weight())
+    assert adapter.model.get_submodule(names[1]).format == "gptq"  # the model saved is left as it was
+    with torch.no_grad():
+        assert torch.equal(adapter.logits(calib[:2]), reloaded.logits(calib[:2]))
 
 
 def test_plan_errors(tiny_dirs, calib, tmp_path):

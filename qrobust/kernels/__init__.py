@@ -4,32 +4,35 @@ Every kernel has a torch twin elsewhere in qrobust that stays the reference and 
 The kernels run where Triton can: on CUDA devices, and on CPU tensors under Triton's
 interpreter (TRITON_INTERPRET=1, set before Triton is imported), which is how the tests
 check them on machines without a GPU.
+
+The products that read packed GPTQ weights: layouts (where packed codes sit; the compile-time
+plans), gemv_tiles (what a GEMV tile sums), gemv (the GEMV and its add-norm and split-sums
+forms), dequant (dequantize; the fused matmul), launch (PDL, arrival counters, tile depths) and
+ops (their torch custom ops); packed_matmul (split-K products for batched decoding). Besides:
+decode_attention, gptq_block (GPTQ's column loop), tinygemm, and availability (where the
+kernels run).
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+import importlib
 
-import torch
+from qrobust.kernels.availability import interpreting, kernels_enabled, supports, triton_installed
 
-
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def kernels_enabled(device: torch.device | str) -> bool:
-    """Whether to use the Triton kernels for tensors on `device` by default: on CUDA with Triton
-    installed, unless QROBUST_KERNELS=0 asks for the torch path (for comparisons)."""
-    if os.environ.get("QROBUST_KERNELS", "1") == "0":
-        return False
-    return torch.device(device).type == "cuda" and triton_installed()
+# The kernels' public names, importable from here without importing Triton until one is used
+# (Triton is optional, and must be imported after TRITON_INTERPRET is set): name -> module.
+_EXPORTS = {
+    "AddNorm": "gemv", "GemvConfig": "gemv", "compile_gemv_for": "gemv", "gemv_config": "gemv", "gemv_locks": "gemv",
+    "gptq_gemv": "gemv", "gptq_gemv_add_norm": "gemv", "gptq_gemv_split_sums": "gemv",
+    "gptq_dequantize": "dequant", "gptq_matmul": "dequant",
+    "dequantize_op": "ops", "gemv_add_norm_op": "ops", "gemv_op": "ops", "gemv_split_sums_op": "ops",
+    "half2_applies": "layouts", "pdl_supported": "launch",
+}
+__all__ = ["interpreting", "kernels_enabled", "supports", "triton_installed", *_EXPORTS]
 
 
-def supports(device: torch.device | str) -> bool:
-    """Whether the kernels can run on tensors on `device` at all (CUDA, or CPU when interpreting)."""
-    kind = torch.device(device).type
-    return triton_installed() and (kind == "cuda" or (kind == "cpu" and interpreting()))
+def __getattr__(name: str):
+    """A name of _EXPORTS, looked up in its module at every access (not kept here), so that callers
+    get what a test patches into that module."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

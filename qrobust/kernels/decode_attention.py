@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qrobust.kernels.gptq_matmul import last_to_arrive, launch_options
+from qrobust.kernels.launch import last_to_arrive, launch_options
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16  # programs per KV head along the cache
@@ -175,7 +175,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     with the usual 1/√D scaling; H must be a multiple of H_kv and D a power of two. Returns
     [B, H, 1, D] in q's dtype. The cache is split over `splits` programs per KV head (default:
     attention_splits); several need `locks`, B·H_kv int32 zeros that every call leaves at zero.
-    `pdl` launches it as a programmatic dependent launch (kernels.gptq_matmul.pdl_supported).
+    `pdl` launches it as a programmatic dependent launch (kernels.launch.pdl_supported).
     With `new`, q is the query heads [B, 1, H·D] before their norm and rotation, and the kernel
     also normalizes, rotates and caches the new key and value (NewToken): one kernel for what
     the model otherwise does in several."""

@@ -1,7 +1,8 @@
 """Model adapters: one interface over autoregressive and masked-diffusion code LMs."""
 from qrobust.models.adapters import ARAdapter, BlockLayers, DiffusionAdapter, Generation, ModelAdapter
 from qrobust.models.diffusion import SamplerConfig
-from qrobust.models.loading import MODELS, ModelSpec, load_model, save_native
+from qrobust.models.files import save_native
+from qrobust.models.loading import MODELS, ModelSpec, load_model
 from qrobust.models.transformer import TransformerConfig, TransformerLM
 
 __all__ = [

@@ -1,18 +1,23 @@
 """One interface over both kinds of code LM: generate, loss, and the layers to quantize."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.sanitize import cut_at_stop
+from qrobust.errors import QrobustError
 from qrobust.models.diffusion import (
     SamplerConfig, diffusion_generate, mask_tokens, masked_diffusion_loss, stratified_mask_ratios,
 )
+from qrobust.models.transformer import TransformerLM
 
 
 @dataclass
@@ -41,11 +46,6 @@ class BlockLayers:
     @property
     def names(self) -> list[str]:
         return [n for g in self.groups for n in g]
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 class ModelAdapter(ABC):
@@ -143,8 +143,12 @@ class ModelAdapter(ABC):
     def _generate_batch(self, enc, max_new_tokens: int, stop: Sequence[str], temperature: float,
                         top_p: float, generator: torch.Generator, on_step,
                         min_new_tokens: int = 0) -> tuple[list[str], list[int], int]:
-        """(texts, generated token counts, forward passes) for one tokenized, left-padded batch;
-        min_new_tokens: no row stops (end of text, stop sequence) before that many tokens."""
+        """(texts, generated token counts, forward passes) for one tokenized, left-padded batch."""
+
+    def _engine_generate(self, prompts: Sequence[str], settings, stop: Sequence[str],
+                         batch_size: int) -> list[Generation] | None:
+        """Completions from the batched engine (models.engine) where this model runs on one, else None."""
+        return None
 
     def generate(
         self,
@@ -158,8 +162,16 @@ class ModelAdapter(ABC):
         on_step: Callable[[], None] | None = None,
         min_new_tokens: int = 0,
     ) -> list[Generation]:
-        """Complete each prompt; the text is cut at the first stop sequence. min_new_tokens =
-        max_new_tokens forces every generation to full length (benchmarks: upper-bound costs)."""
+        """Complete each prompt; the text is cut at the first stop sequence. min_new_tokens: no
+        row finishes (at end-of-sequence or a stop string) before this many tokens, so that
+        benchmarks can force every generation to its full length. on_step is called after each
+        forward pass of the per-batch path (diffusion models; not the AR engine, whose steps are graphs)."""
+        from qrobust.models.engine import DecodeSettings
+
+        settings = DecodeSettings(max_new_tokens, temperature, top_p, min_new_tokens, seed)
+        engine_out = self._engine_generate(prompts, settings, stop, batch_size)
+        if engine_out is not None:
+            return engine_out
         tok = self.tokenizer
         tok.padding_side = "left"
         generator = torch.Generator().manual_seed(seed)
@@ -192,8 +204,42 @@ class ARAdapter(ModelAdapter):
 
     kind = "ar"
 
+    def __init__(self, model: nn.Module, tokenizer, name: str, num_layers: int, eos_ids: Sequence[int] = ()):
+        super().__init__(model, tokenizer, name, num_layers)
+        self.eos_ids = tuple(eos_ids)  # ends of sequence besides the tokenizer's (generation_config.json)
+        self._engine = None  # models.engine.AREngine, built on first use (native models only)
+
+    @property
+    def native(self) -> bool:
+        """Whether the model is qrobust's own TransformerLM (which the batched engine decodes)."""
+        return isinstance(self.model, TransformerLM)
+
     def logits(self, input_ids, attention_mask=None):
+        if self.native:
+            return self.model(input_ids, attention_mask)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _engine_generate(self, prompts, settings, stop, batch_size):
+        from qrobust.models.engine import AREngine, StopRule
+
+        if not self.native:
+            return None
+        if self._engine is None or self._engine.model is not self.model or self._engine.device != self.device:
+            self._engine = AREngine(self.model)
+        tok = self.tokenizer
+        ends = frozenset(t for t in (tok.eos_token_id, self.model.config.eos_token_id, *self.eos_ids)
+                         if isinstance(t, int))
+        decode = functools.partial(tok.decode, skip_special_tokens=True)
+        rule = StopRule(ends, tuple(stop), decode, settings.min_new_tokens)
+        ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
+        out = self._engine.generate(ids, settings, rule, batch_size)
+        results = []
+        for tokens, b in zip(out.tokens, out.batch_of):
+            batch = out.batches[b]
+            answer = tokens[:next((i for i, t in enumerate(tokens) if t in ends), len(tokens))]
+            results.append(Generation(cut_at_stop(decode(answer), stop), len(tokens), batch.seconds,
+                                      batch.forward_passes, len(batch.rows)))
+        return results
 
     def loss(self, input_ids, attention_mask=None, seed=0, reduction="mean"):
         logits = self.logits(input_ids, attention_mask)[:, :-1].float()
@@ -206,11 +252,8 @@ class ARAdapter(ModelAdapter):
         return input_ids
 
     def _generate_batch(self, enc, max_new_tokens, stop, temperature, top_p, generator, on_step, min_new_tokens=0):
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
-        if min_new_tokens:
-            kwargs["min_new_tokens"] = min_new_tokens
-            if min_new_tokens >= max_new_tokens:
-                stop = ()  # full length: stop strings would end rows early; the text is still cut at them
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                      min_new_tokens=min_new_tokens)
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
@@ -240,6 +283,7 @@ class DiffusionAdapter(ModelAdapter):
         self.shift_logits = shift_logits
         self.sampler = sampler or SamplerConfig()
         self.eps = eps
+        self._engine = None  # models.engine.DiffusionEngine, built on first use (native models only)
 
     def _ratios(self, n: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -263,15 +307,23 @@ class DiffusionAdapter(ModelAdapter):
         return noisy
 
     def _generate_batch(self, enc, max_new_tokens, stop, temperature, top_p, generator, on_step, min_new_tokens=0):
-        # every response has max_new_tokens positions, denoised in the same steps whatever they hold:
-        # its cost does not depend on where the text ends, so min_new_tokens has nothing to force
-        cfg = replace(self.sampler, temperature=temperature, top_p=top_p)
-        out, passes = diffusion_generate(self.logits, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                         self.mask_token_id, self.shift_logits, cfg, generator, on_step)
+        cfg = dataclasses.replace(self.sampler, temperature=temperature, top_p=top_p)
+        args = (enc["input_ids"], enc["attention_mask"], max_new_tokens, self.mask_token_id, self.shift_logits, cfg,
+                generator, on_step)
+        if isinstance(self.model, TransformerLM):
+            from qrobust.models.engine import DiffusionEngine
+
+            if self._engine is None or self._engine.model is not self.model or self._engine.device != self.device:
+                self._engine = DiffusionEngine(self.model)
+            out, passes = self._engine.generate(*args)
+        elif cfg.mode == "fast":
+            raise QrobustError(f"{self.name}: the fast sampler runs on the native model only: load without remote code")
+        else:
+            out, passes = diffusion_generate(self.logits, *args)
         texts, counts = [], []
         ends = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
         for row in out.tolist():
             n = next((i for i, t in enumerate(row) if t in ends), len(row))
-            counts.append(n)
+            counts.append(max(n, min(min_new_tokens, len(row))))
             texts.append(self.tokenizer.decode(row[:n], skip_special_tokens=True))
         return texts, counts, passes

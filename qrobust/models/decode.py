@@ -111,11 +111,11 @@ def use_attention_kernel(model: TransformerLM, on: bool = True) -> int:
 def use_pdl(model: TransformerLM, on: bool = True) -> int:
     """For inference on Hopper or later GPUs: the packed layers' GEMVs and the attention kernel
     launch as programmatic dependent launches, so each may start while the kernel before it
-    finishes, reading its weights before it waits for that kernel's outputs (kernels.gptq_matmul).
+    finishes, reading its weights before it waits for that kernel's outputs (kernels.gemv).
     Only for decoding, where nothing rewrites the weights between steps. Elsewhere nothing
     changes; on=False goes back. Returns how many layers changed."""
     from qrobust.kernels.decode_attention import decode_attention_op
-    from qrobust.kernels.gptq_matmul import pdl_supported
+    from qrobust.kernels import pdl_supported
 
     if not pdl_supported(model.device):
         return 0
@@ -130,7 +130,7 @@ def use_pdl(model: TransformerLM, on: bool = True) -> int:
 
 def use_half2(model: TransformerLM, on: bool = True) -> int:
     """The packed layers' GEMVs sum each chunk of 32 inputs two codes at a time in float16
-    (kernels.gptq_matmul._half2_sums) where they can (float16 activations, inputs in group order,
+    (kernels.gemv_tiles._half2_sums) where they can (float16 activations, inputs in group order,
     2, 3, 4 or 8 bits; QuantLinear.takes_half2): fewer instructions per code, at about twice the
     float32 sums' error (README: GPU performance). 3-bit layers repack their codes for it
     (QuantLinear.half2). on=False goes back. Returns how many layers changed."""
@@ -195,9 +195,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def capture(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int = 2) -> Callable[[], torch.Tensor]:
+def capture(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int = 2,
+            reset: Callable[[], None] | None = None, pool=None) -> Callable[[], torch.Tensor]:
     """A function that replays `fn` (which reads and writes only static tensors) as a CUDA graph;
-    on CPU, `fn` itself. `fn` runs `warmup` times first, so lazy setup happens outside the graph."""
+    on CPU, `fn` itself. `fn` runs `warmup` times first, so lazy setup happens outside the graph;
+    `reset`, where given, runs after each of those runs to undo what `fn` advanced (a graph
+    captured in the middle of generation). `pool`: a memory pool shared with other graphs that
+    are never replayed at the same time (torch.cuda.graph_pool_handle)."""
     if device.type != "cuda":
         return fn
     stream = torch.cuda.Stream(device)
@@ -205,9 +209,11 @@ def capture(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int = 
     with torch.cuda.stream(stream):
         for _ in range(warmup):
             fn()
+            if reset is not None:
+                reset()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
 
     def replay() -> torch.Tensor:
@@ -291,17 +297,20 @@ class GreedyDecoder:
 class GraphedForward:
     """Logits of a fixed-shape batch, for a diffusion sampler's steps: copies the input into a
     static buffer and replays the forward. Takes (input_ids, attention_mask) like the sampler's
-    logits function; the mask must be all ones (no padding at batch 1)."""
+    logits function; without `padded` the mask must be all ones, with it the mask goes into a
+    static buffer too (left-padded batches). `pool`: capture's shared graph memory pool."""
 
-    def __init__(self, model: TransformerLM, shape: tuple[int, int], graphs: bool = True, compile: bool = False):
-        self.model = model
+    def __init__(self, model: TransformerLM, shape: tuple[int, int], graphs: bool = True, compile: bool = False,
+                 padded: bool = False, pool=None):
+        self.model, self.padded = model, padded
         device = model.device
         self.input_ids = torch.zeros(shape, dtype=torch.long, device=device)
-        self._forward = capture(fused(self._eager, compile), device) if graphs else self._eager
+        self.attention_mask = torch.ones(shape, dtype=torch.long, device=device) if padded else None
+        self._forward = capture(fused(self._eager, compile), device, pool=pool) if graphs else self._eager
 
     @torch.no_grad()
     def _eager(self) -> torch.Tensor:
-        return self.model(self.input_ids)
+        return self.model(self.input_ids, self.attention_mask, sync_free=True)
 
     def replay(self) -> torch.Tensor:
         """The forward on the input already in the static buffer: one denoising step's model cost."""
@@ -309,7 +318,9 @@ class GraphedForward:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("GraphedForward runs unpadded batches only")
+        if self.padded:
+            self.attention_mask.copy_(attention_mask) if attention_mask is not None else self.attention_mask.fill_(1)
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("GraphedForward runs unpadded batches only: build it with padded=True")
         self.input_ids.copy_(input_ids)
         return self._forward()

@@ -74,9 +74,11 @@ class SamplerConfig:
 
     steps: denoising steps over the whole response; block_length: None for one block;
     alg: how confident a masked position is — 'confidence' (max prob), 'margin' (top1 − top2),
-    'entropy' (negative entropy) or 'random'; temperature 0 is greedy; top_p nucleus filter;
-    mode: 'exact' (the schedule above) or 'fast' (Fast-dLLM-style: commit every mask above
-    `threshold` confidence, at least one per step).
+    'entropy' (negative entropy) or 'random'; temperature 0 is greedy; top_p nucleus filter.
+    mode: 'exact' recomputes the whole sequence at every step and commits steps' schedule;
+    'fast' (models.fast_dllm, after Fast-dLLM) decodes block by block over an approximate KV
+    cache refreshed when a block completes, committing at each step every masked position of
+    the block whose token probability exceeds `threshold` (at least the most confident one).
     """
 
     steps: int | None = None  # default: one token per step
@@ -91,7 +93,7 @@ class SamplerConfig:
         if self.alg not in ("confidence", "margin", "entropy", "random"):
             raise ValueError(f"unknown unmasking rule {self.alg!r}")
         if self.mode not in ("exact", "fast"):
-            raise ValueError(f"unknown sampler mode {self.mode!r}")
+            raise ValueError(f"unknown sampler mode {self.mode!r}: use exact or fast")
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
@@ -159,12 +161,27 @@ def diffusion_generate(
             passes += 1
             if on_step is not None:
                 on_step()
-            for row in range(B):
-                pos = (x[row, lo:hi] == mask_token_id).nonzero().squeeze(-1) + lo
-                if pos.numel() == 0:
-                    continue
-                tokens, probs = _sample(logits[row, pos], config.temperature, config.top_p, generator)
-                conf = _confidence(probs, tokens, config.alg, generator)
-                chosen = conf.topk(min(k, pos.numel())).indices
-                x[row, pos[chosen]] = tokens[chosen]
+            commit_top(x, logits, lo, hi, k, mask_token_id, config, generator)
     return x[:, P:], passes
+
+
+def block_choices(x: torch.Tensor, block_logits: torch.Tensor, lo: int, hi: int, mask_token_id: int,
+                  config: SamplerConfig, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For positions lo … hi − 1 of every row at once: (masked [B, T], proposed tokens [B, T],
+    their probabilities [B, T], confidence [B, T] with −inf where not masked). block_logits
+    [B, T, V] are those positions' aligned logits (align_logits)."""
+    B, T = x.shape[0], hi - lo
+    masked = x[:, lo:hi] == mask_token_id
+    tokens, probs = _sample(block_logits.reshape(B * T, -1), config.temperature, config.top_p, generator)
+    conf = _confidence(probs, tokens, config.alg, generator).view(B, T)
+    chosen_p = probs.gather(-1, tokens[:, None]).view(B, T)
+    return masked, tokens.view(B, T), chosen_p, conf.masked_fill(~masked, float("-inf"))
+
+
+def commit_top(x: torch.Tensor, logits: torch.Tensor, lo: int, hi: int, k: int, mask_token_id: int,
+               config: SamplerConfig, generator) -> None:
+    """Commit, in every row, its k most confident masked positions of lo … hi − 1 (all it has if fewer)."""
+    masked, tokens, _, conf = block_choices(x, logits[:, lo:hi], lo, hi, mask_token_id, config, generator)
+    chosen = conf.topk(min(k, hi - lo), dim=-1).indices
+    take = torch.zeros_like(masked).scatter_(1, chosen, True) & masked
+    x[:, lo:hi] = torch.where(take, tokens, x[:, lo:hi])

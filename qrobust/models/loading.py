@@ -8,14 +8,18 @@ from pathlib import Path
 import torch
 
 from qrobust.errors import QrobustError
-from qrobust.models.adapters import ARAdapter, DiffusionAdapter, ModelAdapter
+from qrobust.models.adapters import ARAdapter, ModelAdapter
 from qrobust.models.diffusion import SamplerConfig
+from qrobust.models.files import NATIVE_DIFFUSION_TYPE, diffusion_adapter, load_tokenizer, state_dict_from
 from qrobust.models.presets import CODA_PRESET, DEFAULT_PRESET, QWEN3_PRESET, TINY_PRESET, EvalPreset
 from qrobust.models.transformer import TransformerConfig, TransformerLM
 from qrobust.precision import resolve_dtype
+from qrobust.quant.checkpoint import load_quantized
 
-NATIVE_DIFFUSION_TYPE = "qrobust_dllm"
 CODA_TYPES = {"coda"}
+# causal checkpoints the native TransformerLM runs (and the batched engine decodes, models.engine);
+# other architectures load through transformers
+NATIVE_CAUSAL_TYPES = {"qwen3"}
 
 
 @dataclass(frozen=True)
@@ -101,20 +105,8 @@ def native_config_from(cfg: dict, causal: bool, has_lm_head: bool) -> Transforme
     return base
 
 
-def _state_dict_from(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise QrobustError(f"{path} has no .safetensors weights: qrobust loads safetensors checkpoints only")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
-
 def load_native(path: Path, cfg: dict, causal: bool, dtype: torch.dtype, device: str) -> TransformerLM:
-    state = _state_dict_from(path)
+    state = state_dict_from(path)
     config = native_config_from(cfg, causal, has_lm_head="lm_head.weight" in state)
     model = TransformerLM(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -127,31 +119,6 @@ def load_native(path: Path, cfg: dict, causal: bool, dtype: torch.dtype, device:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    # AutoTokenizer reads config.json and warns about model types it does not know (ours).
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise QrobustError(f"could not load the tokenizer in {path} ({type(e).__name__}: {e})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
-def diffusion_adapter(model, tokenizer, name: str, config: TransformerConfig,
-                      sampler: SamplerConfig | None = None) -> DiffusionAdapter:
-    mask_id = config.mask_token_id
-    if mask_id is None:
-        mask_id = tokenizer.mask_token_id
-    if mask_id is None:
-        raise QrobustError(f"{name} is a diffusion model without a mask token: set mask_token_id in its config.json")
-    return DiffusionAdapter(model, tokenizer, name, config.num_hidden_layers, mask_id, config.shift_logits, sampler)
-
-
 def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype | None = None,
                remote_code: bool = False, sampler: SamplerConfig | None = None) -> ModelAdapter:
     """Load an AR or masked-diffusion LM by short name, hub id or directory.
@@ -162,13 +129,11 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype | None
     """
     path = resolve_source(name_or_path)
     if (path / "qrobust.json").exists() and json.loads((path / "qrobust.json").read_text()).get("quantization"):
-        from qrobust.quant.checkpoint import load_quantized
-
         return load_quantized(path, device=device, sampler=sampler)
     cfg = read_config(path)
     dtype = resolve_dtype(dtype, device)
     model_type = str(cfg.get("model_type", "")).lower()
-    tokenizer = _tokenizer(path)
+    tokenizer = load_tokenizer(path)
     if model_type == NATIVE_DIFFUSION_TYPE or model_type in CODA_TYPES:
         if remote_code and model_type in CODA_TYPES:
             from transformers import AutoModel
@@ -179,57 +144,29 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype | None
             model = load_native(path, cfg, causal=False, dtype=dtype, device=device)
             config = model.config
         return diffusion_adapter(model, tokenizer, name_or_path, config, sampler)
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-    except ValueError as e:
-        raise QrobustError(f"{name_or_path} is not a causal LM that transformers can load ({e})") from None
+    if model_type in NATIVE_CAUSAL_TYPES:
+        model = load_native(path, cfg, causal=True, dtype=dtype, device=device)
+        return ARAdapter(model, tokenizer, name_or_path, model.config.num_hidden_layers, generation_eos_ids(path))
+    model = load_transformers_causal(path, dtype, device)
     return ARAdapter(model, tokenizer, name_or_path, model.config.num_hidden_layers)
 
 
-def hf_config_dict(config: TransformerConfig) -> dict:
-    """config.json for a native model: a Qwen3 config (AR) or Qwen3 plus diffusion fields."""
-    d = {
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim, "hidden_act": "silu", "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.attention_bias,
-        "use_sliding_window": False, "pad_token_id": config.pad_token_id, "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id, "dtype": "float32",
-    }
-    if config.causal:
-        d.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
-    else:
-        d.update(model_type=NATIVE_DIFFUSION_TYPE, architectures=["TransformerLM"],
-                 mask_token_id=config.mask_token_id, shift_logits=config.shift_logits, causal=False)
-    return d
+def load_transformers_causal(path: Path, dtype: torch.dtype, device: str):
+    """A causal LM through transformers' own modeling code (architectures the native model does
+    not cover; also the reference the native model and its engine are checked against)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    except ValueError as e:
+        raise QrobustError(f"{path} is not a causal LM that transformers can load ({e})") from None
 
 
-def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without aliases of tied tensors (safetensors refuses shared storage)."""
-    seen, out = set(), {}
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else (name,)
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().contiguous()
-    return out
-
-
-def save_native(model: TransformerLM, tokenizer, out_dir: str | Path) -> Path:
-    """Write a native model so that load_model reads it (and transformers, for the AR kind)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = hf_config_dict(model.config)
-    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(unique_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(str(out))
-    return out
+def generation_eos_ids(path: Path) -> tuple[int, ...]:
+    """The end-of-sequence ids generation_config.json lists (Qwen3 stops at <|im_end|> and
+    <|endoftext|>), as transformers' generate reads them; () without that file."""
+    try:
+        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ()
+    return tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])

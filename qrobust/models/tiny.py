@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch
 
-from qrobust.models.loading import save_native
+from qrobust.models.files import save_native
 from qrobust.models.transformer import TransformerConfig, TransformerLM
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|mask|>"]

@@ -17,17 +17,15 @@ from pathlib import Path
 
 import torch
 
-from qrobust import __version__
 from qrobust.errors import QrobustError
 from qrobust.models.adapters import ModelAdapter
 from qrobust.models.diffusion import SamplerConfig
-from qrobust.models.loading import (
-    _state_dict_from, _tokenizer, diffusion_adapter, hf_config_dict, unique_state_dict,
-)
+from qrobust.models.files import diffusion_adapter, hf_config_dict, load_tokenizer, state_dict_from, unique_state_dict
 from qrobust.models.transformer import TransformerConfig, TransformerLM
 from qrobust.quant.driver import LayerRecord, QuantizeConfig
 from qrobust.quant.grid import QuantSpec
-from qrobust.quant.qlinear import QuantLinear, checkpoint_format, set_module
+from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear, checkpoint_format, set_module
+from qrobust.version import __version__
 
 
 def _base_config(adapter: ModelAdapter) -> dict:
@@ -40,7 +38,9 @@ def _base_config(adapter: ModelAdapter) -> dict:
 
 
 def gptq_quantization_config(config: QuantizeConfig, layers: dict[str, QuantSpec]) -> dict:
-    """The `quantization_config` GPTQ loaders read; mixed bits go in GPTQModel's `dynamic`."""
+    """The `quantization_config` GPTQ loaders read; mixed bits go in GPTQModel's `dynamic`.
+    Mixed checkpoints are gptq_v2 whatever their symmetry: GPTQModel (7.2) turns v1 zero points
+    into v2 with the default width's constant for every layer, which corrupts the other widths."""
     default = config.default_spec
     fmt = checkpoint_format(default)
     qc = {
@@ -54,6 +54,7 @@ def gptq_quantization_config(config: QuantizeConfig, layers: dict[str, QuantSpec
                for name, s in layers.items() if (s.bits, s.group_size) != (default.bits, default.group_size)}
     if dynamic:
         qc["dynamic"] = dynamic
+        qc["checkpoint_format"] = qc["format"] = "gptq_v2"
     return qc
 
 
@@ -73,7 +74,11 @@ def save_quantized(adapter: ModelAdapter, config: QuantizeConfig, records: list[
         cfg["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2))
-        save_file(unique_state_dict(adapter.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        state = unique_state_dict(adapter.model)
+        for name, m in adapter.model.named_modules():  # zero points as the checkpoint's format stores them
+            if isinstance(m, QuantLinear):
+                state[f"{name}.qzeros"] = m.qzeros_as(qc["checkpoint_format"]).contiguous()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         adapter.tokenizer.save_pretrained(str(tmp))
         meta = {
             "qrobust_version": __version__,
@@ -128,18 +133,23 @@ def load_quantized(path: str | Path, device: str = "cpu", sampler: SamplerConfig
         raise QrobustError(f"{path} is not a readable qrobust checkpoint ({e}): quantize again") from None
     dtype = getattr(torch, meta.get("dtype", "float32"))
     model = _skeleton(path, meta, cfg, dtype)
+    fmt = cfg.get("quantization_config", {}).get("checkpoint_format")
+    if fmt is not None and fmt not in FORMAT_OFFSET:
+        raise QrobustError(f"{path}: checkpoint_format {fmt!r} is neither of {', '.join(FORMAT_OFFSET)}: quantize again")
     for name, s in meta["layers"].items():
         old = model.get_submodule(name)
         out_f, in_f = old.weight.shape
-        set_module(model, name, QuantLinear(in_f, out_f, QuantSpec(**s), old.bias is not None, dtype))
-    state = _state_dict_from(path)
+        layer = QuantLinear(in_f, out_f, QuantSpec(**s), old.bias is not None, dtype)
+        layer.format = fmt or layer.format  # how the stored zero points are offset
+        set_module(model, name, layer)
+    state = state_dict_from(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
         raise QrobustError(f"{path}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model = model.to(device).eval()
-    tokenizer = _tokenizer(path)
+    tokenizer = load_tokenizer(path)
     name = meta.get("base_model", str(path))
     if meta["kind"] == "diffusion":
         config = TransformerConfig.from_dict(meta.get("native_config") or cfg)

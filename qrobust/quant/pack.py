@@ -8,7 +8,7 @@ int32"; for 3 bits, 32 values fill three words with values 10 and 21 straddling 
 
 The "pairs" layout (3 bits) is the GEMV's: values 2i and 2i + 1 sit 16 bits apart in one word,
 so that one mask takes both into the two halves of a float16 pair, next to inputs 2i and 2i + 1,
-which are one 32-bit word of a float16 row (kernels.gptq_matmul._half2_sums). Word r (of 3)
+which are one 32-bit word of a float16 row (kernels.gemv_tiles._half2_sums). Word r (of 3)
 holds values 10r … 10r + 9 at bits 3i and 16 + 3i (i = 0 … 4, value 10r + 2i then 10r + 2i + 1);
 the bits left, 15 and 31 of each word, hold values 30 and 31, bit r of each in word r.
 Checkpoints never hold it: layers repack on the way in and out (QuantLinear.half2).

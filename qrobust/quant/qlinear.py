@@ -1,8 +1,9 @@
 """A linear layer stored as a GPTQ checkpoint stores it: packed codes, scales, zero points.
 
-On CUDA, forward runs Triton kernels that read the packed buffers directly (a fused
-dequantize-and-multiply for a few rows, as in batch-1 decoding; a dequantized weight for the
-dense matmul otherwise), so the weights stay packed in memory. On CPU (or with
+On CUDA, forward runs Triton kernels that read the packed buffers directly, the one that
+quant.kernel_choice's table names for the bit width and rows (a GEMV for a few rows, as in
+batch-1 decoding; a fused dequantize-in-the-loop matmul for batched decoding; a dequantized
+weight for the dense matmul for prefill), so the weights stay packed in memory. On CPU (or with
 QROBUST_KERNELS=0) forward dequantizes in torch and caches the result. Either way the buffers
 are the packed tensors. They hold the GPTQ layout, but for 3-bit layers with half2 on, whose
 codes are repacked for the GEMV (qrobust.quant.pack's pairs layout); what is saved is always the
@@ -16,15 +17,13 @@ from torch import nn
 
 from qrobust.kernels import kernels_enabled
 from qrobust.quant.grid import QuantResult, QuantSpec
+from qrobust.quant.kernel_choice import GEMV_MAX_ROWS, packed_kernel
 from qrobust.quant.pack import pack_qweight, pack_qzeros, repack_qweight, unpack_qweight, unpack_qzeros
 
 # "gptq" (v1) stores zero − 1, the historical AutoGPTQ convention; "gptq_v2" stores zero as is.
 # Asymmetric grids can have zero = 0, which v1 cannot represent, so they are written as v2.
 FORMAT_OFFSET = {"gptq": 1, "gptq_v2": 0}
 
-# Up to this many rows per call the fused kernel reads the packed weight once; beyond, one
-# dequantization feeds the dense matmul, whose cost it amortizes.
-GEMV_MAX_ROWS = 4
 
 
 def checkpoint_format(spec: QuantSpec) -> str:
@@ -140,6 +139,12 @@ class QuantLinear(nn.Module):
         z = unpack_qzeros(self.qzeros, self.spec.bits, self.out_features).to(torch.int64)
         return (z + FORMAT_OFFSET[self.format]) & self.spec.maxq
 
+    def qzeros_as(self, fmt: str) -> torch.Tensor:
+        """qzeros as checkpoint format `fmt` stores these zero points (FORMAT_OFFSET)."""
+        if fmt == self.format:
+            return self.qzeros
+        return pack_qzeros((self.zero_points() - FORMAT_OFFSET[fmt]) & self.spec.maxq, self.spec.bits)
+
     def dequantized_weight(self) -> torch.Tensor:
         """[out, in] float32 weight: scale · (q − zero), the same arithmetic as the quantizer."""
         g = self.g_idx.long()
@@ -165,7 +170,7 @@ class QuantLinear(nn.Module):
             return self._kernel_args != () and self._kernel_args[0] == device
         if not kernels_enabled(device) or self.qweight.device != device:
             return False
-        from qrobust.kernels.gptq_matmul import gemv_config, gemv_locks
+        from qrobust.kernels import gemv_config, gemv_locks
 
         gs, in_order = self._group_len(), self._in_group_order()
         try:
@@ -183,33 +188,52 @@ class QuantLinear(nn.Module):
         return (self.spec.bits, gs, FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits, c.num_warps)
 
     def _gemv_args(self, dtype: torch.dtype, swiglu: bool) -> tuple:
-        """What the GEMV ops (kernels.gptq_matmul) take after their inputs, for inputs of `dtype`."""
+        """What the GEMV ops (kernels.ops) take after their inputs, for inputs of `dtype`."""
         _, g_idx, _, _, locks = self._kernel_args
         return (self.qweight, self.scales, self.qzeros, g_idx, None if self.bias is None else self.bias.to(dtype),
                 locks, *self._tiling_args(), swiglu, self.pdl, self.half2, self.layout)
 
     def takes_half2(self, device: torch.device) -> bool:
         """Whether the GEMV on `device` sums codes two at a time in float16 for float16 inputs:
-        asked for (half2) and possible for this layer (kernels.gptq_matmul.half2_applies)."""
-        from qrobust.kernels.gptq_matmul import half2_applies
+        asked for (half2) and possible for this layer (kernels.layouts.half2_applies)."""
+        from qrobust.kernels import half2_applies
 
         return (self.half2 and self.uses_kernels(device)
                 and half2_applies(self.spec.bits, self._kernel_args[1] is not None, torch.float16, self.layout))
 
-    def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
-        from qrobust.kernels.gptq_matmul import dequantize_op, gemv_op
+    def packed_kernel(self, rows: int, device: torch.device) -> str:
+        """The packed product for `rows` rows on `device` (quant.kernel_choice)."""
+        return packed_kernel(device.type, self.spec.bits, rows)
 
+    def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= GEMV_MAX_ROWS:
-            y = gemv_op(rows, *self._gemv_args(x.dtype, swiglu))
-        else:
-            _, g_idx, gs, _, _ = self._kernel_args
-            w = dequantize_op(self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
-                              FORMAT_OFFSET[self.format], self.in_features, x.dtype, self.layout)
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = rows @ w if bias is None else torch.addmm(bias, rows, w)
-            y = interleaved_swiglu(y) if swiglu else y
+        product = _PACKED_PRODUCTS[self.packed_kernel(rows.shape[0], x.device)]
+        y = product(self, rows, swiglu)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _gemv_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
+        from qrobust.kernels import gemv_op
+
+        return gemv_op(rows, *self._gemv_args(rows.dtype, swiglu))
+
+    def _fused_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
+        from qrobust.kernels.packed_matmul import packed_matmul_op
+
+        _, g_idx, gs, _, _ = self._kernel_args
+        bias = None if self.bias is None else self.bias.to(rows.dtype)
+        y = packed_matmul_op(rows, self.qweight, self.scales, self.qzeros, g_idx, bias, self.spec.bits, gs,
+                             FORMAT_OFFSET[self.format], self.layout)
+        return interleaved_swiglu(y) if swiglu else y
+
+    def _dequant_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
+        from qrobust.kernels import dequantize_op
+
+        _, g_idx, gs, _, _ = self._kernel_args
+        w = dequantize_op(self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
+                          FORMAT_OFFSET[self.format], self.in_features, rows.dtype, self.layout)
+        bias = None if self.bias is None else self.bias.to(rows.dtype)
+        y = rows @ w if bias is None else torch.addmm(bias, rows, w)
+        return interleaved_swiglu(y) if swiglu else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_kernels(x.device):
@@ -228,10 +252,10 @@ class QuantLinear(nn.Module):
         and the caller adds and normalizes itself (models.transformer.add_norm_linear)."""
         stream = x if residual is None else residual  # x may be split sums (forward_split_sums)
         rows = stream.reshape(-1, self.in_features)
-        if not (self.fuse_norm and self.uses_kernels(x.device) and rows.shape[0] <= GEMV_MAX_ROWS
+        if not (self.fuse_norm and self.uses_kernels(x.device) and self.packed_kernel(rows.shape[0], x.device) == "gemv"
                 and norm.weight.dtype == stream.dtype):
             return None
-        from qrobust.kernels.gptq_matmul import gemv_add_norm_op
+        from qrobust.kernels import gemv_add_norm_op
 
         x_rows = x.reshape(x.shape[0], *rows.shape) if x.dim() > stream.dim() else x.reshape(rows.shape)
         res = None if residual is None else rows
@@ -251,9 +275,9 @@ class QuantLinear(nn.Module):
         adds them up anywhere else): where split_sums is on, the packed kernels run, rows are few,
         the GEMV splits K, and there is no bias. Otherwise None, and the caller runs forward."""
         rows = x.reshape(-1, self.in_features)
-        if not (rows.shape[0] <= GEMV_MAX_ROWS and self.leaves_split_sums(x.device)):
+        if not (self.leaves_split_sums(x.device) and self.packed_kernel(rows.shape[0], x.device) == "gemv"):
             return None
-        from qrobust.kernels.gptq_matmul import gemv_split_sums_op
+        from qrobust.kernels import gemv_split_sums_op
 
         g_idx, splits = self._kernel_args[1], self._kernel_args[3].splits
         sums = gemv_split_sums_op(rows, self.qweight, self.scales, self.qzeros, g_idx, *self._tiling_args(), self.pdl,
@@ -268,6 +292,14 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.spec.bits}, "
                 f"group_size={self.spec.group_size}, sym={self.spec.sym}")
+
+
+# quant.kernel_choice's kernel names → QuantLinear's products (rows [M, K], swiglu) → [M, N or N/2]
+_PACKED_PRODUCTS = {
+    "gemv": QuantLinear._gemv_product,
+    "fused_matmul": QuantLinear._fused_matmul_product,
+    "dequant_matmul": QuantLinear._dequant_matmul_product,
+}
 
 
 def join_outputs(tensors: list[torch.Tensor], dim: int, interleave: bool) -> torch.Tensor:

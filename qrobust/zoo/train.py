@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qrobust.models.diffusion import masked_diffusion_loss
-from qrobust.models.loading import save_native
+from qrobust.models.files import save_native
 from qrobust.models.tiny import train_tokenizer
 from qrobust.models.transformer import TransformerConfig, TransformerLM
 from qrobust.zoo.corpus import Document, read_split

@@ -1,0 +1,120 @@
+"""x Ŵᵀ for the batch sizes of batched decoding (5 to 64 rows), reading the packed weight once.
+
+Between the GEMV (a few rows) and dequantize-then-matmul (prefill), a batch of decoding rows is
+still memory bound: what matters is reading the packed words once and keeping enough programs
+in flight. Each program dequantizes its [BLOCK_K, BLOCK_N] weight tiles in registers on their
+way to tl.dot (as kernels.dequant's fused matmul does, with kernels.layouts' unpacking helpers)
+over one of SPLIT_K slices of the inputs; with several slices the float32 partial sums are added up
+afterwards. packed_matmul_tiling picks the tiles and the split so that a layer of Qwen3-1.7B's
+shape (N of 1024 to 6144) has a few programs per SM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# the fused matmul's unpacking helpers (Triton resolves a kernel's callees among its module's globals)
+from qrobust.kernels.launch import block_k
+from qrobust.kernels.layouts import _exact_float, _unpack_tile, _zeros
+
+
+@triton.jit
+def _split_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, M, N, K, k_split, stride_x,
+                         BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr,
+                         ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y (or, with SPLIT_K > 1, the partial sums y[split]) of rows m and outputs n over inputs
+    split·k_split … (split + 1)·k_split − 1."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    mmask, nmask = m < M, n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=mmask[:, None], other=0.0)
+        q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, LAYOUT, BLOCK_K, BLOCK_N))
+        if ACT_ORDER:
+            g = tl.load(g_ptr + k)[:, None]
+        else:
+            g = k0 // GS
+        s = tl.load(s_ptr + g * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+        z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET)
+        acc += tl.dot(a, (s * (q - z)).to(a.dtype))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + split * M * N + m[:, None] * N + n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@dataclass(frozen=True)
+class MatmulTiling:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+# programs to aim for: a few per SM of a large GPU (132 on an H100/H200), so that loads overlap
+TARGET_PROGRAMS = 256
+
+
+def packed_matmul_tiling(M: int, N: int, K: int, group_size: int, act_order: bool) -> MatmulTiling:
+    """Row tiles of 16 to 64 (tl.dot's minimum is 16), 64 outputs by 64 inputs per tile, and as
+    many K-splits (dividing K into whole tiles) as bring the programs up to TARGET_PROGRAMS."""
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    block_n = 64
+    bk = block_k(K, group_size, act_order, 64)
+    programs = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    tiles = K // bk
+    split = 1
+    while programs * split * 2 <= TARGET_PROGRAMS and tiles % (split * 2) == 0:
+        split *= 2
+    return MatmulTiling(block_m, block_n, bk, split, num_warps=4, num_stages=3)
+
+
+def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                  g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
+                  bias: torch.Tensor | None = None, layout: str = "gptq",
+                  tiling: MatmulTiling | None = None) -> torch.Tensor:
+    """x [M, K] times the packed weight (GPTQ's qweight in `layout`, as gptq_matmul takes it): [M, N] in x's dtype."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    x = x.contiguous()
+    act_order = g_idx is not None
+    t = tiling or packed_matmul_tiling(M, N, K, group_size, act_order)
+    if K % (t.split_k * t.block_k):
+        raise ValueError(f"packed_matmul: {t.split_k} K-splits of {K} inputs are not whole tiles of {t.block_k}")
+    out = torch.empty((t.split_k, M, N) if t.split_k > 1 else (M, N), device=x.device,
+                      dtype=torch.float32 if t.split_k > 1 else x.dtype)
+    fuse_bias = bias is not None and t.split_k == 1
+    grid = (triton.cdiv(M, t.block_m), triton.cdiv(N, t.block_n), t.split_k)
+    _split_matmul_kernel[grid](x, qweight, scales, qzeros, g_idx if act_order else scales,
+                               bias if fuse_bias else out, out, M, N, K, K // t.split_k, x.stride(0), BITS=bits,
+                               LAYOUT=layout, OFFSET=zero_offset, GS=group_size, ACT_ORDER=act_order,
+                               HAS_BIAS=fuse_bias, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                               SPLIT_K=t.split_k, num_warps=t.num_warps, num_stages=t.num_stages)
+    if t.split_k == 1:
+        return out
+    y = out.sum(0)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# A custom op, as the other products (kernels.ops): torch.compile treats it as one call.
+@torch.library.custom_op("qrobust::packed_matmul", mutates_args=())
+def packed_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                     g_idx: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
+                     zero_offset: int, layout: str = "gptq") -> torch.Tensor:
+    return packed_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias, layout)
+
+
+@packed_matmul_op.register_fake
+def _(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, zero_offset, layout="gptq"):
+    return x.new_empty(x.shape[0], qweight.shape[1])

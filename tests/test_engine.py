@@ -1,0 +1,178 @@
+"""The batched generation engine (models.engine) on CPU, where it runs its steps eagerly."""
+import pytest
+import torch
+
+from qrobust.models import load_model
+from qrobust.models.adapters import ARAdapter
+from qrobust.models.engine import AREngine, DecodeSettings, StopRule, batch_buckets, length_groups, sample_token
+from qrobust.models.loading import load_transformers_causal, resolve_source
+
+PROMPTS = ["def add(a, b):\n", 'import os\n\ndef list_files(path):\n    """Return the files."""\n',
+           "class Stack:\n    def push(self, x):", "x = 1", "for i in range(10):\n    print("]
+
+
+@pytest.fixture(scope="module")
+def tiny_ar():
+    return load_model("tiny-ar")
+
+
+@pytest.fixture(scope="module")
+def small_ar(tiny_dirs):
+    """The test suite's random tiny AR model (cheaper than the built-in one)."""
+    return load_model(str(tiny_dirs["ar"]))
+
+
+@pytest.fixture(scope="module")
+def hf_tiny_ar(tiny_ar):
+    model = load_transformers_causal(resolve_source("tiny-ar"), torch.float32, "cpu")
+    return ARAdapter(model, tiny_ar.tokenizer, "tiny-ar (transformers)", model.config.num_hidden_layers)
+
+
+def test_qwen3_checkpoints_load_into_the_native_model(tiny_ar):
+    assert tiny_ar.native and type(tiny_ar.model).__name__ == "TransformerLM"
+
+
+def test_greedy_tokens_equal_transformers_generate_on_padded_batches(tiny_ar, hf_tiny_ar):
+    """Five prompts of different lengths in batches of 3 (left padding, a last batch of 2), the
+    engine retiring and compacting rows every 4 steps, against transformers' generate."""
+    tiny_ar._engine = AREngine(tiny_ar.model, check_every=4)
+    ours = tiny_ar.generate(PROMPTS, max_new_tokens=16, batch_size=3)
+    theirs = hf_tiny_ar.generate(PROMPTS, max_new_tokens=16, batch_size=3)
+    assert [g.text for g in ours] == [g.text for g in theirs]
+    assert [g.num_tokens for g in ours] == [g.num_tokens for g in theirs]
+    assert sorted(g.batch_size for g in ours) == [2, 2, 3, 3, 3]
+
+
+def test_rows_end_at_eos_and_stop_strings_but_not_before_min_new_tokens(small_ar):
+    tok = small_ar.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    engine = AREngine(small_ar.model, check_every=3)
+    free = engine.generate(ids, DecodeSettings(20), StopRule(frozenset()), batch_size=4).tokens
+    eos = free[0][5]  # pretend the sixth token of the first row ends a sequence
+    out = engine.generate(ids, DecodeSettings(20), StopRule(frozenset([eos])), batch_size=4)
+    assert out.tokens[0] == free[0][:free[0].index(eos) + 1]
+    assert all(t == f[:len(t)] for t, f in zip(out.tokens, free))  # retiring rows changes no other row
+    forced = engine.generate(ids, DecodeSettings(20, min_new_tokens=20), StopRule(frozenset([eos]), min_new_tokens=20),
+                             batch_size=4)
+    assert forced.tokens == free
+    text = tok.decode(free[1])
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    rule = StopRule(frozenset(), (stop,), tok.decode)
+    n = rule.kept_length(free[1])
+    assert stop in tok.decode(free[1][:n]) and stop not in tok.decode(free[1][:n - 1])
+
+
+def test_sampling_is_reproducible_by_seed(small_ar):
+    runs = [small_ar.generate(PROMPTS, 12, temperature=0.8, top_p=0.9, seed=s, batch_size=4) for s in (1, 1, 2)]
+    texts = [[g.text for g in r] for r in runs]
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+
+
+def test_sample_token_draws_by_quantile_within_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    pick = [int(sample_token(logits, 1.0, 0.7, torch.tensor([u]))) for u in (0.1, 0.7, 0.99)]
+    assert pick == [0, 1, 1]  # top-p 0.7 keeps 0.5 and 0.3: quantile 0.7 of their 0.8 falls in the second
+    assert int(sample_token(logits, 0.0, 1.0, torch.tensor([0.99]))) == 0
+
+
+def test_batches_group_prompts_by_length_and_buckets_are_powers_of_two():
+    assert length_groups([3, 9, 1, 9, 5], 2) == [[1, 3], [4, 0], [2]]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(8) == [1, 2, 4, 8]
+
+
+# ---- diffusion -------------------------------------------------------------------------------------
+def _per_row_reference(logits_fn, input_ids, attention_mask, n, mask_id, shift, config):
+    """The sampler as it was before its commits were vectorized: one row at a time (greedy)."""
+    from qrobust.models.diffusion import _commit_schedule, _confidence, _sample, align_logits
+
+    B, P = input_ids.shape
+    x = torch.cat([input_ids, torch.full((B, n), mask_id)], dim=1)
+    attn = torch.cat([attention_mask, torch.ones(B, n, dtype=attention_mask.dtype)], 1)
+    block = config.block_length or n
+    for b in range(-(-n // block)):
+        lo, hi = P + b * block, min(P + (b + 1) * block, P + n)
+        for k in _commit_schedule(hi - lo, min(max(1, (config.steps or n) // -(-n // block)), hi - lo)):
+            logits = align_logits(logits_fn(x, attn), shift)
+            logits[..., mask_id] = float("-inf")
+            for row in range(B):
+                pos = (x[row, lo:hi] == mask_id).nonzero().squeeze(-1) + lo
+                if pos.numel():
+                    tokens, probs = _sample(logits[row, pos], 0.0, 1.0, None)
+                    chosen = _confidence(probs, tokens, config.alg, None).topk(min(k, pos.numel())).indices
+                    x[row, pos[chosen]] = tokens[chosen]
+    return x[:, P:]
+
+
+@pytest.fixture(scope="module")
+def tiny_dllm():
+    adapter = load_model("tiny-dllm")
+    adapter.tokenizer.padding_side = "left"
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def small_dllm(tiny_dirs):
+    """The test suite's random tiny diffusion model (cheaper than the built-in one)."""
+    adapter = load_model(str(tiny_dirs["diffusion"]))
+    adapter.tokenizer.padding_side = "left"
+    return adapter
+
+
+def _batch(adapter):
+    return adapter.tokenizer(PROMPTS[:3], return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("config", [dict(steps=8, block_length=8),
+                                    pytest.param(dict(block_length=8, alg="confidence"), marks=pytest.mark.slow)])
+def test_vectorized_diffusion_commits_equal_the_per_row_loop(tiny_dllm, config):
+    from qrobust.models.diffusion import SamplerConfig, diffusion_generate
+
+    enc, a = _batch(tiny_dllm), tiny_dllm
+    cfg = SamplerConfig(**config)
+    ours, _ = diffusion_generate(a.logits, enc.input_ids, enc.attention_mask, 16, a.mask_token_id, a.shift_logits, cfg)
+    ref = _per_row_reference(a.logits, enc.input_ids, enc.attention_mask, 16, a.mask_token_id, a.shift_logits, cfg)
+    assert torch.equal(ours, ref)
+
+
+def test_fast_sampler_with_one_token_blocks_is_the_exact_sampler(small_dllm):
+    """Blocks of one position: every block is decided by the refreshing full forward."""
+    from qrobust.models.diffusion import SamplerConfig, diffusion_generate
+    from qrobust.models.fast_dllm import fast_diffusion_generate
+
+    enc, a = _batch(small_dllm), small_dllm
+    exact, _ = diffusion_generate(a.logits, enc.input_ids, enc.attention_mask, 6, a.mask_token_id, a.shift_logits,
+                                  SamplerConfig(block_length=1))
+    fast, passes = fast_diffusion_generate(a.model, enc.input_ids, enc.attention_mask, 6, a.mask_token_id,
+                                           a.shift_logits, SamplerConfig(block_length=1, mode="fast"))
+    assert torch.equal(fast, exact) and passes == 6
+
+
+def test_fast_sampler_commits_confident_positions_together_and_fills_every_mask(small_dllm):
+    from qrobust.models.diffusion import SamplerConfig
+    from qrobust.models.fast_dllm import fast_diffusion_generate
+
+    enc, a = _batch(small_dllm), small_dllm
+    run = {th: fast_diffusion_generate(a.model, enc.input_ids, enc.attention_mask, 16, a.mask_token_id,
+                                       a.shift_logits, SamplerConfig(block_length=8, mode="fast", threshold=th))
+           for th in (0.0, 2.0)}
+    assert run[0.0][1] == 2  # every position is above 0: a block per forward
+    assert run[2.0][1] == 16  # none is above 2: one token per step
+    assert all(bool((out != a.mask_token_id).all()) for out, _ in run.values())
+
+
+def test_block_step_over_a_fresh_cache_gives_the_full_forwards_logits(small_dllm):
+    """The fast sampler's block forward (slots of one block over the cached keys) equals the
+    full forward at those positions while the cache is fresh: the padding and window are right."""
+    model, enc = small_dllm.model, _batch(small_dllm)
+    ids, attn = enc.input_ids, enc.attention_mask
+    L = ids.shape[1]
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    caches = model.new_caches(ids.shape[0], L, torch.arange(L))
+    with torch.no_grad():
+        full = model.forward_slots(ids, caches, positions, model.padding_mask(attn, L, ids.device))
+        window = torch.arange(L - 4, L)
+        for c in caches:
+            c.positions = window
+        part = model.forward_slots(ids[:, window], caches, positions[:, window], attn.bool()[:, None, None, :])
+        assert torch.allclose(part, full[:, window], atol=1e-5)
+        assert torch.allclose(full, model(ids, attn), atol=1e-5)

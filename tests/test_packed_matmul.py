@@ -1,0 +1,68 @@
+"""The batched-decoding product (kernels.packed_matmul) and the table that picks each packed
+product (quant.kernel_choice): on CPU under Triton's interpreter (conftest)."""
+import pytest
+import torch
+
+from qrobust import kernels
+from qrobust.quant.grid import QuantSpec, rtn
+from qrobust.quant.kernel_choice import packed_kernel
+from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
+
+pytestmark = pytest.mark.skipif(not kernels.triton_installed(), reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layer(bits: int, group_size: int, shuffled: bool, N: int = 64, K: int = 256) -> QuantLinear:
+    g = torch.Generator().manual_seed(bits * 10 + K)
+    result = rtn(torch.randn(N, K, generator=g), QuantSpec(bits, group_size, sym=bits != 3))
+    if shuffled:  # act-order: each input's group is arbitrary
+        perm = torch.randperm(K, generator=g)
+        result.q, result.g_idx = result.q[:, perm], result.g_idx[perm]
+    return QuantLinear.from_result(result, torch.randn(N, generator=g), torch.float32).to(DEVICE)
+
+
+def test_table_sends_few_rows_to_the_gemv_batches_to_the_fused_matmul_and_prefill_to_dequantization():
+    for bits in (2, 3, 4, 8):
+        assert [packed_kernel("cuda", bits, m) for m in (1, 4, 5, 64, 65)] == \
+            ["gemv", "gemv", "fused_matmul", "fused_matmul", "dequant_matmul"]
+    assert packed_kernel("cuda", 5, 8) == "dequant_matmul"  # no fused entry for 5 bits
+    assert packed_kernel("mps", 4, 2) == "gemv"
+
+
+@pytest.mark.parametrize("bits,group_size,shuffled,split_k", [(4, 64, False, 2), (3, 128, False, 1),
+                                                               (2, 32, True, 4), (8, 64, False, 1)])
+def test_split_k_matmul_matches_the_dequantized_weight(bits, group_size, shuffled, split_k):
+    from qrobust.kernels.packed_matmul import MatmulTiling, packed_matmul
+
+    layer = _layer(bits, group_size, shuffled)
+    x = torch.randn(9, layer.in_features, device=DEVICE)  # not a multiple of the row tile
+    tiling = MatmulTiling(16, 32, 32, split_k, 4, 2)
+    y = packed_matmul(x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx if shuffled else None, bits,
+                      group_size, FORMAT_OFFSET[layer.format], layer.bias, tiling=tiling)
+    ref = x @ layer.dequantized_weight().t() + layer.bias
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tiling_splits_k_until_there_are_enough_programs():
+    from qrobust.kernels.packed_matmul import TARGET_PROGRAMS, packed_matmul_tiling
+
+    narrow = packed_matmul_tiling(8, 2048, 6144, 128, act_order=False)  # down projection, 32 output tiles
+    assert narrow.block_m == 16 and narrow.split_k == 8 and 32 * narrow.split_k <= TARGET_PROGRAMS
+    wide = packed_matmul_tiling(64, 12288, 2048, 128, act_order=False)  # gate/up: already 192 tiles
+    assert wide.block_m == 64 and wide.split_k == 1
+
+
+def test_quant_linear_runs_batched_rows_on_the_fused_matmul(monkeypatch):
+    """Eight rows go to the fused product (no dense weight is made or cached) and match the
+    dequantized reference."""
+    import qrobust.kernels.ops as ops
+    import qrobust.quant.qlinear as qlinear
+
+    monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
+    monkeypatch.setattr(ops, "dequantize_op", None)  # would fail if called
+    layer = _layer(4, 64, shuffled=False)
+    x = torch.randn(2, 4, layer.in_features, device=DEVICE)
+    assert layer.packed_kernel(8, x.device) == "fused_matmul"
+    y = layer(x)
+    assert layer._weight is None
+    torch.testing.assert_close(y, x @ layer.dequantized_weight().t() + layer.bias, rtol=1e-4, atol=1e-4)
