@@ -80,7 +80,7 @@ def builtin_tokenizer():
 
 def build_pair(bench: StudyBench, root: Path, dtype: torch.dtype) -> dict[str, Path]:
     """The random-weight models, one per kind, saved where load_model reads them."""
-    from qrobust.models.loading import save_native
+    from qrobust.models.files import save_native
 
     tokenizer = builtin_tokenizer()
     dirs = {}
