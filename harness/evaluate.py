@@ -35,6 +35,7 @@ class EvalConfig:
     workers: int = 2
     timeout: float = 10.0
     seed: int = 0
+    min_new_tokens: int = 0  # = max_new_tokens: every generation runs to full length (benchmarks)
 
 
 def generate_samples(adapter, task: Task, problems: list[Problem], config: EvalConfig, style: str,
@@ -49,8 +50,9 @@ def generate_samples(adapter, task: Task, problems: list[Problem], config: EvalC
     with PeakMemory(adapter.device) as mem:
         t0 = time.perf_counter()
         for s in tqdm(range(config.n_samples), desc=f"generate {task.name}", disable=not progress or config.n_samples == 1):
+            forced = {"min_new_tokens": config.min_new_tokens} if config.min_new_tokens else {}
             gens = adapter.generate(prompts, config.max_new_tokens, stop, config.temperature, config.top_p,
-                                    seed=config.seed + s, batch_size=config.batch_size)
+                                    seed=config.seed + s, batch_size=config.batch_size, **forced)
             for p, g in zip(problems, gens):
                 rows.append({"task_id": p.task_id, "sample_idx": s, "completion": g.text,
                              "num_tokens": g.num_tokens, "seconds": g.seconds,

@@ -27,6 +27,7 @@ class PlanConfig:
     probes: int = 64
     rel_tol: float = 0.05
     trace_batches: int = 4
+    probes_per_backward: int = 1  # Hutchinson probes sharing one forward and first backward (hawq.trace)
     same_bits_per_block: bool = False
     seed: int = 0
 
@@ -43,7 +44,7 @@ def analyse(adapter, calib: torch.Tensor, config: PlanConfig, progress: bool = T
     if config.sensitivity == "hawq":
         batches = list(calib[:config.trace_batches * 2].split(2))
         traces = hutchinson_traces(adapter, batches, max_probes=config.probes, rel_tol=config.rel_tol,
-                                   seed=config.seed, progress=progress)
+                                   seed=config.seed, progress=progress, probes_per_backward=config.probes_per_backward)
     return measure_sensitivities(adapter, calib, list(config.bits), config.group_size, traces, config.quantizer,
                                  config.sym)
 

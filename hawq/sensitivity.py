@@ -13,7 +13,7 @@ import torch
 from scipy.stats import spearmanr
 
 from hawq.trace import TraceEstimate
-from qrobust.quant.gptq import GPTQ, output_error
+from qrobust.quant.gptq import GPTQ, output_error, quantize_jointly
 from qrobust.quant.grid import QuantSpec, rtn
 
 
@@ -35,12 +35,23 @@ class LayerSensitivity:
         return max(self.trace, 0.0) / self.n_params * self.weight_error[bits]
 
 
+def input_groups(adapter) -> list[list[str]]:
+    """Layers that read the same input (q/k/v; gate/up) in one group, every other layer alone."""
+    return [g for b in adapter.quantizable_layers() for g in b.groups]
+
+
 @torch.no_grad()
-def layer_hessians(adapter, calib: torch.Tensor, names: list[str]) -> dict[str, GPTQ]:
-    """H = 2XXᵀ/N of every layer from full-precision activations (one pass, hooks)."""
-    gptq = {n: GPTQ(adapter.model.get_submodule(n)) for n in names}
-    hooks = [adapter.model.get_submodule(n).register_forward_hook(
-        lambda m, inp, out, n=n: gptq[n].add_batch(inp[0].detach())) for n in names]
+def layer_hessians(adapter, calib: torch.Tensor, groups: list[list[str]]) -> dict[str, GPTQ]:
+    """H = 2XXᵀ/N of every layer from full-precision activations (one pass, hooks). The layers of a
+    group share one H, accumulated once (from its first layer's input)."""
+    gptq = {}
+    for g in groups:
+        for n in g:
+            gptq[n] = GPTQ(adapter.model.get_submodule(n))
+            if n != g[0]:  # as quant.driver does for its fused groups
+                gptq[n].H = gptq[g[0]].H
+    hooks = [adapter.model.get_submodule(g[0]).register_forward_hook(
+        lambda m, inp, out, n=g[0]: gptq[n].add_batch(inp[0].detach())) for g in groups]
     try:
         for i in range(calib.shape[0]):
             adapter.logits(adapter.calibration_inputs(calib[i:i + 1], seed=i).to(adapter.device))
@@ -53,25 +64,31 @@ def layer_hessians(adapter, calib: torch.Tensor, names: list[str]) -> dict[str, 
 def measure_sensitivities(adapter, calib: torch.Tensor, bits: list[int], group_size: int,
                           traces: dict[str, TraceEstimate] | None, quantizer: str = "gptq",
                           sym: bool = True) -> list[LayerSensitivity]:
-    names = adapter.linear_layer_names()
+    """Per layer and width: ‖Q_b(W) − W‖² and the GPTQ proxy. Layers sharing an input are solved
+    together (quantize_jointly: one column loop over their stacked rows, the same result)."""
+    groups = input_groups(adapter)
     block_of = {n: b.index for b in adapter.quantizable_layers() for n in b.names}
-    gptq = layer_hessians(adapter, calib, names)
-    out = []
-    for n in names:
-        layer = adapter.model.get_submodule(n)
-        W = layer.weight.detach()
-        t = traces.get(n) if traces else None
-        s = LayerSensitivity(n, block_of[n], W.numel(), W.shape[0], W.shape[1],
-                             t.mean if t else None, t.stderr if t else None)
+    gptq = layer_hessians(adapter, calib, groups)
+    by_name = {}
+    for group in groups:
+        weights = {n: adapter.model.get_submodule(n).weight.detach() for n in group}
+        for n, W in weights.items():
+            t = traces.get(n) if traces else None
+            by_name[n] = LayerSensitivity(n, block_of[n], W.numel(), W.shape[0], W.shape[1],
+                                          t.mean if t else None, t.stderr if t else None)
         for b in bits:
             spec = QuantSpec(b, group_size, sym)
-            result = gptq[n].quantize(spec, name=n)[0] if quantizer == "gptq" else rtn(W, spec, n)
-            W_hat = result.dequantize().to(W.device)
-            s.weight_error[b] = float(((W.float() - W_hat) ** 2).sum())
-            s.proxy[b] = output_error(W, W_hat, gptq[n].H)
-        out.append(s)
-        gptq[n].free()
-    return out
+            if quantizer == "gptq":
+                results = [r for r, _ in quantize_jointly([gptq[n] for n in group], spec, name=group[0])]
+            else:
+                results = [rtn(W, spec, n) for n, W in weights.items()]
+            for (n, W), result in zip(weights.items(), results):
+                W_hat = result.dequantize().to(W.device)
+                by_name[n].weight_error[b] = float(((W.float() - W_hat) ** 2).sum())
+                by_name[n].proxy[b] = output_error(W, W_hat, gptq[group[0]].H)
+        for n in group:
+            gptq[n].free()
+    return [by_name[n] for n in adapter.linear_layer_names()]
 
 
 def ranking_agreement(sens: list[LayerSensitivity], bits: list[int]) -> dict[int, float]:

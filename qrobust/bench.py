@@ -25,6 +25,11 @@ SHAPES: dict[str, TransformerConfig] = {
     "qwen3-1.7b": TransformerConfig(),
     "qwen3-0.6b": TransformerConfig(hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
                                     num_key_value_heads=8, head_dim=128),
+    # not a real model: the Qwen3 layout at a size CPU tests can run (group size 128 divides every layer),
+    # with the built-in tokenizer's vocabulary
+    "tiny": TransformerConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                              max_position_embeddings=4096),
 }
 
 

@@ -9,6 +9,7 @@ from typing import Callable
 from qrobust.errors import USER_ERRORS, QrobustError
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
+DTYPE_HELP = "float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)"
 
 
 def parse_bits(text: str) -> list[int]:
@@ -25,13 +26,42 @@ def parse_bits(text: str) -> list[int]:
 
 
 def _dtype(name: str | None):
-    import torch
+    from qrobust.precision import DTYPES, dtype_name
 
-    if name is None:
-        return None
-    if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise QrobustError(f"unknown dtype {name!r}: use float32, float16 or bfloat16")
-    return getattr(torch, name)
+    return None if name is None else DTYPES[dtype_name(name)]
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """How models generate, for eval and sweep alike. Every default is None: the model's preset
+    (`qrobust models` lists them) decides, and a flag given replaces that one field."""
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: the preset's, else bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--style", default=None, help="prompt style: completion/3shot/zeroshot/instruct (default: preset)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the preset's (768 for CoDA/Qwen3)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--n-samples", type=int, default=1, help="completions per problem (pass@k)")
+    p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps (default one per token)")
+    p.add_argument("--block-length", type=int, default=None, help="diffusion: semi-autoregressive block length")
+    p.add_argument("--alg", default=None, help="diffusion: confidence rule (confidence, margin, entropy, random)")
+    p.add_argument("--diffusion-sampler", default=None, choices=("exact", "fast"),
+                   help="diffusion: the exact sampler, or the fast one (cached blocks, commits above --threshold)")
+    p.add_argument("--threshold", type=float, default=None, help="diffusion, fast sampler: confidence to commit at")
+
+
+def generation_overrides(args: argparse.Namespace) -> dict:
+    """The generation flags by preset field name (None where not given)."""
+    from qrobust.models.presets import GENERATION_FIELDS
+
+    return {name: getattr(args, name) for name in GENERATION_FIELDS}
+
+
+def generation_settings(model: str, args: argparse.Namespace):
+    """The model's preset with the flags applied (qrobust.models.presets)."""
+    from qrobust.models.loading import preset_for
+    from qrobust.models.presets import with_overrides
+
+    return with_overrides(preset_for(model), generation_overrides(args))
 
 
 # ---- models -----------------------------------------------------------------------------------
@@ -44,6 +74,10 @@ def _models(args: argparse.Namespace) -> int:
 
     for spec in MODELS.values():
         print(f"{spec.name:<16} {spec.kind:<10} {spec.source:<32} {spec.description}")
+        p = spec.preset
+        sampler = f", {p.steps or 'one per token'} steps, alg {p.alg}" if spec.kind == "diffusion" else ""
+        print(f"{'':<16} preset: style {p.style or 'default'}, {p.max_new_tokens} new tokens, temperature "
+              f"{p.temperature}, top-p {p.top_p}, dtype {p.dtype or 'device default'}{sampler} ({p.source})")
     return 0
 
 
@@ -67,7 +101,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
+    p.add_argument("--dtype", default=None, help=DTYPE_HELP)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -124,41 +158,37 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name/path, or 'reference' for the reference solutions")
     p.add_argument("--quantized", help="a checkpoint directory written by `qrobust quantize`")
     p.add_argument("--benchmarks", default="humaneval,mbpp")
-    p.add_argument("--n-samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    add_generation_args(p)
     p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
-    p.add_argument("--style", default=None, help="prompt style: completion/3shot/zeroshot/instruct")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps (default one per token)")
-    p.add_argument("--block-length", type=int, default=None, help="diffusion: semi-autoregressive block length")
-    p.add_argument("--alg", default="entropy", help="diffusion: confidence rule (confidence, margin, entropy, random)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from harness import EvalConfig, evaluate, summary_table
     from harness.tasks import parse_benchmarks
-    from qrobust.models import SamplerConfig, load_model
+    from qrobust.models import load_model
 
     benchmarks = tuple(parse_benchmarks(args.benchmarks))
-    if args.temperature == 0 and args.n_samples > 1:
+    settings = generation_settings(args.model, args)
+    if settings.temperature == 0 and args.n_samples > 1:
         raise QrobustError("greedy decoding gives identical samples: set --temperature > 0 with --n-samples > 1")
-    config = EvalConfig(benchmarks, args.n_samples, args.temperature, args.top_p, args.max_new_tokens, args.limit,
-                        args.style, args.batch_size, args.workers, args.timeout, args.seed)
+    config = EvalConfig(benchmarks, args.n_samples, settings.temperature, settings.top_p, settings.max_new_tokens,
+                        args.limit, settings.style, args.batch_size, args.workers, args.timeout, args.seed)
     if args.model == "reference":
         adapter, name = None, "reference"
     else:
-        sampler = SamplerConfig(steps=args.steps, block_length=args.block_length, alg=args.alg)
         name = args.quantized or args.model
-        adapter = load_model(name, device=args.device, dtype=_dtype(args.dtype), sampler=sampler)
+        adapter = load_model(name, device=args.device, dtype=_dtype(settings.dtype), sampler=settings.sampler())
     total = evaluate(adapter, config, args.out, name)
+    total["settings"] = settings.record()
+    (Path(args.out) / "summary.json").write_text(json.dumps(total, indent=2, default=str))
     print(summary_table(total))
     return 0
 
@@ -248,6 +278,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantizer", default="gptq", help="Q_b inside the sensitivity: gptq or rtn")
     p.add_argument("--probes", type=int, default=64, help="maximum Hutchinson probes")
     p.add_argument("--rel-tol", type=float, default=0.05, help="stop when every trace's stderr/mean is below this")
+    p.add_argument("--probes-per-backward", type=int, default=4,
+                   help="Hutchinson probes sharing one forward and first backward")
+    p.add_argument("--analysis-cache", default=None,
+                   help="directory of cached sensitivity analyses: plans for other budgets reuse the same analysis")
     p.add_argument("--same-bits-per-block", action="store_true")
     p.add_argument("--fix", action="append", default=[], metavar="LAYER=BITS", help="force a layer's bits")
     p.add_argument("--calib", default="stdlib")
@@ -256,6 +290,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frontier", help="directory for frontier.csv/png and agreement.csv")
     p.add_argument("--export-dynamic", help="also write GPTQModel `dynamic` overrides to this JSON file")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help=DTYPE_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="plan file to write")
 
@@ -263,7 +298,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 def _plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hawq import Budget, PlanConfig, analyse, pareto_frontier, plan_document, ranking_agreement, solve
+    from hawq import AnalysisCache, Budget, PlanConfig, pareto_frontier, plan_document, ranking_agreement, solve
     from hawq import costs_of, sizes_of, to_gptqmodel_dynamic, write_frontier
     from qrobust.calib import calibration_tokens
     from qrobust.models import load_model
@@ -285,12 +320,13 @@ def _plan(args: argparse.Namespace) -> int:
             raise QrobustError(f"--fix {item!r}: use LAYER=BITS")
         fixed[name] = int(b)
     config = PlanConfig(bits, args.group_size, True, args.sensitivity, args.quantizer, args.probes, args.rel_tol,
-                        same_bits_per_block=args.same_bits_per_block, seed=args.seed)
-    adapter = load_model(args.model, device=args.device)
+                        same_bits_per_block=args.same_bits_per_block, seed=args.seed,
+                        probes_per_backward=args.probes_per_backward)
+    adapter = load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
     calib = calibration_tokens(adapter.tokenizer, args.calib, args.nsamples, args.calib_seqlen, args.seed)
-    sens = analyse(adapter, calib, config)
-    alloc = solve(sens, config, budget, latency, fixed)
     calibration = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": args.seed}
+    sens = AnalysisCache(args.analysis_cache).analyse(adapter, args.model, calib, config, calibration, progress=True)
+    alloc = solve(sens, config, budget, latency, fixed)
     doc = plan_document(adapter, args.model, sens, config, budget, alloc, calibration)
     Path(args.out).write_text(json.dumps(doc, indent=2))
     if args.export_dynamic:
@@ -321,10 +357,11 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
+    add_generation_args(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--hawq-probes", type=int, default=32)
+    p.add_argument("--hawq-probes-per-backward", type=int, default=4,
+                   help="Hutchinson probes sharing one forward and first backward")
     p.add_argument("--workers", type=int, default=2, help="sandbox workers")
     p.add_argument("--device", default="cpu")
     p.add_argument("--probe", action="store_true", help="also run `qrobust probe` on each model's configs")
@@ -346,10 +383,11 @@ def _sweep(args: argparse.Namespace) -> int:
     benchmarks = () if args.benchmarks == "none" else _csv(args.benchmarks)
     config = SweepConfig(models=_csv(args.models), bits=tuple(parse_bits(args.bits)), methods=_csv(args.methods),
                          benchmarks=benchmarks, seeds=seeds, limit=args.limit, group_size=args.group_size,
-                         nsamples=args.nsamples, seqlen=args.calib_seqlen, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, batch_size=args.batch_size, hawq_probes=args.hawq_probes,
+                         nsamples=args.nsamples, seqlen=args.calib_seqlen, batch_size=args.batch_size,
+                         hawq_probes=args.hawq_probes, hawq_probes_per_backward=args.hawq_probes_per_backward,
                          device=args.device, workers=args.workers, probe=args.probe, attribution=args.attribution,
-                         attribution_limit=args.attribution_limit)
+                         attribution_limit=args.attribution_limit, n_samples=args.n_samples,
+                         **generation_overrides(args))
     out = sweep(config, args.out, args.executor, args.ray_address)
     print(f"results in {out / 'results.parquet'} (and .csv); next: qrobust report {out}")
     return 0
@@ -413,11 +451,31 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="measure each width in a fresh process, untouched by what earlier widths leave behind "
                         "(default: on CUDA)")
     g.add_argument("--out", default=None, help="JSON file for the measurements")
+    s = sub.add_parser("study", help="rehearse the whole study on a random-weight pair: time per stage, projection")
+    s.add_argument("--shape", default="qwen3-1.7b", help="qwen3-1.7b, qwen3-0.6b or tiny (tests, CPU)")
+    s.add_argument("--kinds", default="ar,diffusion")
+    s.add_argument("--methods", default="gptq,rtn,hawq")
+    s.add_argument("--bits", default="2,3,4")
+    s.add_argument("--benchmarks", default="humaneval,mbpp")
+    s.add_argument("--limit", type=int, default=8, help="problems per benchmark")
+    s.add_argument("--batch-size", type=int, default=8)
+    add_generation_args(s)
+    s.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (quick runs)")
+    s.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (quick runs)")
+    s.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
+    s.add_argument("--calib-seqlen", type=int, default=512)
+    s.add_argument("--hawq-probes", type=int, default=32)
+    s.add_argument("--workers", type=int, default=2, help="sandbox workers")
+    s.add_argument("--device", default="cuda")
+    s.add_argument("--work-dir", default=None, help="where the random models are written (default: a temp dir)")
+    s.add_argument("--out", default=None, help="JSON file for the measurements and the projection")
 
 
 def _bench(args: argparse.Namespace) -> int:
     if args.bench_command == "generate":
         return _bench_generate(args)
+    if args.bench_command == "study":
+        return _bench_study(args)
     from qrobust.bench import QuantBench, bench_quantize, summary_lines
 
     bench = QuantBench(shape=args.shape, kind=args.kind, bits=args.bits, group_size=args.group_size,
@@ -426,6 +484,21 @@ def _bench(args: argparse.Namespace) -> int:
                        calib_batch_size=args.calib_batch_size, repeats=args.repeats)
     parse_bits(str(args.bits))
     results = bench_quantize(bench, args.work_dir, args.out)
+    for line in summary_lines(results):
+        print(line)
+    return 0
+
+
+def _bench_study(args: argparse.Namespace) -> int:
+    from qrobust.bench_study import StudyBench, bench_study, summary_lines
+
+    bench = StudyBench(shape=args.shape, kinds=_csv(args.kinds), methods=_csv(args.methods),
+                       bits=tuple(parse_bits(args.bits)), benchmarks=_csv(args.benchmarks), limit=args.limit,
+                       batch_size=args.batch_size, device=args.device, layers=args.layers, vocab_size=args.vocab_size,
+                       generation={k: v for k, v in generation_overrides(args).items() if v is not None},
+                       nsamples=args.nsamples, seqlen=args.calib_seqlen, hawq_probes=args.hawq_probes,
+                       workers=args.workers)
+    results = bench_study(bench, args.work_dir, args.out)
     for line in summary_lines(results):
         print(line)
     return 0
@@ -467,6 +540,7 @@ def _target_args(p: argparse.ArgumentParser, several: bool) -> None:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help=DTYPE_HELP)
 
 
 def _probe_args(p: argparse.ArgumentParser) -> None:
@@ -495,7 +569,7 @@ def _probe(args: argparse.Namespace) -> int:
                          seed=args.seed, gsm8k_path=args.gsm8k)
     bits = parse_bits(args.bits) if args.bits else []
     check_tasks(config)
-    base = load_model(args.model, device=args.device)
+    base = load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
     targets = build_targets(args.model, base, args.out, args.quantized, args.method, bits, args.plan,
                             args.group_size, args.nsamples, args.calib_seqlen, args.seed)
     path = run_probe(base, targets, config, args.out, "qrobust " + " ".join(sys.argv[1:]))
@@ -537,7 +611,7 @@ def _attribute(args: argparse.Namespace) -> int:
     config = AttributionConfig(corpus=args.corpus, queries=args.queries, limit=args.limit,
                                query_limit=args.query_limit, top_k=args.top_k, bm25=not args.no_bm25, gradients=gcfg)
     inputs = load_inputs(config)
-    base = load_model(args.model, device=args.device)
+    base = load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
     target, adapter = None, base
     if args.quantized or args.method or args.plan:
         targets = build_targets(args.model, base, args.out, [args.quantized] if args.quantized else [], args.method,

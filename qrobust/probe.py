@@ -65,7 +65,12 @@ class Target:
         return self.state if question == "state" else self.bits
 
 
-FULL_TARGET = Target("fp16", FULL, 16)
+def full_target(dtype) -> Target:
+    """The full-precision model, labelled by the dtype it runs in (bf16, fp32); for the bits question
+    its truth is 16, the full-precision answer, whatever that dtype."""
+    from qrobust.precision import baseline_label
+
+    return Target(baseline_label(dtype), FULL, 16)
 
 
 @dataclass
@@ -375,7 +380,7 @@ def build_targets(model: str, base, out_dir: str | Path, quantized: list[str] = 
     from qrobust.models import load_model
     from qrobust.sweep import METHODS, Job, SweepConfig, quantize_for
 
-    targets: list[tuple[Target, object]] = [(FULL_TARGET, lambda: base)]
+    targets: list[tuple[Target, object]] = [(full_target(next(base.model.parameters()).dtype), lambda: base)]
     for path in quantized:
         if not (Path(path) / "qrobust.json").exists():
             raise QrobustError(f"{path} is not a qrobust checkpoint: make one with `qrobust quantize --out {path}`")

@@ -11,7 +11,7 @@ from scipy.stats import ttest_rel
 from harness.metrics import bootstrap_mean, mcnemar_exact
 from qrobust.errors import QrobustError
 from qrobust.plotting import pyplot, save
-from qrobust.sweep import BASELINE
+from qrobust.precision import BASELINE_LABELS, is_baseline
 
 
 def load_records(run_dir: Path) -> list[dict]:
@@ -59,10 +59,11 @@ def summary_table(records: list[dict], benchmarks: list[str]) -> pd.DataFrame:
 def paired_deltas(records: list[dict], benchmarks: list[str]) -> pd.DataFrame:
     """Every config against its own model's full-precision baseline, on the same problems/windows."""
     groups = _group(records)
+    baselines = {model: recs for (model, method, _), recs in groups.items() if is_baseline(method)}
     rows = []
     for (model, method, bits), recs in groups.items():
-        base = groups.get((model, BASELINE, 16))
-        if method == BASELINE or base is None:
+        base = baselines.get(model)
+        if is_baseline(method) or base is None:
             continue
         a, b = per_window(base), per_window(recs)
         d = bootstrap_mean(b - a)
@@ -92,15 +93,16 @@ def recommend(table: pd.DataFrame, benchmarks: list[str], tolerance: float) -> p
     `tolerance` (relative) of full precision and whose pass@1 drops by at most `tolerance`."""
     rows = []
     for model, t in table.groupby("model"):
-        base = t[t.method == BASELINE]
+        base = t[t.method.isin(BASELINE_LABELS)]
         if base.empty:
             continue
         base = base.iloc[0]
-        ok = t[(t.method != BASELINE) & (t.likelihood <= base.likelihood * (1 + tolerance))]
+        ok = t[~t.method.isin(BASELINE_LABELS) & (t.likelihood <= base.likelihood * (1 + tolerance))]
         for b in benchmarks:
             ok = ok[ok[f"{b}_pass1"] >= base[f"{b}_pass1"] - tolerance]
         if ok.empty:
-            rows.append({"model": model, "recommendation": "none: keep full precision", "avg_bits": 16.0})
+            rows.append({"model": model, "recommendation": f"none: keep full precision ({base.method})",
+                         "avg_bits": float(base.bits)})
             continue
         best = ok.sort_values(["avg_bits", "likelihood"]).iloc[0]
         rows.append({"model": model, "recommendation": f"{best.method} {best.bits}-bit", "avg_bits": best.avg_bits,
@@ -109,15 +111,15 @@ def recommend(table: pd.DataFrame, benchmarks: list[str], tolerance: float) -> p
 
 
 def _x(bits: float) -> float:
-    return 5.0 if bits == 16 else bits  # full precision drawn at the right edge, labelled "fp"
+    return 5.0 if bits >= 16 else bits  # full precision (16 or 32 bits) drawn at the right edge, labelled "fp"
 
 
 def plot_metric(table: pd.DataFrame, col: str, low: str, high: str, ylabel: str, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for (kind, method), t in table[table.method != BASELINE].groupby(["kind", "method"]):
+    for (kind, method), t in table[~table.method.isin(BASELINE_LABELS)].groupby(["kind", "method"]):
         t = t.sort_values("bits")
-        base = table[(table.kind == kind) & (table.method == BASELINE)]
+        base = table[(table.kind == kind) & table.method.isin(BASELINE_LABELS)]
         t = pd.concat([t, base])
         xs = [_x(b) for b in t.bits]
         ax.errorbar(xs, t[col], yerr=[t[col] - t[low], t[high] - t[col]], marker="o", capsize=3,
@@ -231,7 +233,7 @@ def attribution_section(run: Path) -> list[str]:
     return ["## Attribution: does the quantized model rely on the same training data?", "",
             "Per-query agreement with the full-precision model's influence ranking over the same documents "
             "(mean over queries) and the cosine between the two models' gradient features per document "
-            "(mean over documents); CIs in `attribution/attribution.csv`. `fp16-reseeded` is full precision "
+            "(mean over documents); CIs in `attribution/attribution.csv`. `<baseline>-reseeded` (e.g. bf16-reseeded) is full precision "
             "with another projection seed: the noise floor of the method itself.", "",
             _md(table), ""]
 

@@ -15,7 +15,7 @@ import platform
 import subprocess
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from qrobust import __version__
 from qrobust.errors import QrobustError
+from qrobust.models.presets import GENERATION_FIELDS, EvalPreset, with_overrides
+from qrobust.precision import baseline_label, default_dtype, dtype_bits, dtype_name, is_baseline
 
 METHODS = ("gptq", "rtn", "hawq")
-BASELINE = "fp16"
 
 
 @dataclass
@@ -40,11 +41,22 @@ class SweepConfig:
     group_size: int = 128
     nsamples: int = 32
     seqlen: int = 512
-    max_new_tokens: int = 128
-    temperature: float = 0.0
     batch_size: int = 8
+    # generation settings: None takes the model's preset (qrobust.models.presets), a value overrides it
+    dtype: str | None = None
+    style: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    steps: int | None = None
+    block_length: int | None = None
+    alg: str | None = None
+    diffusion_sampler: str | None = None
+    threshold: float | None = None
+    n_samples: int = 1
     hawq_candidates: tuple[int, ...] = (2, 3, 4, 8)
     hawq_probes: int = 32
+    hawq_probes_per_backward: int = 4  # Hutchinson probes sharing one forward and first backward
     device: str = "cpu"
     workers: int = 2
     probe: bool = False  # after the configs: `qrobust probe` on each model's quantized configs
@@ -64,11 +76,26 @@ class Job:
         return f"{self.model.replace('/', '--')}__{self.method}__{self.bits}__s{self.seed}"
 
 
+def generation_settings(config: SweepConfig, model: str) -> EvalPreset:
+    """The model's preset with the sweep's flags applied and the dtype resolved for the device."""
+    from qrobust.models.loading import preset_for
+
+    given = {f.name: getattr(config, f.name) for f in fields(config) if f.name in GENERATION_FIELDS}
+    settings = with_overrides(preset_for(model), given)
+    return replace(settings, dtype=dtype_name(settings.dtype or default_dtype(config.device)))
+
+
+def baseline_job(config: SweepConfig, model: str, seed: int) -> Job:
+    """The full-precision config, named and sized by the dtype it runs in (bf16 16, fp32 32)."""
+    dtype = generation_settings(config, model).dtype
+    return Job(model, baseline_label(dtype), dtype_bits(dtype), seed)
+
+
 def plan_jobs(config: SweepConfig) -> list[Job]:
     jobs = []
     for model in config.models:
         for seed in config.seeds:
-            jobs.append(Job(model, BASELINE, 16, seed))
+            jobs.append(baseline_job(config, model, seed))
             jobs += [Job(model, m, b, seed) for m in config.methods for b in config.bits]
     return jobs
 
@@ -91,6 +118,15 @@ def validate(config: SweepConfig) -> None:
             resolve_source(model)  # raises a clear error for unknown names and missing directories
     if not config.seeds:
         raise QrobustError("no seeds given: use e.g. --seeds 0,1,2")
+    if config.n_samples < 1:
+        raise QrobustError(f"--n-samples must be at least 1, got {config.n_samples}")
+    for model in config.models:
+        settings = generation_settings(config, model)
+        settings.sampler()  # a bad --alg fails now
+        for name in config.benchmarks:
+            get_task(name).check_style(settings.style)
+        if settings.temperature == 0 and config.n_samples > 1:
+            raise QrobustError("greedy decoding gives identical samples: set --temperature > 0 with --n-samples > 1")
 
 
 def environment(device: str) -> dict:
@@ -137,26 +173,31 @@ def likelihood(adapter, seqlen: int, seed: int) -> dict:
     return {"kind": kind, "value": sum(per_window) / len(per_window), "per_window": per_window}
 
 
-def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path, progress: bool = False):
-    """A quantized copy of the base model for this job, and facts about it."""
+def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path, progress: bool = False, analyses=None):
+    """A quantized copy of the base model for this job, and facts about it. analyses: a
+    hawq.AnalysisCache shared by the jobs of one model (default: one on disk under out_dir/hawq),
+    so that the sensitivity analysis runs once for every budget."""
     from qrobust.calib import calibration_tokens
     from qrobust.quant import QuantizeConfig, QuantSpec, quantize_model
 
     adapter = copy.deepcopy(base)
-    if job.method == BASELINE:
-        return adapter, {"avg_bits": 16.0}
+    if is_baseline(job.method):
+        return adapter, {"avg_bits": float(job.bits)}
     calib = calibration_tokens(adapter.tokenizer, "stdlib", config.nsamples, config.seqlen, seed=job.seed)
     facts: dict = {}
     plan = None
     if job.method == "hawq":
-        from hawq import Budget, PlanConfig, analyse, plan_document, solve
+        from hawq import AnalysisCache, Budget, PlanConfig, plan_document, solve
 
         pconf = PlanConfig(bits=config.hawq_candidates, group_size=config.group_size, probes=config.hawq_probes,
-                           seed=job.seed)
-        sens = analyse(base, calib, pconf, progress=False)
+                           seed=job.seed, probes_per_backward=config.hawq_probes_per_backward)
+        calibration = {"source": "stdlib", "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": job.seed}
+        analyses = analyses if analyses is not None else AnalysisCache(out_dir / "hawq")
+        t0 = time.perf_counter()
+        sens = analyses.analyse(base, job.model, calib, pconf, calibration)
+        facts["hawq_analysis_seconds"] = time.perf_counter() - t0  # ~0 when the analysis was cached
         alloc = solve(sens, pconf, Budget(avg_bits=float(job.bits)))
-        doc = plan_document(base, job.model, sens, pconf, Budget(avg_bits=float(job.bits)), alloc,
-                            {"source": "stdlib", "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": job.seed})
+        doc = plan_document(base, job.model, sens, pconf, Budget(avg_bits=float(job.bits)), alloc, calibration)
         (out_dir / "plans").mkdir(exist_ok=True)
         (out_dir / "plans" / f"{job.id}.json").write_text(json.dumps(doc, indent=2))
         plan = {n: QuantSpec(b, config.group_size) for n, b in alloc.bits.items()}
@@ -173,28 +214,49 @@ def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path, progress: b
 
 
 def run_job(job: Job, config: SweepConfig, out_dir: Path, base_cache: dict, progress: bool = False) -> dict:
-    """Quantize, measure likelihood, evaluate every benchmark; returns the config record."""
-    from harness import EvalConfig, evaluate
+    """Quantize, measure likelihood, evaluate every benchmark; returns the config record.
+    base_cache is what a worker keeps between configs: the current base model and its hawq analyses."""
+    from harness import evaluate
+    from hawq import AnalysisCache
     from qrobust.models import load_model
 
+    settings = generation_settings(config, job.model)
     if job.model not in base_cache:
         base_cache.clear()  # one base model in memory at a time
-        base_cache[job.model] = load_model(job.model, device=config.device)
+        base_cache[job.model] = load_model(job.model, device=config.device, dtype=settings.dtype,
+                                           sampler=settings.sampler())
     base = base_cache[job.model]
     torch.manual_seed(job.seed)
-    adapter, facts = quantize_for(job, base, config, out_dir, progress)
-    record = {"job": asdict(job), "id": job.id, "kind": base.kind, **facts,
+    analyses = base_cache.setdefault("hawq analyses", AnalysisCache(out_dir / "hawq"))
+    adapter, facts = quantize_for(job, base, config, out_dir, progress, analyses)
+    record = {"job": asdict(job), "id": job.id, "kind": base.kind, **facts, "settings": settings.record(),
               "likelihood": likelihood(adapter, config.seqlen, job.seed)}
     record["benchmarks"] = {}
     if not config.benchmarks:
         return record
-    eval_config = EvalConfig(tuple(config.benchmarks), 1, config.temperature, 0.95, config.max_new_tokens,
-                             config.limit, None, config.batch_size, config.workers, 10.0, job.seed)
+    eval_config = eval_config_for(config, settings, job.seed)
     total = evaluate(adapter, eval_config, out_dir / "runs" / job.id, job.model, progress=progress)
     for name, s in total["benchmarks"].items():
         rows = [json.loads(x) for x in (out_dir / "runs" / job.id / name / "results.jsonl").read_text().splitlines()]
-        record["benchmarks"][name] = {"summary": s, "passed": {r["task_id"]: r["passed"] for r in rows}}
+        record["benchmarks"][name] = {"summary": s, "passed": passed_by_task(rows)}
     return record
+
+
+def eval_config_for(config: SweepConfig, settings: EvalPreset, seed: int):
+    from harness import EvalConfig
+
+    return EvalConfig(benchmarks=tuple(config.benchmarks), n_samples=config.n_samples,
+                      temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
+                      limit=config.limit, style=settings.style, batch_size=config.batch_size, workers=config.workers,
+                      timeout=10.0, seed=seed)
+
+
+def passed_by_task(rows: list[dict]) -> dict[str, bool | float]:
+    """Each problem's outcome: passed or not with one sample, the fraction passed with several."""
+    outcomes: dict[str, list[bool]] = {}
+    for r in rows:
+        outcomes.setdefault(r["task_id"], []).append(r["passed"])
+    return {t: v[0] if len(v) == 1 else sum(v) / len(v) for t, v in outcomes.items()}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -298,11 +360,12 @@ def probe_models(config: SweepConfig, out: Path, progress: bool = True) -> None:
     from qrobust.models import load_model
     from qrobust.probe import ProbeConfig, build_targets, run_probe
 
-    pconf = ProbeConfig(tasks=tuple(config.benchmarks) or ("humaneval",), shots=(0, 3), limit=config.limit,
-                        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, workers=config.workers,
-                        seed=config.seeds[0])
     for model in config.models:
-        base = load_model(model, device=config.device)
+        settings = generation_settings(config, model)
+        pconf = ProbeConfig(tasks=tuple(config.benchmarks) or ("humaneval",), shots=(0, 3), limit=config.limit,
+                            max_new_tokens=settings.max_new_tokens, batch_size=config.batch_size,
+                            workers=config.workers, seed=config.seeds[0])
+        base = load_model(model, device=config.device, dtype=settings.dtype, sampler=settings.sampler())
         probe_dir = out / "probe" / model.replace("/", "--")
         per_method = [build_targets(model, base, probe_dir, method=m, bits=list(config.bits),
                                     group_size=config.group_size, nsamples=config.nsamples, seqlen=config.seqlen,
@@ -334,10 +397,13 @@ def attribution_models(config: SweepConfig, out: Path, progress: bool = True) ->
                          "benchmark": "attribution", "metric": metric, **m})
 
     for model in config.models:
-        base = load_model(model, device=config.device)
+        full = baseline_job(config, model, config.seeds[0])
+        base = load_model(model, device=config.device, dtype=generation_settings(config, model).dtype)
         root = out / "attribution" / model.replace("/", "--")
-        runs = [(BASELINE, 16, root / "fp16", aconf, lambda: copy.deepcopy(base)),
-                ("fp16-reseeded", 16, root / "fp16-seed1", reseeded, lambda: copy.deepcopy(base))]
+        fp_dir = root / full.method
+        runs = [(full.method, full.bits, fp_dir, aconf, lambda: copy.deepcopy(base)),
+                (f"{full.method}-reseeded", full.bits, root / f"{full.method}-seed1", reseeded,
+                 lambda: copy.deepcopy(base))]
         for method in config.methods:
             for target, make in build_targets(model, base, root, method=method, bits=list(config.bits),
                                               group_size=config.group_size, nsamples=config.nsamples,
@@ -346,11 +412,17 @@ def attribution_models(config: SweepConfig, out: Path, progress: bool = True) ->
         for method, bits, run_dir, conf, make in runs:
             if not finished(run_dir, conf):
                 attribute(make(), f"{model} {run_dir.name}", conf, run_dir, inputs, progress)
-            if run_dir != root / "fp16":
-                add(model, method, bits, root / "fp16", run_dir)
+            if run_dir != fp_dir:
+                add(model, method, bits, fp_dir, run_dir)
     path = out / "attribution" / "attribution.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+def settings_columns(record: dict) -> dict:
+    """The effective generation settings of a config as table columns: dtype, then gen_* for the rest."""
+    settings = dict(record.get("settings") or {})
+    return {"dtype": settings.pop("dtype", None), **{f"gen_{k}": v for k, v in settings.items()}}
 
 
 def result_rows(out_dir: str | Path) -> list[dict]:
@@ -364,7 +436,7 @@ def result_rows(out_dir: str | Path) -> list[dict]:
         common = {"config_id": rec["id"], "model": job["model"], "kind": rec.get("kind"), "method": job["method"],
                   "bits": job["bits"], "avg_bits": rec.get("avg_bits"), "seed": job["seed"], "status": rec["status"],
                   "error": rec.get("error"), "quantize_seconds": rec.get("quantize_seconds"),
-                  **{f"env_{k}": v for k, v in env.items()}}
+                  **settings_columns(rec), **{f"env_{k}": v for k, v in env.items()}}
         if rec["status"] != "ok":
             rows.append({**common, "benchmark": None})
             continue

@@ -7,8 +7,10 @@ import torch
 
 from qrobust.cli import main
 from qrobust.probe import (
-    FULL, FULL_TARGET, QUANTIZED, QUESTIONS, ProbeConfig, Target, balanced_sets, parse_bits, parse_state, run_probe,
+    FULL, QUANTIZED, QUESTIONS, ProbeConfig, Target, balanced_sets, full_target, parse_bits, parse_state, run_probe,
 )
+
+FP32 = full_target(torch.float32)
 
 
 @pytest.mark.parametrize("text,state", [
@@ -33,13 +35,13 @@ def _rows(targets, items=3):
 
 
 def test_balanced_sets_have_equal_classes():
-    targets = [FULL_TARGET, Target("gptq-2", QUANTIZED, 2), Target("gptq-4", QUANTIZED, 4)]
+    targets = [FP32, Target("gptq-2", QUANTIZED, 2), Target("gptq-4", QUANTIZED, 4)]
     sets = balanced_sets(_rows(targets))
     assert set(sets) == {"gptq-2", "gptq-4", "all"}
     for name, df in sets.items():
         counts = df.state.value_counts()
         assert counts[FULL] == counts[QUANTIZED], name
-    assert len(sets["all"]) == 12 and (sets["all"].target == "fp16").sum() == 6  # full rows once per target
+    assert len(sets["all"]) == 12 and (sets["all"].target == "fp32").sum() == 6  # full rows once per target
 
 
 @dataclass
@@ -79,7 +81,7 @@ def _gsm8k(tmp_path, n=6):
 @pytest.mark.parametrize("policy,accuracy,parse_fail", [("oracle", 1.0, 0.0), ("always-full", 0.5, 0.0),
                                                         ("malformed", 0.0, 1.0)])
 def test_scripted_models_score_as_expected(tmp_path, policy, accuracy, parse_fail):
-    targets = [FULL_TARGET, Target("gptq-2", QUANTIZED, 2), Target("gptq-4", QUANTIZED, 4)]
+    targets = [FP32, Target("gptq-2", QUANTIZED, 2), Target("gptq-4", QUANTIZED, 4)]
     config = ProbeConfig(tasks=("gsm8k",), shots=(0, 2), gsm8k_path=_gsm8k(tmp_path))
     pairs = [(t, lambda t=t: ScriptedModel(t, policy)) for t in targets]
     run_probe(None, pairs, config, tmp_path / "probe", progress=False)
@@ -99,7 +101,7 @@ def test_scripted_models_score_as_expected(tmp_path, policy, accuracy, parse_fai
 
 
 def test_shots_are_labelled_with_the_producers_truth(tmp_path):
-    targets = [FULL_TARGET, Target("rtn-3", QUANTIZED, 3)]
+    targets = [FP32, Target("rtn-3", QUANTIZED, 3)]
     seen = []
 
     class Recorder(ScriptedModel):
@@ -121,7 +123,7 @@ def test_probe_runs_offline_on_a_tiny_model_and_resumes(tmp_path, tiny_dirs, kin
     assert main(argv) == 0
     scores = pd.read_csv(out / "summary.csv")
     assert set(scores.question) == {"state", "bits"} and set(scores.shots) == {0, 1}
-    assert {"balanced:rtn-4", "balanced:all", "target:fp16", "target:rtn-4"} <= set(scores.set)
+    assert {"balanced:rtn-4", "balanced:all", "target:fp32", "target:rtn-4"} <= set(scores.set)
     first = (out / "probe" / "rtn-4.jsonl").read_text()
     assert main(argv) == 0 and (out / "probe" / "rtn-4.jsonl").read_text() == first  # resumed, not redone
 
@@ -151,7 +153,7 @@ def test_sweep_with_probe_reports_it(tmp_path, tiny_dirs):
 
 def test_last_model_of_the_answer_pass_is_not_built_again(tmp_path):
     built = []
-    targets = [FULL_TARGET, Target("gptq-2", QUANTIZED, 2), Target("gptq-4", QUANTIZED, 4)]
+    targets = [FP32, Target("gptq-2", QUANTIZED, 2), Target("gptq-4", QUANTIZED, 4)]
 
     def factory(t):
         def make():
@@ -161,4 +163,4 @@ def test_last_model_of_the_answer_pass_is_not_built_again(tmp_path):
 
     config = ProbeConfig(tasks=("gsm8k",), shots=(0,), questions=("state",), gsm8k_path=_gsm8k(tmp_path, 2))
     run_probe(None, [(t, factory(t)) for t in targets], config, tmp_path / "p", progress=False)
-    assert built == ["fp16", "gptq-2", "gptq-4", "gptq-2", "fp16"]
+    assert built == ["fp32", "gptq-2", "gptq-4", "gptq-2", "fp32"]

@@ -21,9 +21,10 @@ def test_sweep_then_report(tmp_path, tiny_dirs, capsys):
     out = tmp_path / "sweep"
     assert main(sweep_args(str(tiny_dirs["diffusion"]), out, "--methods", "rtn,hawq", "--hawq-probes", "2")) == 0
     df = pd.read_parquet(out / "results.parquet")
-    assert set(df.method) == {"fp16", "rtn", "hawq"} and set(df.benchmark) == {"heldout", "humaneval"}
+    assert set(df.method) == {"fp32", "rtn", "hawq"} and set(df.benchmark) == {"heldout", "humaneval"}
     assert (df.status == "ok").all() and len(df) == 3 * 2
     assert {"env_torch", "env_commit", "avg_bits", "peak_memory_bytes"} <= set(df.columns)
+    assert (df.dtype == "float32").all() and (df.gen_max_new_tokens == 4).all()  # the effective settings
     assert main(["report", str(out)]) == 0
     text = (out / "report.md").read_text()
     for png in ("pass1_humaneval.png", "likelihood.png", "degradation.png", "latency_memory.png", "frontier.png"):
@@ -129,7 +130,7 @@ def test_sweep_attribution_table_and_resume(tmp_path, tiny_dirs):
     args = sweep_args(str(tiny_dirs["ar"]), out, "--methods", "rtn", "--attribution", "--attribution-limit", "6")
     assert main(args) == 0
     table = pd.read_csv(out / "attribution" / "attribution.csv")
-    assert set(table.method) == {"fp16-reseeded", "rtn"} and set(table.benchmark) == {"attribution"}
+    assert set(table.method) == {"fp32-reseeded", "rtn"} and set(table.benchmark) == {"attribution"}
     assert {"spearman", "jaccard@5", "top1_same"} <= set(table.metric)
     assert table.value.between(-1, 1).all()
     scores = next((out / "attribution").glob("*/rtn-4/scores.npy"))

@@ -11,7 +11,9 @@ from qrobust.errors import QrobustError
 from qrobust.models.adapters import ARAdapter, ModelAdapter
 from qrobust.models.diffusion import SamplerConfig
 from qrobust.models.files import NATIVE_DIFFUSION_TYPE, diffusion_adapter, load_tokenizer, state_dict_from
+from qrobust.models.presets import CODA_PRESET, DEFAULT_PRESET, QWEN3_PRESET, TINY_PRESET, EvalPreset
 from qrobust.models.transformer import TransformerConfig, TransformerLM
+from qrobust.precision import resolve_dtype
 from qrobust.quant.checkpoint import load_quantized
 
 CODA_TYPES = {"coda"}
@@ -26,6 +28,7 @@ class ModelSpec:
     source: str
     kind: str
     description: str
+    preset: EvalPreset = DEFAULT_PRESET  # how the model is evaluated unless flags say otherwise
 
 
 def _builtin(name: str) -> str:
@@ -35,15 +38,24 @@ def _builtin(name: str) -> str:
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("tiny-ar", _builtin("tiny-ar"), "ar", "built-in AR code model, trained by qrobust (offline)"),
+        ModelSpec("tiny-ar", _builtin("tiny-ar"), "ar", "built-in AR code model, trained by qrobust (offline)",
+                  TINY_PRESET),
         ModelSpec("tiny-dllm", _builtin("tiny-dllm"), "diffusion",
-                  "built-in masked-diffusion sibling of tiny-ar (offline)"),
-        ModelSpec("qwen3-1.7b", "Qwen/Qwen3-1.7B", "ar", "Qwen3 1.7B, the autoregressive reference (hub)"),
+                  "built-in masked-diffusion sibling of tiny-ar (offline)", TINY_PRESET),
+        ModelSpec("qwen3-1.7b", "Qwen/Qwen3-1.7B", "ar", "Qwen3 1.7B, the autoregressive reference (hub)",
+                  QWEN3_PRESET),
         ModelSpec("coda-instruct", "Salesforce/CoDA-v0-Instruct", "diffusion",
-                  "CoDA 1.7B instruct, masked diffusion, loaded natively (hub)"),
-        ModelSpec("coda-base", "Salesforce/CoDA-v0-Base", "diffusion", "CoDA 1.7B base, masked diffusion (hub)"),
+                  "CoDA 1.7B instruct, masked diffusion, loaded natively (hub)", CODA_PRESET),
+        ModelSpec("coda-base", "Salesforce/CoDA-v0-Base", "diffusion", "CoDA 1.7B base, masked diffusion (hub)",
+                  CODA_PRESET),
     )
 }
+
+
+def preset_for(name_or_path: str) -> EvalPreset:
+    """The registered model's evaluation preset; DEFAULT_PRESET for directories and hub ids."""
+    spec = MODELS.get(name_or_path)
+    return spec.preset if spec else DEFAULT_PRESET
 
 
 def resolve_source(name_or_path: str) -> Path:
@@ -113,12 +125,13 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype | None
 
     Quantized checkpoints written by `qrobust quantize` load too, with their packed layers.
     remote_code: for CoDA, run its own modeling code instead of the native implementation.
+    dtype None: bfloat16 on CUDA, float32 on CPU (qrobust.precision.default_dtype).
     """
     path = resolve_source(name_or_path)
     if (path / "qrobust.json").exists() and json.loads((path / "qrobust.json").read_text()).get("quantization"):
         return load_quantized(path, device=device, sampler=sampler)
     cfg = read_config(path)
-    dtype = dtype or torch.float32
+    dtype = resolve_dtype(dtype, device)
     model_type = str(cfg.get("model_type", "")).lower()
     tokenizer = load_tokenizer(path)
     if model_type == NATIVE_DIFFUSION_TYPE or model_type in CODA_TYPES:
