@@ -27,6 +27,7 @@ UNITS = {
     "qrobust.version": "core",
     "qrobust.plotting": "core",  # writes figures; imports nothing of qrobust, used by hawq and the studies
     "qrobust.calib": "core",
+    "qrobust.precision": "core",  # the default dtype of a device and its label
     "qrobust.kernels": "core",
     "qrobust.models": "core",
     "qrobust.quant": "core",
@@ -35,6 +36,7 @@ UNITS = {
     "qrobust.attribution": "studies",
     "qrobust.bench": "studies",
     "qrobust.bench_generate": "studies",
+    "qrobust.bench_study": "studies",
     "qrobust.cli": "studies",
     "qrobust.lm_eval": "studies",  # the lm-evaluation-harness backend
     "qrobust.probe": "studies",
