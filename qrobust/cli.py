@@ -658,7 +658,6 @@ def _lm_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval's stderr bootstrap (0: none)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None, help="context window (default: the model's)")
-    p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
     p.add_argument("--estimator", default="count", help="diffusion likelihood: count (LLaDA) or ratio (Dream)")
     p.add_argument("--mc-samples", type=int, default=32, help="diffusion: masked copies per likelihood request")
     p.add_argument("--mc-batch-size", type=int, default=32, help="diffusion: masked copies per forward pass")
