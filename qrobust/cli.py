@@ -311,6 +311,27 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _cap(text: str) -> int | None:
+    """A positive count, or 'all' for no cap."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise QrobustError(f"bad count {text!r}: give a positive integer or 'all'")
+    return int(text)
+
+
+def _degradation_args(p: argparse.ArgumentParser) -> None:
+    """How the degradation metrics (KL, top-1 agreement, solution likelihood) are computed."""
+    p.add_argument("--gen-limit", default="20",
+                   help="pass@1 over the first K problems of each benchmark (within --limit), or 'all'; the "
+                        "forward-pass metrics always cover every problem within --limit")
+    p.add_argument("--no-metrics", action="store_true", help="skip KL, top-1 agreement and solution likelihood")
+    p.add_argument("--metrics-context", default="128",
+                   help="prompt tokens the metrics keep (the prompt's end), or 'all' (what fits the model)")
+    p.add_argument("--metrics-solution", default="128", help="solution tokens the metrics score, or 'all'")
+    p.add_argument("--metrics-masks", type=int, default=2, help="diffusion: fixed masks per problem")
+
+
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="tiny-ar,tiny-dllm", help="comma-separated names, hub ids or directories")
     p.add_argument("--bits", default="2,3,4")
@@ -318,6 +339,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmarks", default="humaneval,mbpp", help="comma-separated, or 'none' for the held-out loss only")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
+    _degradation_args(p)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=512)
@@ -349,7 +371,9 @@ def _sweep(args: argparse.Namespace) -> int:
                          nsamples=args.nsamples, seqlen=args.calib_seqlen, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, batch_size=args.batch_size, hawq_probes=args.hawq_probes,
                          device=args.device, workers=args.workers, probe=args.probe, attribution=args.attribution,
-                         attribution_limit=args.attribution_limit)
+                         attribution_limit=args.attribution_limit, gen_limit=_cap(args.gen_limit),
+                         metrics=not args.no_metrics, metrics_context=_cap(args.metrics_context),
+                         metrics_solution=_cap(args.metrics_solution), metrics_masks=args.metrics_masks)
     out = sweep(config, args.out, args.executor, args.ray_address)
     print(f"results in {out / 'results.parquet'} (and .csv); next: qrobust report {out}")
     return 0

@@ -50,6 +50,11 @@ class SweepConfig:
     probe: bool = False  # after the configs: `qrobust probe` on each model's quantized configs
     attribution: bool = False  # after the configs: attribution of each quantized config vs full precision
     attribution_limit: int = 200  # corpus documents (evenly spaced over the built-in corpus)
+    gen_limit: int | None = 20  # pass@1 over the first K problems (within --limit); None: all of them
+    metrics: bool = True  # KL, top-1 agreement and solution likelihood vs the baseline (qrobust.degradation)
+    metrics_context: int | None = 128  # prompt tokens the metrics keep (its end); None: all that fit
+    metrics_solution: int | None = 128  # solution tokens the metrics score; None: all that fit
+    metrics_masks: int = 2  # diffusion: masks per problem
 
 
 @dataclass(frozen=True)
@@ -188,13 +193,73 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path, base_cache: dict, prog
     record["benchmarks"] = {}
     if not config.benchmarks:
         return record
+    record.update(degradation_for(job, base, adapter, config, base_cache))
     eval_config = EvalConfig(tuple(config.benchmarks), 1, config.temperature, 0.95, config.max_new_tokens,
-                             config.limit, None, config.batch_size, config.workers, 10.0, job.seed)
+                             generation_limit(config), None, config.batch_size, config.workers, 10.0, job.seed)
     total = evaluate(adapter, eval_config, out_dir / "runs" / job.id, job.model, progress=progress)
     for name, s in total["benchmarks"].items():
         rows = [json.loads(x) for x in (out_dir / "runs" / job.id / name / "results.jsonl").read_text().splitlines()]
         record["benchmarks"][name] = {"summary": s, "passed": {r["task_id"]: r["passed"] for r in rows}}
     return record
+
+
+def generation_limit(config: SweepConfig) -> int | None:
+    """Problems per benchmark that are generated and executed: the first gen_limit within limit."""
+    limits = [x for x in (config.limit, config.gen_limit) if x is not None]
+    return min(limits) if limits else None
+
+
+def degradation_config(config: SweepConfig):
+    from qrobust.degradation import DegradationConfig
+
+    return DegradationConfig(benchmarks=tuple(config.benchmarks), limit=config.limit,
+                             context_tokens=config.metrics_context, solution_tokens=config.metrics_solution,
+                             masks=config.metrics_masks, batch_size=config.batch_size)
+
+
+def degradation_for(job: Job, base, adapter, config: SweepConfig, base_cache: dict) -> dict:
+    """{"degradation": per benchmark} of this config against the base model in memory, with
+    {"degradation_seconds"}. The baseline's own scores, its log-probabilities and the rows are
+    computed once per model (the masks do not depend on the job's seed) and kept in base_cache."""
+    from qrobust.degradation import degradation, prepare
+
+    if not config.metrics:
+        return {}
+    t0 = time.perf_counter()
+    dconf = degradation_config(config)
+    state = base_cache.setdefault(("degradation", job.model), {"cache": {}})
+    if "prepared" not in state:
+        state["prepared"] = prepare(base, dconf)
+        state["baseline"] = degradation(base, dconf, prepared=state["prepared"])
+    if job.method == BASELINE:
+        result = state["baseline"]
+    else:
+        result = degradation(adapter, dconf, base=base, prepared=state["prepared"], cache=state["cache"],
+                             baseline=state["baseline"])
+    return {"degradation": result, "degradation_seconds": time.perf_counter() - t0}
+
+
+def degradation_rows(rec: dict, baselines: dict) -> list[dict]:
+    """Tidy rows of one config's degradation metrics and flips (vs the same model and seed's baseline)."""
+    from qrobust.degradation import flips
+
+    rows = []
+    for name, d in (rec.get("degradation") or {}).items():
+        for metric, est in d["metrics"].items():
+            rows.append({"benchmark": name, "metric": metric, "value": est["value"], "ci_low": est["ci_low"],
+                         "ci_high": est["ci_high"], "problems": d["problems"], "tokens": d["tokens"]})
+    job = rec["job"]
+    base = baselines.get((job["model"], job["seed"]))
+    if job["method"] == BASELINE or base is None:
+        return rows
+    for name, b in rec["benchmarks"].items():
+        if name not in base["benchmarks"]:
+            continue
+        f = flips(base["benchmarks"][name]["passed"], b["passed"])
+        for metric in ("pass_to_fail", "fail_to_pass"):
+            rows.append({"benchmark": name, "metric": f"flips_{metric}", **f[metric], "problems": f["problems"],
+                         "p_value": f["p_value"], "test": "exact McNemar"})
+    return rows
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -339,8 +404,10 @@ def result_rows(out_dir: str | Path) -> list[dict]:
     out = Path(out_dir)
     env = json.loads((out / "sweep.json").read_text())["environment"] if (out / "sweep.json").exists() else {}
     rows = []
-    for path in sorted((out / "configs").glob("*.json")):
-        rec = json.loads(path.read_text())
+    records = [json.loads(p.read_text()) for p in sorted((out / "configs").glob("*.json"))]
+    baselines = {(r["job"]["model"], r["job"]["seed"]): r for r in records
+                 if r["status"] == "ok" and r["job"]["method"] == BASELINE}
+    for rec in records:
         job = rec["job"]
         common = {"config_id": rec["id"], "model": job["model"], "kind": rec.get("kind"), "method": job["method"],
                   "bits": job["bits"], "avg_bits": rec.get("avg_bits"), "seed": job["seed"], "status": rec["status"],
@@ -360,6 +427,7 @@ def result_rows(out_dir: str | Path) -> list[dict]:
                          "seconds_per_batch": g.get("seconds_per_batch_median"),
                          "seconds_per_forward_pass": g.get("seconds_per_forward_pass"),
                          "peak_memory_bytes": g.get("peak_memory_bytes"), "peak_memory_kind": g.get("peak_memory_kind")})
+        rows += [{**common, **r} for r in degradation_rows(rec, baselines)]
     return rows
 
 
