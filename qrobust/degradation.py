@@ -189,7 +189,8 @@ def _per_problem(values: np.ndarray, owners: np.ndarray, n: int) -> np.ndarray:
 def score(adapter, bench: BenchmarkRows, config: DegradationConfig, base=None,
           cache: dict | None = None) -> dict:
     """Per-problem loss of `adapter` and, with `base`, KL(base ‖ adapter) and top-1 agreement at the
-    same positions. `cache` (a dict the caller keeps per base model) holds the base's log-probs."""
+    same positions. `cache` (a dict the caller keeps per base model) holds the base's log-probs: filled
+    by the base's own pass (base None) or by the first comparison, read by later ones."""
     n = len(bench.task_ids)
     loss, kl_sum, agree_sum, count = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     kl_positions: list[list[np.ndarray]] = [[] for _ in range(n)]
@@ -201,9 +202,12 @@ def score(adapter, bench: BenchmarkRows, config: DegradationConfig, base=None,
         targets = torch.cat([r.targets for r in rows]).to(lq.device)
         nll = -lq.gather(-1, targets[:, None]).squeeze(-1)
         loss += _per_problem(nll.double().cpu().numpy() * weights, owners, n)
-        if base is None:
-            continue
         key = (bench.name, b)
+        if base is None:  # the baseline's own pass: its log-probs serve every later config
+            if cache is not None and key not in cache and cached_bytes + lq.numel() * lq.element_size() <= config.cache_bytes:
+                cache[key] = lq
+                cached_bytes += lq.numel() * lq.element_size()
+            continue
         lp = cache.get(key) if cache is not None else None
         if lp is None:
             lp = _log_probs(base, rows)
@@ -270,15 +274,16 @@ def degradation(adapter, config: DegradationConfig, base=None, prepared: dict[st
         raise QrobustError(f"baseline is a {base.kind} model and the evaluated one {adapter.kind}: compare a model "
                            "with its own full-precision version")
     prepared = prepared or prepare(adapter, config)
+    cache = {} if cache is None and base is not None else cache  # the base's pass serves loss and KL alike
     out = {}
     for name, bench in prepared.items():
-        scores = score(adapter, bench, config, base, cache)
         base_loss = None
         if base is not None:
             if baseline and name in baseline:
                 base_loss = np.array(baseline[name]["per_problem"]["loss"])
             else:
-                base_loss = score(base, bench, config)["loss"]
+                base_loss = score(base, bench, config, cache=cache)["loss"]
+        scores = score(adapter, bench, config, base, cache)
         out[name] = summarize(adapter.kind, bench, scores, base_loss)
         out[name]["config"] = asdict(config)
     return out
@@ -298,3 +303,46 @@ def flips(passed_base: dict[str, bool], passed_quantized: dict[str, bool]) -> di
         est = bootstrap_mean(indicator.astype(float))
         out[name] = {"value": count, "ci_low": est.low * n if n else 0.0, "ci_high": est.high * n if n else 0.0}
     return out
+
+
+def against_run(adapter, baseline_dir, out_dir, config: DegradationConfig, device: str = "cpu",
+                dtype: torch.dtype | None = None) -> dict[str, dict]:
+    """`qrobust eval --baseline`: load the model of an earlier eval run (its summary.json), compute
+    the metrics of `adapter` against it, and the flips between the two runs' results.jsonl; writes
+    OUT/degradation.json."""
+    import json
+    from pathlib import Path
+
+    from harness.execute import per_problem_pass_at_1, read_jsonl
+    from qrobust.models import load_model
+
+    base_dir, out = Path(baseline_dir), Path(out_dir)
+    summary = base_dir / "summary.json"
+    if not summary.exists():
+        raise QrobustError(f"{base_dir} holds no summary.json: point --baseline at a `qrobust eval --out` directory")
+    name = json.loads(summary.read_text()).get("model")
+    if not name or name == "reference":
+        raise QrobustError(f"{summary} names no model ({name!r}): the baseline must be a model's eval run")
+    base = load_model(name, device=device, dtype=dtype)
+    result = degradation(adapter, config, base=base)
+    for bench, d in result.items():
+        paths = [d_ / bench / "results.jsonl" for d_ in (base_dir, out)]
+        if all(p.exists() for p in paths):
+            a, b = (per_problem_pass_at_1(read_jsonl(p)) for p in paths)
+            d["flips"] = flips(a, b)
+        d["baseline_model"] = name
+    (out / "degradation.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def summary_lines(result: dict[str, dict]) -> list[str]:
+    """One line per benchmark: every metric with its 95% CI, and the flips."""
+    lines = []
+    for bench, d in result.items():
+        parts = [f"{k} {v['value']:.4g} [{v['ci_low']:.4g}, {v['ci_high']:.4g}]" for k, v in d["metrics"].items()]
+        f = d.get("flips")
+        if f:
+            parts.append(f"flips pass→fail {f['pass_to_fail']['value']} fail→pass {f['fail_to_pass']['value']} "
+                         f"(McNemar p {f['p_value']:.3g}, {f['problems']} problems)")
+        lines.append(f"{bench} ({d['problems']} problems): " + "; ".join(parts))
+    return lines

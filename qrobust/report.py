@@ -11,6 +11,7 @@ from scipy.stats import ttest_rel
 from harness.metrics import bootstrap_mean, mcnemar_exact
 from qrobust.errors import QrobustError
 from qrobust.plotting import pyplot, save
+from qrobust.report_degradation import degradation_section
 from qrobust.sweep import BASELINE
 
 
@@ -286,6 +287,7 @@ def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
     ]
     for title, f in figs:
         text += [f"### {title}", "", f"![{title}]({f})", ""]
+    text += degradation_section(run, records, table, cfg, _md)
     text += probe_section(run)
     text += attribution_section(run)
     if failed:

@@ -55,6 +55,7 @@ class SweepConfig:
     metrics_context: int | None = 128  # prompt tokens the metrics keep (its end); None: all that fit
     metrics_solution: int | None = 128  # solution tokens the metrics score; None: all that fit
     metrics_masks: int = 2  # diffusion: masks per problem
+    calib_masking: str = "stratified"  # diffusion GPTQ calibration inputs: stratified masks or 'none' (clean)
 
 
 @dataclass(frozen=True)
@@ -168,11 +169,12 @@ def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path, progress: b
         facts["avg_bits"] = alloc.avg_bits
     method = "rtn" if job.method == "rtn" else "gptq"
     qconf = QuantizeConfig(method=method, bits=job.bits, group_size=config.group_size, nsamples=config.nsamples,
-                           seqlen=config.seqlen, seed=job.seed, plan=plan)
+                           seqlen=config.seqlen, seed=job.seed, plan=plan, calib_masking=config.calib_masking)
     t0 = time.perf_counter()
     records = quantize_model(adapter, qconf, calib if method == "gptq" else None, progress=progress)
     facts["quantize_seconds"] = time.perf_counter() - t0
     facts.setdefault("avg_bits", float(job.bits))
+    facts["calib_masking"] = config.calib_masking
     facts["layer_output_error"] = sum(r.output_error or 0.0 for r in records)
     return adapter, facts
 
@@ -230,7 +232,7 @@ def degradation_for(job: Job, base, adapter, config: SweepConfig, base_cache: di
     state = base_cache.setdefault(("degradation", job.model), {"cache": {}})
     if "prepared" not in state:
         state["prepared"] = prepare(base, dconf)
-        state["baseline"] = degradation(base, dconf, prepared=state["prepared"])
+        state["baseline"] = degradation(base, dconf, prepared=state["prepared"], cache=state["cache"])
     if job.method == BASELINE:
         result = state["baseline"]
     else:
@@ -309,6 +311,52 @@ def ray_executor(jobs: list[Job], config: SweepConfig, out_dir: Path, on_done: C
 EXECUTORS = {"local": local_executor, "ray": ray_executor}
 
 
+def plan_text(config: SweepConfig, jobs: list[Job], todo: list[Job]) -> str:
+    """What the sweep will run, said before it starts."""
+    gen = generation_limit(config)
+    lines = [f"sweep: {len(todo)} of {len(jobs)} configs to run: models {', '.join(config.models)} x "
+             f"(baseline + methods {', '.join(config.methods)} x bits {', '.join(map(str, config.bits))}) x "
+             f"seeds {', '.join(map(str, config.seeds))}"]
+    if config.benchmarks:
+        scope = f"the first {config.limit}" if config.limit else "all"
+        lines.append(f"  per config: {'KL, top-1 agreement and solution likelihood over ' + scope + ' problems; ' if config.metrics else ''}"
+                     f"pass@1 over {'the first ' + str(gen) if gen else 'all'} problems of {', '.join(config.benchmarks)}"
+                     " (--gen-limit all widens it)")
+    lines.append("  time: estimated after the first configs of each model")
+    return "\n".join(lines)
+
+
+class TimeEstimate:
+    """Time left, extrapolated from the configs done so far: the mean seconds of the same model's
+    quantized configs (baselines and other models' configs where none is done yet)."""
+
+    def __init__(self, todo: list[Job]):
+        self.left = list(todo)
+        self.seconds: dict[tuple[str, bool], list[float]] = {}
+        self.last = time.perf_counter()
+
+    def _guess(self, job: Job) -> float:
+        key = (job.model, job.method == BASELINE)
+        same_model = [x for k, v in self.seconds.items() if k[0] == job.model for x in v]
+        pool = self.seconds.get(key) or same_model or [x for v in self.seconds.values() for x in v]
+        return sum(pool) / len(pool)
+
+    def done(self, job: Job) -> str | None:
+        """The estimate, when a (model, baseline or not) kind of config finishes for the first time."""
+        now = time.perf_counter()
+        key = (job.model, job.method == BASELINE)
+        first = key not in self.seconds
+        self.seconds.setdefault(key, []).append(now - self.last)
+        self.last = now
+        if job in self.left:
+            self.left.remove(job)
+        if not first or not self.left:
+            return None
+        left = sum(self._guess(j) for j in self.left)
+        return (f"sweep: {job.id} took {self.seconds[key][-1]:.0f} s; about {left / 60:.1f} min left for "
+                f"{len(self.left)} configs")
+
+
 def sweep(config: SweepConfig, out_dir: str | Path, executor: str = "local", ray_address: str | None = None,
           progress: bool = True) -> Path:
     validate(config)
@@ -323,11 +371,17 @@ def sweep(config: SweepConfig, out_dir: str | Path, executor: str = "local", ray
             if json.loads(p.read_text()).get("status") == "ok"}
     todo = [j for j in jobs if j.id not in done]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep configs", disable=not progress)
+    eta = TimeEstimate(todo)
+    if progress:
+        tqdm.write(plan_text(config, jobs, todo))
 
     def on_done(job: Job, record: dict) -> None:
         _write_json(out / "configs" / f"{job.id}.json", record)
         bar.update(1)
         bar.set_postfix(last=job.id, status=record["status"])
+        message = eta.done(job)
+        if message and progress:
+            tqdm.write(message)
 
     EXECUTORS[executor](todo, config, out, on_done, ray_address, progress)
     bar.close()
@@ -412,6 +466,7 @@ def result_rows(out_dir: str | Path) -> list[dict]:
         common = {"config_id": rec["id"], "model": job["model"], "kind": rec.get("kind"), "method": job["method"],
                   "bits": job["bits"], "avg_bits": rec.get("avg_bits"), "seed": job["seed"], "status": rec["status"],
                   "error": rec.get("error"), "quantize_seconds": rec.get("quantize_seconds"),
+                  "calib_masking": rec.get("calib_masking"), "degradation_seconds": rec.get("degradation_seconds"),
                   **{f"env_{k}": v for k, v in env.items()}}
         if rec["status"] != "ok":
             rows.append({**common, "benchmark": None})

@@ -84,3 +84,52 @@ def test_pooled_quantile_bootstrap_resamples_problems():
     per_problem = [np.zeros(50), np.ones(50)]
     est = bootstrap_pooled_quantile(per_problem, 0.99, n_boot=200)
     assert est.value == 1.0 and est.low == 0.0 and est.high == 1.0  # a resample can hold problem 0 twice
+
+
+@pytest.mark.slow  # test_sweep.py's sweep checks the rows and report section in the default suite
+def test_sweep_rows_and_report_carry_the_metrics(tmp_path, tiny_dirs):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--models", str(tiny_dirs["ar"]), "--bits", "2", "--methods", "rtn", "--benchmarks", "humaneval",
+            "--seeds", "0,1", "--limit", "3", "--gen-limit", "2", "--group-size", "32", "--nsamples", "2",
+            "--calib-seqlen", "256", "--max-new-tokens", "4", "--metrics-context", "32", "--metrics-solution", "16",
+            "--out", str(out)]
+    assert main(args) == 0
+    df = pd.read_csv(out / "results.csv")
+    he = df[df.benchmark == "humaneval"]
+    rtn, base = he[he.method == "rtn"], he[he.method == "fp16"]
+    expected = {"kl", "kl_p99", "top1_agreement", "solution_nll", "solution_nll_delta", "flips_pass_to_fail",
+                "flips_fail_to_pass", "pass@1"}
+    assert expected <= set(rtn.metric) and len(rtn[rtn.metric == "kl"]) == 2  # one row per seed
+    assert (rtn[rtn.metric == "kl"].value > 0).all() and rtn[rtn.metric == "kl"].ci_low.notna().all()
+    assert (rtn[rtn.metric == "kl"].problems == 3).all() and (rtn[rtn.metric == "pass@1"].problems == 2).all()
+    assert rtn[rtn.metric == "flips_pass_to_fail"].p_value.between(0, 1).all()
+    assert (base[base.metric == "kl"].value == 0).all() and (base[base.metric == "top1_agreement"].value == 1).all()
+    # the baseline's own solution NLL is the one each quantized config is paired with
+    rec = json.loads((out / "configs" / f"{rtn.config_id.iloc[0]}.json").read_text())
+    nll = base[base.metric == "solution_nll"].value.iloc[0]
+    assert np.mean(rec["degradation"]["humaneval"]["per_problem"]["baseline_loss"]) == pytest.approx(nll)
+    assert main(["report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "## Degradation on the benchmark problems" in text and "degradation_humaneval.png" in text
+    assert (out / "degradation_humaneval.png").exists() and "first 2 problems" in text
+    table = pd.read_csv(out / "degradation.csv")
+    row = table[table.method == "rtn"].iloc[0]
+    assert row.seeds == 2 and row.kl == pytest.approx(rtn[rtn.metric == "kl"].value.mean())
+    assert row.kl_low <= row.kl <= row.kl_high
+
+
+def test_eval_baseline_computes_metrics_and_flips_against_an_earlier_run(tmp_path, tiny_dirs, capsys):
+    model = str(tiny_dirs["diffusion"])
+    common = ["--benchmarks", "humaneval", "--limit", "2", "--max-new-tokens", "4", "--metrics-context", "32",
+              "--metrics-solution", "16"]
+    assert main(["eval", "--model", model, *common, "--out", str(tmp_path / "fp")]) == 0
+    assert main(["quantize", "--model", model, "--method", "rtn", "--bits", "2", "--group-size", "32",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert main(["eval", "--model", model, "--quantized", str(tmp_path / "q"), *common,
+                 "--baseline", str(tmp_path / "fp"), "--out", str(tmp_path / "qe")]) == 0
+    result = json.loads((tmp_path / "qe" / "degradation.json").read_text())["humaneval"]
+    assert result["baseline_model"] == model and result["problems"] == 2
+    assert result["metrics"]["kl"]["value"] > 0 and "solution_nelbo_relative" in result["metrics"]
+    assert result["flips"]["problems"] == 2 and 0 <= result["flips"]["p_value"] <= 1
+    assert "flips pass→fail" in capsys.readouterr().out
+    assert main(["eval", "--model", model, *common, "--baseline", str(tmp_path / "q"), "--out", str(tmp_path / "x")]) == 2
