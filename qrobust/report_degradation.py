@@ -102,6 +102,9 @@ def plot_degradation_metrics(table: pd.DataFrame, summary: pd.DataFrame, bench: 
             xs = [_x(b) for b in s.bits]
             line, = axes[2].plot(xs, s[f"{bench}_pass1"], style, marker="o", label=f"{kind} · {method}")
             axes[2].fill_between(xs, s[f"{bench}_low"], s[f"{bench}_high"], color=line.get_color(), alpha=0.2)
+    quantized = sorted(b for b in t.bits.unique() if b != 16)
+    for ax in axes[:2]:
+        ax.set_xticks(quantized)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("KL(fp ‖ quantized), nats per predicted token")
     axes[1].set_ylabel("solution likelihood increase (q − fp)/fp, %")
