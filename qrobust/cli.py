@@ -350,11 +350,11 @@ def _metrics_args(p: argparse.ArgumentParser, cap: str) -> None:
 
 
 def _degradation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gen-limit", default="20",
+    p.add_argument("--gen-limit", default="2",
                    help="pass@1 over the first K problems of each benchmark (within --limit), or 'all'; the "
                         "forward-pass metrics always cover every problem within --limit")
     p.add_argument("--no-metrics", action="store_true", help="skip KL, top-1 agreement and solution likelihood")
-    _metrics_args(p, "128")
+    _metrics_args(p, "64")
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:

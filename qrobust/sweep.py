@@ -50,10 +50,10 @@ class SweepConfig:
     probe: bool = False  # after the configs: `qrobust probe` on each model's quantized configs
     attribution: bool = False  # after the configs: attribution of each quantized config vs full precision
     attribution_limit: int = 200  # corpus documents (evenly spaced over the built-in corpus)
-    gen_limit: int | None = 20  # pass@1 over the first K problems (within --limit); None: all of them
+    gen_limit: int | None = 2  # pass@1 over the first K problems (within --limit); None: all of them
     metrics: bool = True  # KL, top-1 agreement and solution likelihood vs the baseline (qrobust.degradation)
-    metrics_context: int | None = 128  # prompt tokens the metrics keep (its end); None: all that fit
-    metrics_solution: int | None = 128  # solution tokens the metrics score; None: all that fit
+    metrics_context: int | None = 64  # prompt tokens the metrics keep (its end); None: all that fit
+    metrics_solution: int | None = 64  # solution tokens the metrics score; None: all that fit
     metrics_masks: int = 2  # diffusion: masks per problem
     calib_masking: str = "stratified"  # diffusion GPTQ calibration inputs: stratified masks or 'none' (clean)
 
