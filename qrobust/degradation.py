@@ -101,7 +101,7 @@ def problem_tokens(adapter, name: str, config: DegradationConfig) -> list[tuple[
         # HumanEval's reference is the whole module (prompt + body): its continuation of the prompt is
         # what follows it; MBPP's reference code follows the prompt as a whole.
         solution = p.reference[len(prompt):] if p.reference.startswith(prompt) else p.reference
-        prompt_ids = tok(prompt, add_special_tokens=False).input_ids
+        prompt_ids = tok(prompt).input_ids  # as generation tokenizes prompts; the solution continues them
         solution_ids = tok(solution, add_special_tokens=False).input_ids[:config.solution_tokens]
         if not solution_ids:
             continue

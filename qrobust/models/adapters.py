@@ -253,14 +253,14 @@ class DiffusionAdapter(ModelAdapter):
         all-masked start to the last commits; 'none': clean text, as AR models calibrate."""
         return CALIB_MASKINGS[masking](self, input_ids, seed)
 
+    def _clean(self, input_ids, seed):
+        return input_ids
+
     def _stratified_masks(self, input_ids, seed):
         n = input_ids.shape[0]
         t = stratified_mask_ratios(n, self.eps)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
         noisy, _ = mask_tokens(input_ids, t, self.mask_token_id, torch.Generator().manual_seed(seed + 1))
         return noisy
-
-    def _clean(self, input_ids, seed):
-        return input_ids
 
     def _generate_batch(self, enc, max_new_tokens, stop, temperature, top_p, generator, on_step):
         cfg = SamplerConfig(steps=self.sampler.steps, block_length=self.sampler.block_length,
