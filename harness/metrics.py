@@ -71,3 +71,26 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, seed: int = 0) -> PairedComp
     pa, pb = a >= 0.5, b >= 0.5
     only_a, only_b = int(np.sum(pa & ~pb)), int(np.sum(~pa & pb))
     return PairedComparison(diff, only_a, only_b, mcnemar_exact(only_a, only_b))
+
+
+def bootstrap_pooled_quantile(per_problem: list[np.ndarray], q: float, n_boot: int = 1000, alpha: float = 0.05,
+                              seed: int = 0) -> Estimate:
+    """The q-quantile of values pooled over problems (e.g. every token's KL), with a percentile
+    bootstrap that resamples whole problems: a problem drawn twice counts all its values twice."""
+    sizes = np.array([len(v) for v in per_problem])
+    if sizes.sum() == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"))
+    values = np.concatenate([np.asarray(v, float) for v in per_problem])
+    owner = np.repeat(np.arange(len(per_problem)), sizes)
+    order = np.argsort(values, kind="stable")
+    values, owner = values[order], owner[order]
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(len(per_problem), np.full(len(per_problem), 1 / len(per_problem)), size=n_boot)
+
+    def weighted_quantile(weights: np.ndarray) -> float:
+        cum = np.cumsum(weights)
+        return float(values[min(np.searchsorted(cum, q * cum[-1]), len(values) - 1)])
+
+    boots = [weighted_quantile(w[owner]) for w in draws if w[owner].sum() > 0]
+    return Estimate(float(np.quantile(values, q)), float(np.quantile(boots, alpha / 2)),
+                    float(np.quantile(boots, 1 - alpha / 2)))

@@ -82,6 +82,12 @@ def _models(args: argparse.Namespace) -> int:
 
 
 # ---- quantize ---------------------------------------------------------------------------------
+def _calib_masking_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-masking", default="stratified", choices=("stratified", "none"),
+                   help="diffusion models: calibrate GPTQ on inputs masked at ratios stratified over (0, 1) "
+                        "(default) or on clean text ('none')")
+
+
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="short name, hub id or local directory")
     p.add_argument("--method", default="gptq", help="gptq or rtn")
@@ -97,6 +103,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence")
     p.add_argument("--calib-batch-size", type=int, default=1, help="calibration sequences per block forward")
+    _calib_masking_arg(p)
     p.add_argument("--plan", help="JSON plan of per-layer bits (from `qrobust plan`)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -114,7 +121,7 @@ def _quantize(args: argparse.Namespace) -> int:
     config = QuantizeConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                             act_order=args.act_order, static_groups=args.static_groups, percdamp=args.percdamp,
                             nsamples=args.nsamples, seqlen=args.calib_seqlen, calib=args.calib, seed=args.seed,
-                            batch_size=args.calib_batch_size)
+                            batch_size=args.calib_batch_size, calib_masking=args.calib_masking)
     if args.plan:
         config.plan = load_plan(args.plan, QuantSpec(args.bits, args.group_size, args.sym))
     check_out_dir(args.out, args.overwrite)
@@ -165,6 +172,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", default=None, metavar="RUN_DIR",
+                   help="an earlier `qrobust eval --out` of the full-precision model: also compute KL, top-1 "
+                        "agreement, solution likelihood and flips against it")
+    _metrics_args(p, "all")
     p.add_argument("--out", required=True)
 
 
@@ -186,10 +197,20 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         name = args.quantized or args.model
         adapter = load_model(name, device=args.device, dtype=_dtype(settings.dtype), sampler=settings.sampler())
+    if args.baseline and adapter is None:
+        raise QrobustError("--baseline compares a model with its full-precision run: give --model, not 'reference'")
     total = evaluate(adapter, config, args.out, name)
     total["settings"] = settings.record()
     (Path(args.out) / "summary.json").write_text(json.dumps(total, indent=2, default=str))
     print(summary_table(total))
+    if args.baseline:
+        from qrobust.degradation import DegradationConfig, against_run, summary_lines
+
+        dconf = DegradationConfig(benchmarks=benchmarks, limit=args.limit, style=args.style,
+                                  context_tokens=_cap(args.metrics_context), solution_tokens=_cap(args.metrics_solution),
+                                  masks=args.metrics_masks, batch_size=args.batch_size)
+        result = against_run(adapter, args.baseline, args.out, dconf, args.device, _dtype(settings.dtype))
+        print("\n".join(summary_lines(result)))
     return 0
 
 
@@ -347,6 +368,31 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _cap(text: str) -> int | None:
+    """A positive count, or 'all' for no cap."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise QrobustError(f"bad count {text!r}: give a positive integer or 'all'")
+    return int(text)
+
+
+def _metrics_args(p: argparse.ArgumentParser, cap: str) -> None:
+    """How the degradation metrics (KL, top-1 agreement, solution likelihood) are computed."""
+    p.add_argument("--metrics-context", default=cap,
+                   help=f"prompt tokens the metrics keep (the prompt's end), or 'all' (what fits the model); default {cap}")
+    p.add_argument("--metrics-solution", default=cap, help=f"solution tokens the metrics score, or 'all'; default {cap}")
+    p.add_argument("--metrics-masks", type=int, default=2, help="diffusion: fixed masks per problem")
+
+
+def _degradation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gen-limit", default="2",
+                   help="pass@1 over the first K problems of each benchmark (within --limit), or 'all'; the "
+                        "forward-pass metrics always cover every problem within --limit")
+    p.add_argument("--no-metrics", action="store_true", help="skip KL, top-1 agreement and solution likelihood")
+    _metrics_args(p, "64")
+
+
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="tiny-ar,tiny-dllm", help="comma-separated names, hub ids or directories")
     p.add_argument("--bits", default="2,3,4")
@@ -354,6 +400,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmarks", default="humaneval,mbpp", help="comma-separated, or 'none' for the held-out loss only")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
+    _degradation_args(p)
+    _calib_masking_arg(p)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=512)
@@ -387,6 +435,9 @@ def _sweep(args: argparse.Namespace) -> int:
                          hawq_probes=args.hawq_probes, hawq_probes_per_backward=args.hawq_probes_per_backward,
                          device=args.device, workers=args.workers, probe=args.probe, attribution=args.attribution,
                          attribution_limit=args.attribution_limit, n_samples=args.n_samples,
+                         gen_limit=_cap(args.gen_limit), metrics=not args.no_metrics,
+                         metrics_context=_cap(args.metrics_context), metrics_solution=_cap(args.metrics_solution),
+                         metrics_masks=args.metrics_masks, calib_masking=args.calib_masking,
                          **generation_overrides(args))
     out = sweep(config, args.out, args.executor, args.ray_address)
     print(f"results in {out / 'results.parquet'} (and .csv); next: qrobust report {out}")

@@ -12,6 +12,7 @@ from harness.metrics import bootstrap_mean, mcnemar_exact
 from qrobust.errors import QrobustError
 from qrobust.plotting import pyplot, save
 from qrobust.precision import BASELINE_LABELS, is_baseline
+from qrobust.report_degradation import degradation_section
 
 
 def load_records(run_dir: Path) -> list[dict]:
@@ -301,6 +302,7 @@ def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
     ]
     for title, f in figs:
         text += [f"### {title}", "", f"![{title}]({f})", ""]
+    text += degradation_section(run, records, table, cfg, _md)
     text += probe_section(run)
     text += attribution_section(run)
     text += lm_eval_section(run)

@@ -62,6 +62,12 @@ class SweepConfig:
     probe: bool = False  # after the configs: `qrobust probe` on each model's quantized configs
     attribution: bool = False  # after the configs: attribution of each quantized config vs full precision
     attribution_limit: int = 200  # corpus documents (evenly spaced over the built-in corpus)
+    gen_limit: int | None = 2  # pass@1 over the first K problems (within --limit); None: all of them
+    metrics: bool = True  # KL, top-1 agreement and solution likelihood vs the baseline (qrobust.degradation)
+    metrics_context: int | None = 64  # prompt tokens the metrics keep (its end); None: all that fit
+    metrics_solution: int | None = 64  # solution tokens the metrics score; None: all that fit
+    metrics_masks: int = 2  # diffusion: masks per problem
+    calib_masking: str = "stratified"  # diffusion GPTQ calibration inputs: stratified masks or 'none' (clean)
 
 
 @dataclass(frozen=True)
@@ -204,11 +210,12 @@ def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path, progress: b
         facts["avg_bits"] = alloc.avg_bits
     method = "rtn" if job.method == "rtn" else "gptq"
     qconf = QuantizeConfig(method=method, bits=job.bits, group_size=config.group_size, nsamples=config.nsamples,
-                           seqlen=config.seqlen, seed=job.seed, plan=plan)
+                           seqlen=config.seqlen, seed=job.seed, plan=plan, calib_masking=config.calib_masking)
     t0 = time.perf_counter()
     records = quantize_model(adapter, qconf, calib if method == "gptq" else None, progress=progress)
     facts["quantize_seconds"] = time.perf_counter() - t0
     facts.setdefault("avg_bits", float(job.bits))
+    facts["calib_masking"] = config.calib_masking
     facts["layer_output_error"] = sum(r.output_error or 0.0 for r in records)
     return adapter, facts
 
@@ -234,6 +241,7 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path, base_cache: dict, prog
     record["benchmarks"] = {}
     if not config.benchmarks:
         return record
+    record.update(degradation_for(job, base, adapter, config, base_cache))
     eval_config = eval_config_for(config, settings, job.seed)
     total = evaluate(adapter, eval_config, out_dir / "runs" / job.id, job.model, progress=progress)
     for name, s in total["benchmarks"].items():
@@ -247,7 +255,7 @@ def eval_config_for(config: SweepConfig, settings: EvalPreset, seed: int):
 
     return EvalConfig(benchmarks=tuple(config.benchmarks), n_samples=config.n_samples,
                       temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
-                      limit=config.limit, style=settings.style, batch_size=config.batch_size, workers=config.workers,
+                      limit=generation_limit(config), style=settings.style, batch_size=config.batch_size, workers=config.workers,
                       timeout=10.0, seed=seed)
 
 
@@ -257,6 +265,65 @@ def passed_by_task(rows: list[dict]) -> dict[str, bool | float]:
     for r in rows:
         outcomes.setdefault(r["task_id"], []).append(r["passed"])
     return {t: v[0] if len(v) == 1 else sum(v) / len(v) for t, v in outcomes.items()}
+
+
+def generation_limit(config: SweepConfig) -> int | None:
+    """Problems per benchmark that are generated and executed: the first gen_limit within limit."""
+    limits = [x for x in (config.limit, config.gen_limit) if x is not None]
+    return min(limits) if limits else None
+
+
+def degradation_config(config: SweepConfig):
+    from qrobust.degradation import DegradationConfig
+
+    return DegradationConfig(benchmarks=tuple(config.benchmarks), limit=config.limit,
+                             context_tokens=config.metrics_context, solution_tokens=config.metrics_solution,
+                             masks=config.metrics_masks, batch_size=config.batch_size)
+
+
+def degradation_for(job: Job, base, adapter, config: SweepConfig, base_cache: dict) -> dict:
+    """{"degradation": per benchmark} of this config against the base model in memory, with
+    {"degradation_seconds"}. The baseline's own scores, its log-probabilities and the rows are
+    computed once per model (the masks do not depend on the job's seed) and kept in base_cache."""
+    from qrobust.degradation import degradation, prepare
+
+    if not config.metrics:
+        return {}
+    t0 = time.perf_counter()
+    dconf = degradation_config(config)
+    state = base_cache.setdefault(("degradation", job.model), {"cache": {}})
+    if "prepared" not in state:
+        state["prepared"] = prepare(base, dconf)
+        state["baseline"] = degradation(base, dconf, prepared=state["prepared"], cache=state["cache"])
+    if is_baseline(job.method):
+        result = state["baseline"]
+    else:
+        result = degradation(adapter, dconf, base=base, prepared=state["prepared"], cache=state["cache"],
+                             baseline=state["baseline"])
+    return {"degradation": result, "degradation_seconds": time.perf_counter() - t0}
+
+
+def degradation_rows(rec: dict, baselines: dict) -> list[dict]:
+    """Tidy rows of one config's degradation metrics and flips (vs the same model and seed's baseline)."""
+    from qrobust.degradation import flips
+
+    rows = []
+    for name, d in (rec.get("degradation") or {}).items():
+        for metric, est in d["metrics"].items():
+            rows.append({"benchmark": name, "metric": metric, "value": est["value"], "ci_low": est["ci_low"],
+                         "ci_high": est["ci_high"], "problems": d["problems"], "tokens": d["tokens"]})
+    job = rec["job"]
+    base = baselines.get((job["model"], job["seed"]))
+    if is_baseline(job["method"]) or base is None:
+        return rows
+    for name, b in rec["benchmarks"].items():
+        if name not in base["benchmarks"]:
+            continue
+        f = flips(base["benchmarks"][name]["passed"], b["passed"])
+        for metric in ("pass_to_fail", "fail_to_pass"):
+            rows.append({"benchmark": name, "metric": f"flips_{metric}", **f[metric], "problems": f["problems"],
+                         "p_value": f["p_value"], "test": "exact McNemar"})
+    return rows
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -325,6 +392,52 @@ def _ray_result(ray, ref, job: Job, max_retries: int) -> dict:
 EXECUTORS = {"local": local_executor, "ray": ray_executor}
 
 
+def plan_text(config: SweepConfig, jobs: list[Job], todo: list[Job]) -> str:
+    """What the sweep will run, said before it starts."""
+    gen = generation_limit(config)
+    lines = [f"sweep: {len(todo)} of {len(jobs)} configs to run: models {', '.join(config.models)} x "
+             f"(baseline + methods {', '.join(config.methods)} x bits {', '.join(map(str, config.bits))}) x "
+             f"seeds {', '.join(map(str, config.seeds))}"]
+    if config.benchmarks:
+        scope = f"the first {config.limit}" if config.limit else "all"
+        lines.append(f"  per config: {'KL, top-1 agreement and solution likelihood over ' + scope + ' problems; ' if config.metrics else ''}"
+                     f"pass@1 over {'the first ' + str(gen) if gen else 'all'} problems of {', '.join(config.benchmarks)}"
+                     " (--gen-limit all widens it)")
+    lines.append("  time: estimated after the first configs of each model")
+    return "\n".join(lines)
+
+
+class TimeEstimate:
+    """Time left, extrapolated from the configs done so far: the mean seconds of the same model's
+    quantized configs (baselines and other models' configs where none is done yet)."""
+
+    def __init__(self, todo: list[Job]):
+        self.left = list(todo)
+        self.seconds: dict[tuple[str, bool], list[float]] = {}
+        self.last = time.perf_counter()
+
+    def _guess(self, job: Job) -> float:
+        key = (job.model, is_baseline(job.method))
+        same_model = [x for k, v in self.seconds.items() if k[0] == job.model for x in v]
+        pool = self.seconds.get(key) or same_model or [x for v in self.seconds.values() for x in v]
+        return sum(pool) / len(pool)
+
+    def done(self, job: Job) -> str | None:
+        """The estimate, when a (model, baseline or not) kind of config finishes for the first time."""
+        now = time.perf_counter()
+        key = (job.model, is_baseline(job.method))
+        first = key not in self.seconds
+        self.seconds.setdefault(key, []).append(now - self.last)
+        self.last = now
+        if job in self.left:
+            self.left.remove(job)
+        if not first or not self.left:
+            return None
+        left = sum(self._guess(j) for j in self.left)
+        return (f"sweep: {job.id} took {self.seconds[key][-1]:.0f} s; about {left / 60:.1f} min left for "
+                f"{len(self.left)} configs")
+
+
 def sweep(config: SweepConfig, out_dir: str | Path, executor: str = "local", ray_address: str | None = None,
           progress: bool = True) -> Path:
     validate(config)
@@ -339,11 +452,17 @@ def sweep(config: SweepConfig, out_dir: str | Path, executor: str = "local", ray
             if json.loads(p.read_text()).get("status") == "ok"}
     todo = [j for j in jobs if j.id not in done]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep configs", disable=not progress)
+    eta = TimeEstimate(todo)
+    if progress:
+        tqdm.write(plan_text(config, jobs, todo))
 
     def on_done(job: Job, record: dict) -> None:
         _write_json(out / "configs" / f"{job.id}.json", record)
         bar.update(1)
         bar.set_postfix(last=job.id, status=record["status"])
+        message = eta.done(job)
+        if message and progress:
+            tqdm.write(message)
 
     EXECUTORS[executor](todo, config, out, on_done, ray_address, progress)
     bar.close()
@@ -430,12 +549,15 @@ def result_rows(out_dir: str | Path) -> list[dict]:
     out = Path(out_dir)
     env = json.loads((out / "sweep.json").read_text())["environment"] if (out / "sweep.json").exists() else {}
     rows = []
-    for path in sorted((out / "configs").glob("*.json")):
-        rec = json.loads(path.read_text())
+    records = [json.loads(p.read_text()) for p in sorted((out / "configs").glob("*.json"))]
+    baselines = {(r["job"]["model"], r["job"]["seed"]): r for r in records
+                 if r["status"] == "ok" and is_baseline(r["job"]["method"])}
+    for rec in records:
         job = rec["job"]
         common = {"config_id": rec["id"], "model": job["model"], "kind": rec.get("kind"), "method": job["method"],
                   "bits": job["bits"], "avg_bits": rec.get("avg_bits"), "seed": job["seed"], "status": rec["status"],
                   "error": rec.get("error"), "quantize_seconds": rec.get("quantize_seconds"),
+                  "calib_masking": rec.get("calib_masking"), "degradation_seconds": rec.get("degradation_seconds"),
                   **settings_columns(rec), **{f"env_{k}": v for k, v in env.items()}}
         if rec["status"] != "ok":
             rows.append({**common, "benchmark": None})
@@ -451,6 +573,7 @@ def result_rows(out_dir: str | Path) -> list[dict]:
                          "seconds_per_batch": g.get("seconds_per_batch_median"),
                          "seconds_per_forward_pass": g.get("seconds_per_forward_pass"),
                          "peak_memory_bytes": g.get("peak_memory_bytes"), "peak_memory_kind": g.get("peak_memory_kind")})
+        rows += [{**common, **r} for r in degradation_rows(rec, baselines)]
     return rows
 
 

@@ -84,7 +84,7 @@ def test_json_task_runs_end_to_end_from_the_cli(tmp_path, tiny_dirs, json_tasks,
     rows = pd.read_csv(out / "results.csv")
     assert set(rows.benchmark) == {"tiny_choice", "tiny_gen"}
     assert set(rows.kind) == {kind}
-    assert (rows.method.iloc[0], rows.bits.iloc[0]) == (("rtn", 4) if quantized else ("fp16", 16))
+    assert (rows.method.iloc[0], rows.bits.iloc[0]) == (("rtn", 4) if quantized else ("fp32", 32))
     assert rows[rows.metric == "acc"].value.between(0, 1).all()
     lm_eval_json = json.loads(next(out.glob("*/results_*.json")).read_text())
     assert set(lm_eval_json["results"]) == {"tiny_choice", "tiny_gen"}

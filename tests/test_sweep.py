@@ -22,12 +22,19 @@ def test_sweep_then_report(tmp_path, tiny_dirs, capsys):
     assert main(sweep_args(str(tiny_dirs["diffusion"]), out, "--methods", "rtn,hawq", "--hawq-probes", "2")) == 0
     df = pd.read_parquet(out / "results.parquet")
     assert set(df.method) == {"fp32", "rtn", "hawq"} and set(df.benchmark) == {"heldout", "humaneval"}
-    assert (df.status == "ok").all() and len(df) == 3 * 2
+    assert (df.status == "ok").all() and len(df[df.metric.isin(["neg_elbo", "pass@1"])]) == 3 * 2
+    he = df[df.benchmark == "humaneval"]  # the degradation metrics of every config (qrobust.degradation)
+    for method in ("rtn", "hawq"):
+        assert {"kl", "kl_p99", "top1_agreement", "solution_nelbo", "flips_pass_to_fail",
+                "flips_fail_to_pass"} <= set(he[he.method == method].metric)
+    assert (he[(he.method == "fp32") & (he.metric == "kl")].value == 0).all()
     assert {"env_torch", "env_commit", "avg_bits", "peak_memory_bytes"} <= set(df.columns)
     assert (df.dtype == "float32").all() and (df.gen_max_new_tokens == 4).all()  # the effective settings
     assert main(["report", str(out)]) == 0
     text = (out / "report.md").read_text()
-    for png in ("pass1_humaneval.png", "likelihood.png", "degradation.png", "latency_memory.png", "frontier.png"):
+    assert "## Degradation on the benchmark problems" in text
+    for png in ("pass1_humaneval.png", "likelihood.png", "degradation.png", "latency_memory.png", "frontier.png",
+                "degradation_humaneval.png"):
         assert (out / png).exists() and png in text
     summary = pd.read_csv(out / "summary.csv")
     for _, row in df[df.benchmark == "heldout"].iterrows():  # the report's numbers are the table's

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from qrobust.errors import QrobustError
 from qrobust.lm_eval.likelihood import DiffusionScorer, ar_scores, fit_window
 from qrobust.lm_eval.target import Loaded, TargetSpec, load_target
+from qrobust.precision import baseline_label, dtype_bits
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -63,7 +64,9 @@ class QrobustLM(TemplateLM):
                               int(group_size), int(nsamples), int(calib_seqlen), int(seed), _device(device), dtype)
             loaded = load_target(spec, work_dir)
         else:
-            loaded = Loaded(adapter, model or adapter.name, method or "fp16", int(bits or 16))
+            dtype = next(adapter.model.parameters()).dtype
+            loaded = Loaded(adapter, model or adapter.name, method or baseline_label(dtype),
+                            int(bits or dtype_bits(dtype)))
         self.loaded = loaded
         self.adapter = loaded.adapter
         self.tokenizer = self.adapter.tokenizer

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrobust.errors import QrobustError
-from qrobust.sweep import BASELINE
+from qrobust.precision import baseline_label, dtype_bits
 
 
 @dataclass
@@ -34,7 +34,7 @@ class TargetSpec:
 
 @dataclass(frozen=True)
 class Loaded:
-    """An adapter and the labels of the tidy table (method 'fp16' and bits 16 for full precision)."""
+    """An adapter and the labels of the tidy table (full precision: method bf16/fp32/fp16 by dtype, bits 16 or 32)."""
 
     adapter: object
     model: str
@@ -74,7 +74,8 @@ def load_target(spec: TargetSpec, work_dir: str | Path | None = None) -> Loaded:
                       checkpoint_method(spec.quantized), target.bits)
     base = load_model(spec.model, device=spec.device, dtype=torch_dtype(spec.dtype))
     if not (spec.method or spec.plan):
-        return Loaded(base, spec.model, BASELINE, 16)
+        dtype = next(base.model.parameters()).dtype
+        return Loaded(base, spec.model, baseline_label(dtype), dtype_bits(dtype))
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="qrobust-lm-eval-"))
     bits = [int(spec.bits)] if spec.bits is not None else []
     target, make = build_targets(spec.model, base, work, [], spec.method, bits, spec.plan, spec.group_size,

@@ -136,8 +136,9 @@ class ModelAdapter(ABC):
         on what else is in its batch)."""
 
     @abstractmethod
-    def calibration_inputs(self, input_ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        """What the model sees in use, for calibration: clean text (AR) or masked text (diffusion)."""
+    def calibration_inputs(self, input_ids: torch.Tensor, seed: int = 0, masking: str = "stratified") -> torch.Tensor:
+        """What the model sees in use, for calibration: clean text (AR) or masked text (diffusion,
+        `masking` one of CALIB_MASKINGS)."""
 
     @abstractmethod
     def _generate_batch(self, enc, max_new_tokens: int, stop: Sequence[str], temperature: float,
@@ -248,7 +249,7 @@ class ARAdapter(ModelAdapter):
             targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
         return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction=reduction)
 
-    def calibration_inputs(self, input_ids, seed=0):
+    def calibration_inputs(self, input_ids, seed=0, masking="stratified"):
         return input_ids
 
     def _generate_batch(self, enc, max_new_tokens, stop, temperature, top_p, generator, on_step, min_new_tokens=0):
@@ -298,9 +299,16 @@ class DiffusionAdapter(ModelAdapter):
         """Monte-Carlo estimate of the per-token negative ELBO (an upper bound on the NLL)."""
         return torch.stack([self.loss(input_ids, attention_mask, seed + 7919 * k) for k in range(n_samples)]).mean()
 
-    def calibration_inputs(self, input_ids, seed=0):
-        """Mask ratios stratified over (eps, 1) across sequences, so the layer Hessians cover
-        every noise level the sampler visits, from the all-masked start to the last commits."""
+    def calibration_inputs(self, input_ids, seed=0, masking="stratified"):
+        """'stratified' (the default): mask ratios stratified over (eps, 1) across the sequences given
+        together, so the layer Hessians cover every noise level the sampler visits, from the
+        all-masked start to the last commits; 'none': clean text, as AR models calibrate."""
+        return CALIB_MASKINGS[masking](self, input_ids, seed)
+
+    def _clean(self, input_ids, seed):
+        return input_ids
+
+    def _stratified_masks(self, input_ids, seed):
         n = input_ids.shape[0]
         t = stratified_mask_ratios(n, self.eps)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
         noisy, _ = mask_tokens(input_ids, t, self.mask_token_id, torch.Generator().manual_seed(seed + 1))
@@ -327,3 +335,6 @@ class DiffusionAdapter(ModelAdapter):
             counts.append(max(n, min(min_new_tokens, len(row))))
             texts.append(self.tokenizer.decode(row[:n], skip_special_tokens=True))
         return texts, counts, passes
+
+
+CALIB_MASKINGS = {"stratified": DiffusionAdapter._stratified_masks, "none": DiffusionAdapter._clean}

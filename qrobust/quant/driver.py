@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qrobust.errors import QrobustError
-from qrobust.models.adapters import ModelAdapter
+from qrobust.models.adapters import CALIB_MASKINGS, ModelAdapter
 from qrobust.quant.gptq import GPTQ, output_error, quantize_jointly
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.pack import values_per_chunk
@@ -42,6 +42,7 @@ class QuantizeConfig:
     nsamples: int = 128
     seqlen: int = 2048
     calib: str = "stdlib"
+    calib_masking: str = "stratified"  # diffusion models: masked calibration inputs (or 'none': clean text)
     seed: int = 0
     plan: dict[str, QuantSpec] | None = field(default=None, repr=False)
 
@@ -51,6 +52,9 @@ class QuantizeConfig:
         if self.method not in METHODS:
             raise QrobustError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         QuantSpec(self.bits, self.group_size, self.sym)  # validates bits and group size
+        if self.calib_masking not in CALIB_MASKINGS:
+            raise QrobustError(f"unknown calibration masking {self.calib_masking!r}: choose one of "
+                               f"{', '.join(CALIB_MASKINGS)}")
 
     @property
     def default_spec(self) -> QuantSpec:
@@ -135,8 +139,12 @@ class _StopForward(Exception):
     pass
 
 
-def _capture_block_inputs(adapter: ModelAdapter, calib: torch.Tensor, batch_size: int):
-    """(args, kwargs) of the first block for each calibration batch."""
+def _capture_block_inputs(adapter: ModelAdapter, calib: torch.Tensor, batch_size: int, masking: str = "stratified",
+                          seed: int = 0):
+    """(args, kwargs) of the first block for each calibration batch. The inputs are made from the
+    whole calibration set at once, so masked ratios are stratified over all sequences, not per batch
+    (a batch of one would otherwise be masked at the middle ratio every time)."""
+    inputs = adapter.calibration_inputs(calib, seed=seed, masking=masking)
     first = adapter.blocks()[0]
     captured = []
 
@@ -147,7 +155,7 @@ def _capture_block_inputs(adapter: ModelAdapter, calib: torch.Tensor, batch_size
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for start in range(0, calib.shape[0], batch_size):
-            ids = adapter.calibration_inputs(calib[start:start + batch_size], seed=start)
+            ids = inputs[start:start + batch_size]
             try:
                 adapter.logits(ids.to(adapter.device))
             except _StopForward:
@@ -213,7 +221,7 @@ def quantize_gptq(adapter: ModelAdapter, config: QuantizeConfig, calib: torch.Te
     timer = timer or StageTimer()
     specs = layer_specs(adapter, config)
     with timer("capture"):
-        inputs = _capture_block_inputs(adapter, calib, batch_size)
+        inputs = _capture_block_inputs(adapter, calib, batch_size, config.calib_masking, config.seed)
     blocks = adapter.blocks()
     records = []
     bar = tqdm(adapter.quantizable_layers(), desc="gptq blocks", disable=not progress)
