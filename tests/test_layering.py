@@ -27,6 +27,7 @@ UNITS = {
     "qrobust.version": "core",
     "qrobust.plotting": "core",  # writes figures; imports nothing of qrobust, used by hawq and the studies
     "qrobust.calib": "core",
+    "qrobust.degradation": "core",  # teacher-forced metrics of a model against its baseline
     "qrobust.precision": "core",  # the default dtype of a device and its label
     "qrobust.kernels": "core",
     "qrobust.models": "core",
@@ -41,6 +42,7 @@ UNITS = {
     "qrobust.lm_eval": "studies",  # the lm-evaluation-harness backend
     "qrobust.probe": "studies",
     "qrobust.report": "studies",
+    "qrobust.report_degradation": "studies",
     "qrobust.sweep": "studies",
 }
 
