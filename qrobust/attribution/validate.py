@@ -36,7 +36,7 @@ from qrobust.attribution.gradients import GradientConfig
 from qrobust.attribution.run import AttributionConfig, attribute
 from qrobust.errors import QrobustError
 from qrobust.models import load_model
-from qrobust.models.loading import save_native
+from qrobust.models.files import save_native
 from qrobust.zoo.corpus import Document as CorpusDocument
 from qrobust.zoo.train import ZooConfig, environment, tokenize_docs, train_one
 
