@@ -145,15 +145,21 @@ def _run_judge(cfg: dict, requests: int, replies: int, judge) -> None:
     os._exit(code)
 
 
-def _split(cfg: dict, workdir: str) -> int:
-    """The judge's exit status, or the candidate's when its process ended first."""
+def _split_modules():
+    """The judge's and the candidate's halves (_judge, _serve and their _wire), imported from
+    this file's folder, which the private /tmp may hide later (a checkout under /tmp)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, here)  # for _wire, _serve, _judge, taken off again before any run
+    sys.path.insert(0, here)
     try:
         import _judge
         import _serve
     finally:
-        sys.path.remove(here)
+        sys.path.remove(here)  # taken off again before any run
+    return _judge, _serve
+
+
+def _split(cfg: dict, workdir: str, _judge, _serve) -> int:
+    """The judge's exit status, or the candidate's when its process ended first."""
     requests_r, requests_w = os.pipe()
     replies_r, replies_w = os.pipe()
     candidate = os.fork()
@@ -211,6 +217,7 @@ def _exit_code(status: int) -> int:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
+    halves = _split_modules() if cfg["mode"] == "split" else None  # before /tmp is replaced
     if cfg["private_tmp"]:
         _mount_private_tmp(cfg["expose"])
         if cfg["uid"] is not None:
@@ -222,7 +229,7 @@ def main() -> None:
         os.chown(workdir, owner, owner)
     os.chmod(workdir, 0o700)
     if cfg["mode"] == "split":
-        os._exit(_split(cfg, workdir))
+        os._exit(_split(cfg, workdir, *halves))
     pid = os.fork()
     if pid == 0:
         try:

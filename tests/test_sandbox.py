@@ -108,6 +108,25 @@ def test_interpreter_in_a_virtual_environment_under_tmp():
         subprocess.run(["rm", "-rf", str(venv)], check=False)
 
 
+
+def test_isolated_run_from_a_checkout_under_tmp(tmp_path):
+    """The launcher lives in the checkout; a checkout under /tmp (CI clones there) is hidden by the
+    private /tmp, so the isolated run's halves must be imported before it is mounted."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    copy = tmp_path / "checkout" / "harness"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "harness", copy,
+                    ignore=shutil.ignore_patterns("__pycache__", "data"))
+    script = ("import importlib.util, sys\n"
+              f"spec = importlib.util.spec_from_file_location('sandbox', {str(copy / 'sandbox.py')!r})\n"
+              "sb = importlib.util.module_from_spec(spec)\nsys.modules['sandbox'] = sb\n"
+              "spec.loader.exec_module(sb)\nsandbox = sb.Sandbox(sb.Limits(timeout=5))\n"
+              "print(sandbox.run(sb.IsolatedProgram('def f():\\n    return 2\\n', 'assert f() == 2', ('f',))).status)")
+    out = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["passed"], out.stderr[-2000:]
+
 # Completions that try to win without being right. Each is a wrong HumanEval/0 solution (it
 # always answers True) plus a trick, judged isolated against the benchmark's own check().
 _WRONG = "def has_close_elements(numbers, threshold):\n    return True\n"
