@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from qrobust.kernels.launch import block_k
-from qrobust.kernels.layouts import _check_layout, _exact_float, _unpack_tile, _zeros
+from qrobust.kernels.layouts import _check_layout, _weight_tile
 
 
 @triton.jit
@@ -22,14 +22,9 @@ def _dequant_kernel(qw_ptr, s_ptr, qz_ptr, g_ptr, w_ptr, N, K,
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = (n < N)[None, :]
     k = k0 + tl.arange(0, BLOCK_K)
-    q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, LAYOUT, BLOCK_K, BLOCK_N))
-    if ACT_ORDER:
-        g = tl.load(g_ptr + k)[:, None]
-    else:
-        g = k0 // GS
-    s = tl.load(s_ptr + g * N + n[None, :], mask=nmask, other=0.0).to(tl.float32)
-    z = _zeros(qz_ptr, g, n[None, :], nmask, N, BITS, OFFSET)
-    tl.store(w_ptr + k[:, None] * N + n[None, :], (s * (q - z)).to(w_ptr.dtype.element_ty), mask=nmask)
+    w = _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask, N, BITS, LAYOUT, OFFSET, GS, ACT_ORDER, BLOCK_K,
+                     BLOCK_N)
+    tl.store(w_ptr + k[:, None] * N + n[None, :], w.to(w_ptr.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
@@ -45,14 +40,9 @@ def _matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, M, N, K, s
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=mmask[:, None], other=0.0)
-        q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, LAYOUT, BLOCK_K, BLOCK_N))
-        if ACT_ORDER:
-            g = tl.load(g_ptr + k)[:, None]
-        else:
-            g = k0 // GS
-        s = tl.load(s_ptr + g * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
-        z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET)
-        acc += tl.dot(a, (s * (q - z)).to(a.dtype))
+        w = _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask[None, :], N, BITS, LAYOUT, OFFSET, GS,
+                         ACT_ORDER, BLOCK_K, BLOCK_N)
+        acc += tl.dot(a, w.to(a.dtype))
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + m[:, None] * stride_y + n[None, :], acc.to(y_ptr.dtype.element_ty),

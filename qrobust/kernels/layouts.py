@@ -113,6 +113,23 @@ def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, LAYOUT: tl.constexpr, BLO
     return tl.reshape(q, (BLOCK_K, BLOCK_N))
 
 
+@triton.jit
+def _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask, N, BITS: tl.constexpr, LAYOUT: tl.constexpr,
+                 OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Ŵᵀ[k0 : k0 + BLOCK_K, n] in float32: the codes, their group's scale and zero point
+    (nmask [1, BLOCK_N] masks outputs past N). The dequantize kernel stores it; the fused
+    matmuls feed it to tl.dot."""
+    q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, LAYOUT, BLOCK_K, BLOCK_N))
+    if ACT_ORDER:
+        g = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K))[:, None]
+    else:
+        g = k0 // GS
+    s = tl.load(s_ptr + g * N + n[None, :], mask=nmask, other=0.0).to(tl.float32)
+    z = _zeros(qz_ptr, g, n[None, :], nmask, N, BITS, OFFSET)
+    return s * (q - z)
+
+
 # The pairs layout's codes at bits 9 and 12 of a half word are read shifted down by 9 − r in word r
 # (r = 0, 1, 2), where float16 1024's mantissa holds them (t + b ≤ 10): codes 30 and 31, whose bit
 # r sits at bit 15 of word r, then come out of those same shifted words at bits 6, 7 and 8.

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-# the fused matmul's unpacking helpers (Triton resolves a kernel's callees among its module's globals)
+# the weight tile the fused matmul reads too (Triton resolves a kernel's callees among its module's globals)
 from qrobust.kernels.launch import block_k
-from qrobust.kernels.layouts import _exact_float, _unpack_tile, _zeros
+from qrobust.kernels.layouts import _weight_tile
 
 
 @triton.jit
@@ -36,14 +36,9 @@ def _split_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, M, N
     for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=mmask[:, None], other=0.0)
-        q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, LAYOUT, BLOCK_K, BLOCK_N))
-        if ACT_ORDER:
-            g = tl.load(g_ptr + k)[:, None]
-        else:
-            g = k0 // GS
-        s = tl.load(s_ptr + g * N + n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
-        z = _zeros(qz_ptr, g, n[None, :], nmask[None, :], N, BITS, OFFSET)
-        acc += tl.dot(a, (s * (q - z)).to(a.dtype))
+        w = _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask[None, :], N, BITS, LAYOUT, OFFSET, GS,
+                         ACT_ORDER, BLOCK_K, BLOCK_N)
+        acc += tl.dot(a, w.to(a.dtype))
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + split * M * N + m[:, None] * N + n[None, :]
