@@ -609,7 +609,8 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
 
 def _probe(args: argparse.Namespace) -> int:
     from qrobust.models import load_model
-    from qrobust.probe import ProbeConfig, build_targets, check_tasks, run_probe
+    from qrobust.probe import ProbeConfig, check_tasks, run_probe
+    from qrobust.sweep import build_targets
 
     try:
         shots = tuple(int(k) for k in _csv(args.shots))
@@ -649,7 +650,7 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
 def _attribute(args: argparse.Namespace) -> int:
     from qrobust.attribution import AttributionConfig, GradientConfig, attribute, load_inputs
     from qrobust.models import load_model
-    from qrobust.probe import build_targets
+    from qrobust.sweep import build_targets
 
     if args.top_k < 1 or args.batch_size < 1:
         raise QrobustError(f"--top-k and --batch-size must be at least 1, got {args.top_k} and {args.batch_size}")

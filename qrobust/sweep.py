@@ -17,7 +17,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,9 @@ from qrobust import __version__
 from qrobust.errors import QrobustError
 from qrobust.models.presets import GENERATION_FIELDS, EvalPreset, with_overrides
 from qrobust.precision import baseline_label, default_dtype, dtype_bits, dtype_name, is_baseline
+
+if TYPE_CHECKING:
+    from qrobust.probe import Target
 
 METHODS = ("gptq", "rtn", "hawq")
 
@@ -474,10 +477,54 @@ def sweep(config: SweepConfig, out_dir: str | Path, executor: str = "local", ray
     return out
 
 
+def build_targets(model: str, base, out_dir: str | Path, quantized: list[str] = (), method: str | None = None,
+                  bits: list[int] = (), plan: str | None = None, group_size: int = 128, nsamples: int = 32,
+                  seqlen: int = 512, seed: int = 0) -> list[tuple[Target, object]]:
+    """The full-precision target and one per quantized config, each with a lazy adapter factory
+    (the probe's targets; `qrobust probe`, `attribute` and `lm-eval` build theirs here too)."""
+    from qrobust.models import load_model
+    from qrobust.probe import QUANTIZED, Target, full_target, target_for_checkpoint
+
+    targets: list[tuple[Target, object]] = [(full_target(next(base.model.parameters()).dtype), lambda: base)]
+    for path in quantized:
+        if not (Path(path) / "qrobust.json").exists():
+            raise QrobustError(f"{path} is not a qrobust checkpoint: make one with `qrobust quantize --out {path}`")
+        targets.append((target_for_checkpoint(path), lambda p=path: load_model(p, device=str(base.device))))
+    if bits and method is None:
+        raise QrobustError("--bits needs --method (gptq, rtn or hawq)")
+    if method is not None:
+        if method not in METHODS:
+            raise QrobustError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+        sweep_config = SweepConfig(models=(model,), group_size=group_size, nsamples=nsamples, seqlen=seqlen,
+                                   device=str(base.device))
+        for b in bits or (4,):
+            job = Job(model, method, b, seed)
+            targets.append((Target(f"{method}-{b}", QUANTIZED, b),
+                            lambda job=job: quantize_for(job, base, sweep_config, Path(out_dir))[0]))
+    if plan is not None:
+        from qrobust.calib import calibration_tokens
+        from qrobust.quant import QuantizeConfig, QuantSpec, load_plan, quantize_model
+
+        specs = load_plan(plan, QuantSpec(4, group_size))
+        avg = sum(s.bits for s in specs.values()) / len(specs)
+
+        def planned():
+            adapter = copy.deepcopy(base)
+            qconf = QuantizeConfig(group_size=group_size, nsamples=nsamples, seqlen=seqlen, seed=seed, plan=specs)
+            calib = calibration_tokens(adapter.tokenizer, "stdlib", nsamples, seqlen, seed=seed)
+            quantize_model(adapter, qconf, calib, progress=False)
+            return adapter
+
+        targets.append((Target(f"plan-{Path(plan).stem}", QUANTIZED, round(avg)), planned))
+    if len(targets) == 1:
+        raise QrobustError("nothing to compare with: pass --quantized DIR, --method M --bits B, or --plan FILE")
+    return targets
+
+
 def probe_models(config: SweepConfig, out: Path, progress: bool = True) -> None:
     """The probe study over the sweep's configs (first seed), one directory per model."""
     from qrobust.models import load_model
-    from qrobust.probe import ProbeConfig, build_targets, run_probe
+    from qrobust.probe import ProbeConfig, run_probe
 
     for model in config.models:
         settings = generation_settings(config, model)
@@ -502,7 +549,6 @@ def attribution_models(config: SweepConfig, out: Path, progress: bool = True) ->
     from qrobust.attribution import AttributionConfig, attribute, compare_attributions, load_inputs
     from qrobust.attribution.run import finished
     from qrobust.models import load_model
-    from qrobust.probe import build_targets
 
     aconf = AttributionConfig(queries=",".join(config.benchmarks) or "humaneval", limit=config.attribution_limit,
                               query_limit=config.limit or 20)

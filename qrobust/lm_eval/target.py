@@ -1,7 +1,7 @@
 """Which model an lm-eval run scores: full precision, a quantized checkpoint, or quantized here.
 
 Quantizing here goes through the same path as `qrobust probe` and `qrobust attribute`
-(probe.build_targets → sweep.quantize_for / quantize_model), so a `--method gptq --bits 3` model
+(sweep.build_targets → sweep.quantize_for / quantize_model), so a `--method gptq --bits 3` model
 is the one a sweep would evaluate.
 """
 from __future__ import annotations
@@ -59,7 +59,8 @@ def checkpoint_method(path: str | Path) -> str:
 
 def load_target(spec: TargetSpec, work_dir: str | Path | None = None) -> Loaded:
     from qrobust.models import load_model
-    from qrobust.probe import build_targets, target_for_checkpoint
+    from qrobust.probe import target_for_checkpoint
+    from qrobust.sweep import build_targets
 
     chosen = [name for name, v in (("quantized", spec.quantized), ("method", spec.method), ("plan", spec.plan)) if v]
     if len(chosen) > 1:
