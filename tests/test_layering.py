@@ -10,7 +10,6 @@ import ast
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("harness", "qrobust", "hawq")
@@ -45,11 +44,6 @@ UNITS = {
     "qrobust.report_degradation": "studies",
     "qrobust.sweep": "studies",
 }
-
-# Cycles still to break, each a set of modules that import each other (none today: a new entry needs
-# a plan to break it; test_known_cycles_are_still_there fails once one is gone, as a reminder).
-KNOWN_CYCLES: list[frozenset] = []
-
 
 def module_files() -> dict[str, tuple[Path, bool]]:
     """Every module of the three packages: its dotted name -> (file, whether it is a package)."""
@@ -167,13 +161,8 @@ def test_imports_go_one_way():
 
 
 def test_no_import_cycles():
-    new = [sorted(c) for c in cycles(import_graph()) if c not in KNOWN_CYCLES]
-    assert not new, f"modules that import each other: {new}"
-
-
-@pytest.mark.parametrize("cycle", KNOWN_CYCLES, ids=lambda c: "-".join(sorted(c)))
-def test_known_cycles_are_still_there(cycle):
-    assert cycle in cycles(import_graph()), f"{sorted(cycle)} no longer import each other: remove it from KNOWN_CYCLES"
+    found = [sorted(c) for c in cycles(import_graph())]
+    assert not found, f"modules that import each other: {found}"
 
 
 def test_the_checks_see_what_they_check(tmp_path):
