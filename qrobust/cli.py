@@ -206,7 +206,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.baseline:
         from qrobust.degradation import DegradationConfig, against_run, summary_lines
 
-        dconf = DegradationConfig(benchmarks=benchmarks, limit=args.limit, style=args.style,
+        dconf = DegradationConfig(benchmarks=benchmarks, limit=args.limit, style=settings.style,
                                   context_tokens=_cap(args.metrics_context), solution_tokens=_cap(args.metrics_solution),
                                   masks=args.metrics_masks, batch_size=args.batch_size)
         result = against_run(adapter, args.baseline, args.out, dconf, args.device, _dtype(settings.dtype))

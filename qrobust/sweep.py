@@ -244,7 +244,7 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path, base_cache: dict, prog
     record["benchmarks"] = {}
     if not config.benchmarks:
         return record
-    record.update(degradation_for(job, base, adapter, config, base_cache))
+    record.update(degradation_for(job, base, adapter, config, settings, base_cache))
     eval_config = eval_config_for(config, settings, job.seed)
     total = evaluate(adapter, eval_config, out_dir / "runs" / job.id, job.model, progress=progress)
     for name, s in total["benchmarks"].items():
@@ -276,15 +276,16 @@ def generation_limit(config: SweepConfig) -> int | None:
     return min(limits) if limits else None
 
 
-def degradation_config(config: SweepConfig):
+def degradation_config(config: SweepConfig, settings: EvalPreset):
+    """The metrics' settings; their prompts are built in the style the config generates in."""
     from qrobust.degradation import DegradationConfig
 
-    return DegradationConfig(benchmarks=tuple(config.benchmarks), limit=config.limit,
+    return DegradationConfig(benchmarks=tuple(config.benchmarks), limit=config.limit, style=settings.style,
                              context_tokens=config.metrics_context, solution_tokens=config.metrics_solution,
                              masks=config.metrics_masks, batch_size=config.batch_size)
 
 
-def degradation_for(job: Job, base, adapter, config: SweepConfig, base_cache: dict) -> dict:
+def degradation_for(job: Job, base, adapter, config: SweepConfig, settings: EvalPreset, base_cache: dict) -> dict:
     """{"degradation": per benchmark} of this config against the base model in memory, with
     {"degradation_seconds"}. The baseline's own scores, its log-probabilities and the rows are
     computed once per model (the masks do not depend on the job's seed) and kept in base_cache."""
@@ -293,7 +294,7 @@ def degradation_for(job: Job, base, adapter, config: SweepConfig, base_cache: di
     if not config.metrics:
         return {}
     t0 = time.perf_counter()
-    dconf = degradation_config(config)
+    dconf = degradation_config(config, settings)
     state = base_cache.setdefault(("degradation", job.model), {"cache": {}})
     if "prepared" not in state:
         state["prepared"] = prepare(base, dconf)
