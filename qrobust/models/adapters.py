@@ -59,6 +59,18 @@ class ModelAdapter(ABC):
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._layers: list[BlockLayers] | None = None
+        self._engine = None  # the batched engine of models.engine, built on first use (native models only)
+
+    @property
+    def native(self) -> bool:
+        """Whether the model is qrobust's own TransformerLM (which the batched engines run)."""
+        return isinstance(self.model, TransformerLM)
+
+    def _engine_of(self, engine_type):
+        """This model's engine of `engine_type`, built anew when the model or its device changed."""
+        if self._engine is None or self._engine.model is not self.model or self._engine.device != self.device:
+            self._engine = engine_type(self.model)
+        return self._engine
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -208,12 +220,6 @@ class ARAdapter(ModelAdapter):
     def __init__(self, model: nn.Module, tokenizer, name: str, num_layers: int, eos_ids: Sequence[int] = ()):
         super().__init__(model, tokenizer, name, num_layers)
         self.eos_ids = tuple(eos_ids)  # ends of sequence besides the tokenizer's (generation_config.json)
-        self._engine = None  # models.engine.AREngine, built on first use (native models only)
-
-    @property
-    def native(self) -> bool:
-        """Whether the model is qrobust's own TransformerLM (which the batched engine decodes)."""
-        return isinstance(self.model, TransformerLM)
 
     def logits(self, input_ids, attention_mask=None):
         if self.native:
@@ -225,15 +231,14 @@ class ARAdapter(ModelAdapter):
 
         if not self.native:
             return None
-        if self._engine is None or self._engine.model is not self.model or self._engine.device != self.device:
-            self._engine = AREngine(self.model)
+        engine = self._engine_of(AREngine)
         tok = self.tokenizer
         ends = frozenset(t for t in (tok.eos_token_id, self.model.config.eos_token_id, *self.eos_ids)
                          if isinstance(t, int))
         decode = functools.partial(tok.decode, skip_special_tokens=True)
         rule = StopRule(ends, tuple(stop), decode, settings.min_new_tokens)
         ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
-        out = self._engine.generate(ids, settings, rule, batch_size)
+        out = engine.generate(ids, settings, rule, batch_size)
         results = []
         for tokens, b in zip(out.tokens, out.batch_of):
             batch = out.batches[b]
@@ -284,7 +289,6 @@ class DiffusionAdapter(ModelAdapter):
         self.shift_logits = shift_logits
         self.sampler = sampler or SamplerConfig()
         self.eps = eps
-        self._engine = None  # models.engine.DiffusionEngine, built on first use (native models only)
 
     def _ratios(self, n: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -318,12 +322,10 @@ class DiffusionAdapter(ModelAdapter):
         cfg = dataclasses.replace(self.sampler, temperature=temperature, top_p=top_p)
         args = (enc["input_ids"], enc["attention_mask"], max_new_tokens, self.mask_token_id, self.shift_logits, cfg,
                 generator, on_step)
-        if isinstance(self.model, TransformerLM):
+        if self.native:
             from qrobust.models.engine import DiffusionEngine
 
-            if self._engine is None or self._engine.model is not self.model or self._engine.device != self.device:
-                self._engine = DiffusionEngine(self.model)
-            out, passes = self._engine.generate(*args)
+            out, passes = self._engine_of(DiffusionEngine).generate(*args)
         elif cfg.mode == "fast":
             raise QrobustError(f"{self.name}: the fast sampler runs on the native model only: load without remote code")
         else:
