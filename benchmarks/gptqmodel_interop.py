@@ -194,11 +194,15 @@ def read_gptqmodel(checkpoint: Path, ours, ids, device, backend: str) -> dict:
     return compare_loaded(ours, theirs.model, ids, device)
 
 
-def read_transformers(checkpoint: Path, ours, ids, device) -> dict:
-    from transformers import AutoModelForCausalLM
+def read_transformers(checkpoint: Path, ours, ids, device, backend: str) -> dict:
+    """`from_pretrained` through transformers' GPTQ integration; `backend` is GPTQModel's kernel
+    ("auto" picks Machete/Marlin on Hopper, which an offline machine can't build: CUTLASS download)."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float16, device_map=device).eval()
-    return compare_loaded(ours, model, ids, device)
+    bits = json.loads((checkpoint / "config.json").read_text())["quantization_config"]["bits"]
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float16, device_map=device,
+                                                 quantization_config=GPTQConfig(bits=bits, backend=backend)).eval()
+    return {**compare_loaded(ours, model, ids, device), "backend": backend}
 
 
 def readers(args) -> list[tuple[str, object]]:
@@ -207,7 +211,7 @@ def readers(args) -> list[tuple[str, object]]:
         return out
     for backend in args.backends.split(","):
         out.append((f"gptqmodel-{backend}", lambda c, o, i, d, b=backend: read_gptqmodel(c, o, i, d, b)))
-    out.append(("transformers", read_transformers))
+    out.append(("transformers", lambda c, o, i, d: read_transformers(c, o, i, d, args.transformers_backend)))
     wanted = set(args.readers.split(",")) if args.readers else None
     return [r for r in out if wanted is None or r[0] in wanted]
 
@@ -234,6 +238,8 @@ def main() -> None:
     ap.add_argument("--qrobust-only", action="store_true", help="no GPTQModel or transformers: our side and the reference reader")
     ap.add_argument("--readers", default=None,
                     help="comma-separated subset of reference, gptqmodel-<backend>, transformers (default: all)")
+    ap.add_argument("--transformers-backend", default="auto",
+                    help="GPTQModel kernel that transformers' from_pretrained asks for (auto, torch, triton, ...)")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--out", default="interop.jsonl", help="JSON lines, one per case and reader")
     ap.add_argument("--work", default=None, help="where checkpoints go (default: a temporary directory)")

@@ -228,3 +228,14 @@ def test_batched_ar_features_equal_one_window_at_a_time(tiny_dirs):
     feats = {b: collect_features(adapter, texts, GradientConfig(projection_dim=8, window=24, batch_size=b), None,
                                  progress=False).values for b in (1, 4)}
     assert np.allclose(feats[1], feats[4], atol=1e-4)
+
+
+def test_validation_can_test_the_quantized_target_alone():
+    from qrobust.attribution.validate import parse_args, target_names
+    from qrobust.errors import QrobustError
+
+    assert target_names(4, only_quantized=False) == ["fp", "gptq4"]
+    assert target_names(0, only_quantized=False) == ["fp"]
+    assert target_names(4, only_quantized=True) == ["gptq4"]
+    with pytest.raises(QrobustError, match="--gptq-bits"):
+        parse_args(["--only-quantized", "--gptq-bits", "0"])

@@ -147,6 +147,12 @@ def summarize(variants: list[Variant], done: dict[str, dict], top_bins: dict[str
     return out
 
 
+def target_names(gptq_bits: int, only_quantized: bool) -> list[str]:
+    """The models whose top bins are tested: full precision and, with bits, its GPTQ copy."""
+    names = [] if only_quantized else [FULL_PRECISION]
+    return names + ([f"gptq{gptq_bits}"] if gptq_bits else [])
+
+
 def quantized_copy(adapter, bits: int, calib: torch.Tensor):
     """A GPTQ copy of the adapter (group size 128, symmetric), quantized in place on its device."""
     from qrobust.quant import QuantizeConfig, quantize_model
@@ -179,11 +185,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--random-draws", type=int, default=3)
     ap.add_argument("--gptq-bits", type=int, default=4, help="quantized target's bits; 0: full precision only")
     ap.add_argument("--calib-samples", type=int, default=64, help="GPTQ calibration windows of 512 tokens")
+    ap.add_argument("--only-quantized", action="store_true",
+                    help="attribute and test the GPTQ target alone (the full-precision test needs the other half "
+                         "of the retrainings; both models' losses are still measured for every retraining)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="results/attribution")
     args = ap.parse_args(argv)
     if args.random_draws < 1 or args.steps < 1 or args.top_k < 1:
         raise QrobustError("--random-draws, --steps and --top-k must be at least 1")
+    if args.only_quantized and not args.gptq_bits:
+        raise QrobustError("--only-quantized needs a quantized target: give --gptq-bits 2, 3, 4 or 8")
     return args
 
 
@@ -213,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
         calib = calibration_tokens(tokenizer, "stdlib", args.calib_samples, cfg.seq_len, seed=0)
         targets[f"gptq{args.gptq_bits}"] = quantized_copy(base, args.gptq_bits, calib)
+    targets = {name: targets[name] for name in target_names(args.gptq_bits, args.only_quantized)}
     top_bins, removals = {}, {}
     for target, adapter in targets.items():
         t0 = time.perf_counter()
@@ -236,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     done: dict[str, dict] = {}
     result = {"model": args.model, "group": args.group, "steps": args.steps, "train_batch_size": cfg.batch_size,
               "projection_dim": args.projection_dim, "top_k": args.top_k, "documents": len(docs),
-              "queries": len(queries), "gptq_bits": args.gptq_bits, "environment": environment(args.device),
+              "queries": len(queries), "gptq_bits": args.gptq_bits, "tested_targets": list(top_bins),
+              "environment": environment(args.device),
               "command": "python -m qrobust.attribution.validate " + " ".join(sys.argv[1:] if argv is None else argv)}
     with tempfile.TemporaryDirectory() as scratch:
         for variant in variants:
