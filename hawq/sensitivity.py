@@ -41,9 +41,11 @@ def input_groups(adapter) -> list[list[str]]:
 
 
 @torch.no_grad()
-def layer_hessians(adapter, calib: torch.Tensor, groups: list[list[str]]) -> dict[str, GPTQ]:
+def layer_hessians(adapter, calib: torch.Tensor, groups: list[list[str]], batch_size: int = 8) -> dict[str, GPTQ]:
     """H = 2XXᵀ/N of every layer from full-precision activations (one pass, hooks). The layers of a
-    group share one H, accumulated once (from its first layer's input)."""
+    group share one H, accumulated once (from its first layer's input). The model's calibration
+    inputs are made from the whole set at once, as GPTQ's driver makes them (a diffusion model's
+    mask ratios stratified over all sequences), and run in batches."""
     gptq = {}
     for g in groups:
         for n in g:
@@ -52,9 +54,10 @@ def layer_hessians(adapter, calib: torch.Tensor, groups: list[list[str]]) -> dic
                 gptq[n].H = gptq[g[0]].H
     hooks = [adapter.model.get_submodule(g[0]).register_forward_hook(
         lambda m, inp, out, n=g[0]: gptq[n].add_batch(inp[0].detach())) for g in groups]
+    inputs = adapter.calibration_inputs(calib, seed=0)
     try:
-        for i in range(calib.shape[0]):
-            adapter.logits(adapter.calibration_inputs(calib[i:i + 1], seed=i).to(adapter.device))
+        for batch in inputs.split(batch_size):
+            adapter.logits(batch.to(adapter.device))
     finally:
         for h in hooks:
             h.remove()

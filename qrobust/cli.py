@@ -9,7 +9,7 @@ from typing import Callable
 from qrobust.errors import USER_ERRORS, QrobustError
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
-DTYPE_HELP = "float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)"
+DTYPE_HELP = "float32, bfloat16 or float16 (default: bfloat16 on CUDA and CPUs with native bf16, else float32)"
 
 
 def parse_bits(text: str) -> list[int]:
@@ -35,7 +35,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     """How models generate, for eval and sweep alike. Every default is None: the model's preset
     (`qrobust models` lists them) decides, and a flag given replaces that one field."""
     p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16 or float16 (default: the preset's, else bfloat16 on CUDA, float32 on CPU)")
+                   help="float32, bfloat16 or float16 (default: the preset's, else bfloat16 on CUDA and CPUs with "
+                        "native bf16, else float32)")
     p.add_argument("--style", default=None, help="prompt style: completion/3shot/zeroshot/instruct (default: preset)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the preset's (768 for CoDA/Qwen3)")
     p.add_argument("--temperature", type=float, default=None)
@@ -386,7 +387,7 @@ def _metrics_args(p: argparse.ArgumentParser, cap: str) -> None:
 
 
 def _degradation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gen-limit", default="2",
+    p.add_argument("--gen-limit", default="1",
                    help="pass@1 over the first K problems of each benchmark (within --limit), or 'all'; the "
                         "forward-pass metrics always cover every problem within --limit")
     p.add_argument("--no-metrics", action="store_true", help="skip KL, top-1 agreement and solution likelihood")

@@ -1,10 +1,15 @@
 """Which floating-point dtype a model runs in, and the name its full-precision baseline gets.
 
-bfloat16 on CUDA (what the seed models are published and evaluated in) and float32 on CPU
-(CPUs have no fast half-precision matmul); `--dtype` overrides either. The baseline of a sweep
-is named after the dtype it really ran in (bf16, fp32, fp16), never a fixed label.
+bfloat16 on CUDA (what the seed models are published and evaluated in), and on CPUs that
+multiply bfloat16 natively (AVX512-BF16 or AMX: about 3x float32 for the built-in pair on a
+2-core Zen 4, docs/metrics.md); float32 on other CPUs, where bfloat16 is emulated and slower.
+`--dtype` overrides it, and so does QROBUST_CPU_DTYPE for CPUs (the test suite pins float32, so
+that its numerical checks do not depend on the machine). The baseline of a sweep is named after
+the dtype it really ran in (bf16, fp32, fp16), never a fixed label.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -29,8 +34,20 @@ def dtype_name(name: str | torch.dtype) -> str:
     return text
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU's oneDNN kernels multiply bfloat16 in hardware (AVX512-BF16 or AMX tiles)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 def default_dtype(device: str | torch.device) -> str:
-    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    if torch.device(device).type == "cuda":
+        return "bfloat16"
+    pinned = os.environ.get("QROBUST_CPU_DTYPE")
+    if pinned:
+        return dtype_name(pinned)
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:

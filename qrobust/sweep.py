@@ -65,7 +65,7 @@ class SweepConfig:
     probe: bool = False  # after the configs: `qrobust probe` on each model's quantized configs
     attribution: bool = False  # after the configs: attribution of each quantized config vs full precision
     attribution_limit: int = 200  # corpus documents (evenly spaced over the built-in corpus)
-    gen_limit: int | None = 2  # pass@1 over the first K problems (within --limit); None: all of them
+    gen_limit: int | None = 1  # pass@1 over the first K problems (within --limit); None: all of them
     metrics: bool = True  # KL, top-1 agreement and solution likelihood vs the baseline (qrobust.degradation)
     metrics_context: int | None = 64  # prompt tokens the metrics keep (its end); None: all that fit
     metrics_solution: int | None = 64  # solution tokens the metrics score; None: all that fit
@@ -107,6 +107,27 @@ def plan_jobs(config: SweepConfig) -> list[Job]:
             jobs.append(baseline_job(config, model, seed))
             jobs += [Job(model, m, b, seed) for m in config.methods for b in config.bits]
     return jobs
+
+
+def seed_free(job: Job, config: SweepConfig) -> bool:
+    """Whether nothing in the config depends on its seed: no calibration sample (the baseline,
+    RTN) and deterministic generation (greedy, and for diffusion a confidence rule, not 'random');
+    the metrics' and held-out loss's masks are fixed per model. Its first seed's record then
+    serves every seed: running it again would repeat the same computation."""
+    if job.method in ("gptq", "hawq"):
+        return False
+    settings = generation_settings(config, job.model)
+    return settings.temperature == 0 and settings.alg != "random"
+
+
+def record_source(job: Job, config: SweepConfig) -> Job:
+    """The job whose record this one's is: itself, or for a seed-free config its first seed's."""
+    return replace(job, seed=config.seeds[0]) if seed_free(job, config) else job
+
+
+def reused_record(record: dict, job: Job) -> dict:
+    """Another seed's copy of a seed-free config's record, saying where it comes from."""
+    return {**record, "job": asdict(job), "id": job.id, "reused_from": record.get("id")}
 
 
 def validate(config: SweepConfig) -> None:
@@ -163,23 +184,25 @@ def environment(device: str) -> dict:
     return env
 
 
-def likelihood(adapter, seqlen: int, seed: int) -> dict:
+# The held-out diffusion loss's masks, like the metrics' (qrobust.degradation), are the same for
+# every config and seed of a model, so that the sweep's seed varies the calibration sample alone.
+HELD_OUT_MASK_SEED = 0
+
+
+def likelihood(adapter, seqlen: int, seed: int = HELD_OUT_MASK_SEED, batch_size: int = 8) -> dict:
     """Held-out loss per token on the validation sample shipped with qrobust, per window too."""
     from qrobust.zoo.card import read_val_sample
-    from qrobust.zoo.metrics import ar_nll, diffusion_nelbo, windows
+    from qrobust.zoo.metrics import ar_nll_rows, diffusion_nelbo_rows, windows
     from qrobust.zoo.train import tokenize_docs
 
     ids = windows(tokenize_docs(adapter.tokenizer, read_val_sample()), seqlen).to(adapter.device)
-    per_window = []
-    with torch.no_grad():
-        for row in ids.split(1):
-            if adapter.kind == "ar":
-                per_window.append(ar_nll(adapter.logits, row))
-            else:
-                per_window.append(diffusion_nelbo(adapter.logits, row, adapter.mask_token_id, adapter.shift_logits,
-                                                  samples=4, seed=seed))
+    if adapter.kind == "ar":
+        per_window = ar_nll_rows(adapter.logits, ids, batch_size)
+    else:
+        per_window = diffusion_nelbo_rows(adapter.logits, ids, adapter.mask_token_id, adapter.shift_logits,
+                                          samples=4, seed=seed, batch_size=batch_size)
     kind = "nll" if adapter.kind == "ar" else "neg_elbo"
-    return {"kind": kind, "value": sum(per_window) / len(per_window), "per_window": per_window}
+    return {"kind": kind, "value": float(per_window.mean()), "per_window": per_window.tolist()}
 
 
 def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path, progress: bool = False, analyses=None):
@@ -223,6 +246,20 @@ def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path, progress: b
     return adapter, facts
 
 
+# Base models a worker keeps loaded (with their metrics' cached baseline): two, so that the sweep
+# can run one config of each of a pair early (its time estimate) and return to the first.
+BASE_MODELS_KEPT = 2
+
+
+def early_order(jobs: list[Job]) -> list[Job]:
+    """The jobs with the first two of each model (its baseline and a quantized config) in front:
+    the time estimate then knows every model's cost within the first minutes."""
+    first: list[Job] = []
+    for model in dict.fromkeys(j.model for j in jobs):
+        first += [j for j in jobs if j.model == model][:2]
+    return first + [j for j in jobs if j not in first]
+
+
 def run_job(job: Job, config: SweepConfig, out_dir: Path, base_cache: dict, progress: bool = False) -> dict:
     """Quantize, measure likelihood, evaluate every benchmark; returns the config record.
     base_cache is what a worker keeps between configs: the current base model and its hawq analyses."""
@@ -231,16 +268,20 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path, base_cache: dict, prog
     from qrobust.models import load_model
 
     settings = generation_settings(config, job.model)
-    if job.model not in base_cache:
-        base_cache.clear()  # one base model in memory at a time
-        base_cache[job.model] = load_model(job.model, device=config.device, dtype=settings.dtype,
-                                           sampler=settings.sampler())
-    base = base_cache[job.model]
+    models = base_cache.setdefault("models", {})  # model -> its base adapter and what was derived from it
+    if job.model not in models:
+        while len(models) >= BASE_MODELS_KEPT:  # the least recently loaded goes, with its metrics state
+            dropped = next(iter(models))
+            del models[dropped]
+            base_cache.pop(("degradation", dropped), None)
+        models[job.model] = load_model(job.model, device=config.device, dtype=settings.dtype,
+                                       sampler=settings.sampler())
+    base = models[job.model]
     torch.manual_seed(job.seed)
     analyses = base_cache.setdefault("hawq analyses", AnalysisCache(out_dir / "hawq"))
     adapter, facts = quantize_for(job, base, config, out_dir, progress, analyses)
     record = {"job": asdict(job), "id": job.id, "kind": base.kind, **facts, "settings": settings.record(),
-              "likelihood": likelihood(adapter, config.seqlen, job.seed)}
+              "likelihood": likelihood(adapter, config.seqlen, batch_size=config.batch_size)}
     record["benchmarks"] = {}
     if not config.benchmarks:
         return record
@@ -396,18 +437,22 @@ def _ray_result(ray, ref, job: Job, max_retries: int) -> dict:
 EXECUTORS = {"local": local_executor, "ray": ray_executor}
 
 
-def plan_text(config: SweepConfig, jobs: list[Job], todo: list[Job]) -> str:
+def plan_text(config: SweepConfig, jobs: list[Job], todo: list[Job], compute: list[Job] | None = None) -> str:
     """What the sweep will run, said before it starts."""
     gen = generation_limit(config)
+    compute = todo if compute is None else compute
     lines = [f"sweep: {len(todo)} of {len(jobs)} configs to run: models {', '.join(config.models)} x "
              f"(baseline + methods {', '.join(config.methods)} x bits {', '.join(map(str, config.bits))}) x "
              f"seeds {', '.join(map(str, config.seeds))}"]
+    if len(compute) < len(todo):
+        lines.append(f"  {len(todo) - len(compute)} of them take the record of their first seed: nothing in them "
+                     "depends on the seed (baseline and rtn: no calibration sample; greedy decoding)")
     if config.benchmarks:
         scope = f"the first {config.limit}" if config.limit else "all"
         lines.append(f"  per config: {'KL, top-1 agreement and solution likelihood over ' + scope + ' problems; ' if config.metrics else ''}"
                      f"pass@1 over {'the first ' + str(gen) if gen else 'all'} problems of {', '.join(config.benchmarks)}"
                      " (--gen-limit all widens it)")
-    lines.append("  time: estimated after the first configs of each model")
+    lines.append("  time: estimated once the first two configs of each model are done (they run first)")
     return "\n".join(lines)
 
 
@@ -455,20 +500,30 @@ def sweep(config: SweepConfig, out_dir: str | Path, executor: str = "local", ray
     done = {p.stem for p in (out / "configs").glob("*.json")
             if json.loads(p.read_text()).get("status") == "ok"}
     todo = [j for j in jobs if j.id not in done]
+    source = {j: record_source(j, config) for j in todo}
+    compute = early_order([j for j in todo if source[j] == j])
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep configs", disable=not progress)
-    eta = TimeEstimate(todo)
+    eta = TimeEstimate(compute)
     if progress:
-        tqdm.write(plan_text(config, jobs, todo))
+        tqdm.write(plan_text(config, jobs, todo, compute))
 
-    def on_done(job: Job, record: dict) -> None:
+    def write(job: Job, record: dict) -> None:
         _write_json(out / "configs" / f"{job.id}.json", record)
         bar.update(1)
         bar.set_postfix(last=job.id, status=record["status"])
+
+    def on_done(job: Job, record: dict) -> None:
+        write(job, record)
+        for twin in (t for t in todo if t != job and source[t] == job):
+            write(twin, reused_record(record, twin))
         message = eta.done(job)
         if message and progress:
             tqdm.write(message)
 
-    EXECUTORS[executor](todo, config, out, on_done, ray_address, progress)
+    for job in todo:  # seed-free configs whose first seed finished in an earlier run of this sweep
+        if source[job] != job and source[job].id in done:
+            write(job, reused_record(json.loads((out / "configs" / f"{source[job].id}.json").read_text()), job))
+    EXECUTORS[executor](compute, config, out, on_done, ray_address, progress)
     bar.close()
     write_table(out)
     if config.probe:

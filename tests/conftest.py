@@ -2,6 +2,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CPUs with native bfloat16 default to it (qrobust.precision); the numerical checks here are
+# written for float32 on every machine
+os.environ.setdefault("QROBUST_CPU_DTYPE", "float32")
 
 import torch  # noqa: E402
 

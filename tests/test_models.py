@@ -160,3 +160,36 @@ def test_a_tokenizer_of_almost_no_tokens_is_refused(tiny_dirs, tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=tiny, unk_token="<unk>").save_pretrained(str(bare))
     with pytest.raises(QrobustError, match="a tokenizer of 2 tokens"):
         load_model(str(bare))
+
+
+@pytest.mark.parametrize("kind", ["ar", "diffusion"])
+def test_prompts_longer_than_the_positions_are_cut_from_the_left(tiny_dirs, kind):
+    adapter = load_model(str(tiny_dirs[kind]))
+    positions = adapter.model.config.max_position_embeddings
+    long = "def f(x):\n    return x + 1\n" * 200
+    full = adapter.tokenizer(long)["input_ids"]
+    assert len(full) > positions
+    ids = adapter.encode_prompts([long, "def g():\n"], 16)["input_ids"]
+    assert len(ids[0]) == positions - 16 and ids[0][-20:] == full[-20:]  # the prompt's end is kept
+    assert ids[1] == adapter.tokenizer("def g():\n")["input_ids"]  # short prompts are untouched
+    seen = []  # the diffusion sampler's full passes (the AR engine runs its own step functions)
+    real = adapter.model.forward
+    adapter.model.forward = lambda input_ids, *a, **k: (seen.append(input_ids.shape[1]), real(input_ids, *a, **k))[1]
+    out = adapter.generate([long], max_new_tokens=8, batch_size=1)
+    assert len(out) == 1 and out[0].num_tokens == 8
+    assert max(seen) == positions if kind == "diffusion" else not seen
+    assert adapter.prompt_room(positions) is None  # no room left: the prompt is not cut to nothing
+
+
+def test_held_out_losses_per_window_in_batches(tiny_dirs, calib):
+    from qrobust.zoo.metrics import ar_nll, ar_nll_rows, diffusion_nelbo, diffusion_nelbo_rows
+
+    ar, dllm = load_model(str(tiny_dirs["ar"])), load_model(str(tiny_dirs["diffusion"]))
+    ids = calib[:6]
+    rows = ar_nll_rows(ar.logits, ids, batch_size=4)
+    alone = torch.tensor([ar_nll(ar.logits, ids[i:i + 1]) for i in range(6)])
+    assert rows.shape == (6,) and torch.allclose(rows, alone, rtol=1e-5)
+    masked = diffusion_nelbo_rows(dllm.logits, ids, dllm.mask_token_id, dllm.shift_logits, samples=3, batch_size=6)
+    whole = diffusion_nelbo(dllm.logits, ids, dllm.mask_token_id, dllm.shift_logits, samples=3, batch_size=6)
+    assert masked.shape == (6,) and float(masked.mean()) == pytest.approx(whole, rel=1e-5)
+    assert masked.std() > 0  # the windows differ

@@ -39,8 +39,17 @@ def test_presets_match_the_published_settings_and_flags_override_them_field_by_f
         with_overrides(CODA_PRESET, {"diffusion_sampler": "quick"})
 
 
-def test_dtype_follows_the_device_and_names_the_baseline(tiny_dirs):
-    assert (default_dtype("cpu"), default_dtype("cuda")) == ("float32", "bfloat16")
+def test_dtype_follows_the_device_and_names_the_baseline(tiny_dirs, monkeypatch):
+    import qrobust.precision as precision
+
+    assert (default_dtype("cpu"), default_dtype("cuda")) == ("float32", "bfloat16")  # the suite pins CPUs
+    monkeypatch.delenv("QROBUST_CPU_DTYPE")
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        assert default_dtype("cpu") == expected and default_dtype("cuda") == "bfloat16"
+    monkeypatch.setenv("QROBUST_CPU_DTYPE", "fp16")
+    assert default_dtype("cpu") == "float16"
+    monkeypatch.setenv("QROBUST_CPU_DTYPE", "float32")
     assert resolve_dtype("bf16", "cpu") is torch.bfloat16 and resolve_dtype(None, "cuda") is torch.bfloat16
     assert next(load_model(str(tiny_dirs["ar"])).model.parameters()).dtype is torch.float32
     with pytest.raises(QrobustError, match="unknown dtype"):

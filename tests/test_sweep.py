@@ -116,6 +116,40 @@ def test_likelihood_only_sweep_with_several_seeds(tmp_path, tiny_dirs):
     assert "held-out loss only" in (out / "report.md").read_text() and not (out / "latency_memory.png").exists()
 
 
+def test_seed_free_configs_take_their_first_seeds_record(tmp_path, tiny_dirs):
+    """Baseline and RTN under greedy decoding depend on no seed: seed 1 reuses seed 0's record, and
+    that record is what computing seed 1 alone gives (the held-out masks are fixed per model)."""
+    model = str(tiny_dirs["diffusion"])
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    args = ("--benchmarks", "none", "--methods", "rtn")
+    assert main(sweep_args(model, both, *args, "--seeds", "0,1")) == 0
+    assert main(sweep_args(model, alone, *args, "--seeds", "1")) == 0
+
+    def record(run, method: str, bits: int, seed: int) -> dict:
+        (path,) = (run / "configs").glob(f"*__{method}__{bits}__s{seed}.json")
+        return json.loads(path.read_text())
+
+    reused = record(both, "rtn", 4, 1)
+    assert reused["reused_from"] == record(both, "rtn", 4, 0)["id"] and reused["job"]["seed"] == 1
+    assert record(both, "fp32", 32, 1)["reused_from"] == record(both, "fp32", 32, 0)["id"]
+    assert reused["likelihood"]["value"] == pytest.approx(record(alone, "rtn", 4, 1)["likelihood"]["value"])
+    df = pd.read_csv(both / "results.csv")
+    assert sorted(df[df.method == "rtn"].seed) == [0, 1]
+    (both / "configs" / f"{reused['id']}.json").unlink()  # resuming writes it again from seed 0's
+    assert main(sweep_args(model, both, *args, "--seeds", "0,1")) == 0
+    assert record(both, "rtn", 4, 1) == reused
+
+
+def test_only_configs_without_calibration_or_sampling_are_seed_free():
+    from qrobust.sweep import Job, SweepConfig, seed_free
+
+    greedy, sampled = SweepConfig(), SweepConfig(temperature=0.7)
+    assert seed_free(Job("tiny-dllm", "rtn", 4, 1), greedy) and seed_free(Job("tiny-ar", "fp32", 32, 2), greedy)
+    assert not seed_free(Job("tiny-ar", "gptq", 4, 1), greedy) and not seed_free(Job("tiny-ar", "hawq", 3, 1), greedy)
+    assert not seed_free(Job("tiny-ar", "rtn", 4, 1), sampled)
+    assert not seed_free(Job("tiny-dllm", "rtn", 4, 1), SweepConfig(alg="random"))
+
+
 def test_ray_executor_matches_local(tmp_path, tiny_dirs, monkeypatch):
     pytest.importorskip("ray")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway local instance
@@ -145,3 +179,14 @@ def test_sweep_attribution_table_and_resume(tmp_path, tiny_dirs):
     assert main(args) == 0 and scores.stat().st_mtime_ns == stamp  # finished runs are reused
     assert main(["report", str(out)]) == 0
     assert "## Attribution" in (out / "report.md").read_text()
+
+
+def test_each_models_first_two_configs_run_first_for_the_time_estimate():
+    from qrobust.sweep import SweepConfig, early_order, plan_jobs
+
+    jobs = plan_jobs(SweepConfig(methods=("gptq", "rtn"), bits=(2, 4), seeds=(0, 1)))
+    order = early_order(jobs)
+    assert sorted(order, key=jobs.index) == jobs  # the same jobs
+    assert [(j.model, j.method, j.bits, j.seed) for j in order[:4]] == [
+        ("tiny-ar", "fp32", 32, 0), ("tiny-ar", "gptq", 2, 0), ("tiny-dllm", "fp32", 32, 0), ("tiny-dllm", "gptq", 2, 0)]
+    assert [j.model for j in order[4:]] == [j.model for j in jobs if j not in order[:4]]

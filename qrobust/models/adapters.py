@@ -185,14 +185,12 @@ class ModelAdapter(ABC):
         engine_out = self._engine_generate(prompts, settings, stop, batch_size)
         if engine_out is not None:
             return engine_out
-        tok = self.tokenizer
-        tok.padding_side = "left"
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         results: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
-            enc = tok(chunk, return_tensors="pt", padding=True).to(self.device)
+            enc = self.encode_prompts(chunk, max_new_tokens, return_tensors="pt", padding=True).to(self.device)
             t0 = time.perf_counter()
             texts, counts, passes = self._generate_batch(enc, max_new_tokens, stop, temperature, top_p,
                                                          generator, on_step, min_new_tokens)
@@ -202,6 +200,27 @@ class ModelAdapter(ABC):
             for text, n in zip(texts, counts):
                 results.append(Generation(cut_at_stop(text, stop), n, seconds, passes, len(chunk)))
         return results
+
+    def prompt_room(self, max_new_tokens: int) -> int | None:
+        """Prompt tokens that leave room for max_new_tokens in the model's positions (None: no
+        limit, or none left to give)."""
+        positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if not isinstance(positions, int) or positions <= max_new_tokens:
+            return None
+        return positions - max_new_tokens
+
+    def encode_prompts(self, prompts: list[str], max_new_tokens: int, **kwargs):
+        """The tokenizer's encoding of the prompts, padded on the left, each cut from the left to
+        prompt_room (as lm-eval does): a model run past the positions it was trained on would
+        answer from noise, and at quadratic cost (the built-in pair's 512 positions against
+        MBPP's ~800-token 3-shot prompts)."""
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        room = self.prompt_room(max_new_tokens)
+        if room is None:
+            return tok(prompts, **kwargs)
+        tok.truncation_side = "left"
+        return tok(prompts, truncation=True, max_length=room, **kwargs)
 
     def apply_chat_template(self, prompt: str, prefill: str = "") -> str:
         """The prompt as a chat turn when the tokenizer has a template, else unchanged."""
@@ -237,7 +256,7 @@ class ARAdapter(ModelAdapter):
                          if isinstance(t, int))
         decode = functools.partial(tok.decode, skip_special_tokens=True)
         rule = StopRule(ends, tuple(stop), decode, settings.min_new_tokens)
-        ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
+        ids = self.encode_prompts(list(prompts), settings.max_new_tokens, add_special_tokens=True)["input_ids"]
         out = engine.generate(ids, settings, rule, batch_size)
         results = []
         for tokens, b in zip(out.tokens, out.batch_of):

@@ -52,7 +52,8 @@ def masked_diffusion_loss(
     attention_mask: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Σ_masked CE / t, divided by B × L (the number of real tokens) unless reduction is 'sum'."""
+    """Σ_masked CE / t, divided by B × L (the number of real tokens) unless reduction is 'sum'
+    (the batch's sum) or 'row' (each sequence's sum, [B])."""
     maskable = attention_mask.bool() if attention_mask is not None else None
     if shift:  # the first token has no logits predicting it, so it stays visible
         first = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -64,6 +65,8 @@ def masked_diffusion_loss(
     ce = ce.masked_fill(~masked, 0) / t.to(ce.device)[:, None]
     if reduction == "sum":
         return ce.sum()
+    if reduction == "row":
+        return ce.sum(dim=1)
     n_tokens = attention_mask.sum() if attention_mask is not None else input_ids.numel()
     return ce.sum() / n_tokens
 

@@ -125,7 +125,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype | None
 
     Quantized checkpoints written by `qrobust quantize` load too, with their packed layers.
     remote_code: for CoDA, run its own modeling code instead of the native implementation.
-    dtype None: bfloat16 on CUDA, float32 on CPU (qrobust.precision.default_dtype).
+    dtype None: bfloat16 on CUDA and CPUs with native bf16, else float32 (qrobust.precision.default_dtype).
     """
     path = resolve_source(name_or_path)
     if (path / "qrobust.json").exists() and json.loads((path / "qrobust.json").read_text()).get("quantization"):

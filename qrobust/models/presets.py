@@ -59,7 +59,7 @@ DEFAULT_PRESET = EvalPreset()
 # script for Base and Instruct): lm-eval's humaneval_instruct / mbpp_instruct through the chat template,
 # 0-shot, HumanEval's answer pre-filled with "Here is the completed function:\n```python\n{prompt}",
 # 768 new tokens in 768 steps (one token per step), entropy confidence, temperature 0.1, top-p 0.9, bf16
-# (the device default on CUDA; on CPU, where bfloat16 has no fast kernels, float32 unless --dtype says so).
+# (the device default on CUDA and on CPUs with native bfloat16; float32 on other CPUs unless --dtype says so).
 CODA_PRESET = EvalPreset(style="instruct", max_new_tokens=768, temperature=0.1, top_p=0.9, steps=768, alg="entropy",
                          source="published: CoDA evaluation/lm_eval/eval_mbpp_humaneval.sh")
 
@@ -70,7 +70,7 @@ QWEN3_PRESET = replace(CODA_PRESET, steps=None,
                        source="our choice: CoDA's published settings applied to the AR model (none published)")
 
 # The built-in pair is ours: each benchmark's default style, greedy, 128 new tokens (their functions are
-# short), float32 on CPU, as the sweep of the built-in pair has always run.
+# short), the device's default dtype (qrobust.precision).
 TINY_PRESET = EvalPreset(style=None, max_new_tokens=128, temperature=0.0, top_p=0.95,
                          source="our choice: the built-in pair's own evaluation (qrobust zoo)")
 

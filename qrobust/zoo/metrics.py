@@ -19,29 +19,42 @@ def windows(tokens: torch.Tensor, seq_len: int, n: int | None = None) -> torch.T
 
 
 @torch.no_grad()
-def ar_nll(logits_fn: Logits, ids: torch.Tensor, batch_size: int = 16) -> float:
-    """Exact next-token NLL per predicted token."""
-    total, count = 0.0, 0
+def ar_nll_rows(logits_fn: Logits, ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Exact next-token NLL per predicted token of each window [N], the windows run in batches."""
+    rows = []
     for b in ids.split(batch_size):
         logits = logits_fn(b)[:, :-1].float()
-        total += float(F.cross_entropy(logits.transpose(1, 2), b[:, 1:], reduction="sum"))
-        count += b[:, 1:].numel()
-    return total / count
+        rows.append(F.cross_entropy(logits.transpose(1, 2), b[:, 1:], reduction="none").mean(dim=1).cpu())
+    return torch.cat(rows)
+
+
+def ar_nll(logits_fn: Logits, ids: torch.Tensor, batch_size: int = 16) -> float:
+    """Exact next-token NLL per predicted token (equal-length windows: the mean of the rows')."""
+    return float(ar_nll_rows(logits_fn, ids, batch_size).mean())
 
 
 @torch.no_grad()
-def diffusion_nelbo(logits_fn: Logits, ids: torch.Tensor, mask_token_id: int, shift: bool = True,
-                    samples: int = 8, seed: int = 0, batch_size: int = 16) -> float:
-    """Monte-Carlo negative ELBO per token: `samples` mask ratios stratified over (0, 1) per
-    window, each with its own seeded mask. An upper bound on the NLL per token."""
-    total = 0.0
+def diffusion_nelbo_rows(logits_fn: Logits, ids: torch.Tensor, mask_token_id: int, shift: bool = True,
+                         samples: int = 8, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
+    """Monte-Carlo negative ELBO per token of each window [N]: `samples` mask ratios stratified
+    over (0, 1), each batch with its own seeded mask. An upper bound on the NLL per token."""
+    total = torch.zeros(ids.shape[0], dtype=torch.float64)
     for k in range(samples):
         t_value = (k + 0.5) / samples
+        start = 0
         for j, b in enumerate(ids.split(batch_size)):
             g = torch.Generator().manual_seed(seed + 1000 * k + j)
             t = torch.full((b.shape[0],), t_value)
-            total += float(masked_diffusion_loss(logits_fn, b, t, mask_token_id, shift, g)) * b.numel()
-    return total / (samples * ids.numel())
+            rows = masked_diffusion_loss(logits_fn, b, t, mask_token_id, shift, g, reduction="row")
+            total[start:start + b.shape[0]] += rows.double().cpu()
+            start += b.shape[0]
+    return (total / (samples * ids.shape[1])).float()
+
+
+def diffusion_nelbo(logits_fn: Logits, ids: torch.Tensor, mask_token_id: int, shift: bool = True,
+                    samples: int = 8, seed: int = 0, batch_size: int = 16) -> float:
+    """The windows' negative ELBO per token (equal-length windows: the mean of the rows')."""
+    return float(diffusion_nelbo_rows(logits_fn, ids, mask_token_id, shift, samples, seed, batch_size).mean())
 
 
 def unigram_nll(train_tokens: torch.Tensor, val_tokens: torch.Tensor, vocab_size: int) -> float:
