@@ -383,7 +383,7 @@ def _metrics_args(p: argparse.ArgumentParser, cap: str) -> None:
     p.add_argument("--metrics-context", default=cap,
                    help=f"prompt tokens the metrics keep (the prompt's end), or 'all' (what fits the model); default {cap}")
     p.add_argument("--metrics-solution", default=cap, help=f"solution tokens the metrics score, or 'all'; default {cap}")
-    p.add_argument("--metrics-masks", type=int, default=2, help="diffusion: fixed masks per problem")
+    p.add_argument("--metrics-masks", type=int, default=1, help="diffusion: fixed masks per problem (default 1)")
 
 
 def _degradation_args(p: argparse.ArgumentParser) -> None:

@@ -69,7 +69,7 @@ class SweepConfig:
     metrics: bool = True  # KL, top-1 agreement and solution likelihood vs the baseline (qrobust.degradation)
     metrics_context: int | None = 64  # prompt tokens the metrics keep (its end); None: all that fit
     metrics_solution: int | None = 64  # solution tokens the metrics score; None: all that fit
-    metrics_masks: int = 2  # diffusion: masks per problem
+    metrics_masks: int = 1  # diffusion: masks per problem (paired deltas cancel most of the mask noise)
     calib_masking: str = "stratified"  # diffusion GPTQ calibration inputs: stratified masks or 'none' (clean)
 
 
