@@ -83,10 +83,6 @@ def _seed(*parts) -> int:
     return zlib.crc32("\x1f".join(map(str, parts)).encode())
 
 
-def _max_length(adapter) -> int | None:
-    return getattr(getattr(adapter.model, "config", None), "max_position_embeddings", None)
-
-
 def problem_tokens(adapter, name: str, config: DegradationConfig) -> list[tuple[str, list[int], list[int]]]:
     """(task id, prompt ids, solution ids) per problem: the harness's prompt, the reference solution
     as its continuation, cut to the caps and to what the model's positions hold (prompt from the left)."""
@@ -94,7 +90,7 @@ def problem_tokens(adapter, name: str, config: DegradationConfig) -> list[tuple[
     style = task.check_style(config.style or task.default_style)
     chat = adapter.apply_chat_template if style == "instruct" else None
     tok = adapter.tokenizer
-    limit = _max_length(adapter)
+    limit = adapter.max_positions
     out = []
     for p in task.problems(config.limit):
         prompt = task.prompt(p, style, chat)

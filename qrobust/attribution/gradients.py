@@ -56,7 +56,7 @@ def token_windows(tokenizer, texts: list[str], max_tokens: int | None, window: i
 
 
 def windows_for(adapter, texts: list[str], cfg: GradientConfig) -> list[tuple[int, list[int]]]:
-    context = getattr(adapter.model.config, "max_position_embeddings", None) or cfg.window
+    context = adapter.max_positions or cfg.window
     return token_windows(adapter.tokenizer, texts, cfg.max_tokens, min(cfg.window, context))
 
 

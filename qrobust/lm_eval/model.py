@@ -31,11 +31,6 @@ def _device(name: str | None) -> str:
     return str(name)
 
 
-def _max_length(adapter) -> int:
-    config = getattr(adapter.model, "config", None)
-    return int(getattr(config, "max_position_embeddings", None) or 2048)
-
-
 @register_model("qrobust")
 class QrobustLM(TemplateLM):
     """An lm-eval model over a qrobust ModelAdapter.
@@ -74,7 +69,7 @@ class QrobustLM(TemplateLM):
         # "auto" (lm-eval's automatic batch size) has no meaning here: one fixed size is used.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.seed = int(seed)
-        self._max_length = int(max_length) if max_length else _max_length(self.adapter)
+        self._max_length = int(max_length) if max_length else (self.adapter.max_positions or 2048)
         if self.kind == "diffusion":
             self.scorer = DiffusionScorer(self.adapter.logits, self.adapter.mask_token_id, self.adapter.shift_logits,
                                           estimator, int(mc_samples), int(mc_batch_size), seed=int(mc_seed))

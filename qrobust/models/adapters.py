@@ -74,6 +74,12 @@ class ModelAdapter(ABC):
 
     # ---- structure -------------------------------------------------------------------------
     @property
+    def max_positions(self) -> int | None:
+        """The positions the model was built for (its config's max_position_embeddings), if it says."""
+        positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return positions if isinstance(positions, int) else None
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -204,8 +210,8 @@ class ModelAdapter(ABC):
     def prompt_room(self, max_new_tokens: int) -> int | None:
         """Prompt tokens that leave room for max_new_tokens in the model's positions (None: no
         limit, or none left to give)."""
-        positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        if not isinstance(positions, int) or positions <= max_new_tokens:
+        positions = self.max_positions
+        if positions is None or positions <= max_new_tokens:
             return None
         return positions - max_new_tokens
 

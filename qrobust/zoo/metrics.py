@@ -40,14 +40,11 @@ def diffusion_nelbo_rows(logits_fn: Logits, ids: torch.Tensor, mask_token_id: in
     over (0, 1), each batch with its own seeded mask. An upper bound on the NLL per token."""
     total = torch.zeros(ids.shape[0], dtype=torch.float64)
     for k in range(samples):
-        t_value = (k + 0.5) / samples
-        start = 0
-        for j, b in enumerate(ids.split(batch_size)):
-            g = torch.Generator().manual_seed(seed + 1000 * k + j)
-            t = torch.full((b.shape[0],), t_value)
-            rows = masked_diffusion_loss(logits_fn, b, t, mask_token_id, shift, g, reduction="row")
-            total[start:start + b.shape[0]] += rows.double().cpu()
-            start += b.shape[0]
+        t = (k + 0.5) / samples
+        total += torch.cat([masked_diffusion_loss(logits_fn, b, torch.full((b.shape[0],), t), mask_token_id, shift,
+                                                  torch.Generator().manual_seed(seed + 1000 * k + j),
+                                                  reduction="row").double().cpu()
+                            for j, b in enumerate(ids.split(batch_size))])
     return (total / (samples * ids.shape[1])).float()
 
 
