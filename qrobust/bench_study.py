@@ -12,8 +12,10 @@ from the per-problem rates measured.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -132,8 +134,10 @@ def generate_and_execute(adapter, settings, sweep: SweepConfig, stages: Stages) 
     return {"problems": problems, "tokens": tokens}
 
 
-def measure_kind(kind: str, model_dir: Path, bench: StudyBench, out_dir: Path) -> list[dict]:
-    """One row per config of this kind: its stage seconds, problems and generated tokens."""
+def measure_kind(kind: str, model_dir: Path, bench: StudyBench, out_dir: Path,
+                 on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """One row per config of this kind: its stage seconds, problems and generated tokens; on_row
+    sees each row as soon as it is measured."""
     from hawq import AnalysisCache
     from qrobust.models import load_model
 
@@ -145,8 +149,10 @@ def measure_kind(kind: str, model_dir: Path, bench: StudyBench, out_dir: Path) -
     load = Stages(device)
     base = load.run("load", load_model, str(model_dir), device=bench.device, dtype=settings.dtype,
                     sampler=settings.sampler())
+    prompts = prompt_tokens(base, settings, sweep)
     full = baseline_job(sweep, stands_for, bench.seed)
-    jobs = [full] + [Job(stands_for, m, b, bench.seed) for m in bench.methods for b in bench.bits]
+    # every method at the first width before any at the next, so a run stopped early has measured each method
+    jobs = [full] + [Job(stands_for, m, b, bench.seed) for b in bench.bits for m in bench.methods]
     analyses = AnalysisCache()  # in memory: the first hawq config pays for the analysis, as in a sweep
     rows = []
     for job in jobs:
@@ -166,16 +172,21 @@ def measure_kind(kind: str, model_dir: Path, bench: StudyBench, out_dir: Path) -
         rows.append({"kind": kind, "stands_for": stands_for, "method": job.method, "bits": job.bits,
                      "avg_bits": facts.get("avg_bits"), **counts, "stages": stages.seconds,
                      "tokens_per_second": counts["tokens"] / stages.seconds["generate"]
-                     if stages.seconds.get("generate") else None})
+                     if stages.seconds.get("generate") else None, "mean_prompt_tokens": prompts})
+        with_ratios(rows)
+        on_row(rows[-1])
         del adapter
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    prompts = prompt_tokens(base, settings, sweep)
+    return rows
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Each row's generation throughput against the full-precision row of its kind (its first)."""
+    first: dict[str, float | None] = {}
     for r in rows:
-        r["mean_prompt_tokens"] = prompts
-    base_tps = rows[0]["tokens_per_second"]
-    for r in rows:
-        r["throughput_vs_full"] = r["tokens_per_second"] / base_tps if base_tps and r["tokens_per_second"] else None
+        base = first.setdefault(r["kind"], r["tokens_per_second"])
+        r["throughput_vs_full"] = r["tokens_per_second"] / base if base and r["tokens_per_second"] else None
     return rows
 
 
@@ -203,7 +214,8 @@ def project(rows: list[dict], bench: StudyBench) -> dict:
     all measured quantized configs). Generation is also scaled to each preset's full length where
     --max-new-tokens or --steps made it shorter: linear in new tokens (AR decoding), and in steps ×
     (prompt + new tokens) for diffusion, whose every step runs the whole sequence; an estimate that
-    ignores prefill and attention's quadratic term."""
+    ignores prefill and attention's quadratic term. The fast sampler's steps run a block each, so
+    it scales with new tokens like AR decoding (an upper bound: random weights commit one token per step)."""
     from qrobust.models.loading import preset_for
 
     sweep = bench.sweep_config()
@@ -214,7 +226,7 @@ def project(rows: list[dict], bench: StudyBench) -> dict:
         full, quantized = mine[0], mine[1:]
         settings, preset = generation_settings(sweep, STANDS_FOR[kind]), preset_for(STANDS_FOR[kind])
         scale = preset.max_new_tokens / settings.max_new_tokens
-        if kind == "diffusion":
+        if kind == "diffusion" and settings.diffusion_sampler == "exact":
             prompt = full.get("mean_prompt_tokens", 0.0)
             scale = ((preset.steps or preset.max_new_tokens) * (prompt + preset.max_new_tokens)) / \
                 ((settings.steps or settings.max_new_tokens) * (prompt + settings.max_new_tokens))
@@ -270,15 +282,49 @@ def bench_study(bench: StudyBench, work_dir: str | Path | None = None, out: str 
     dirs = build_pair(bench, root, dtype)
     results = {"bench": asdict(bench), "build_seconds": time.perf_counter() - t0,
                "environment": environment(bench.device), "rows": []}
-    for kind, model_dir in dirs.items():
-        results["rows"] += measure_kind(kind, model_dir, bench, root / f"sweep-{kind}")
-        if out:  # rewritten after each kind, so a stopped run keeps what it measured
+
+    def save() -> None:
+        if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(results, indent=2))
+
+    def on_row(row: dict) -> None:  # each config is written as it finishes, so a stopped run keeps it
+        results["rows"].append(row)
+        save()
+        print(progress_line(row), file=sys.stderr, flush=True)
+
+    for kind, model_dir in dirs.items():
+        measure_kind(kind, model_dir, bench, root / f"sweep-{kind}", on_row)
     results["projection"] = project(results["rows"], bench)
-    if out:
-        Path(out).write_text(json.dumps(results, indent=2))
+    save()
     return results
+
+
+def progress_line(row: dict) -> str:
+    stages = ", ".join(f"{s} {row['stages'][s]:.1f}s" for s in STAGES if s in row["stages"])
+    tps = f", {row['tokens_per_second']:.0f} tok/s" if row["tokens_per_second"] else ""
+    return f"[{row['kind']}] {row['method']}-{row['bits']}: {stages}{tps}"
+
+
+def merge(paths: list[str | Path]) -> dict:
+    """One result from runs of separate kinds (e.g. each within a device's time limit): their rows
+    together, projected with the first run's settings. Each kind must come from one file."""
+    runs = []
+    for p in paths:
+        try:
+            runs.append(json.loads(Path(p).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise QrobustError(f"cannot read bench study results {p}: {e}; give files written by --out") from None
+    kinds = [k for run in runs for k in dict.fromkeys(r["kind"] for r in run.get("rows", []))]
+    if len(set(kinds)) != len(kinds) or not kinds:
+        raise QrobustError(f"the files hold the kinds {kinds}: merge runs of different kinds, each with rows")
+    first = runs[0]["bench"]
+    bench = StudyBench(**{**first, "kinds": tuple(dict.fromkeys(r["kind"] for run in runs for r in run["rows"])),
+                          "methods": tuple(first["methods"]), "bits": tuple(first["bits"]),
+                          "benchmarks": tuple(first["benchmarks"])})
+    rows = with_ratios([r for run in runs for r in run["rows"]])
+    return {"bench": asdict(bench), "merged_from": [str(p) for p in paths], "environment": runs[0].get("environment"),
+            "rows": rows, "projection": project(rows, bench)}
 
 
 def summary_lines(results: dict) -> list[str]:

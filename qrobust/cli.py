@@ -521,6 +521,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default="cuda")
     s.add_argument("--work-dir", default=None, help="where the random models are written (default: a temp dir)")
     s.add_argument("--out", default=None, help="JSON file for the measurements and the projection")
+    s.add_argument("--merge", default=None, metavar="FILE,FILE",
+                   help="measure nothing: project from the rows of earlier --out files of different kinds")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -542,8 +544,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_study(args: argparse.Namespace) -> int:
-    from qrobust.bench_study import StudyBench, bench_study, summary_lines
+    from qrobust.bench_study import StudyBench, bench_study, merge, summary_lines
 
+    if args.merge:
+        from pathlib import Path
+
+        results = merge(_csv(args.merge))
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        for line in summary_lines(results):
+            print(line)
+        return 0
     bench = StudyBench(shape=args.shape, kinds=_csv(args.kinds), methods=_csv(args.methods),
                        bits=tuple(parse_bits(args.bits)), benchmarks=_csv(args.benchmarks), limit=args.limit,
                        batch_size=args.batch_size, device=args.device, layers=args.layers, vocab_size=args.vocab_size,

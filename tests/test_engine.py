@@ -83,7 +83,7 @@ def test_batches_group_prompts_by_length_and_buckets_are_powers_of_two():
 # ---- diffusion -------------------------------------------------------------------------------------
 def _per_row_reference(logits_fn, input_ids, attention_mask, n, mask_id, shift, config):
     """The sampler as it was before its commits were vectorized: one row at a time (greedy)."""
-    from qrobust.models.diffusion import _commit_schedule, _confidence, _sample, align_logits
+    from qrobust.models.diffusion import _commit_schedule, align_logits, choose
 
     B, P = input_ids.shape
     x = torch.cat([input_ids, torch.full((B, n), mask_id)], dim=1)
@@ -97,9 +97,9 @@ def _per_row_reference(logits_fn, input_ids, attention_mask, n, mask_id, shift, 
             for row in range(B):
                 pos = (x[row, lo:hi] == mask_id).nonzero().squeeze(-1) + lo
                 if pos.numel():
-                    tokens, probs = _sample(logits[row, pos], 0.0, 1.0, None)
-                    chosen = _confidence(probs, tokens, config.alg, None).topk(min(k, pos.numel())).indices
-                    x[row, pos[chosen]] = tokens[chosen]
+                    c = choose(logits[row, pos], config, None)
+                    chosen = c.confidence.topk(min(k, pos.numel())).indices
+                    x[row, pos[chosen]] = c.tokens[chosen]
     return x[:, P:]
 
 
@@ -176,3 +176,64 @@ def test_block_step_over_a_fresh_cache_gives_the_full_forwards_logits(small_dllm
         part = model.forward_slots(ids[:, window], caches, positions[:, window], attn.bool()[:, None, None, :])
         assert torch.allclose(part, full[:, window], atol=1e-5)
         assert torch.allclose(full, model(ids, attn), atol=1e-5)
+
+
+def test_the_engine_reads_only_the_responses_logits_and_samples_as_the_full_forward_does(small_dllm):
+    """DiffusionEngine skips the prompt's logits (logits_from); greedy and sampled responses equal
+    the sampler's over the full forward's logits at the same seed."""
+    from qrobust.models.diffusion import SamplerConfig, diffusion_generate
+    from qrobust.models.engine import DiffusionEngine
+
+    enc, a = _batch(small_dllm), small_dllm
+    engine = DiffusionEngine(a.model)
+    for cfg in (SamplerConfig(steps=4, block_length=4), SamplerConfig(temperature=0.7, top_p=0.9, block_length=4)):
+        ours, _ = engine.generate(enc.input_ids, enc.attention_mask, 8, a.mask_token_id, a.shift_logits, cfg,
+                                  torch.Generator().manual_seed(3))
+        full, _ = diffusion_generate(lambda ids, m: a.model(ids, m), enc.input_ids, enc.attention_mask, 8,
+                                     a.mask_token_id, a.shift_logits, cfg, torch.Generator().manual_seed(3))
+        assert torch.equal(ours, full)
+
+
+# ---- the sampler's token choice -------------------------------------------------------------------
+def _nucleus_reference(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The nucleus distribution by its definition: sort, keep a token while the mass before it is at
+    most top_p, renormalize (in float64)."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    kept = sorted_p * (sorted_p.cumsum(-1) - sorted_p <= top_p)
+    return torch.zeros_like(probs).scatter(-1, order, kept / kept.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("alg", ["confidence", "margin", "entropy"])
+def test_choice_among_candidates_equals_the_full_sort(monkeypatch, alg):
+    """Rows whose nucleus lies among the top candidates and rows that fall back to a full sort (flat
+    logits) get the same tokens, probabilities and confidences as a full sort of every row."""
+    from qrobust.models import diffusion
+    from qrobust.models.diffusion import SamplerConfig, choose
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 500, generator=g)
+    logits[::2] *= 12  # peaked rows: their nucleus is a few tokens; odd rows are flat
+    cfg = SamplerConfig(temperature=0.8, top_p=0.9, alg=alg)
+    short = choose(logits, cfg, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(diffusion, "NUCLEUS_CANDIDATES", 500)
+    monkeypatch.setattr(diffusion, "CHOOSE_CHUNK_ROWS", 7)  # chunks give the same as one pass
+    full = choose(logits, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(short.tokens, full.tokens)
+    assert torch.allclose(short.prob, full.prob) and torch.allclose(short.confidence, full.confidence, atol=1e-5)
+    q = _nucleus_reference(logits, 0.8, 0.9)
+    assert torch.allclose(short.prob.double(), q.gather(-1, short.tokens[:, None]).squeeze(-1), atol=1e-5)
+    if alg == "entropy":
+        assert torch.allclose(short.confidence.double(), (q * q.clamp_min(1e-300).log()).sum(-1), atol=1e-4)
+
+
+def test_draws_follow_the_nucleus_distribution():
+    from qrobust.models.diffusion import SamplerConfig, choose
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0]]).repeat(20000, 1)
+    c = choose(logits, SamplerConfig(temperature=1.0, top_p=0.9), torch.Generator().manual_seed(0))
+    freq = torch.bincount(c.tokens, minlength=6).double() / len(c.tokens)
+    assert torch.allclose(freq, _nucleus_reference(logits[:1], 1.0, 0.9)[0], atol=0.01)
+    assert set(c.tokens.tolist()) == {0, 1, 2}  # the rest lies outside the nucleus
+    greedy = choose(logits[:2], SamplerConfig(alg="confidence"), None)
+    assert greedy.tokens.tolist() == [0, 0] and torch.allclose(greedy.prob, torch.softmax(logits[:2], -1)[:, 0])

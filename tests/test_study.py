@@ -199,3 +199,22 @@ def test_bench_study_times_every_stage_of_every_config_and_projects_the_study(tm
     assert p["models"]["ar"]["generation_scale_to_preset"] == pytest.approx(768 / 4)
     printed = capsys.readouterr().out
     assert "projected study" in printed and "hawq_analysis" in printed
+
+
+def test_runs_of_separate_kinds_merge_into_one_projection(tmp_path, capsys):
+    """Each config's line is printed as it finishes; two runs' files give the whole projection."""
+    ar = tiny_study(tmp_path, "--kinds", "ar", "--methods", "rtn", "--max-new-tokens", "2", "--calib-seqlen", "256")
+    assert "[ar] fp32-32: load" in capsys.readouterr().err
+    twin = json.loads(json.dumps(ar))
+    for r in twin["rows"]:
+        r["kind"] = "diffusion"
+    (tmp_path / "ar.json").write_text(json.dumps(ar))
+    (tmp_path / "d.json").write_text(json.dumps(twin))
+    out = tmp_path / "merged.json"
+    assert main(["bench", "study", "--merge", f"{tmp_path / 'ar.json'},{tmp_path / 'd.json'}", "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert set(merged["projection"]["models"]) == {"ar", "diffusion"} and len(merged["rows"]) == 4
+    assert merged["projection"]["seconds_as_measured"] == pytest.approx(
+        sum(k["seconds_as_measured"] for k in merged["projection"]["models"].values()))
+    assert main(["bench", "study", "--merge", f"{tmp_path / 'ar.json'},{tmp_path / 'ar.json'}"]) != 0
+    assert "merge runs of different kinds" in capsys.readouterr().err

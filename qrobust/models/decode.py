@@ -298,11 +298,12 @@ class GraphedForward:
     """Logits of a fixed-shape batch, for a diffusion sampler's steps: copies the input into a
     static buffer and replays the forward. Takes (input_ids, attention_mask) like the sampler's
     logits function; without `padded` the mask must be all ones, with it the mask goes into a
-    static buffer too (left-padded batches). `pool`: capture's shared graph memory pool."""
+    static buffer too (left-padded batches). `pool`: capture's shared graph memory pool.
+    logits_from: only positions from there on get logits (a sampler reads the response's only)."""
 
     def __init__(self, model: TransformerLM, shape: tuple[int, int], graphs: bool = True, compile: bool = False,
-                 padded: bool = False, pool=None):
-        self.model, self.padded = model, padded
+                 padded: bool = False, pool=None, logits_from: int = 0):
+        self.model, self.padded, self.logits_from = model, padded, logits_from
         device = model.device
         self.input_ids = torch.zeros(shape, dtype=torch.long, device=device)
         self.attention_mask = torch.ones(shape, dtype=torch.long, device=device) if padded else None
@@ -310,7 +311,7 @@ class GraphedForward:
 
     @torch.no_grad()
     def _eager(self) -> torch.Tensor:
-        return self.model(self.input_ids, self.attention_mask, sync_free=True)
+        return self.model(self.input_ids, self.attention_mask, sync_free=True, logits_from=self.logits_from)
 
     def replay(self) -> torch.Tensor:
         """The forward on the input already in the static buffer: one denoising step's model cost."""

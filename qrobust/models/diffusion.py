@@ -99,32 +99,82 @@ class SamplerConfig:
             raise ValueError(f"unknown sampler mode {self.mode!r}: use exact or fast")
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """Token choice and the probability distribution it was drawn from, for [N, V] logits."""
-    if temperature > 0:
-        logits = logits / temperature
-    probs = torch.softmax(logits.float(), dim=-1)
-    if temperature <= 0:
-        return probs.argmax(-1), probs
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p = sorted_p.masked_fill(drop, 0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
-    return tokens, probs
+# Rows of logits turned into probabilities at once: bounds the float32 copy ([rows, vocabulary]).
+CHOOSE_CHUNK_ROWS = 2048
+# The nucleus is looked for among each row's most probable tokens first; only rows whose nucleus is
+# larger than this fall back to a full sort (random-weight models do, trained ones at low temperature rarely).
+NUCLEUS_CANDIDATES = 64
 
 
-def _confidence(probs: torch.Tensor, tokens: torch.Tensor, alg: str, generator) -> torch.Tensor:
+@dataclass
+class Choice:
+    """What a sampler step needs of each position: the proposed token, its probability under the
+    distribution it was drawn from (after temperature and top-p), and the unmasking rule's confidence."""
+
+    tokens: torch.Tensor  # [N]
+    prob: torch.Tensor  # [N]
+    confidence: torch.Tensor  # [N]
+
+
+def _from_sorted(sorted_p: torch.Tensor, order: torch.Tensor, top_p: float, uniform: torch.Tensor, alg: str,
+                 random_conf: torch.Tensor) -> Choice:
+    """The choice from a prefix of each row's probabilities sorted in descending order that holds its
+    nucleus: keep a token while the mass before it is at most top_p, renormalize, draw at quantile uniform."""
+    kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0)
+    q = kept / kept.sum(-1, keepdim=True)
+    below = (q.cumsum(-1) < uniform[:, None]).sum(-1, keepdim=True).clamp(max=q.shape[-1] - 1)
+    prob = q.gather(-1, below).squeeze(-1)
+    return Choice(order.gather(-1, below).squeeze(-1), prob, _confidence(q, prob, alg, random_conf))
+
+
+def _confidence(q: torch.Tensor, prob: torch.Tensor, alg: str, random_conf: torch.Tensor) -> torch.Tensor:
+    """The rule's confidence from each row's distribution q (any order) and the chosen token's probability."""
     if alg == "confidence":
-        return probs.gather(-1, tokens[:, None]).squeeze(-1)
+        return prob
     if alg == "margin":
-        top2 = probs.topk(2, dim=-1).values
+        top2 = q.topk(2, dim=-1).values
         return top2[:, 0] - top2[:, 1]
     if alg == "entropy":
-        return (probs * torch.log(probs.clamp_min(1e-10))).sum(-1)
-    return torch.rand(tokens.shape, generator=generator, device="cpu").to(probs.device)
+        return (q * torch.log(q.clamp_min(1e-10))).sum(-1)
+    return random_conf
+
+
+def _choose_chunk(logits: torch.Tensor, config: SamplerConfig, uniform: torch.Tensor,
+                  random_conf: torch.Tensor) -> Choice:
+    if config.temperature <= 0:
+        probs = torch.softmax(logits.float(), dim=-1)
+        prob, tokens = probs.max(-1)
+        return Choice(tokens, prob, _confidence(probs, prob, config.alg, random_conf))
+    probs = torch.softmax(logits.float() / config.temperature, dim=-1)
+    if config.top_p >= 1.0:  # no nucleus: draw from the whole distribution in vocabulary order
+        below = (probs.cumsum(-1) < uniform[:, None]).sum(-1, keepdim=True).clamp(max=probs.shape[-1] - 1)
+        prob = probs.gather(-1, below).squeeze(-1)
+        return Choice(below.squeeze(-1), prob, _confidence(probs, prob, config.alg, random_conf))
+    top_p, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    choice = _from_sorted(top_p, order, config.top_p, uniform, config.alg, random_conf)
+    # A row's nucleus lies among its candidates when their mass exceeds top_p: the next token is then dropped.
+    wide = (top_p.sum(-1) <= config.top_p).nonzero().squeeze(-1)
+    if len(wide) and top_p.shape[-1] < probs.shape[-1]:
+        sorted_p, full_order = probs[wide].sort(dim=-1, descending=True)
+        redo = _from_sorted(sorted_p, full_order, config.top_p, uniform[wide], config.alg, random_conf[wide])
+        for name in ("tokens", "prob", "confidence"):
+            getattr(choice, name)[wide] = getattr(redo, name)
+    return choice
+
+
+def choose(logits: torch.Tensor, config: SamplerConfig, generator: torch.Generator | None) -> Choice:
+    """Tokens for logits [N, V]: the argmax at temperature 0, else a draw from the nucleus (top_p) of
+    softmax(logits / temperature) at a uniform quantile drawn on the CPU (so a seed gives the same
+    draws on every device, and no [N, V] tensor leaves the device). Rows go in chunks of
+    CHOOSE_CHUNK_ROWS so that the float32 probabilities stay bounded."""
+    N = logits.shape[0]
+    uniform = torch.rand(N, generator=generator).to(logits.device)
+    random_conf = torch.rand(N, generator=generator).to(logits.device) if config.alg == "random" else uniform
+    parts = [_choose_chunk(logits[i:i + CHOOSE_CHUNK_ROWS], config, uniform[i:i + CHOOSE_CHUNK_ROWS],
+                           random_conf[i:i + CHOOSE_CHUNK_ROWS]) for i in range(0, max(N, 1), CHOOSE_CHUNK_ROWS)]
+    if len(parts) == 1:
+        return parts[0]
+    return Choice(*(torch.cat([getattr(c, name) for c in parts]) for name in ("tokens", "prob", "confidence")))
 
 
 def _commit_schedule(n_masked: int, steps: int) -> list[int]:
@@ -159,7 +209,7 @@ def diffusion_generate(
         lo, hi = P + b * block, min(P + (b + 1) * block, P + max_new_tokens)
         schedule = _commit_schedule(hi - lo, min(steps_per_block, hi - lo))
         for k in schedule:
-            logits = align_logits(logits_fn(x, attn), shift)
+            logits = positions_logits(logits_fn(x, attn), x.shape[1], lo, hi, shift)
             logits[..., mask_token_id] = float("-inf")  # a committed token is never the mask
             passes += 1
             if on_step is not None:
@@ -168,23 +218,38 @@ def diffusion_generate(
     return x[:, P:], passes
 
 
+def positions_logits(logits: torch.Tensor, length: int, lo: int, hi: int, shift: bool) -> torch.Tensor:
+    """The aligned logits (align_logits) of positions lo … hi − 1, from the logits of the last
+    logits.shape[1] positions of a sequence of `length` (a logits function may skip the prompt's)."""
+    offset = length - logits.shape[1]
+    if offset == 0:
+        return align_logits(logits, shift)[:, lo:hi]
+    s = 1 if shift else 0
+    if lo - s < offset:
+        raise ValueError(f"positions {lo}…{hi - 1} need logits from {lo - s}, the function gives them from {offset}")
+    return logits[:, lo - s - offset:hi - s - offset]
+
+
 def block_choices(x: torch.Tensor, block_logits: torch.Tensor, lo: int, hi: int, mask_token_id: int,
                   config: SamplerConfig, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For positions lo … hi − 1 of every row at once: (masked [B, T], proposed tokens [B, T],
     their probabilities [B, T], confidence [B, T] with −inf where not masked). block_logits
-    [B, T, V] are those positions' aligned logits (align_logits)."""
-    B, T = x.shape[0], hi - lo
+    [B, T, V] are those positions' aligned logits (align_logits). Only masked positions are
+    looked at; elsewhere the token stays what it is."""
     masked = x[:, lo:hi] == mask_token_id
-    tokens, probs = _sample(block_logits.reshape(B * T, -1), config.temperature, config.top_p, generator)
-    conf = _confidence(probs, tokens, config.alg, generator).view(B, T)
-    chosen_p = probs.gather(-1, tokens[:, None]).view(B, T)
-    return masked, tokens.view(B, T), chosen_p, conf.masked_fill(~masked, float("-inf"))
+    rows = block_logits[masked]  # [n masked, V]
+    choice = choose(rows, config, generator)
+    tokens = x[:, lo:hi].masked_scatter(masked, choice.tokens)
+    prob = torch.zeros(masked.shape, device=x.device).masked_scatter(masked, choice.prob.float())
+    conf = torch.full(masked.shape, float("-inf"), device=x.device).masked_scatter(masked, choice.confidence.float())
+    return masked, tokens, prob, conf
 
 
-def commit_top(x: torch.Tensor, logits: torch.Tensor, lo: int, hi: int, k: int, mask_token_id: int,
+def commit_top(x: torch.Tensor, block_logits: torch.Tensor, lo: int, hi: int, k: int, mask_token_id: int,
                config: SamplerConfig, generator) -> None:
-    """Commit, in every row, its k most confident masked positions of lo … hi − 1 (all it has if fewer)."""
-    masked, tokens, _, conf = block_choices(x, logits[:, lo:hi], lo, hi, mask_token_id, config, generator)
+    """Commit, in every row, its k most confident masked positions of lo … hi − 1 (all it has if
+    fewer); block_logits [B, hi − lo, V] are those positions' (positions_logits)."""
+    masked, tokens, _, conf = block_choices(x, block_logits, lo, hi, mask_token_id, config, generator)
     chosen = conf.topk(min(k, hi - lo), dim=-1).indices
     take = torch.zeros_like(masked).scatter_(1, chosen, True) & masked
     x[:, lo:hi] = torch.where(take, tokens, x[:, lo:hi])

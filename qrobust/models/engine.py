@@ -310,13 +310,15 @@ class DiffusionEngine:
         self._forward: GraphedForward | None = None  # the last shape's; one at a time bounds graph memory
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
-    def logits_fn(self, shape: tuple[int, int]):
-        """The logits function of diffusion_generate for batches of `shape` (with padding)."""
+    def logits_fn(self, shape: tuple[int, int], logits_from: int = 0):
+        """The logits function of diffusion_generate for batches of `shape` (with padding), giving
+        the logits of positions logits_from … on (the response's: the prompt's are never read)."""
         if not self.graphs:
-            return lambda ids, mask: self.model(ids, mask)
-        if self._forward is None or tuple(self._forward.input_ids.shape) != tuple(shape):
+            return lambda ids, mask: self.model(ids, mask, logits_from=logits_from)
+        f = self._forward
+        if f is None or tuple(f.input_ids.shape) != tuple(shape) or f.logits_from != logits_from:
             self._forward = None
-            self._forward = GraphedForward(self.model, shape, padded=True, pool=self.pool)
+            self._forward = GraphedForward(self.model, shape, padded=True, pool=self.pool, logits_from=logits_from)
         return self._forward
 
     def _pad(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int):
@@ -338,6 +340,7 @@ class DiffusionEngine:
             return fast_diffusion_generate(self.model, input_ids, attention_mask, max_new_tokens, mask_token_id,
                                            shift, config, generator, graphs=self.graphs)
         input_ids, attention_mask = self._pad(input_ids, attention_mask, mask_token_id)
-        logits = self.logits_fn((input_ids.shape[0], input_ids.shape[1] + max_new_tokens))
+        P = input_ids.shape[1]
+        logits = self.logits_fn((input_ids.shape[0], P + max_new_tokens), max(P - int(shift), 0))
         return diffusion_generate(logits, input_ids, attention_mask, max_new_tokens, mask_token_id, shift, config,
                                   generator, on_step)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from qrobust.models.decode import capture
-from qrobust.models.diffusion import SamplerConfig, align_logits, block_choices
+from qrobust.models.diffusion import SamplerConfig, block_choices
 from qrobust.models.transformer import KVCache, TransformerLM
 
 
@@ -34,6 +34,8 @@ def fast_diffusion_generate(model: TransformerLM, input_ids: torch.Tensor, atten
                             generator: torch.Generator | None = None, graphs: bool = True) -> tuple[torch.Tensor, int]:
     """Fill max_new_tokens masks after left-padded prompts; returns (response ids, forward passes)."""
     B, P = input_ids.shape
+    if shift and P == 0:
+        raise ValueError("a model with shifted logits needs a prompt of at least one token")
     device = input_ids.device
     L = P + max_new_tokens
     x = torch.cat([input_ids, torch.full((B, max_new_tokens), mask_token_id, device=device)], dim=1)
@@ -64,7 +66,8 @@ def fast_diffusion_generate(model: TransformerLM, input_ids: torch.Tensor, atten
     passes = 0
     for lo in range(P, L, block):
         hi = min(lo + block, L)
-        logits = align_logits(model.forward_slots(x, caches, position_ids, full_mask), shift)[:, lo:hi]
+        # the block's aligned logits only: with shift, position lo − 1 + j predicts lo + j
+        logits = model.forward_slots(x, caches, position_ids, full_mask, logits_from=lo - s)[:, :hi - lo]
         passes += 1
         window[:hi - lo].copy_(torch.arange(lo - s, hi - s, device=device))
         while True:

@@ -12,6 +12,10 @@ from typing import Any
 from qrobust.errors import QrobustError
 from qrobust.models.diffusion import SamplerConfig
 
+# The fast sampler's block when a preset names none: Fast-dLLM's default. One block over the whole
+# response would make every cached step recompute the whole response, no cheaper than the exact sampler.
+FAST_BLOCK_LENGTH = 32
+
 
 @dataclass(frozen=True)
 class EvalPreset:
@@ -36,6 +40,8 @@ class EvalPreset:
             raise QrobustError(f"unknown diffusion sampler {self.diffusion_sampler!r}: use exact or fast")
         if self.steps is not None and self.steps < 1:
             raise QrobustError(f"steps must be at least 1, got {self.steps}")
+        if self.diffusion_sampler == "fast" and self.block_length is None:
+            object.__setattr__(self, "block_length", FAST_BLOCK_LENGTH)  # frozen; recorded as used
 
     def sampler(self) -> SamplerConfig:
         try:

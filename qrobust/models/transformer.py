@@ -290,9 +290,10 @@ class TransformerLM(nn.Module):
         return allowed | torch.eye(T, dtype=torch.bool, device=device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                sync_free: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab]. attention_mask [B, T]: 1 for real tokens, 0 for (left) padding.
-        sync_free: build the mask even where nothing is padded (no host sync: graph capture)."""
+                sync_free: bool = False, logits_from: int = 0) -> torch.Tensor:
+        """Logits [B, T − logits_from, vocab] of positions logits_from … T − 1. attention_mask [B, T]:
+        1 for real tokens, 0 for (left) padding. sync_free: build the mask even where nothing is
+        padded (no host sync: graph capture)."""
         B, T = input_ids.shape
         if attention_mask is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -306,7 +307,7 @@ class TransformerLM(nn.Module):
             mask = self.attention_mask(attention_mask, T, input_ids.device)
         for block in self.model.layers:
             x = block(x, rope, mask)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x[:, logits_from:] if logits_from else x))
 
     def forward_cached(self, input_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         """Logits [B, T, vocab] of tokens at positions caches[0].positions [T], attending to the
@@ -317,19 +318,20 @@ class TransformerLM(nn.Module):
         return self.forward_slots(input_ids, caches, positions[None], mask)
 
     def forward_slots(self, input_ids: torch.Tensor, caches: list[KVCache], position_ids: torch.Tensor,
-                      mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+                      mask: torch.Tensor, last_only: bool = False, logits_from: int = 0) -> torch.Tensor:
         """Logits [B, T, vocab] of tokens written into the cache slots caches[0].positions [T]
         (shared by every row), each row at its own rotary positions position_ids [B or 1, T] and
         seeing the cache slots `mask` [B or 1, 1, T, slots] allows: how a batch of left-padded
         prompts decodes with one slot index (models.engine). last_only: the last position's
-        logits [B, 1, vocab] only (a prompt's forward needs no more)."""
+        logits [B, 1, vocab] only (a prompt's forward needs no more); logits_from: those of
+        positions logits_from … T − 1 only."""
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(position_ids, x.dtype)
         residual = None
         for block, cache in zip(self.model.layers, caches):
             x, residual = block.forward_deferred(x, residual, rope, mask, cache)
         h = residual_sum(x, residual)
-        return self.lm_head(self.model.norm(h[:, -1:] if last_only else h))
+        return self.lm_head(self.model.norm(h[:, -1:] if last_only else h[:, logits_from:]))
 
     def new_caches(self, batch: int, max_len: int, positions: torch.Tensor) -> list[KVCache]:
         c = self.config
