@@ -35,7 +35,7 @@ from qrobust.bench import QuantBench, random_lm, shape_config
 from qrobust.bench_generate import model_bytes, quantize_blocks_rtn
 from qrobust.models.decode import sync
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
-from qrobust.models.transformer import TransformerConfig, TransformerLM
+from qrobust.models.transformer import RMSNorm, TransformerConfig, TransformerLM
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import QuantLinear
 
@@ -96,10 +96,13 @@ def release() -> None:
 
 
 # ---- (a) AR throughput ---------------------------------------------------------------------------
-def ar_throughput(plan: Plan, device: str) -> list[dict]:
+def ar_throughput(plan: Plan, device: str, norm_kernel: bool = True) -> list[dict]:
     rows = []
     for bits in plan.bits:
         model = build(plan, "ar", bits, device)
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.kernel = norm_kernel
         engine = AREngine(model)
         rule = StopRule(frozenset([model.config.eos_token_id]), min_new_tokens=plan.new_tokens)
         settings = DecodeSettings(plan.new_tokens, min_new_tokens=plan.new_tokens)
@@ -109,7 +112,8 @@ def ar_throughput(plan: Plan, device: str) -> list[dict]:
             out = engine.generate(prompts, settings, rule, batch)
             seconds = sum(b.seconds for b in out.batches)
             tokens = sum(len(t) for t in out.tokens)
-            rows.append({"bits": bits, "batch": batch, "new_tokens": plan.new_tokens, "tokens": tokens,
+            rows.append({"bits": bits, "batch": batch, "norm_kernel": norm_kernel, "new_tokens": plan.new_tokens,
+                         "tokens": tokens,
                          "seconds": seconds, "tokens_per_s": tokens / seconds,
                          "forward_passes": sum(b.forward_passes for b in out.batches),
                          "weights_gib": model_bytes(model) / 2**30})
@@ -119,6 +123,16 @@ def ar_throughput(plan: Plan, device: str) -> list[dict]:
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["bits"] == 16}
     for r in rows:
         r["ratio_to_bf16"] = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else None
+    return rows
+
+
+def norm_kernels(plan: Plan, device: str) -> list[dict]:
+    """AR throughput with RMSNorm's torch form (seven kernels) and with its one kernel, in the same run."""
+    short = replace(plan, bits=(16, 4), new_tokens=min(plan.new_tokens, 256), batches=(64, 32) if not plan.tiny else (3,))
+    rows = ar_throughput(short, device, norm_kernel=False) + ar_throughput(short, device, norm_kernel=True)
+    torch_form = {(r["bits"], r["batch"]): r["tokens_per_s"] for r in rows if not r["norm_kernel"]}
+    for r in rows:
+        r["vs_torch_norms"] = r["tokens_per_s"] / torch_form[r["bits"], r["batch"]]
     return rows
 
 
@@ -256,6 +270,10 @@ def summary(results: dict[str, list[dict]]) -> list[str]:
     lines = ["AR (forced full length)", f"{'bits':>5} {'batch':>6} {'tok/s':>10} {'x bf16':>7}"]
     lines += [f"{r['bits']:>5} {r['batch']:>6} {r['tokens_per_s']:>10.1f} {r['ratio_to_bf16'] or 0:>7.2f}"
               for r in results.get("ar", [])]
+    lines += ["AR with RMSNorm's one kernel against its torch form", f"{'bits':>5} {'batch':>6} {'kernel':>6} "
+              f"{'tok/s':>10} {'x torch':>8} {'x bf16':>7}"]
+    lines += [f"{r['bits']:>5} {r['batch']:>6} {str(r['norm_kernel']):>6} {r['tokens_per_s']:>10.1f} "
+              f"{r['vs_torch_norms']:>8.2f} {r['ratio_to_bf16'] or 0:>7.2f}" for r in results.get("norms", [])]
     lines += ["packed layer vs bf16 Linear", f"{'layer':>10} {'bits':>4} {'rows':>4} {'kernel':>15} {'speedup':>8}"]
     lines += [f"{r['layer']:>10} {r['bits']:>4} {r['rows']:>4} {r['kernel']:>15} {r['speedup']:>8.2f}"
               for r in results.get("kernels", [])]
@@ -267,7 +285,8 @@ def summary(results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-PARTS = {"ar": (ar_throughput, "engine_ar.json"), "kernels": (kernel_table_check, "engine_kernels.json"),
+PARTS = {"ar": (ar_throughput, "engine_ar.json"), "norms": (norm_kernels, "engine_norms.json"),
+         "kernels": (kernel_table_check, "engine_kernels.json"),
          "agreement": (agreement, "engine_agreement.json"), "diffusion": (diffusion, "engine_diffusion.json")}
 
 

@@ -655,3 +655,28 @@ def test_half2_gemv_with_pdl_unpacks_codes_only_after_it_waits(bits):
     masked = r"(?:and\.b32\s+%r\d+, %r\d+|lop3\.b32\s+%r\d+, (?:%r\d+|t)), (\d+)[,;]"
     assert not masks & {int(m) for m in re.findall(masked, before)}
     assert masks <= {int(m) for m in re.findall(masked, after)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,transposed", [((3, 5, 2048), False), ((2, 7, 4, 128), True), ((1, 1, 96), False)])
+def test_rms_norm_kernel_matches_the_torch_form(dtype, shape, transposed):
+    """One kernel for RMSNorm: rows of the hidden size and many short rows (q/k norms, given
+    transposed as attention holds them), equal to the torch form up to a rounding step."""
+    from qrobust.kernels.rms_norm import rms_norm
+    from qrobust.models.transformer import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(DEVICE, dtype)
+    if transposed:
+        x = x.transpose(1, 2)
+    norm = RMSNorm(shape[-1], 1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[-1], generator=g) + 0.5)
+        norm.kernel = False
+        ref = norm(x)
+    out = rms_norm(x, norm.weight, norm.eps)
+    assert out.shape == x.shape and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -5  # bfloat16: a step in each of its two roundings
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    if dtype == torch.bfloat16 and DEVICE == "cuda":  # (Triton's interpreter truncates to bfloat16, a GPU rounds)
+        assert (out == ref).float().mean() > 0.9  # the roundings are the torch form's: most elements bit for bit

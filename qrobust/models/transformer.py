@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qrobust.kernels import kernels_enabled
+
 
 @dataclass
 class TransformerConfig:
@@ -52,12 +54,23 @@ SDPA_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 
 class RMSNorm(nn.Module):
+    """Where the Triton kernels run (kernels.kernels_enabled) and outside torch.compile, which fuses
+    the torch form itself, one kernel (kernels.rms_norm) computes the same; `kernel = False` keeps
+    the torch form (for comparisons)."""
+
+    kernel = True
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel and kernels_enabled(x.device) and x.dtype == self.weight.dtype and \
+                not torch.compiler.is_compiling():
+            from qrobust.kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
