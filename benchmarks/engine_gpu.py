@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from gpu_script import write_rows
+from gpu_script import median_seconds, write_rows
 from qrobust.bench import QuantBench, random_lm, shape_config
 from qrobust.bench_generate import model_bytes, quantize_blocks_rtn
 from qrobust.models.decode import sync
@@ -136,19 +136,6 @@ def norm_kernels(plan: Plan, device: str) -> list[dict]:
     return rows
 
 
-def _timed(fn, device: str, repeats: int) -> float:
-    """Seconds per call of fn, the median of `repeats` timed calls after a warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(torch.device(device))
-        t0 = time.perf_counter()
-        fn()
-        sync(torch.device(device))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def kernel_table_check(plan: Plan, device: str) -> list[dict]:
     """Each packed layer's forward at the engine's row counts (the table's product) against the
     bf16 nn.Linear of the same shape, 20 calls per timing (weights may partly stay in L2)."""
@@ -166,8 +153,8 @@ def kernel_table_check(plan: Plan, device: str) -> list[dict]:
             for m in plan.kernel_rows:
                 x = torch.randn(m, K, device=device, dtype=dtype)
                 with torch.no_grad():
-                    t_dense = _timed(functools.partial(dense, x), device, 20)
-                    t_packed = _timed(functools.partial(layer, x), device, 20)
+                    t_dense = median_seconds(functools.partial(dense, x), device, 20)
+                    t_packed = median_seconds(functools.partial(layer, x), device, 20)
                     err = (layer(x).float() - x.float() @ layer.dequantized_weight().t()).abs().max().item()
                 rows.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": m,
                              "kernel": layer.packed_kernel(m, x.device) if layer.uses_kernels(x.device) else "torch",

@@ -12,24 +12,11 @@ import time
 
 import torch
 
+from gpu_script import median_seconds
 from qrobust.bench import QuantBench, random_lm, shape_config
 from qrobust.models.diffusion import SamplerConfig, choose
+from qrobust.models.decode import sync
 from qrobust.models.fast_dllm import fast_diffusion_generate
-
-
-def timed(fn, device, repeats: int) -> float:
-    """Median seconds of fn over repeats (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -57,14 +44,13 @@ def main() -> None:
     greedy = SamplerConfig(mode="fast", block_length=T, alg="entropy")
     logits = torch.randn(B * T, V, device=device, dtype=dtype) * 0.5
     g = torch.Generator().manual_seed(0)
-    rows = {"choose_greedy_s": timed(lambda: choose(logits, greedy, g), device, args.repeats),
-            "choose_sampled_s": timed(lambda: choose(logits, sampled, g), device, args.repeats)}
+    rows = {"choose_greedy_s": median_seconds(lambda: choose(logits, greedy, g), device, args.repeats),
+            "choose_sampled_s": median_seconds(lambda: choose(logits, sampled, g), device, args.repeats)}
     steps = {}
     for name, sc in (("greedy", greedy), ("sampled", sampled)):
         t0 = time.perf_counter()
         _, passes = fast_diffusion_generate(model, ids, attn, args.new_tokens, mask_id, True, sc, g)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         seconds = time.perf_counter() - t0
         steps[name] = {"seconds": seconds, "passes": passes, "per_pass_s": seconds / passes}
     # the model's own cost: one block forward over a cache (what each step replays)
@@ -74,9 +60,9 @@ def main() -> None:
         x = torch.randint(0, V - 1, (B, T), device=device)
         pos = torch.arange(T, device=device)[None].expand(B, T)
         keys = torch.ones(B, 1, 1, L, dtype=torch.bool, device=device)
-        block_forward = timed(lambda: model.forward_slots(x, caches, pos, keys), device, args.repeats)
+        block_forward = median_seconds(lambda: model.forward_slots(x, caches, pos, keys), device, args.repeats)
         full = torch.randint(0, V - 1, (B, L), device=device)
-        full_forward = timed(lambda: model(full, torch.ones_like(full), sync_free=True), device, args.repeats)
+        full_forward = median_seconds(lambda: model(full, torch.ones_like(full), sync_free=True), device, args.repeats)
     result = {"args": vars(args), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
               "torch": torch.__version__, **rows, "block_forward_eager_s": block_forward,
               "full_forward_eager_s": full_forward, "generate": steps}

@@ -1,15 +1,34 @@
 """What the GPU-only benchmark scripts share (imported from the script's own folder, which Python
-puts first on the path): the check for a CUDA device and the JSON file of their rows."""
+puts first on the path): the check for a CUDA device, the median time of a call, and the JSON
+file of their rows."""
 from __future__ import annotations
 
 import json
+import time
+from typing import Callable
 
 import torch
+
+from qrobust.models.decode import sync
 
 
 def require_cuda(script: str) -> None:
     if not torch.cuda.is_available():
         raise SystemExit(f"{script}: needs a CUDA device")
+
+
+def median_seconds(fn: Callable[[], object], device: str | torch.device, repeats: int) -> float:
+    """Seconds per call of fn, the median of `repeats` timed calls after a warm-up."""
+    device = torch.device(device)
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def write_rows(path: str | None, rows: list[dict], **fields) -> None:

@@ -116,13 +116,19 @@ class Choice:
     confidence: torch.Tensor  # [N]
 
 
+def _quantile_index(q: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row of the distribution q [N, V] (in any order), the index [N, 1] where its cumulative
+    mass first reaches uniform [N]: a draw from q."""
+    return (q.cumsum(-1) < uniform[:, None]).sum(-1, keepdim=True).clamp(max=q.shape[-1] - 1)
+
+
 def _from_sorted(sorted_p: torch.Tensor, order: torch.Tensor, top_p: float, uniform: torch.Tensor, alg: str,
                  random_conf: torch.Tensor) -> Choice:
     """The choice from a prefix of each row's probabilities sorted in descending order that holds its
     nucleus: keep a token while the mass before it is at most top_p, renormalize, draw at quantile uniform."""
     kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0)
     q = kept / kept.sum(-1, keepdim=True)
-    below = (q.cumsum(-1) < uniform[:, None]).sum(-1, keepdim=True).clamp(max=q.shape[-1] - 1)
+    below = _quantile_index(q, uniform)
     prob = q.gather(-1, below).squeeze(-1)
     return Choice(order.gather(-1, below).squeeze(-1), prob, _confidence(q, prob, alg, random_conf))
 
@@ -147,7 +153,7 @@ def _choose_chunk(logits: torch.Tensor, config: SamplerConfig, uniform: torch.Te
         return Choice(tokens, prob, _confidence(probs, prob, config.alg, random_conf))
     probs = torch.softmax(logits.float() / config.temperature, dim=-1)
     if config.top_p >= 1.0:  # no nucleus: draw from the whole distribution in vocabulary order
-        below = (probs.cumsum(-1) < uniform[:, None]).sum(-1, keepdim=True).clamp(max=probs.shape[-1] - 1)
+        below = _quantile_index(probs, uniform)
         prob = probs.gather(-1, below).squeeze(-1)
         return Choice(below.squeeze(-1), prob, _confidence(probs, prob, config.alg, random_conf))
     top_p, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
