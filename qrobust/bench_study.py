@@ -283,21 +283,23 @@ def bench_study(bench: StudyBench, work_dir: str | Path | None = None, out: str 
     results = {"bench": asdict(bench), "build_seconds": time.perf_counter() - t0,
                "environment": environment(bench.device), "rows": []}
 
-    def save() -> None:
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(results, indent=2))
-
     def on_row(row: dict) -> None:  # each config is written as it finishes, so a stopped run keeps it
         results["rows"].append(row)
-        save()
+        write(results, out)
         print(progress_line(row), file=sys.stderr, flush=True)
 
     for kind, model_dir in dirs.items():
         measure_kind(kind, model_dir, bench, root / f"sweep-{kind}", on_row)
     results["projection"] = project(results["rows"], bench)
-    save()
+    write(results, out)
     return results
+
+
+def write(results: dict, out: str | Path | None) -> None:
+    """The results as JSON at `out` (nothing without one)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
 
 
 def progress_line(row: dict) -> str:
@@ -306,9 +308,9 @@ def progress_line(row: dict) -> str:
     return f"[{row['kind']}] {row['method']}-{row['bits']}: {stages}{tps}"
 
 
-def merge(paths: list[str | Path]) -> dict:
+def merge(paths: list[str | Path], out: str | Path | None = None) -> dict:
     """One result from runs of separate kinds (e.g. each within a device's time limit): their rows
-    together, projected with the first run's settings. Each kind must come from one file."""
+    together, projected with the first run's settings, written to `out`. Each kind must come from one file."""
     runs = []
     for p in paths:
         try:
@@ -319,12 +321,13 @@ def merge(paths: list[str | Path]) -> dict:
     if len(set(kinds)) != len(kinds) or not kinds:
         raise QrobustError(f"the files hold the kinds {kinds}: merge runs of different kinds, each with rows")
     first = runs[0]["bench"]
-    bench = StudyBench(**{**first, "kinds": tuple(dict.fromkeys(r["kind"] for run in runs for r in run["rows"])),
-                          "methods": tuple(first["methods"]), "bits": tuple(first["bits"]),
-                          "benchmarks": tuple(first["benchmarks"])})
+    bench = StudyBench(**{**first, "kinds": tuple(kinds), "methods": tuple(first["methods"]),
+                          "bits": tuple(first["bits"]), "benchmarks": tuple(first["benchmarks"])})
     rows = with_ratios([r for run in runs for r in run["rows"]])
-    return {"bench": asdict(bench), "merged_from": [str(p) for p in paths], "environment": runs[0].get("environment"),
-            "rows": rows, "projection": project(rows, bench)}
+    results = {"bench": asdict(bench), "merged_from": [str(p) for p in paths],
+               "environment": runs[0].get("environment"), "rows": rows, "projection": project(rows, bench)}
+    write(results, out)
+    return results
 
 
 def summary_lines(results: dict) -> list[str]:

@@ -547,11 +547,7 @@ def _bench_study(args: argparse.Namespace) -> int:
     from qrobust.bench_study import StudyBench, bench_study, merge, summary_lines
 
     if args.merge:
-        from pathlib import Path
-
-        results = merge(_csv(args.merge))
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
+        results = merge(_csv(args.merge), args.out)
         for line in summary_lines(results):
             print(line)
         return 0
