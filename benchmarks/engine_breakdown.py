@@ -5,13 +5,14 @@ engine_gpu.py measures whole generations; this script says what to speed up next
 (a) profile: the CUDA kernels of engine decoding steps (batch 64, random-weight Qwen3-1.7B shape,
     bf16 dense and packed 4-bit RTN), grouped into linear products, attention and the rest, with
     each group's share of the step;
-(b) tiles: the packed products alone at 64 rows against bf16 nn.Linear, both timed inside a
-    CUDA graph of 20 calls (so launch overhead does not count), for the default tiling
-    (kernels.packed_matmul.packed_matmul_tiling) and a small grid of others.
+(b) tiles: the packed matmul alone at the given rows (--rows, default 64) against bf16 nn.Linear,
+    both timed inside a CUDA graph of 20 calls (so launch overhead does not count), for the
+    default tiling (kernels.packed_matmul.packed_matmul_tiling) and a grid of others.
 
 Rows go to --out (default $OUT) as engine_profile.json and engine_tiles.json.
 
     python benchmarks/engine_breakdown.py --out "$OUT"
+    python benchmarks/engine_breakdown.py --parts tiles --rows 16,64 --out "$OUT"
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from engine_gpu import Plan, build, config, random_prompts, release
-from gpu_script import require_cuda, write_rows
-from qrobust.kernels.packed_matmul import MatmulTiling, packed_matmul, packed_matmul_tiling
+from engine_gpu import Plan, build, config, layer_shapes, random_prompts, release
+from gpu_script import graph_time, require_cuda, write_rows
+from qrobust.kernels.packed_matmul import MatmulTiling, matmul_locks, packed_matmul, packed_matmul_tiling
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
@@ -69,65 +70,44 @@ def profile_steps(plan: Plan, bits: int, batch: int, tokens: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["cuda_us"])
 
 
-def graph_time(fn, calls: int = 20, repeats: int = 5) -> float:
-    """Seconds per call of fn, replayed as a CUDA graph of `calls` calls (median of repeats)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return sorted(times)[len(times) // 2]
-
-
 def tilings(M: int, N: int, K: int, group_size: int) -> list[MatmulTiling]:
     default = packed_matmul_tiling(M, N, K, group_size, False)
-    grid = [replace(default, block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st)
-            for bn, bk, sk, w, st in itertools.product((64, 128), (64, 128), (1, 4, 8), (4,), (3, 4))
-            if K % (bk * sk) == 0 and bk % 32 == 0]
+    grid = [replace(default, block_n=bn, block_k=bk, split_k=sk)
+            for bn, bk, sk in itertools.product((64, 128), (64, 128), (1, 4, 8, 16))
+            if K % (bk * sk) == 0 and group_size % bk == 0]
     return [default] + [t for t in grid if t != default]
 
 
-def tile_rows(plan: Plan, rows_m: int, bits_list: tuple[int, ...]) -> list[dict]:
-    cfg = config(plan, "ar")
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    shapes = {"q_proj": (h, cfg.num_attention_heads * cfg.head_dim), "k_proj": (h, cfg.num_key_value_heads * cfg.head_dim),
-              "gate_proj": (h, i), "down_proj": (i, h)}
-    rows = []
+def tile_rows(plan: Plan, rows: tuple[int, ...], bits_list: tuple[int, ...]) -> list[dict]:
+    """The packed matmul at each row count and tiling against bf16 nn.Linear."""
+    shapes = layer_shapes(config(plan, "ar"))
+    out = []
     for name, (K, N) in shapes.items():
         dense = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(rows_m, K, device="cuda", dtype=torch.bfloat16)
-        with torch.no_grad():
-            t_dense = graph_time(functools.partial(dense, x))
-        for bits in bits_list:
-            layer = QuantLinear.from_result(rtn(dense.weight.float(), QuantSpec(bits, plan.group_size, sym=True)),
-                                            None, torch.bfloat16).cuda()
-            args = (layer.qweight, layer.scales, layer.qzeros, None, bits, plan.group_size, FORMAT_OFFSET[layer.format])
-            for k, t in enumerate(tilings(rows_m, N, K, plan.group_size)):
-                try:
-                    seconds = graph_time(functools.partial(packed_matmul, x, *args, tiling=t))
-                except Exception as e:  # a tiling Triton cannot compile (registers, shared memory) is skipped
-                    rows.append({"layer": name, "bits": bits, "rows": rows_m, "tiling": vars(t), "error": str(e)[:200]})
-                    continue
-                rows.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": rows_m, "default": k == 0,
-                             "tiling": vars(t), "us_bf16": 1e6 * t_dense, "us_packed": 1e6 * seconds,
-                             "speedup": t_dense / seconds})
-            del layer
+        for rows_m in rows:
+            x = torch.randn(rows_m, K, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                t_dense = graph_time(functools.partial(dense, x))
+            for bits in bits_list:
+                layer = QuantLinear.from_result(rtn(dense.weight.float(), QuantSpec(bits, plan.group_size, sym=True)),
+                                                None, torch.bfloat16).cuda()
+                args = (layer.qweight, layer.scales, layer.qzeros, None, bits, plan.group_size,
+                        FORMAT_OFFSET[layer.format])
+                locks = matmul_locks(N, "cuda")
+                for k, t in enumerate(tilings(rows_m, N, K, plan.group_size)):
+                    try:
+                        seconds = graph_time(functools.partial(packed_matmul, x, *args, tiling=t, locks=locks))
+                    except Exception as e:  # a tiling Triton cannot compile (registers, shared memory) is skipped
+                        out.append({"layer": name, "bits": bits, "rows": rows_m, "tiling": vars(t),
+                                    "error": str(e)[:200]})
+                        continue
+                    out.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": rows_m, "default": k == 0,
+                                "tiling": vars(t), "us_bf16": 1e6 * t_dense, "us_packed": 1e6 * seconds,
+                                "speedup": t_dense / seconds})
+                del layer
         del dense
         release()
-    return rows
+    return out
 
 
 def summary(profile_rows: list[dict], tile_rows_: list[dict]) -> list[str]:
@@ -139,29 +119,36 @@ def summary(profile_rows: list[dict], tile_rows_: list[dict]) -> list[str]:
         lines.append(f"  {bits:>2} bits: " + ", ".join(f"{g} {s:.0%}" for g, s in shares.items())
                      + f"; wall {mine[0]['wall_s']:.2f} s; top: " + "; ".join(
                          f"{r['kernel'][:40]} {r['share']:.0%}" for r in mine[:4]))
-    lines.append("packed product at 64 rows against bf16 Linear, in CUDA graphs (default tiling, best tiling)")
+    lines.append("packed product against bf16 Linear, in CUDA graphs (default tiling, best tiling)")
     ok = [r for r in tile_rows_ if "error" not in r]
-    for (layer, bits) in sorted({(r["layer"], r["bits"]) for r in ok}):
-        mine = [r for r in ok if r["layer"] == layer and r["bits"] == bits]
+    for (layer, rows, bits) in sorted({(r["layer"], r["rows"], r["bits"]) for r in ok}):
+        mine = [r for r in ok if r["layer"] == layer and r["rows"] == rows and r["bits"] == bits]
         default = next(r for r in mine if r["default"])
         best = max(mine, key=lambda r: r["speedup"])
-        lines.append(f"  {layer:>9} {bits} bits: default {default['speedup']:.2f}x, best {best['speedup']:.2f}x "
-                     f"{best['tiling']}")
+        lines.append(f"  {layer:>12} {rows:>3} rows {bits} bits: default {default['speedup']:.2f}x, "
+                     f"best {best['speedup']:.2f}x {best['tiling']}")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--parts", default="profile,tiles", help="profile, tiles or both")
     parser.add_argument("--profile-tokens", type=int, default=64)
+    parser.add_argument("--rows", default="64", help="the tiles' row counts, comma-separated")
+    parser.add_argument("--bits", default="4", help="the tiles' widths, comma-separated")
     args = parser.parse_args()
     require_cuda("engine_breakdown.py")
     plan = Plan()
     os.makedirs(args.out, exist_ok=True)
-    prof = [r for bits in (16, 4) for r in profile_steps(plan, bits, 64, args.profile_tokens)]
-    write_rows(os.path.join(args.out, "engine_profile.json"), prof, part="profile")
-    tiles = tile_rows(plan, 64, (4,))
-    write_rows(os.path.join(args.out, "engine_tiles.json"), tiles, part="tiles")
+    parts = args.parts.split(",")
+    prof, tiles = [], []
+    if "profile" in parts:
+        prof = [r for bits in (16, 4) for r in profile_steps(plan, bits, 64, args.profile_tokens)]
+        write_rows(os.path.join(args.out, "engine_profile.json"), prof, part="profile")
+    if "tiles" in parts:
+        tiles = tile_rows(plan, tuple(int(r) for r in args.rows.split(",")), tuple(int(b) for b in args.bits.split(",")))
+        write_rows(os.path.join(args.out, "engine_tiles.json"), tiles, part="tiles")
     print("\n".join(summary(prof, tiles)))
 
 

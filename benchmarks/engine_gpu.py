@@ -1,19 +1,24 @@
-"""The batched generation engine (qrobust.models.engine) on one GPU, in one process (~5 minutes
-on an H200), on random-weight models of the real shapes in bfloat16:
+"""The batched generation engine (qrobust.models.engine) on one GPU, in one process, on
+random-weight models of the real shapes in bfloat16. Parts (--parts, all by default):
 
-(a) AR throughput at batch 64 and 8 × 512 new tokens, every row forced to full length
-    (min_new_tokens), for bf16 dense and packed RTN 8/4/3/2-bit layers (group 128), with each
-    width's ratio to bf16 measured in the same run; plus the packed products alone at the
-    engine's row counts against bf16 nn.Linear at Qwen3-1.7B's layer shapes (kernel table check);
-(b) greedy agreement of the engine with transformers' generate on the same random Qwen3-1.7B
-    model: per row the first position where the tokens differ and, there, the gap between the
-    two largest logits of transformers' model (random weights give near-ties early; a
-    difference at a tiny gap is rounding, not a bug);
-(c) diffusion on the CoDA-shaped model (causal=False) at batch 8 × 256 tokens: the exact
-    sampler (one token per step) against the fast sampler (blocks of 32, threshold 0.9).
+- ar: AR throughput at batch 64 and 8 × 512 new tokens, every row forced to full length
+  (min_new_tokens), for bf16 dense and packed RTN 8/4/3/2-bit layers (group 128), with each
+  width's ratio to bf16 measured in the same run;
+- norms: the same with RMSNorm's torch form against its one kernel;
+- products: each packed product alone against bf16 nn.Linear at Qwen3-1.7B's layer shapes and
+  the engine's row counts (CUDA graphs of 20 calls): the table's product, the fused matmul with
+  its K-splits added up afterwards, and PyTorch's int4 tinygemm at 4 bits;
+- variants: the engine's throughput with the rewrites that could become its defaults (K-splits
+  added up afterwards, fused q/k/v and gate/up, tinygemm at 4 bits), each against bf16 in the run;
+- agreement: greedy agreement of the engine with transformers' generate on the same random
+  Qwen3-1.7B model: per row the first position where the tokens differ and, there, the gap
+  between the two largest logits of transformers' model (random weights give near-ties early; a
+  difference at a tiny gap is rounding, not a bug);
+- diffusion: the CoDA-shaped model (causal=False) at batch 8 × 256 tokens, the exact sampler (one
+  token per step) against the fast sampler (blocks of 32, threshold 0.9).
 
-Rows go to $OUT (or --out) as JSON files as each part finishes: engine_ar.json,
-engine_kernels.json, engine_agreement.json, engine_diffusion.json; a summary table is printed.
+Rows go to $OUT (or --out) as JSON files as each part finishes (engine_<part>.json, engine_ar.json
+for ar); a summary table is printed.
 
     python benchmarks/engine_gpu.py --out "$OUT"          # on a CUDA machine
     python benchmarks/engine_gpu.py --tiny --out /tmp/x   # small shapes, also on CPU (checks it runs)
@@ -21,6 +26,7 @@ engine_kernels.json, engine_agreement.json, engine_diffusion.json; a summary tab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import os
@@ -30,14 +36,17 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from gpu_script import median_seconds, write_rows
+from gpu_script import graph_time, median_seconds, write_rows
 from qrobust.bench import QuantBench, random_lm, shape_config
 from qrobust.bench_generate import model_bytes, quantize_blocks_rtn
-from qrobust.models.decode import sync
+from qrobust.kernels import tinygemm
+from qrobust.kernels.packed_matmul import packed_matmul
+from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
+from qrobust.models.decode import fuse_projections, sync
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
 from qrobust.models.transformer import RMSNorm, TransformerConfig, TransformerLM
 from qrobust.quant.grid import QuantSpec, rtn
-from qrobust.quant.qlinear import QuantLinear
+from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
 
 TINY = TransformerConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32)
@@ -55,7 +64,7 @@ class Plan:
     diffusion_batch: int = 8
     diffusion_tokens: int = 256
     diffusion_block: int = 32
-    kernel_rows: tuple[int, ...] = (8, 16, 64)
+    kernel_rows: tuple[int, ...] = (8, 16, 32, 64, 6144)  # 6144: a batch-32 prefill
     tiny: bool = False
 
 
@@ -96,6 +105,28 @@ def release() -> None:
 
 
 # ---- (a) AR throughput ---------------------------------------------------------------------------
+def engine_rows(model: TransformerLM, plan: Plan, bits: int, **labels) -> list[dict]:
+    """Tokens per second of the engine on `model` at each of the plan's batches, forced to full length."""
+    engine = AREngine(model)
+    rule = StopRule(frozenset([model.config.eos_token_id]), min_new_tokens=plan.new_tokens)
+    settings = DecodeSettings(plan.new_tokens, min_new_tokens=plan.new_tokens)
+    rows = []
+    for batch in plan.batches:
+        prompts = random_prompts(batch, plan.prompt_len, model.config.vocab_size)
+        engine.generate(prompts, settings, rule, batch)  # warm-up: graphs of every length bucket
+        out = engine.generate(prompts, settings, rule, batch)
+        seconds = sum(b.seconds for b in out.batches)
+        tokens = sum(len(t) for t in out.tokens)
+        rows.append({"bits": bits, "batch": batch, **labels, "new_tokens": plan.new_tokens, "tokens": tokens,
+                     "seconds": seconds, "tokens_per_s": tokens / seconds,
+                     "forward_passes": sum(b.forward_passes for b in out.batches),
+                     "weights_gib": model_bytes(model) / 2**30})
+        print(f"  ar {bits:>2}-bit batch {batch:>3} {labels}: {tokens / seconds:9.1f} tok/s", flush=True)
+    del engine
+    release()
+    return rows
+
+
 def ar_throughput(plan: Plan, device: str, norm_kernel: bool = True) -> list[dict]:
     rows = []
     for bits in plan.bits:
@@ -103,22 +134,8 @@ def ar_throughput(plan: Plan, device: str, norm_kernel: bool = True) -> list[dic
         for m in model.modules():
             if isinstance(m, RMSNorm):
                 m.kernel = norm_kernel
-        engine = AREngine(model)
-        rule = StopRule(frozenset([model.config.eos_token_id]), min_new_tokens=plan.new_tokens)
-        settings = DecodeSettings(plan.new_tokens, min_new_tokens=plan.new_tokens)
-        for batch in plan.batches:
-            prompts = random_prompts(batch, plan.prompt_len, model.config.vocab_size)
-            engine.generate(prompts, settings, rule, batch)  # warm-up: graphs of every length bucket
-            out = engine.generate(prompts, settings, rule, batch)
-            seconds = sum(b.seconds for b in out.batches)
-            tokens = sum(len(t) for t in out.tokens)
-            rows.append({"bits": bits, "batch": batch, "norm_kernel": norm_kernel, "new_tokens": plan.new_tokens,
-                         "tokens": tokens,
-                         "seconds": seconds, "tokens_per_s": tokens / seconds,
-                         "forward_passes": sum(b.forward_passes for b in out.batches),
-                         "weights_gib": model_bytes(model) / 2**30})
-            print(f"  ar {bits:>2}-bit batch {batch:>3}: {tokens / seconds:9.1f} tok/s", flush=True)
-        del model, engine
+        rows += engine_rows(model, plan, bits, norm_kernel=norm_kernel)
+        del model
         release()
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["bits"] == 16}
     for r in rows:
@@ -136,32 +153,96 @@ def norm_kernels(plan: Plan, device: str) -> list[dict]:
     return rows
 
 
-def kernel_table_check(plan: Plan, device: str) -> list[dict]:
-    """Each packed layer's forward at the engine's row counts (the table's product) against the
-    bf16 nn.Linear of the same shape, 20 calls per timing (weights may partly stay in L2)."""
-    cfg = config(plan, "ar")
+def layer_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, int]]:
+    """(inputs, outputs) of Qwen3's linear layers, and of the fused q/k/v and gate/up layers."""
     h, i = cfg.hidden_size, cfg.intermediate_size
-    shapes = {"q_proj": (h, cfg.num_attention_heads * cfg.head_dim),
-              "k_proj": (h, cfg.num_key_value_heads * cfg.head_dim), "gate_proj": (h, i), "down_proj": (i, h)}
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "gate_proj": (h, i), "down_proj": (i, h),
+            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i)}
+
+
+def timer(device: str):
+    """Seconds per call: replayed in a CUDA graph of 20 calls on a GPU (launches do not count;
+    weights may partly stay in L2), timed alone elsewhere (where this only checks that it runs)."""
+    if torch.device(device).type == "cuda":
+        return graph_time
+    return functools.partial(median_seconds, device=device, repeats=3)
+
+
+def products(plan: Plan, device: str) -> list[dict]:
+    """Each packed product alone against the bf16 nn.Linear of its shape at the engine's row
+    counts: the table's product (QuantLinear.forward), where that is the fused matmul also the
+    same kernel with its K-splits added up afterwards (a sum and a cast, as before the arrival
+    counters), and at 4 bits PyTorch's int4 tinygemm (kernels.tinygemm)."""
+    time_of = timer(device)
     dtype = dtype_for(device)
     rows = []
-    for name, (K, N) in shapes.items():
+    for name, (K, N) in layer_shapes(config(plan, "ar")).items():
         dense = nn.Linear(K, N, bias=False, device=device, dtype=dtype)
-        for bits in [b for b in plan.bits if b != 16]:
-            layer = QuantLinear.from_result(rtn(dense.weight.float(), QuantSpec(bits, plan.group_size, sym=True)),
-                                            None, dtype).to(device)
-            for m in plan.kernel_rows:
-                x = torch.randn(m, K, device=device, dtype=dtype)
-                with torch.no_grad():
-                    t_dense = median_seconds(functools.partial(dense, x), device, 20)
-                    t_packed = median_seconds(functools.partial(layer, x), device, 20)
-                    err = (layer(x).float() - x.float() @ layer.dequantized_weight().t()).abs().max().item()
-                rows.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": m,
-                             "kernel": layer.packed_kernel(m, x.device) if layer.uses_kernels(x.device) else "torch",
-                             "us_bf16": 1e6 * t_dense, "us_packed": 1e6 * t_packed, "speedup": t_dense / t_packed,
-                             "max_abs_error": err})
-        del dense, layer
+        xs = {m: torch.randn(m, K, device=device, dtype=dtype) for m in plan.kernel_rows}
+        with torch.no_grad():
+            us_bf16 = {m: 1e6 * time_of(functools.partial(dense, x)) for m, x in xs.items()}
+            for bits in [b for b in plan.bits if b != 16]:
+                layer = QuantLinear.from_result(rtn(dense.weight.float(), QuantSpec(bits, plan.group_size, sym=True)),
+                                                None, dtype).to(device)
+                packed = layer.uses_kernels(torch.device(device))
+                candidates = {}
+                for m, x in xs.items():
+                    kernel = layer.packed_kernel(m, x.device) if packed else "torch"
+                    candidates[m] = {kernel: functools.partial(layer, x)}
+                    if kernel == "fused_matmul":
+                        a = layer._kernel_args
+                        candidates[m]["fused_matmul, sums afterwards"] = functools.partial(
+                            packed_matmul, x, layer.qweight, layer.scales, layer.qzeros, a.g_idx, bits,
+                            a.group_size, FORMAT_OFFSET[layer.format])
+                    if bits == 4 and tinygemm.applies(layer):
+                        candidates[m]["tinygemm"] = functools.partial(TinyGemmLinear.from_quant_linear(layer), x)
+                for m, kernels in candidates.items():
+                    for kernel, fn in kernels.items():
+                        us = 1e6 * time_of(fn)
+                        rows.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": m, "kernel": kernel,
+                                     "us_bf16": us_bf16[m], "us_packed": us, "speedup": us_bf16[m] / us})
+                        print(f"  {name:>12} {bits}-bit {m:>5} rows {kernel:>30}: {us:8.2f} us "
+                              f"({us_bf16[m] / us:.2f}x bf16)", flush=True)
+                del layer, candidates
+        del dense, xs
         release()
+    return rows
+
+
+def sums_afterwards(model: nn.Module, device: str) -> None:
+    """The fused matmul as before its arrival counters: K-splits added up by a sum and a cast."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.uses_kernels(torch.device(device)):
+            m._kernel_args = dataclasses.replace(m._kernel_args, matmul_locks=None)
+
+
+def variants(plan: Plan, device: str) -> list[dict]:
+    """The engine's throughput per width with today's layers, and with the rewrites that could
+    become its defaults: the fused matmul's K-splits added up afterwards (as before its arrival
+    counters), q/k/v and gate/up fused into one product each (models.decode.fuse_projections),
+    and at 4 bits those on tinygemm (kernels.tinygemm.repack_int4); each against bf16 with the
+    same rewrite, in the same run."""
+    short = replace(plan, new_tokens=min(plan.new_tokens, 256), batches=(64, 32) if not plan.tiny else (3,))
+    rows = []
+    for bits in short.bits:
+        model = build(short, "ar", bits, device)
+        rows += engine_rows(model, short, bits, variant="today")
+        if bits != 16:
+            sums_afterwards(model, device)
+            rows += engine_rows(model, short, bits, variant="sums afterwards")
+        fuse_projections(model)  # new layers, so their matmuls add up their K-splits inside again
+        rows += engine_rows(model, short, bits, variant="fused projections")
+        if bits == 4 and torch.device(device).type == "cuda":
+            repack_int4(model)
+            rows += engine_rows(model, short, bits, variant="fused projections, tinygemm")
+        del model
+        release()
+    base = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in rows if r["bits"] == 16}
+    for r in rows:
+        same = base.get((r["batch"], r["variant"].replace(", tinygemm", "")), base[r["batch"], "today"])
+        r["ratio_to_bf16_same_rewrite"] = r["tokens_per_s"] / same
+        r["ratio_to_bf16_today"] = r["tokens_per_s"] / base[r["batch"], "today"]
     return rows
 
 
@@ -261,9 +342,14 @@ def summary(results: dict[str, list[dict]]) -> list[str]:
               f"{'tok/s':>10} {'x torch':>8} {'x bf16':>7}"]
     lines += [f"{r['bits']:>5} {r['batch']:>6} {str(r['norm_kernel']):>6} {r['tokens_per_s']:>10.1f} "
               f"{r['vs_torch_norms']:>8.2f} {r['ratio_to_bf16'] or 0:>7.2f}" for r in results.get("norms", [])]
-    lines += ["packed layer vs bf16 Linear", f"{'layer':>10} {'bits':>4} {'rows':>4} {'kernel':>15} {'speedup':>8}"]
-    lines += [f"{r['layer']:>10} {r['bits']:>4} {r['rows']:>4} {r['kernel']:>15} {r['speedup']:>8.2f}"
-              for r in results.get("kernels", [])]
+    lines += ["packed product vs bf16 Linear", f"{'layer':>12} {'bits':>4} {'rows':>5} {'kernel':>30} {'speedup':>8}"]
+    lines += [f"{r['layer']:>12} {r['bits']:>4} {r['rows']:>5} {r['kernel']:>30} {r['speedup']:>8.2f}"
+              for r in results.get("products", [])]
+    lines += ["engine variants", f"{'bits':>5} {'batch':>6} {'variant':>30} {'tok/s':>10} {'x bf16 same':>11} "
+              f"{'x bf16':>7}"]
+    lines += [f"{r['bits']:>5} {r['batch']:>6} {r['variant']:>30} {r['tokens_per_s']:>10.1f} "
+              f"{r['ratio_to_bf16_same_rewrite']:>11.2f} {r['ratio_to_bf16_today']:>7.2f}"
+              for r in results.get("variants", [])]
     lines += ["agreement with transformers generate (first differing position, top-2 gap there)"]
     lines += [f"  {r['dtype']:>8} row {r['row']}: {r['first_difference']} / {r['tokens']}, gap {r['top2_gap_there']}"
               for r in results.get("agreement", [])]
@@ -273,7 +359,7 @@ def summary(results: dict[str, list[dict]]) -> list[str]:
 
 
 PARTS = {"ar": (ar_throughput, "engine_ar.json"), "norms": (norm_kernels, "engine_norms.json"),
-         "kernels": (kernel_table_check, "engine_kernels.json"),
+         "products": (products, "engine_products.json"), "variants": (variants, "engine_variants.json"),
          "agreement": (agreement, "engine_agreement.json"), "diffusion": (diffusion, "engine_diffusion.json")}
 
 
@@ -283,10 +369,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small shapes and lengths (runs on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--bits", help="widths to run (16 is bf16), comma-separated; default 16,8,4,3,2")
     args = parser.parse_args()
     if torch.device(args.device).type != "cuda" and not args.tiny:
         raise SystemExit("engine_gpu.py: needs a CUDA device (or --tiny)")
     plan = tiny_plan() if args.tiny else Plan()
+    if args.bits:
+        plan = replace(plan, bits=tuple(int(b) for b in args.bits.split(",")))
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for part in args.parts.split(","):

@@ -1,6 +1,6 @@
 """What the GPU-only benchmark scripts share (imported from the script's own folder, which Python
-puts first on the path): the check for a CUDA device, the median time of a call, and the JSON
-file of their rows."""
+puts first on the path): the check for a CUDA device, the median time of a call (alone, or
+replayed in a CUDA graph), and the JSON file of their rows."""
 from __future__ import annotations
 
 import json
@@ -28,6 +28,29 @@ def median_seconds(fn: Callable[[], object], device: str | torch.device, repeats
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def graph_time(fn: Callable[[], object], calls: int = 20, repeats: int = 5) -> float:
+    """Seconds per call of fn, replayed as a CUDA graph of `calls` calls (median of repeats)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
     return sorted(times)[len(times) // 2]
 
 

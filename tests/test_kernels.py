@@ -8,7 +8,7 @@ import torch
 from qrobust import kernels
 from qrobust.quant.gptq import gptq_solve
 from qrobust.quant.grid import QuantSpec, rtn
-from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
+from qrobust.quant.qlinear import FORMAT_OFFSET, KernelArgs, QuantLinear
 
 pytestmark = pytest.mark.skipif(not kernels.triton_installed(), reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -418,7 +418,7 @@ def test_quant_linear_reads_an_unindexed_cuda_device_as_the_current_one(monkeypa
     on "cuda" go there, rather than No because "cuda" is not "cuda:0" (checked on CPU against a
     layer whose choice was cached for cuda:1)."""
     layer = _layer(4, 64, False, shuffled=False)
-    layer._kernel_args = (torch.device("cuda", 1),) + (None,) * 4
+    layer._kernel_args = KernelArgs(torch.device("cuda", 1), *(None,) * 5)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert layer.uses_kernels(torch.device("cuda")) and layer.uses_kernels(torch.device("cuda", 1))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -686,3 +686,27 @@ def test_rms_norm_kernel_matches_the_torch_form(dtype, shape, transposed):
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
     if dtype == torch.bfloat16 and DEVICE == "cuda":  # (Triton's interpreter truncates to bfloat16, a GPU rounds)
         assert (out == ref).float().mean() > 0.9  # the roundings are the torch form's: most elements bit for bit
+
+
+def test_rms_norm_keeps_the_torch_form_where_gradients_flow(monkeypatch):
+    """The norm kernel has no backward: where the kernels run, RMSNorm uses it without gradients
+    (inference) and keeps the torch form where a gradient flows (hawq differentiates the model
+    twice), with the same values both ways."""
+    import qrobust.kernels.rms_norm as rms_norm_module
+    import qrobust.models.transformer as transformer
+    from qrobust.models.transformer import RMSNorm
+
+    monkeypatch.setattr(transformer, "kernels_enabled", kernels.supports)
+    calls = []
+    kernel = rms_norm_module.rms_norm
+    monkeypatch.setattr(rms_norm_module, "rms_norm", lambda *a: calls.append(1) or kernel(*a))
+    norm = RMSNorm(64, 1e-6).to(DEVICE)
+    x = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    with torch.no_grad():
+        y_kernel = norm(x)
+    assert calls == [1]
+    y = norm(x)
+    assert calls == [1] and y.grad_fn is not None
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(y.detach(), y_kernel, rtol=1e-5, atol=1e-5)

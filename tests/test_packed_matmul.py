@@ -32,15 +32,25 @@ def test_table_sends_few_rows_to_the_gemv_batches_to_the_fused_matmul_and_prefil
 @pytest.mark.parametrize("bits,group_size,shuffled,split_k", [(4, 64, False, 2), (3, 128, False, 1),
                                                                (2, 32, True, 4), (8, 64, False, 1)])
 def test_split_k_matmul_matches_the_dequantized_weight(bits, group_size, shuffled, split_k):
-    from qrobust.kernels.packed_matmul import MatmulTiling, packed_matmul
+    """With and without arrival counters (the K-splits added up by the tile's last program, or
+    afterwards): the same sums, and the counters come back as zeros for the next call."""
+    from qrobust.kernels.packed_matmul import MatmulTiling, matmul_locks, packed_matmul
 
     layer = _layer(bits, group_size, shuffled)
     x = torch.randn(9, layer.in_features, device=DEVICE)  # not a multiple of the row tile
     tiling = MatmulTiling(16, 32, 32, split_k, 4, 2)
-    y = packed_matmul(x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx if shuffled else None, bits,
-                      group_size, FORMAT_OFFSET[layer.format], layer.bias, tiling=tiling)
+    args = (x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx if shuffled else None, bits, group_size,
+            FORMAT_OFFSET[layer.format], layer.bias)
+    locks = matmul_locks(layer.out_features, DEVICE)
     ref = x @ layer.dequantized_weight().t() + layer.bias
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    afterwards = packed_matmul(*args, tiling=tiling)
+    inside = packed_matmul(*args, tiling=tiling, locks=locks)
+    torch.testing.assert_close(afterwards, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inside, ref, rtol=1e-4, atol=1e-4)
+    assert not locks.any()
+    if split_k > 1:
+        with pytest.raises(ValueError, match="locks"):
+            packed_matmul(*args, tiling=tiling, locks=locks[:1])
 
 
 def test_tiling_splits_k_until_there_are_enough_programs():

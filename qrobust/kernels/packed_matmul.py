@@ -4,8 +4,11 @@ Between the GEMV (a few rows) and dequantize-then-matmul (prefill), a batch of d
 still memory bound: what matters is reading the packed words once and keeping enough programs
 in flight. Each program dequantizes its [BLOCK_K, BLOCK_N] weight tiles in registers on their
 way to tl.dot (as kernels.dequant's fused matmul does, with kernels.layouts' unpacking helpers)
-over one of SPLIT_K slices of the inputs; with several slices the float32 partial sums are added up
-afterwards. packed_matmul_tiling picks the tiles and the split so that a layer of Qwen3-1.7B's
+over one of SPLIT_K slices of the inputs. With several slices each program stores its float32 partial
+sums and the last of a tile's programs to finish (an arrival counter per tile, `locks`) adds them
+up, adds the bias and writes y in x's dtype: one kernel per product, where adding the slices up
+afterwards took two more (a sum and a cast, each as long as a small matmul inside a CUDA graph).
+packed_matmul_tiling picks the tiles and the split so that a layer of Qwen3-1.7B's
 shape (N of 1024 to 6144) has a few programs per SM.
 """
 from __future__ import annotations
@@ -17,17 +20,19 @@ import triton
 import triton.language as tl
 
 # the weight tile the fused matmul reads too (Triton resolves a kernel's callees among its module's globals)
-from qrobust.kernels.launch import block_k
+from qrobust.kernels.launch import block_k, last_to_arrive
 from qrobust.kernels.layouts import _weight_tile
 
 
 @triton.jit
-def _split_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, M, N, K, k_split, stride_x,
-                         BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr, GS: tl.constexpr,
-                         ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y (or, with SPLIT_K > 1, the partial sums y[split]) of rows m and outputs n over inputs
-    split·k_split … (split + 1)·k_split − 1."""
+def _split_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, k_split,
+                         stride_x, BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr,
+                         GS: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr):
+    """y of rows m and outputs n over inputs split·k_split … (split + 1)·k_split − 1: with
+    SPLIT_K > 1, the partial sums p[split], which with LAST_SUMS the tile's last program adds
+    up into y."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -39,10 +44,24 @@ def _split_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, y_ptr, M, N
         w = _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask[None, :], N, BITS, LAYOUT, OFFSET, GS,
                          ACT_ORDER, BLOCK_K, BLOCK_N)
         acc += tl.dot(a, w.to(a.dtype))
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    out = y_ptr + split * M * N + m[:, None] * N + n[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    tile = m[:, None] * N + n[None, :]
+    tmask = mmask[:, None] & nmask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=tmask)
+    else:
+        tl.store(p_ptr + split * M * N + tile, acc, mask=tmask)
+        if LAST_SUMS:
+            lock = lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            if last_to_arrive(lock, SPLIT_K):
+                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):  # in split order: the same sums whoever arrives last
+                    total += tl.load(p_ptr + s * M * N + tile, mask=tmask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + tile, total.to(y_ptr.dtype.element_ty), mask=tmask)
+                tl.atomic_xchg(lock, 0)
 
 
 @dataclass(frozen=True)
@@ -73,11 +92,19 @@ def packed_matmul_tiling(M: int, N: int, K: int, group_size: int, act_order: boo
     return MatmulTiling(block_m, block_n, bk, split, num_warps=4, num_stages=3)
 
 
+def matmul_locks(N: int, device: torch.device | str, max_rows: int = 64) -> torch.Tensor:
+    """The arrival counters packed_matmul's K-split programs share for a layer of N outputs at up
+    to max_rows rows (one per output tile of the narrowest tiling): zeros, which every call leaves
+    as it found them. Products running at the same time (on several streams) need separate ones."""
+    return torch.zeros(triton.cdiv(max_rows, 16) * triton.cdiv(N, 64), dtype=torch.int32, device=device)
+
+
 def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                   g_idx: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
                   bias: torch.Tensor | None = None, layout: str = "gptq",
-                  tiling: MatmulTiling | None = None) -> torch.Tensor:
-    """x [M, K] times the packed weight (GPTQ's qweight in `layout`, as gptq_matmul takes it): [M, N] in x's dtype."""
+                  tiling: MatmulTiling | None = None, locks: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] times the packed weight (GPTQ's qweight in `layout`, as gptq_matmul takes it): [M, N] in
+    x's dtype. With `locks` (matmul_locks) K-splits are added up inside the kernel, else afterwards."""
     M, K = x.shape
     N = qweight.shape[1]
     x = x.contiguous()
@@ -85,31 +112,39 @@ def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     t = tiling or packed_matmul_tiling(M, N, K, group_size, act_order)
     if K % (t.split_k * t.block_k):
         raise ValueError(f"packed_matmul: {t.split_k} K-splits of {K} inputs are not whole tiles of {t.block_k}")
-    out = torch.empty((t.split_k, M, N) if t.split_k > 1 else (M, N), device=x.device,
-                      dtype=torch.float32 if t.split_k > 1 else x.dtype)
-    fuse_bias = bias is not None and t.split_k == 1
     grid = (triton.cdiv(M, t.block_m), triton.cdiv(N, t.block_n), t.split_k)
+    last_sums = t.split_k > 1 and locks is not None
+    if last_sums and locks.numel() < grid[0] * grid[1]:
+        raise ValueError(f"packed_matmul needs {grid[0] * grid[1]} locks for {M} rows, got {locks.numel()}")
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype) if t.split_k == 1 or last_sums else None
+    partial = None if t.split_k == 1 else torch.empty((t.split_k, M, N), device=x.device, dtype=torch.float32)
+    fuse_bias = bias is not None and (t.split_k == 1 or last_sums)
+    out = y if y is not None else partial
     _split_matmul_kernel[grid](x, qweight, scales, qzeros, g_idx if act_order else scales,
-                               bias if fuse_bias else out, out, M, N, K, K // t.split_k, x.stride(0), BITS=bits,
+                               bias if fuse_bias else out, out if partial is None else partial, out,
+                               locks if last_sums else out, M, N, K, K // t.split_k, x.stride(0), BITS=bits,
                                LAYOUT=layout, OFFSET=zero_offset, GS=group_size, ACT_ORDER=act_order,
                                HAS_BIAS=fuse_bias, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-                               SPLIT_K=t.split_k, num_warps=t.num_warps, num_stages=t.num_stages)
-    if t.split_k == 1:
-        return out
-    y = out.sum(0)
+                               SPLIT_K=t.split_k, LAST_SUMS=last_sums, num_warps=t.num_warps,
+                               num_stages=t.num_stages)
+    if y is not None:
+        return y
+    y = partial.sum(0)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
 
 
 # A custom op, as the other products (kernels.ops): torch.compile treats it as one call.
+# The locks come back as they were (zeros), so the op declares no mutation, as the GEMV op does.
 @torch.library.custom_op("qrobust::packed_matmul", mutates_args=())
 def packed_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-                     g_idx: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
-                     zero_offset: int, layout: str = "gptq") -> torch.Tensor:
-    return packed_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias, layout)
+                     g_idx: torch.Tensor | None, bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int,
+                     group_size: int, zero_offset: int, layout: str = "gptq") -> torch.Tensor:
+    return packed_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset, bias, layout,
+                         locks=locks)
 
 
 @packed_matmul_op.register_fake
-def _(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, zero_offset, layout="gptq"):
+def _(x, qweight, scales, qzeros, g_idx, bias, locks, bits, group_size, zero_offset, layout="gptq"):
     return x.new_empty(x.shape[0], qweight.shape[1])

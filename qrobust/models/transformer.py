@@ -54,9 +54,10 @@ SDPA_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 
 class RMSNorm(nn.Module):
-    """Where the Triton kernels run (kernels.kernels_enabled) and outside torch.compile, which fuses
-    the torch form itself, one kernel (kernels.rms_norm) computes the same; `kernel = False` keeps
-    the torch form (for comparisons)."""
+    """Where the Triton kernels run (kernels.kernels_enabled), outside torch.compile (which fuses
+    the torch form itself) and where no gradient flows through it (the kernel has no backward;
+    hawq's Hessian traces differentiate the model twice), one kernel (kernels.rms_norm) computes
+    the same; `kernel = False` keeps the torch form (for comparisons)."""
 
     kernel = True
 
@@ -67,7 +68,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel and kernels_enabled(x.device) and x.dtype == self.weight.dtype and \
-                not torch.compiler.is_compiling():
+                not torch.compiler.is_compiling() and not self._needs_grad(x):
             from qrobust.kernels.rms_norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
@@ -75,6 +76,9 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
 
 
 def residual_sum(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

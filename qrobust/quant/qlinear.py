@@ -15,15 +15,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataclasses import dataclass
+
 from qrobust.kernels import kernels_enabled
 from qrobust.quant.grid import QuantResult, QuantSpec
-from qrobust.quant.kernel_choice import GEMV_MAX_ROWS, packed_kernel
+from qrobust.quant.kernel_choice import FUSED_MAX_ROWS, GEMV_MAX_ROWS, packed_kernel
 from qrobust.quant.pack import pack_qweight, pack_qzeros, repack_qweight, unpack_qweight, unpack_qzeros
 
 # "gptq" (v1) stores zero − 1, the historical AutoGPTQ convention; "gptq_v2" stores zero as is.
 # Asymmetric grids can have zero = 0, which v1 cannot represent, so they are written as v2.
 FORMAT_OFFSET = {"gptq": 1, "gptq_v2": 0}
 
+
+
+@dataclass(frozen=True)
+class KernelArgs:
+    """What a layer's packed kernels take besides its buffers, fixed once per load (uses_kernels)."""
+    device: torch.device
+    g_idx: torch.Tensor | None  # None where the inputs are in group order
+    group_size: int
+    gemv: object  # kernels.GemvConfig
+    gemv_locks: torch.Tensor  # the GEMV's arrival counters (kernels.gemv_locks)
+    matmul_locks: torch.Tensor  # the fused matmul's (kernels.packed_matmul.matmul_locks)
 
 
 def checkpoint_format(spec: QuantSpec) -> str:
@@ -44,8 +57,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._weight: torch.Tensor | None = None
-        # (device, g_idx or None, group size, GemvConfig, GEMV locks); () where the kernels cannot run
-        self._kernel_args: tuple | None = None
+        # the packed kernels' arguments; False where they cannot run, None until asked (uses_kernels)
+        self._kernel_args: KernelArgs | bool | None = None
         # GEMV calls as programmatic dependent launches (models.decode.use_pdl): for decoding only
         self.pdl = False
         # forward_add_norm on one GEMV that adds the residual and normalizes first (models.decode.fuse_norms)
@@ -167,31 +180,34 @@ class QuantLinear(nn.Module):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if self._kernel_args is not None:
-            return self._kernel_args != () and self._kernel_args[0] == device
+            return bool(self._kernel_args) and self._kernel_args.device == device
         if not kernels_enabled(device) or self.qweight.device != device:
             return False
         from qrobust.kernels import gemv_config, gemv_locks
+        from qrobust.kernels.packed_matmul import matmul_locks
 
         gs, in_order = self._group_len(), self._in_group_order()
         try:
             config = gemv_config(self.in_features, gs, not in_order)
         except ValueError:
-            self._kernel_args = ()
+            self._kernel_args = False
             return False
-        locks = gemv_locks(self.out_features, device, GEMV_MAX_ROWS, config.block_n)
-        self._kernel_args = (device, None if in_order else self.g_idx, gs, config, locks)
+        self._kernel_args = KernelArgs(device, None if in_order else self.g_idx, gs, config,
+                                       gemv_locks(self.out_features, device, GEMV_MAX_ROWS, config.block_n),
+                                       matmul_locks(self.out_features, device, FUSED_MAX_ROWS))
         return True
 
     def _tiling_args(self) -> tuple:
         """bits, group size, zero offset and the GEMV's tiling, as the GEMV ops take them."""
-        _, _, gs, c, _ = self._kernel_args
-        return (self.spec.bits, gs, FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits, c.num_warps)
+        a = self._kernel_args
+        c = a.gemv
+        return (self.spec.bits, a.group_size, FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits, c.num_warps)
 
     def _gemv_args(self, dtype: torch.dtype, swiglu: bool) -> tuple:
         """What the GEMV ops (kernels.ops) take after their inputs, for inputs of `dtype`."""
-        _, g_idx, _, _, locks = self._kernel_args
-        return (self.qweight, self.scales, self.qzeros, g_idx, None if self.bias is None else self.bias.to(dtype),
-                locks, *self._tiling_args(), swiglu, self.pdl, self.half2, self.layout)
+        a = self._kernel_args
+        return (self.qweight, self.scales, self.qzeros, a.g_idx, None if self.bias is None else self.bias.to(dtype),
+                a.gemv_locks, *self._tiling_args(), swiglu, self.pdl, self.half2, self.layout)
 
     def takes_half2(self, device: torch.device) -> bool:
         """Whether the GEMV on `device` sums codes two at a time in float16 for float16 inputs:
@@ -199,7 +215,7 @@ class QuantLinear(nn.Module):
         from qrobust.kernels import half2_applies
 
         return (self.half2 and self.uses_kernels(device)
-                and half2_applies(self.spec.bits, self._kernel_args[1] is not None, torch.float16, self.layout))
+                and half2_applies(self.spec.bits, self._kernel_args.g_idx is not None, torch.float16, self.layout))
 
     def packed_kernel(self, rows: int, device: torch.device) -> str:
         """The packed product for `rows` rows on `device` (quant.kernel_choice)."""
@@ -219,17 +235,17 @@ class QuantLinear(nn.Module):
     def _fused_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
         from qrobust.kernels.packed_matmul import packed_matmul_op
 
-        _, g_idx, gs, _, _ = self._kernel_args
+        a = self._kernel_args
         bias = None if self.bias is None else self.bias.to(rows.dtype)
-        y = packed_matmul_op(rows, self.qweight, self.scales, self.qzeros, g_idx, bias, self.spec.bits, gs,
-                             FORMAT_OFFSET[self.format], self.layout)
+        y = packed_matmul_op(rows, self.qweight, self.scales, self.qzeros, a.g_idx, bias, a.matmul_locks,
+                             self.spec.bits, a.group_size, FORMAT_OFFSET[self.format], self.layout)
         return interleaved_swiglu(y) if swiglu else y
 
     def _dequant_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
         from qrobust.kernels import dequantize_op
 
-        _, g_idx, gs, _, _ = self._kernel_args
-        w = dequantize_op(self.qweight, self.scales, self.qzeros, g_idx, self.spec.bits, gs,
+        a = self._kernel_args
+        w = dequantize_op(self.qweight, self.scales, self.qzeros, a.g_idx, self.spec.bits, a.group_size,
                           FORMAT_OFFSET[self.format], self.in_features, rows.dtype, self.layout)
         bias = None if self.bias is None else self.bias.to(rows.dtype)
         y = rows @ w if bias is None else torch.addmm(bias, rows, w)
@@ -266,7 +282,7 @@ class QuantLinear(nn.Module):
         """Whether forward_split_sums on `device` leaves split sums (for few rows): split_sums is
         on, the packed kernels run, the GEMV splits K and there is no bias to add."""
         return (self.split_sums and self.bias is None and self.uses_kernels(device)
-                and self._kernel_args[3].splits > 1)
+                and self._kernel_args.gemv.splits > 1)
 
     def forward_split_sums(self, x: torch.Tensor) -> torch.Tensor | None:
         """This layer's product left as the float32 partial sums of its GEMV's K-splits,
@@ -279,7 +295,7 @@ class QuantLinear(nn.Module):
             return None
         from qrobust.kernels import gemv_split_sums_op
 
-        g_idx, splits = self._kernel_args[1], self._kernel_args[3].splits
+        g_idx, splits = self._kernel_args.g_idx, self._kernel_args.gemv.splits
         sums = gemv_split_sums_op(rows, self.qweight, self.scales, self.qzeros, g_idx, *self._tiling_args(), self.pdl,
                                   self.half2, self.layout)
         return sums.reshape(splits, *x.shape[:-1], self.out_features)
