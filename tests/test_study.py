@@ -146,8 +146,8 @@ def test_bench_study_on_the_tiny_shape_times_every_stage_and_projects(tmp_path, 
     results = tiny_study(tmp_path, "--kinds", "ar", "--methods", "rtn", "--max-new-tokens", "2", "--calib-seqlen", "512")
     full, rtn = results["rows"]
     assert (full["method"], full["bits"], rtn["method"], rtn["bits"]) == ("fp32", 32, "rtn", 4)
-    assert set(full["stages"]) == {"load", "quantize", "likelihood", "generate", "execute"}
-    assert set(rtn["stages"]) == {"quantize", "likelihood", "generate", "execute"}
+    assert set(full["stages"]) == {"load", "quantize", "likelihood", "warmup", "generate", "execute"}
+    assert set(rtn["stages"]) == {"quantize", "likelihood", "warmup", "generate", "execute"}
     assert full["tokens"] == rtn["tokens"] == 2 and rtn["throughput_vs_full"] > 0  # forced to full length
     ar = results["projection"]["models"]["ar"]
     assert (ar["stands_for"], ar["configs"], ar["measured_configs"], ar["problems"]) == ("qwen3-1.7b", 10, 2, 664)
@@ -163,15 +163,15 @@ def test_projection_adds_the_measured_rates_over_the_whole_study():
                 "mean_prompt_tokens": 100.0}
 
     rows = [row("bf16", 16, load=10.0, quantize=0.0, likelihood=1.0, generate=4.0, execute=2.0),
-            row("gptq", 4, quantize=20.0, likelihood=1.0, generate=2.0, execute=2.0),
+            row("gptq", 4, quantize=20.0, likelihood=1.0, warmup=3.0, generate=2.0, execute=2.0),
             row("hawq", 3, hawq_analysis=60.0, quantize=30.0, likelihood=1.0, generate=6.0, execute=2.0),
             row("hawq", 4, hawq_analysis=0.001, quantize=30.0, likelihood=1.0, generate=6.0, execute=2.0)]
     bench = StudyBench(kinds=("ar",), methods=("gptq", "hawq"), bits=(3, 4), generation={"max_new_tokens": 384})
     ar = project(rows, bench)["models"]["ar"]
     # load + analysis once (the cached second one adds nothing); baseline; gptq x3, hawq x3, and rtn x3 (the mean
-    # of the quantized rows), each over 664 problems
-    per = {"full": (0.0, 1.0, 2.0, 1.0), "gptq": (20.0, 1.0, 1.0, 1.0), "hawq": (30.0, 1.0, 3.0, 1.0),
-           "rtn": (80 / 3, 1.0, 7 / 3, 1.0)}
+    # of the quantized rows), each over 664 problems; quantize and warm-up (which rows without one lack) per config
+    per = {"full": (0.0, 1.0, 2.0, 1.0), "gptq": (23.0, 1.0, 1.0, 1.0), "hawq": (30.0, 1.0, 3.0, 1.0),
+           "rtn": (83 / 3, 1.0, 7 / 3, 1.0)}
     counts = {"full": 1, "gptq": 3, "hawq": 3, "rtn": 3}
     each = sum(counts[k] * (q + lk + 664 * ex) for k, (q, lk, _, ex) in per.items())
     gen = sum(counts[k] * 664 * g for k, (_, _, g, _) in per.items())
@@ -186,8 +186,8 @@ def test_bench_study_times_every_stage_of_every_config_and_projects_the_study(tm
     rows = results["rows"]
     assert [(r["kind"], r["method"]) for r in rows] == [(k, m) for k in ("ar", "diffusion") for m in ("fp32", "rtn", "hawq")]
     for r in rows:
-        assert {"quantize", "likelihood", "generate", "execute"} <= set(r["stages"])
-        assert r["tokens"] == 4 * r["problems"] == 4  # forced to full length
+        assert {"quantize", "likelihood", "warmup", "generate", "execute"} <= set(r["stages"])
+        assert r["tokens"] == 4 * r["problems"] == 4  # forced to full length (the warm-up's tokens not counted)
         assert r["throughput_vs_full"] > 0
     assert all("load" in r["stages"] for r in rows if r["method"] == "fp32")
     assert all("hawq_analysis" in r["stages"] for r in rows if r["method"] == "hawq")
