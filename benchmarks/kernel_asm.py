@@ -1,14 +1,21 @@
-"""What the GEMV compiles to, without a GPU: Triton compiles qrobust's `_gemv_kernel` for a CUDA
-target (sm_90, the H100, by default) on any machine, with the ptxas and cuobjdump it ships, and
-this prints per width what decides the kernel's cost when products are a few microseconds:
-layout conversions (Triton moves data through shared memory for each), barriers, registers and
-spills, and the SASS instructions per code a thread unpacks (all of the kernel's static
-instructions over the codes one thread handles in one tile; the loop runs once when every
-program gets one tile, as the default tiling arranges).
+"""What the packed products compile to, without a GPU: Triton compiles qrobust's kernels for a CUDA
+target (sm_90, the H100, by default) on any machine, with the ptxas and cuobjdump it ships.
+
+For the GEMV (`_gemv_kernel`) this prints per width what decides the kernel's cost when products
+are a few microseconds: layout conversions (Triton moves data through shared memory for each),
+barriers, registers and spills, and the SASS instructions per code a thread unpacks (all of the
+kernel's static instructions over the codes one thread handles in one tile; the loop runs once
+when every program gets one tile, as the default tiling arranges).
+
+With --matmul ROWS,N,K, for the batched product (`_split_matmul_kernel`, its default tiling) it
+prints which tensor-core instructions it runs (HGMMA: Hopper's wgmma; HMMA: mma.sync), the
+asynchronous copies into shared memory (LDGSTS), the stores to and matrix loads from shared
+memory (STS, LDSM) and the barriers: how each dequantized weight tile reaches the tensor cores.
 
     python benchmarks/kernel_asm.py [--bits 2,3,4,8] [--block-n 32] [--block-k 2048] [--warps 8]
                                     [--splits 1] [--swiglu] [--pdl] [--norm] [--half2] [--arch 90]
                                     [--out FILE.json]
+    python benchmarks/kernel_asm.py --matmul 32,6144,2048 [64,2048,2048 ...] [--bits 4] [--arch 90]
 
 The kernel comes from whichever qrobust is imported (qrobust.kernels.compile_gemv_for), so
 PYTHONPATH=<another checkout> compares another version of it (one from before the kernels were
@@ -29,6 +36,7 @@ import torch
 import triton
 
 from qrobust.kernels import compile_gemv_for, half2_applies
+from qrobust.kernels.packed_matmul import compile_packed_matmul_for, packed_matmul_tiling
 from qrobust.quant.pack import LAYOUTS, layout_applies
 
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
@@ -85,6 +93,21 @@ def describe(bits: int, block_n: int, block_k: int, warps: int, splits: int, arc
             "top_opcodes": dict(ops.most_common(8))}
 
 
+# SASS opcodes that say how a matmul's operands reach the tensor cores
+MATMUL_OPCODES = ("HGMMA", "HMMA", "LDGSTS", "LDG", "STS", "LDS", "LDSM", "BAR")
+
+
+def describe_matmul(rows: int, N: int, K: int, bits: int, arch: int) -> dict:
+    kernel = compile_packed_matmul_for(arch, rows, N, K, bits)
+    ops, resources = sass_facts(kernel.asm["cubin"])
+    return {"rows": rows, "N": N, "K": K, "bits": bits, "arch": f"sm_{arch}",
+            "tiling": vars(packed_matmul_tiling(rows, N, K, 128, False)),
+            "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
+            "shared_allocations": kernel.asm["ttgir"].count("ttg.local_alloc"), **resources,
+            **{op: ops.get(op, 0) for op in MATMUL_OPCODES}, "sass_instructions": sum(ops.values()),
+            "top_opcodes": dict(ops.most_common(8))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", default="2,3,4,8")
@@ -99,11 +122,24 @@ def main() -> None:
     p.add_argument("--layout", default="gptq", choices=LAYOUTS,
                    help="qweight's layout where the width has it (pairs: 3 bits), else gptq")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90: H100)")
+    p.add_argument("--matmul", metavar="ROWS,N,K", nargs="+",
+                   help="the batched product for ROWS rows of a K → N layer instead (one or more shapes)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not Path(nvidia_tool("cuobjdump")).exists():
         raise SystemExit("kernel_asm.py: this Triton ships no CUDA tools (backends/nvidia/bin); "
                          "install a Linux x86-64 Triton wheel")
+    if args.matmul:
+        shapes = [tuple(int(v) for v in shape.split(",")) for shape in args.matmul]
+        rows = [describe_matmul(*shape, int(b), args.arch) for shape in shapes for b in args.bits.split(",")]
+        print(f"{'shape':>16} {'bits':>4} {'convert':>7} {'alloc':>5} {'regs':>4} " + " ".join(f"{op:>6}" for op in MATMUL_OPCODES)
+              + "  tiling")
+        for r in rows:
+            shape = f"{r['rows']}x{r['K']}->{r['N']}"
+            print(f"{shape:>16} {r['bits']:>4} {r['layout_conversions']:>7} {r['shared_allocations']:>5} {r.get('reg', 0):>4} "
+                  + " ".join(f"{r[op]:>6}" for op in MATMUL_OPCODES) + f"  {r['tiling']}")
+        write(args.out, rows)
+        return
     rows = [describe(int(b), args.block_n, args.block_k, args.warps, args.splits, args.arch, args.swiglu, args.pdl,
                      args.norm, args.half2, args.layout)
             for b in args.bits.split(",")]
@@ -112,8 +148,12 @@ def main() -> None:
         top = " ".join(f"{op}:{n}" for op, n in r["top_opcodes"].items())
         print(f"{r['bits']:>4} {r['layout_conversions']:>7} {r['barriers']:>8} {r.get('reg', 0):>4} {r.get('stack', 0):>5} "
               f"{r['sass_instructions']:>5} {r['sass_per_code']:>6.2f} {r['alu_per_code']:>8.2f}  {top}")
-    if args.out:
-        with open(args.out, "w") as f:
+    write(args.out, rows)
+
+
+def write(path: str | None, rows: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump({"triton": triton.__version__, "rows": rows}, f, indent=2)
 
 

@@ -76,3 +76,25 @@ def test_quant_linear_runs_batched_rows_on_the_fused_matmul(monkeypatch):
     y = layer(x)
     assert layer._weight is None
     torch.testing.assert_close(y, x @ layer.dequantized_weight().t() + layer.bias, rtol=1e-4, atol=1e-4)
+
+
+MATMUL_COMPILE = """
+import sys
+from qrobust.kernels.packed_matmul import compile_packed_matmul_for
+print(compile_packed_matmul_for(90, int(sys.argv[1]), 2048, 2048, 4).asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("rows,instruction", [(32, "mma.sync"), (64, "wgmma")])
+def test_the_matmul_compiles_for_hopper_without_a_gpu(rows, instruction):
+    """compile_packed_matmul_for (benchmarks/kernel_asm.py --matmul) builds the kernel as
+    packed_matmul launches it for sm_90, outside the interpreter (a separate process): row tiles
+    of 64 reach Hopper's wgmma, narrower ones mma.sync; the K-splits' arrival counter is there."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ptx = subprocess.run([sys.executable, "-c", MATMUL_COMPILE, str(rows)], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert instruction in ptx and "atom" in ptx

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from qrobust.kernels.availability import interpreting
 from qrobust.kernels.gemv_tiles import HALF2_ONE, ONE_BITS, _load_tile, _tile_sums
-from qrobust.kernels.launch import block_k, last_to_arrive, launch_options
+from qrobust.kernels.launch import block_k, compile_for, last_to_arrive, launch_options
 from qrobust.kernels.layouts import _check_layout, half2_applies
 
 
@@ -237,21 +237,14 @@ def compile_gemv_for(arch: int, constants: dict, dtype: str = "fp16", num_warps:
     type `dtype`, norm weights of `norm_dtype` (default `dtype`), every pointer and integer
     16-byte aligned, `constants` the kernel's constexpr parameters (all of them), PDL's launch
     option where constants ask for it."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     act = "*" + dtype
     pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32", "b_ptr": act,
                 "p_ptr": "*fp32", "y_ptr": act, "lock_ptr": "*i32", "r_ptr": act, "nw_ptr": "*" + (norm_dtype or dtype),
                 "h_ptr": act, "xn_ptr": act}
-    integers = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32", "x_split_stride": "i32", "one": "u32"}
-    signature = {**pointers, **integers, "eps": "fp32", **{name: "constexpr" for name in constants}}
-    names = list(signature)
-    source = ASTSource(_gemv_kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(i,): [["tt.divisibility", 16]] for i in range(len(pointers) + len(integers))})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages,
-                                   **launch_options(constants.get("PDL", False))})
+    scalars = {"N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32", "x_split_stride": "i32", "one": "u32",
+               "eps": "fp32"}
+    return compile_for(_gemv_kernel, arch, pointers, scalars, constants, num_warps=num_warps, num_stages=num_stages,
+                       **launch_options(constants.get("PDL", False)))
 
 
 @dataclass(frozen=True)

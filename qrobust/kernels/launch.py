@@ -1,6 +1,7 @@
 """How the packed products launch: programmatic dependent launch (pdl_supported, launch_options),
 the arrival counter that K-split programs share (last_to_arrive, also the decode attention's),
-and tile depths that fit K and its groups (block_k).
+tile depths that fit K and its groups (block_k), and compiling a kernel for a GPU on a machine
+without one (compile_for).
 """
 from __future__ import annotations
 
@@ -48,3 +49,20 @@ def block_k(K: int, group_size: int, act_order: bool, preferred: int, chunked: b
         raise ValueError(f"packed kernels need input features and group size divisible by 32 "
                          f"(K={K}, group={group_size})")
     return bk
+
+
+def compile_for(kernel, arch: int, pointers: dict[str, str], scalars: dict[str, str], constants: dict,
+                **options):
+    """`kernel` compiled for CUDA compute capability `arch` (×10) on any machine, to read the code
+    it becomes (benchmarks/kernel_asm.py): its runtime arguments, in order, of the Triton types
+    given (pointers, then scalars), every pointer and integer 16-byte aligned; `constants` all of
+    its constexpr parameters; `options` Triton's (num_warps, num_stages, launch_pdl)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
+    names = list(signature)
+    aligned = [i for i, name in enumerate(names) if name in pointers or signature[name] in ("i32", "i64", "u32")]
+    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 # the weight tile the fused matmul reads too (Triton resolves a kernel's callees among its module's globals)
-from qrobust.kernels.launch import block_k, last_to_arrive
+from qrobust.kernels.launch import block_k, compile_for, last_to_arrive
 from qrobust.kernels.layouts import _weight_tile
 
 
@@ -133,6 +133,23 @@ def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def compile_packed_matmul_for(arch: int, M: int, N: int, K: int, bits: int, group_size: int = 128,
+                              layout: str = "gptq", dtype: str = "bf16", tiling: MatmulTiling | None = None):
+    """_split_matmul_kernel as packed_matmul launches it for M rows of a layer of K inputs and N
+    outputs (no act-order, no bias, K-splits added up in the kernel), compiled for sm_<arch>
+    without a GPU (benchmarks/kernel_asm.py --matmul)."""
+    t = tiling or packed_matmul_tiling(M, N, K, group_size, False)
+    act = "*" + dtype
+    pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32", "b_ptr": act,
+                "p_ptr": "*fp32", "y_ptr": act, "lock_ptr": "*i32"}
+    scalars = {"M": "i32", "N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32"}
+    constants = dict(BITS=bits, LAYOUT=layout, OFFSET=1, GS=group_size, ACT_ORDER=False, HAS_BIAS=False,
+                     BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT_K=t.split_k,
+                     LAST_SUMS=t.split_k > 1)
+    return compile_for(_split_matmul_kernel, arch, pointers, scalars, constants, num_warps=t.num_warps,
+                       num_stages=t.num_stages)
 
 
 # A custom op, as the other products (kernels.ops): torch.compile treats it as one call.
