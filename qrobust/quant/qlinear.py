@@ -11,11 +11,11 @@ GPTQ layout.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from dataclasses import dataclass
 
 from qrobust.kernels import kernels_enabled
 from qrobust.quant.grid import QuantResult, QuantSpec
@@ -27,7 +27,6 @@ from qrobust.quant.pack import pack_qweight, pack_qzeros, repack_qweight, unpack
 FORMAT_OFFSET = {"gptq": 1, "gptq_v2": 0}
 
 
-
 @dataclass(frozen=True)
 class KernelArgs:
     """What a layer's packed kernels take besides its buffers, fixed once per load (uses_kernels)."""
@@ -36,7 +35,7 @@ class KernelArgs:
     group_size: int
     gemv: object  # kernels.GemvConfig
     gemv_locks: torch.Tensor  # the GEMV's arrival counters (kernels.gemv_locks)
-    matmul_locks: torch.Tensor  # the fused matmul's (kernels.packed_matmul.matmul_locks)
+    matmul_locks: torch.Tensor | None  # the fused matmul's (packed_matmul.matmul_locks); None: sums afterwards
 
 
 def checkpoint_format(spec: QuantSpec) -> str:
