@@ -98,3 +98,23 @@ def test_the_matmul_compiles_for_hopper_without_a_gpu(rows, instruction):
     ptx = subprocess.run([sys.executable, "-c", MATMUL_COMPILE, str(rows)], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert instruction in ptx and "atom" in ptx
+
+
+def test_the_gluon_candidate_compiles_to_tensor_cores_without_shared_memory():
+    """benchmarks/gluon_matmul_probe.py's kernel (a candidate, not used yet) compiled for sm_90
+    without a GPU: mma.sync fed from registers, no stores to shared memory and no barriers (the
+    round trip kernel_asm.py --matmul shows in the Triton kernel)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.experimental.gluon")
+    root = Path(__file__).resolve().parents[1]
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "PYTHONPATH": os.pathsep.join([str(root), str(root / "benchmarks")])}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "gluon_matmul_probe.py"), "--compile-only",
+                          "--bits", "4", "--rows", "32"], env=env, capture_output=True, text=True, check=True).stdout
+    row = ast.literal_eval(out.strip().splitlines()[-1])
+    assert row["HMMA"] > 0 and row["STS"] == row["LDS"] == row["BAR"] == 0 and row["shared"] == 0
