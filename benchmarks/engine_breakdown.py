@@ -26,12 +26,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from engine_gpu import Plan, build, config, layer_shapes, random_prompts, release
+from engine_gpu import Plan, build, config, layer_shapes, packed_like, random_prompts, release
 from gpu_script import graph_time, require_cuda, write_rows
 from qrobust.kernels.packed_matmul import MatmulTiling, matmul_locks, packed_matmul, packed_matmul_tiling
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
-from qrobust.quant.grid import QuantSpec, rtn
-from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
+from qrobust.quant.qlinear import FORMAT_OFFSET
 
 # attention first: its CUTLASS kernels' names also hold "cutlass"
 GROUPS = (("attention", ("attention", "fmha", "flash", "softmax", "sdpa", "efficient")),
@@ -84,16 +83,14 @@ def tile_rows(plan: Plan, rows: tuple[int, ...], bits_list: tuple[int, ...]) -> 
     out = []
     for name, (K, N) in shapes.items():
         dense = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
-        for rows_m in rows:
-            x = torch.randn(rows_m, K, device="cuda", dtype=torch.bfloat16)
-            with torch.no_grad():
-                t_dense = graph_time(functools.partial(dense, x))
-            for bits in bits_list:
-                layer = QuantLinear.from_result(rtn(dense.weight.float(), QuantSpec(bits, plan.group_size, sym=True)),
-                                                None, torch.bfloat16).cuda()
-                args = (layer.qweight, layer.scales, layer.qzeros, None, bits, plan.group_size,
-                        FORMAT_OFFSET[layer.format])
-                locks = matmul_locks(N, "cuda")
+        xs = {m: torch.randn(m, K, device="cuda", dtype=torch.bfloat16) for m in rows}
+        with torch.no_grad():
+            t_dense = {m: graph_time(functools.partial(dense, x)) for m, x in xs.items()}
+        locks = matmul_locks(N, "cuda")
+        for bits in bits_list:
+            layer = packed_like(dense, bits, plan.group_size)
+            args = (layer.qweight, layer.scales, layer.qzeros, None, bits, plan.group_size, FORMAT_OFFSET[layer.format])
+            for rows_m, x in xs.items():
                 for k, t in enumerate(tilings(rows_m, N, K, plan.group_size)):
                     try:
                         seconds = graph_time(functools.partial(packed_matmul, x, *args, tiling=t, locks=locks))
@@ -102,9 +99,9 @@ def tile_rows(plan: Plan, rows: tuple[int, ...], bits_list: tuple[int, ...]) -> 
                                     "error": str(e)[:200]})
                         continue
                     out.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": rows_m, "default": k == 0,
-                                "tiling": vars(t), "us_bf16": 1e6 * t_dense, "us_packed": 1e6 * seconds,
-                                "speedup": t_dense / seconds})
-                del layer
+                                "tiling": vars(t), "us_bf16": 1e6 * t_dense[rows_m], "us_packed": 1e6 * seconds,
+                                "speedup": t_dense[rows_m] / seconds})
+            del layer
         del dense
         release()
     return out

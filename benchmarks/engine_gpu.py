@@ -161,6 +161,12 @@ def layer_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, int]]:
             "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i)}
 
 
+def packed_like(dense: nn.Linear, bits: int, group_size: int) -> QuantLinear:
+    """dense's weight rounded to `bits` (RTN, symmetric groups) as a packed layer on its device."""
+    spec = QuantSpec(bits, group_size, sym=True)
+    return QuantLinear.from_result(rtn(dense.weight.float(), spec), None, dense.weight.dtype).to(dense.weight.device)
+
+
 def timer(device: str):
     """Seconds per call: replayed in a CUDA graph of 20 calls on a GPU (launches do not count;
     weights may partly stay in L2), timed alone elsewhere (where this only checks that it runs)."""
@@ -183,8 +189,7 @@ def products(plan: Plan, device: str) -> list[dict]:
         with torch.no_grad():
             us_bf16 = {m: 1e6 * time_of(functools.partial(dense, x)) for m, x in xs.items()}
             for bits in [b for b in plan.bits if b != 16]:
-                layer = QuantLinear.from_result(rtn(dense.weight.float(), QuantSpec(bits, plan.group_size, sym=True)),
-                                                None, dtype).to(device)
+                layer = packed_like(dense, bits, plan.group_size)
                 packed = layer.uses_kernels(torch.device(device))
                 candidates = {}
                 for m, x in xs.items():

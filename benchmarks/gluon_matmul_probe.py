@@ -29,7 +29,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 GROUP_SIZE = 128
-SHAPES = {"q_proj": (2048, 2048), "k_proj": (2048, 1024), "gate_proj": (2048, 6144), "down_proj": (6144, 2048)}
 
 
 @gluon.jit
@@ -89,18 +88,16 @@ def gluon_matmul(x: torch.Tensor, layer, split_k: int, partial: torch.Tensor | N
 
 
 def compile_for_sm90(rows: int, bits: int, block_n: int = 64, block_k: int = 64, num_warps: int = 4):
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    signature = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "p_ptr": "*fp32",
-                 "M": "i32", "N": "i32", "K": "i32", "k_split": "i32"}
+    from qrobust.kernels.launch import compile_for
+
+    pointers = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "p_ptr": "*fp32"}
+    scalars = {"M": "i32", "N": "i32", "K": "i32", "k_split": "i32"}
     constants = dict(BITS=bits, OFFSET=1, GS=GROUP_SIZE, BLOCK_M=block_m_for(rows), BLOCK_N=block_n, BLOCK_K=block_k,
                      NUM_WARPS=num_warps)
-    names = list(signature) + list(constants)
-    source = GluonASTSource(_gluon_matmul_kernel, {**signature, **{k: "constexpr" for k in constants}},
-                            constexprs={(names.index(k),): v for k, v in constants.items()},
-                            attrs={(i,): [["tt.divisibility", 16]] for i in range(len(signature))})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return compile_for(_gluon_matmul_kernel, 90, pointers, scalars, constants, source_type=GluonASTSource,
+                       num_warps=num_warps)
 
 
 def compile_only(bits_list: tuple[int, ...], rows_list: tuple[int, ...]) -> list[dict]:
@@ -116,17 +113,18 @@ def compile_only(bits_list: tuple[int, ...], rows_list: tuple[int, ...]) -> list
 
 
 def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tuple[int, ...]) -> list[dict]:
+    from engine_gpu import Plan, config, layer_shapes, packed_like
     from gpu_script import graph_time
     from qrobust.kernels.packed_matmul import matmul_locks, packed_matmul
-    from qrobust.quant.grid import QuantSpec, rtn
-    from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
+    from qrobust.quant.qlinear import FORMAT_OFFSET
 
+    shapes = layer_shapes(config(Plan(), "ar"))
     out = []
-    for name, (K, N) in SHAPES.items():
+    for name in ("q_proj", "k_proj", "gate_proj", "down_proj"):
+        K, N = shapes[name]
         dense = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
         for bits in bits_list:
-            layer = QuantLinear.from_result(rtn(dense.weight.float(), QuantSpec(bits, GROUP_SIZE, sym=True)), None,
-                                            torch.bfloat16).cuda()
+            layer = packed_like(dense, bits, GROUP_SIZE)
             w = layer.dequantized_weight().to(torch.bfloat16)
             locks = matmul_locks(N, "cuda")
             for m in rows_list:

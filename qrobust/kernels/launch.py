@@ -52,17 +52,19 @@ def block_k(K: int, group_size: int, act_order: bool, preferred: int, chunked: b
 
 
 def compile_for(kernel, arch: int, pointers: dict[str, str], scalars: dict[str, str], constants: dict,
-                **options):
+                source_type=None, **options):
     """`kernel` compiled for CUDA compute capability `arch` (×10) on any machine, to read the code
     it becomes (benchmarks/kernel_asm.py): its runtime arguments, in order, of the Triton types
     given (pointers, then scalars), every pointer and integer 16-byte aligned; `constants` all of
-    its constexpr parameters; `options` Triton's (num_warps, num_stages, launch_pdl)."""
+    its constexpr parameters; `source_type` the front end (default Triton's ASTSource; Gluon's for
+    Gluon kernels); `options` Triton's (num_warps, num_stages, launch_pdl)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    source_type = source_type or ASTSource
     signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
     names = list(signature)
     aligned = [i for i, name in enumerate(names) if name in pointers or signature[name] in ("i32", "i64", "u32")]
-    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+    source = source_type(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
