@@ -216,6 +216,10 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+PROJECTION_NOTE = ("random weights, every generation at full length: an upper bound on generation; execution "
+                   "of random text fails fast, so real execution (tests that run, time-outs) costs more")
+
+
 def project(rows: list[dict], bench: StudyBench) -> dict:
     """The whole study's time from the measured rates: per model, load once, hawq's analysis once,
     and for each of its 10 configs quantize + held-out loss + warm-up + (generate + execute) × 664 problems.
@@ -272,11 +276,13 @@ def project(rows: list[dict], bench: StudyBench) -> dict:
             "generation_scale_to_preset": scale,
             "settings": settings.record(), "preset": preset.record(),
         }
-    return {"models": per_kind,
-            "seconds_as_measured": sum(k["seconds_as_measured"] for k in per_kind.values()),
-            "seconds_at_preset": sum(k["seconds_at_preset"] for k in per_kind.values()),
-            "note": "random weights, every generation at full length: an upper bound on generation; execution "
-                    "of random text fails fast, so real execution (tests that run, time-outs) costs more"}
+    return _projection(per_kind)
+
+
+def _projection(models: dict[str, dict]) -> dict:
+    """The study's projection from its models' (kinds') projections."""
+    return {"models": models, "seconds_as_measured": sum(k["seconds_as_measured"] for k in models.values()),
+            "seconds_at_preset": sum(k["seconds_at_preset"] for k in models.values()), "note": PROJECTION_NOTE}
 
 
 def bench_study(bench: StudyBench, work_dir: str | Path | None = None, out: str | Path | None = None) -> dict:
@@ -319,24 +325,35 @@ def progress_line(row: dict) -> str:
     return f"[{row['kind']}] {row['method']}-{row['bits']}: {stages}{tps}"
 
 
+def _bench_of(run: dict, kinds: tuple[str, ...]) -> StudyBench:
+    b = run["bench"]
+    return StudyBench(**{**b, "kinds": kinds, "methods": tuple(b["methods"]), "bits": tuple(b["bits"]),
+                         "benchmarks": tuple(b["benchmarks"])})
+
+
 def merge(paths: list[str | Path], out: str | Path | None = None) -> dict:
     """One result from runs of separate kinds (e.g. each within a device's time limit): their rows
-    together, projected with the first run's settings, written to `out`. Each kind must come from one file."""
+    together, each kind projected with its own run's settings (one run's --diffusion-sampler fast
+    is not another's), written to `out`. Each kind must come from one file."""
     runs = []
     for p in paths:
         try:
             runs.append(json.loads(Path(p).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise QrobustError(f"cannot read bench study results {p}: {e}; give files written by --out") from None
-    kinds = [k for run in runs for k in dict.fromkeys(r["kind"] for r in run.get("rows", []))]
+    run_kinds = [tuple(dict.fromkeys(r["kind"] for r in run.get("rows", []))) for run in runs]
+    kinds = [k for ks in run_kinds for k in ks]
     if len(set(kinds)) != len(kinds) or not kinds:
         raise QrobustError(f"the files hold the kinds {kinds}: merge runs of different kinds, each with rows")
-    first = runs[0]["bench"]
-    bench = StudyBench(**{**first, "kinds": tuple(kinds), "methods": tuple(first["methods"]),
-                          "bits": tuple(first["bits"]), "benchmarks": tuple(first["benchmarks"])})
     rows = with_ratios([r for run in runs for r in run["rows"]])
-    results = {"bench": asdict(bench), "merged_from": [str(p) for p in paths],
-               "environment": runs[0].get("environment"), "rows": rows, "projection": project(rows, bench)}
+    models = {}
+    for run, ks in zip(runs, run_kinds):
+        if ks:
+            models |= project([r for r in rows if r["kind"] in ks], _bench_of(run, ks))["models"]
+    projection = _projection(models)
+    results = {"bench": asdict(_bench_of(runs[0], tuple(kinds))), "runs": [run["bench"] for run in runs],
+               "merged_from": [str(p) for p in paths], "environment": runs[0].get("environment"), "rows": rows,
+               "projection": projection}
     write(results, out)
     return results
 

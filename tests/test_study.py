@@ -208,6 +208,7 @@ def test_runs_of_separate_kinds_merge_into_one_projection(tmp_path, capsys):
     twin = json.loads(json.dumps(ar))
     for r in twin["rows"]:
         r["kind"] = "diffusion"
+    twin["bench"]["generation"] = {"diffusion_sampler": "fast", "max_new_tokens": 1}
     (tmp_path / "ar.json").write_text(json.dumps(ar))
     (tmp_path / "d.json").write_text(json.dumps(twin))
     out = tmp_path / "merged.json"
@@ -216,5 +217,10 @@ def test_runs_of_separate_kinds_merge_into_one_projection(tmp_path, capsys):
     assert set(merged["projection"]["models"]) == {"ar", "diffusion"} and len(merged["rows"]) == 4
     assert merged["projection"]["seconds_as_measured"] == pytest.approx(
         sum(k["seconds_as_measured"] for k in merged["projection"]["models"].values()))
+    # each kind keeps its own run's settings: the second run's sampler and length, not the first's
+    models = merged["projection"]["models"]
+    assert models["diffusion"]["settings"]["diffusion_sampler"] == "fast"
+    assert models["ar"]["settings"]["max_new_tokens"] == 2 and models["diffusion"]["settings"]["max_new_tokens"] == 1
+    assert models["diffusion"]["generation_scale_to_preset"] == pytest.approx(768)
     assert main(["bench", "study", "--merge", f"{tmp_path / 'ar.json'},{tmp_path / 'ar.json'}"]) != 0
     assert "merge runs of different kinds" in capsys.readouterr().err
