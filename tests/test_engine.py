@@ -237,3 +237,17 @@ def test_draws_follow_the_nucleus_distribution():
     assert set(c.tokens.tolist()) == {0, 1, 2}  # the rest lies outside the nucleus
     greedy = choose(logits[:2], SamplerConfig(alg="confidence"), None)
     assert greedy.tokens.tolist() == [0, 0] and torch.allclose(greedy.prob, torch.softmax(logits[:2], -1)[:, 0])
+
+
+def test_ar_and_diffusion_samplers_draw_the_same_token_at_the_same_quantile():
+    """The AR engine's graph-safe draw (full sort) and the diffusion sampler's (top candidates,
+    full sort where the nucleus is wider) share nucleus_draw: same logits and quantiles, same tokens."""
+    from qrobust.models.diffusion import NUCLEUS_CANDIDATES, SamplerConfig, _choose_chunk
+
+    g = torch.Generator().manual_seed(3)
+    vocab = 4 * NUCLEUS_CANDIDATES  # some rows' nuclei are wider than the candidates, some narrower
+    logits = torch.randn(64, vocab, generator=g) * torch.linspace(0.5, 12.0, 64)[:, None]
+    u = torch.rand(64, generator=g)
+    diffusion = _choose_chunk(logits, SamplerConfig(temperature=0.8, top_p=0.9, alg="confidence"), u, u)
+    assert sample_token(logits, 0.8, 0.9, u).squeeze(-1).tolist() == diffusion.tokens.tolist()
+

@@ -122,15 +122,24 @@ def _quantile_index(q: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return (q.cumsum(-1) < uniform[:, None]).sum(-1, keepdim=True).clamp(max=q.shape[-1] - 1)
 
 
-def _from_sorted(sorted_p: torch.Tensor, order: torch.Tensor, top_p: float, uniform: torch.Tensor, alg: str,
-                 random_conf: torch.Tensor) -> Choice:
-    """The choice from a prefix of each row's probabilities sorted in descending order that holds its
-    nucleus: keep a token while the mass before it is at most top_p, renormalize, draw at quantile uniform."""
-    kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0)
+def nucleus_draw(sorted_p: torch.Tensor, order: torch.Tensor, top_p: float,
+                 uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A draw from the nucleus, given a prefix of each row's probabilities sorted in descending order
+    that holds it (sorted_p, and the token ids `order`): keep a token while the mass before it is at
+    most top_p, renormalize, take the token at quantile uniform [N]. Returns the tokens [N, 1], the
+    renormalized distribution q and the index drawn in it [N, 1]. No host sync (CUDA-graph safe)."""
+    kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0) if top_p < 1.0 else sorted_p
     q = kept / kept.sum(-1, keepdim=True)
     below = _quantile_index(q, uniform)
+    return order.gather(-1, below), q, below
+
+
+def _from_sorted(sorted_p: torch.Tensor, order: torch.Tensor, top_p: float, uniform: torch.Tensor, alg: str,
+                 random_conf: torch.Tensor) -> Choice:
+    """The choice (nucleus_draw) with its probability and the unmasking rule's confidence."""
+    tokens, q, below = nucleus_draw(sorted_p, order, top_p, uniform)
     prob = q.gather(-1, below).squeeze(-1)
-    return Choice(order.gather(-1, below).squeeze(-1), prob, _confidence(q, prob, alg, random_conf))
+    return Choice(tokens.squeeze(-1), prob, _confidence(q, prob, alg, random_conf))
 
 
 def _confidence(q: torch.Tensor, prob: torch.Tensor, alg: str, random_conf: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qrobust.models.decode import GraphedForward, capture, greedy_token, sync
-from qrobust.models.diffusion import SamplerConfig, diffusion_generate
+from qrobust.models.diffusion import SamplerConfig, diffusion_generate, nucleus_draw
 from qrobust.models.transformer import KVCache, TransformerLM
 
 
@@ -114,13 +114,9 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, uniform
     quantile uniform [B] of the nucleus (top_p) of softmax(logits / temperature), without a sync."""
     if temperature <= 0:
         return greedy_token(logits)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    if top_p < 1.0:
-        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0)
-    cdf = sorted_p.cumsum(-1)
-    below = (cdf < uniform[:, None] * cdf[:, -1:]).sum(-1, keepdim=True)
-    return order.gather(-1, below.clamp(max=logits.shape[-1] - 1))
+    # the whole vocabulary sorted: diffusion.choose's shortcut through the top candidates needs a sync
+    sorted_p, order = torch.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)
+    return nucleus_draw(sorted_p, order, top_p, uniform)[0]
 
 
 class AREngine:
