@@ -7,9 +7,12 @@ random-weight models of the real shapes in bfloat16. Parts (--parts, all by defa
 - norms: the same with RMSNorm's torch form against its one kernel;
 - products: each packed product alone against bf16 nn.Linear at Qwen3-1.7B's layer shapes and
   the engine's row counts (CUDA graphs of 20 calls): the table's product, the fused matmul with
-  its K-splits added up afterwards, and PyTorch's int4 tinygemm at 4 bits;
+  its K-splits added up afterwards, PyTorch's int4 tinygemm at 4 bits, and with --marlin
+  GPTQModel's Marlin at 4 and 8 bits;
 - variants: the engine's throughput with the rewrites that could become its defaults (K-splits
-  added up afterwards, fused q/k/v and gate/up, tinygemm at 4 bits), each against bf16 in the run;
+  added up afterwards, fused q/k/v and gate/up, tinygemm at 4 bits), each against bf16 in the run,
+  and at bf16 with every block's product replaced by one kernel that writes zeros: the ceiling on
+  what any quantized product could gain over bf16 in this engine;
 - agreement: greedy agreement of the engine with transformers' generate on the same random
   Qwen3-1.7B model: per row the first position where the tokens differ and, there, the gap
   between the two largest logits of transformers' model (random weights give near-ties early; a
@@ -65,6 +68,7 @@ class Plan:
     diffusion_tokens: int = 256
     diffusion_block: int = 32
     kernel_rows: tuple[int, ...] = (8, 16, 32, 64, 6144)  # 6144: a batch-32 prefill
+    marlin: bool = False  # products: also GPTQModel's Marlin at 4 and 8 bits
     tiny: bool = False
 
 
@@ -175,11 +179,26 @@ def timer(device: str):
     return functools.partial(median_seconds, device=device, repeats=3)
 
 
+def gptqmodel_marlin(layer: QuantLinear, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """GPTQModel's Marlin layer on `layer`'s symmetric checkpoint, repacked by GPTQModel (which
+    must be installed; it builds Marlin on first use), computing in `dtype`."""
+    from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
+
+    m = MarlinLinear(bits=layer.spec.bits, group_size=layer.spec.group_size, desc_act=False, sym=True,
+                     in_features=layer.in_features, out_features=layer.out_features, bias=False, dtype=dtype)
+    m.qweight.data, m.qzeros.data = layer.qweight.clone(), layer.qzeros.clone()
+    m.scales.data, m.g_idx.data = layer.scales.to(dtype).clone(), layer.g_idx.int().clone()
+    m = m.to(layer.qweight.device)
+    m.post_init()
+    return m
+
+
 def products(plan: Plan, device: str) -> list[dict]:
     """Each packed product alone against the bf16 nn.Linear of its shape at the engine's row
     counts: the table's product (QuantLinear.forward), where that is the fused matmul also the
     same kernel with its K-splits added up afterwards (a sum and a cast, as before the arrival
-    counters), and at 4 bits PyTorch's int4 tinygemm (kernels.tinygemm)."""
+    counters), at 4 bits PyTorch's int4 tinygemm (kernels.tinygemm), and with plan.marlin GPTQModel's
+    Marlin at 4 and 8 bits (with its largest difference from ours, relative to our largest output)."""
     time_of = timer(device)
     dtype = dtype_for(device)
     rows = []
@@ -191,7 +210,13 @@ def products(plan: Plan, device: str) -> list[dict]:
             for bits in [b for b in plan.bits if b != 16]:
                 layer = packed_like(dense, bits, plan.group_size)
                 packed = layer.uses_kernels(torch.device(device))
-                candidates = {}
+                marlin = None
+                if plan.marlin and bits in (4, 8) and torch.device(device).type == "cuda":
+                    try:
+                        marlin = gptqmodel_marlin(layer)
+                    except Exception as e:  # noqa: BLE001 - an optional peer: any failure is reported, not fatal
+                        print(f"  GPTQModel Marlin {bits}-bit: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                candidates, differences = {}, {}
                 for m, x in xs.items():
                     kernel = layer.packed_kernel(m, x.device) if packed else "torch"
                     candidates[m] = {kernel: functools.partial(layer, x)}
@@ -202,14 +227,20 @@ def products(plan: Plan, device: str) -> list[dict]:
                             a.group_size, FORMAT_OFFSET[layer.format])
                     if bits == 4 and tinygemm.applies(layer):
                         candidates[m]["tinygemm"] = functools.partial(TinyGemmLinear.from_quant_linear(layer), x)
+                    if marlin is not None:
+                        ours = layer(x).float()
+                        differences[m, "GPTQModel Marlin"] = ((marlin(x).float() - ours).abs().max()
+                                                              / ours.abs().max()).item()
+                        candidates[m]["GPTQModel Marlin"] = functools.partial(marlin, x)
                 for m, kernels in candidates.items():
                     for kernel, fn in kernels.items():
                         us = 1e6 * time_of(fn)
+                        extra = {"max_rel_difference": differences[m, kernel]} if (m, kernel) in differences else {}
                         rows.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": m, "kernel": kernel,
-                                     "us_bf16": us_bf16[m], "us_packed": us, "speedup": us_bf16[m] / us})
+                                     "us_bf16": us_bf16[m], "us_packed": us, "speedup": us_bf16[m] / us, **extra})
                         print(f"  {name:>12} {bits}-bit {m:>5} rows {kernel:>30}: {us:8.2f} us "
                               f"({us_bf16[m] / us:.2f}x bf16)", flush=True)
-                del layer, candidates
+                del layer, candidates, marlin
         del dense, xs
         release()
     return rows
@@ -222,17 +253,47 @@ def sums_afterwards(model: nn.Module, device: str) -> None:
             m._kernel_args = dataclasses.replace(m._kernel_args, matmul_locks=None)
 
 
+class ZeroProduct(nn.Module):
+    """Stands in for a block's linear layer with the least a product must do: one kernel that
+    writes its output (zeros). The engine's speed with these bounds any quantized product's gain."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def zero_products(model: TransformerLM) -> int:
+    """Replace every linear layer inside the blocks (what quantization replaces; lm_head stays)."""
+    swapped = 0
+    for block in model.model.layers:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, (nn.Linear, QuantLinear)):
+                    setattr(parent, name, ZeroProduct(child.out_features))
+                    swapped += 1
+    return swapped
+
+
 def variants(plan: Plan, device: str) -> list[dict]:
     """The engine's throughput per width with today's layers, and with the rewrites that could
     become its defaults: the fused matmul's K-splits added up afterwards (as before its arrival
     counters), q/k/v and gate/up fused into one product each (models.decode.fuse_projections),
     and at 4 bits those on tinygemm (kernels.tinygemm.repack_int4); each against bf16 with the
-    same rewrite, in the same run."""
+    same rewrite, in the same run; and bf16 with zero_products, the ceiling."""
     short = replace(plan, new_tokens=min(plan.new_tokens, 256), batches=(64, 32) if not plan.tiny else (3,))
     rows = []
     for bits in short.bits:
         model = build(short, "ar", bits, device)
         rows += engine_rows(model, short, bits, variant="today")
+        if bits == 16:
+            ceiling = build(short, "ar", bits, device)
+            zero_products(ceiling)
+            rows += engine_rows(ceiling, short, bits, variant="products write zeros")
+            del ceiling
+            release()
         if bits != 16:
             sums_afterwards(model, device)
             rows += engine_rows(model, short, bits, variant="sums afterwards")
@@ -375,12 +436,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--bits", help="widths to run (16 is bf16), comma-separated; default 16,8,4,3,2")
+    parser.add_argument("--marlin", action="store_true",
+                        help="products: also GPTQModel's Marlin at 4 and 8 bits (GPTQModel installed; it builds "
+                             "Marlin on first use, 86 s on the H200)")
     args = parser.parse_args()
     if torch.device(args.device).type != "cuda" and not args.tiny:
         raise SystemExit("engine_gpu.py: needs a CUDA device (or --tiny)")
     plan = tiny_plan() if args.tiny else Plan()
     if args.bits:
         plan = replace(plan, bits=tuple(int(b) for b in args.bits.split(",")))
+    plan = replace(plan, marlin=args.marlin)
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for part in args.parts.split(","):

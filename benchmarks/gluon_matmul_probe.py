@@ -8,10 +8,16 @@ packed words of exactly the weights it holds in mma.sync's B fragment and dequan
 place: no shared memory, no barrier. Only GPTQ's layout at 2, 4 and 8 bits, inputs in group order,
 K-splits added up afterwards.
 
-qrobust does not use this kernel yet. On a CUDA GPU, this script checks it against the dequantized
-weight and times it (CUDA graphs of 20 calls) against bf16 nn.Linear and the Triton product at
-Qwen3-1.7B's layer shapes and the engine's row counts, for a few K-splits. Without a GPU,
---compile-only prints what it compiles to for sm_90 (mma.sync, global loads, no shared memory).
+On a CUDA GPU, this script checks it against the dequantized weight and times it (CUDA graphs of
+20 calls) against bf16 nn.Linear and the Triton product at Qwen3-1.7B's layer shapes and the
+engine's row counts, for a few K-splits. Without a GPU, --compile-only prints what it compiles to
+for sm_90 (mma.sync, global loads, no shared memory).
+
+Measured on an H200 (results/engine/gluon_matmul_probe.json): correct, and at its best K-split
+0.42-1.02x of the Triton product's speed. Each 64-input step waits for its own loads (one L2
+round trip, nothing in flight behind it), and threads that share a packed word each load it. So
+qrobust does not use it; a kernel that wins needs Marlin's repacking (one whole word per thread)
+and loads issued several steps ahead.
 
     python benchmarks/gluon_matmul_probe.py --out "$OUT"      # on a CUDA GPU
     python benchmarks/gluon_matmul_probe.py --compile-only    # anywhere, with a Linux x86-64 Triton

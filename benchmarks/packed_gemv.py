@@ -187,14 +187,9 @@ def marlin_row(name: str, N: int, K: int, bits: int, layer: QuantLinear, x: torc
     """GPTQModel's Marlin kernel on the same (symmetric) checkpoint, repacked by GPTQModel."""
     row = {"layer": name, "N": N, "K": K, "bits": bits, "kernel": f"GPTQModel Marlin {bits}-bit"}
     try:
-        from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
+        from engine_gpu import gptqmodel_marlin
 
-        m = MarlinLinear(bits=bits, group_size=args.group_size, desc_act=False, sym=True, in_features=K,
-                         out_features=N, bias=False)
-        m.qweight.data, m.qzeros.data = layer.qweight.clone(), layer.qzeros.clone()
-        m.scales.data, m.g_idx.data = layer.scales.half().clone(), layer.g_idx.int().clone()
-        m = m.to(device)
-        m.post_init()
+        m = gptqmodel_marlin(layer, torch.float16)
         nbytes = sum(t.numel() * t.element_size() for t in (m.qweight, m.scales))
         layers = replicas(m, copies(nbytes, device))
         return checked({**row, "weight_bytes": nbytes}, [lambda m=m: m(x) for m in layers], ref, base, device)

@@ -251,3 +251,28 @@ def test_ar_and_diffusion_samplers_draw_the_same_token_at_the_same_quantile():
     diffusion = _choose_chunk(logits, SamplerConfig(temperature=0.8, top_p=0.9, alg="confidence"), u, u)
     assert sample_token(logits, 0.8, 0.9, u).squeeze(-1).tolist() == diffusion.tokens.tolist()
 
+
+def test_the_ceiling_variant_replaces_every_block_product_and_still_generates(monkeypatch):
+    """benchmarks/engine_gpu.py's ceiling: every linear layer inside the blocks (bf16 or packed)
+    becomes one zero-writing module, lm_head stays, and the engine still runs every row to length."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from engine_gpu import ZeroProduct, build, engine_rows, tiny_plan, zero_products
+    from qrobust.quant.qlinear import QuantLinear
+
+    plan = tiny_plan()
+    for bits in (16, 4):
+        model = build(plan, "ar", bits, "cpu")
+        products = [m for block in model.model.layers for m in block.modules()
+                    if isinstance(m, (torch.nn.Linear, QuantLinear))]
+        assert zero_products(model) == len(products) == 7 * len(model.model.layers)
+        assert not any(isinstance(m, (torch.nn.Linear, QuantLinear)) for block in model.model.layers
+                       for m in block.modules())
+        assert isinstance(model.lm_head, torch.nn.Linear)
+        down = model.model.layers[0].mlp.down_proj
+        assert isinstance(down, ZeroProduct)
+        assert torch.equal(down(torch.randn(2, 3, model.config.intermediate_size)),
+                           torch.zeros(2, 3, model.config.hidden_size))
+    rows = engine_rows(model, plan, 16, variant="products write zeros")
+    assert [r["tokens"] for r in rows] == [b * plan.new_tokens for b in plan.batches]
