@@ -53,13 +53,17 @@ def test_split_k_matmul_matches_the_dequantized_weight(bits, group_size, shuffle
             packed_matmul(*args, tiling=tiling, locks=locks[:1])
 
 
-def test_tiling_splits_k_until_there_are_enough_programs():
-    from qrobust.kernels.packed_matmul import TARGET_PROGRAMS, packed_matmul_tiling
+def test_tiling_splits_k_until_programs_are_short_and_many_enough():
+    from qrobust.kernels.packed_matmul import MAX_INPUTS_PER_PROGRAM, MIN_PROGRAMS, packed_matmul_tiling
 
-    narrow = packed_matmul_tiling(8, 2048, 6144, 128, act_order=False)  # down projection, 32 output tiles
-    assert narrow.block_m == 16 and narrow.split_k == 8 and 32 * narrow.split_k <= TARGET_PROGRAMS
-    wide = packed_matmul_tiling(64, 12288, 2048, 128, act_order=False)  # gate/up: already 192 tiles
-    assert wide.block_m == 64 and wide.split_k == 1
+    down = packed_matmul_tiling(8, 2048, 6144, 128, act_order=False)  # 32 output tiles, 48 input tiles
+    assert (down.block_m, down.block_k, down.split_k) == (16, 128, 8) and 6144 // 8 <= MAX_INPUTS_PER_PROGRAM
+    k_proj = packed_matmul_tiling(32, 1024, 2048, 128, act_order=False)  # 16 output tiles: split for programs
+    assert k_proj.split_k == 8 and 16 * 8 >= MIN_PROGRAMS
+    gate_up = packed_matmul_tiling(64, 12288, 2048, 128, act_order=False)  # 192 output tiles: split for length
+    assert gate_up.block_m == 64 and gate_up.split_k == 4
+    small_groups = packed_matmul_tiling(32, 2048, 2048, 64, act_order=False)  # a tile stays within a group
+    assert small_groups.block_k == 64 and small_groups.split_k == 4
 
 
 def test_quant_linear_runs_batched_rows_on_the_fused_matmul(monkeypatch):

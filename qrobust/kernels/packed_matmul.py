@@ -8,8 +8,8 @@ over one of SPLIT_K slices of the inputs. With several slices each program store
 sums and the last of a tile's programs to finish (an arrival counter per tile, `locks`) adds them
 up, adds the bias and writes y in x's dtype: one kernel per product, where adding the slices up
 afterwards took two more (a sum and a cast, each as long as a small matmul inside a CUDA graph).
-packed_matmul_tiling picks the tiles and the split so that a layer of Qwen3-1.7B's
-shape (N of 1024 to 6144) has a few programs per SM.
+packed_matmul_tiling picks the tiles and the split: each program reads a few hundred inputs,
+and a layer of Qwen3-1.7B's shape (N of 1024 to 6144) has at least one program per SM.
 """
 from __future__ import annotations
 
@@ -74,20 +74,24 @@ class MatmulTiling:
     num_stages: int
 
 
-# programs to aim for: a few per SM of a large GPU (132 on an H100/H200), so that loads overlap
-TARGET_PROGRAMS = 256
+# Tile-grid sweeps on an H200 (benchmarks/engine_breakdown.py --parts tiles, results/engine/engine_tiles.json)
+# put every Qwen3-1.7B shape's best split where each program reads 512 to 768 inputs, with at least
+# 128 programs (about one per SM), in 128-input tiles.
+MAX_INPUTS_PER_PROGRAM = 768
+MIN_PROGRAMS = 128
 
 
 def packed_matmul_tiling(M: int, N: int, K: int, group_size: int, act_order: bool) -> MatmulTiling:
-    """Row tiles of 16 to 64 (tl.dot's minimum is 16), 64 outputs by 64 inputs per tile, and as
-    many K-splits (dividing K into whole tiles) as bring the programs up to TARGET_PROGRAMS."""
+    """Row tiles of 16 to 64 (tl.dot's minimum is 16), 64 outputs by 128 inputs per tile (less where
+    the group size or K asks), and K split into whole tiles until each program reads at most
+    MAX_INPUTS_PER_PROGRAM inputs and there are at least MIN_PROGRAMS programs."""
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_n = 64
-    bk = block_k(K, group_size, act_order, 64)
+    bk = block_k(K, group_size, act_order, 128)
     programs = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     tiles = K // bk
     split = 1
-    while programs * split * 2 <= TARGET_PROGRAMS and tiles % (split * 2) == 0:
+    while tiles % (split * 2) == 0 and (K // split > MAX_INPUTS_PER_PROGRAM or programs * split < MIN_PROGRAMS):
         split *= 2
     return MatmulTiling(block_m, block_n, bk, split, num_warps=4, num_stages=3)
 
