@@ -294,7 +294,7 @@ def variants(plan: Plan, device: str) -> list[dict]:
             rows += engine_rows(ceiling, short, bits, variant="products write zeros")
             del ceiling
             release()
-        if bits != 16:
+        else:
             sums_afterwards(model, device)
             rows += engine_rows(model, short, bits, variant="sums afterwards")
         fuse_projections(model)  # new layers, so their matmuls add up their K-splits inside again
