@@ -122,3 +122,48 @@ def test_the_gluon_candidate_compiles_to_tensor_cores_without_shared_memory():
                           "--bits", "4", "--rows", "32"], env=env, capture_output=True, text=True, check=True).stdout
     row = ast.literal_eval(out.strip().splitlines()[-1])
     assert row["HMMA"] > 0 and row["STS"] == row["LDS"] == row["BAR"] == 0 and row["shared"] == 0
+
+
+@pytest.mark.parametrize("bits,split_k,xperm", [(2, 1, False), (4, 2, True), (8, 2, False), (4, 1, True)])
+def test_the_swap_ab_candidate_matches_the_dequantized_weight(bits, split_k, xperm, monkeypatch):
+    """benchmarks/swap_matmul_probe.py's kernel (a candidate, not used): the weights as wgmma's
+    register operand give x Ŵᵀ, read in group order from x as it comes or permuted beforehand,
+    with its K-splits added up by the last program and the counters left at zero. In float16:
+    the interpreter's float16 → bf16 cast is not exact, and the kernel casts the weights to x's dtype."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import swap_matmul_probe as probe
+
+    g = torch.Generator().manual_seed(bits)
+    layer = QuantLinear.from_result(rtn(torch.randn(64, 256, generator=g), QuantSpec(bits, 128, sym=True)), None,
+                                    torch.float16).to(DEVICE)
+    x = torch.randn(9, 256, generator=g).to(DEVICE, torch.float16)
+    locks = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    y = probe.swap_matmul(probe.permuted(x, bits, 128) if xperm else x, layer, probe.unpacked_zeros(layer), locks,
+                          block_n=64, block_k=128, split_k=split_k, xperm=xperm)
+    ref = x.float() @ layer.dequantized_weight().float().t()
+    assert y.dtype == torch.float16 and y.shape == (9, 64)
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-3
+    assert locks.eq(0).all()
+
+
+def test_the_swap_ab_candidate_takes_the_weights_from_registers_and_stores_only_x():
+    """The same kernel compiled for sm_90 without a GPU (a separate process, outside the
+    interpreter): every wgmma reads the dequantized weights from registers, and the only tiles
+    stored to shared memory are x's, wgmma's other operand (no dequantized weight round trip)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "PYTHONPATH": os.pathsep.join([str(root), str(root / "benchmarks")])}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "swap_matmul_probe.py"), "--compile-only",
+                          "--bits", "2,8", "--rows", "64"], env=env, capture_output=True, text=True, check=True).stdout
+    for line, sub_products in zip(out.strip().splitlines()[-2:], (8, 2)):
+        facts = ast.literal_eval(line)
+        assert facts["wgmma"] == facts["wgmma_weights_in_registers"] == sub_products
+        assert facts["tiles_stored"] == facts["wgmma_x_operands"] and len(facts["tiles_stored"]) == 1
