@@ -13,6 +13,7 @@ Rows go to --out (default $OUT) as engine_profile.json and engine_tiles.json.
 
     python benchmarks/engine_breakdown.py --out "$OUT"
     python benchmarks/engine_breakdown.py --parts tiles --rows 16,64 --out "$OUT"
+    python benchmarks/engine_breakdown.py --parts tiles --rows 32,64 --num-warps 4,8 --num-stages 2,3,4 --out "$OUT"
 """
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ import functools
 import itertools
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from engine_gpu import Plan, build, config, layer_shapes, packed_like, random_prompts, release
 from gpu_script import graph_time, require_cuda, write_rows
-from qrobust.kernels.packed_matmul import MatmulTiling, matmul_locks, packed_matmul, packed_matmul_tiling
+from qrobust.kernels.packed_matmul import (MatmulTiling, matmul_locks, packed_matmul, packed_matmul_tiling,
+                                          runs_wgmma)
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
 from qrobust.quant.qlinear import FORMAT_OFFSET
 
@@ -69,15 +71,26 @@ def profile_steps(plan: Plan, bits: int, batch: int, tokens: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["cuda_us"])
 
 
-def tilings(M: int, N: int, K: int, group_size: int) -> list[MatmulTiling]:
-    default = packed_matmul_tiling(M, N, K, group_size, False)
-    grid = [replace(default, block_n=bn, block_k=bk, split_k=sk)
-            for bn, bk, sk in itertools.product((64, 128), (64, 128), (1, 4, 8, 16))
-            if K % (bk * sk) == 0 and group_size % bk == 0]
-    return [default] + [t for t in grid if t != default]
+@dataclass(frozen=True)
+class TileGrid:
+    """The tilings tried besides the default (the defaults: the grid of results/engine/engine_tiles.json)."""
+    block_n: tuple[int, ...] = (64, 128)
+    block_k: tuple[int, ...] = (64, 128)
+    split_k: tuple[int, ...] = (1, 4, 8, 16)
+    num_warps: tuple[int, ...] = (4,)
+    num_stages: tuple[int, ...] = (3,)
 
 
-def tile_rows(plan: Plan, rows: tuple[int, ...], bits_list: tuple[int, ...]) -> list[dict]:
+def tilings(M: int, N: int, K: int, group_size: int, bits: int, grid: TileGrid = TileGrid()) -> list[MatmulTiling]:
+    default = packed_matmul_tiling(M, N, K, group_size, False, bits, runs_wgmma(torch.device("cuda")))
+    others = [replace(default, block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st)
+              for bn, bk, sk, w, st in itertools.product(grid.block_n, grid.block_k, grid.split_k, grid.num_warps,
+                                                         grid.num_stages)
+              if K % (bk * sk) == 0 and group_size % bk == 0]
+    return [default] + [t for t in others if t != default]
+
+
+def tile_rows(plan: Plan, rows: tuple[int, ...], bits_list: tuple[int, ...], grid: TileGrid = TileGrid()) -> list[dict]:
     """The packed matmul at each row count and tiling against bf16 nn.Linear."""
     shapes = layer_shapes(config(plan, "ar"))
     out = []
@@ -91,7 +104,7 @@ def tile_rows(plan: Plan, rows: tuple[int, ...], bits_list: tuple[int, ...]) -> 
             layer = packed_like(dense, bits, plan.group_size)
             args = (layer.qweight, layer.scales, layer.qzeros, None, bits, plan.group_size, FORMAT_OFFSET[layer.format])
             for rows_m, x in xs.items():
-                for k, t in enumerate(tilings(rows_m, N, K, plan.group_size)):
+                for k, t in enumerate(tilings(rows_m, N, K, plan.group_size, bits, grid)):
                     try:
                         seconds = graph_time(functools.partial(packed_matmul, x, *args, tiling=t, locks=locks))
                     except Exception as e:  # a tiling Triton cannot compile (registers, shared memory) is skipped
@@ -134,6 +147,9 @@ def main() -> None:
     parser.add_argument("--profile-tokens", type=int, default=64)
     parser.add_argument("--rows", default="64", help="the tiles' row counts, comma-separated")
     parser.add_argument("--bits", default="4", help="the tiles' widths, comma-separated")
+    for name, default in vars(TileGrid()).items():
+        parser.add_argument("--" + name.replace("_", "-"), default=",".join(map(str, default)),
+                            help=f"tiles: the grid's {name} values (default {','.join(map(str, default))})")
     args = parser.parse_args()
     require_cuda("engine_breakdown.py")
     plan = Plan()
@@ -144,7 +160,9 @@ def main() -> None:
         prof = [r for bits in (16, 4) for r in profile_steps(plan, bits, 64, args.profile_tokens)]
         write_rows(os.path.join(args.out, "engine_profile.json"), prof, part="profile")
     if "tiles" in parts:
-        tiles = tile_rows(plan, tuple(int(r) for r in args.rows.split(",")), tuple(int(b) for b in args.bits.split(",")))
+        grid = TileGrid(**{name: tuple(int(v) for v in getattr(args, name).split(",")) for name in vars(TileGrid())})
+        tiles = tile_rows(plan, tuple(int(r) for r in args.rows.split(",")), tuple(int(b) for b in args.bits.split(",")),
+                          grid)
         write_rows(os.path.join(args.out, "engine_tiles.json"), tiles, part="tiles")
     print("\n".join(summary(prof, tiles)))
 

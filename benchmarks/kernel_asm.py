@@ -39,7 +39,8 @@ from qrobust.kernels import compile_gemv_for, half2_applies
 from qrobust.kernels.packed_matmul import compile_packed_matmul_for, packed_matmul_tiling
 from qrobust.quant.pack import LAYOUTS, layout_applies
 
-INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+# an instruction's opcode (group 1) and its modifiers (group 2: ".U16", ".E.BYPASS.128")
+INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
 
 
 def compile_gemv(bits: int, block_n: int, block_k: int, warps: int, arch: int, splits: int = 1,
@@ -61,8 +62,9 @@ def nvidia_tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def sass_facts(cubin: bytes) -> tuple[collections.Counter, dict]:
-    """Opcode counts of the kernel's SASS, and its registers / stack from cuobjdump -res-usage."""
+def sass_facts(cubin: bytes, modifiers: bool = False) -> tuple[collections.Counter, dict]:
+    """Opcode counts of the kernel's SASS (with `modifiers`, per opcode and modifiers: STS.U16 and
+    STS.128 apart), and its registers / stack from cuobjdump -res-usage."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -70,7 +72,8 @@ def sass_facts(cubin: bytes) -> tuple[collections.Counter, dict]:
                               check=True).stdout
         usage = subprocess.run([nvidia_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
-    ops = collections.Counter(m.group(1) for m in map(INSTRUCTION.match, sass.splitlines()) if m)
+    ops = collections.Counter(m.group(1) + (m.group(2) if modifiers else "")
+                              for m in map(INSTRUCTION.match, sass.splitlines()) if m)
     resources = {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     return ops, resources
 
@@ -99,12 +102,16 @@ MATMUL_OPCODES = ("HGMMA", "HMMA", "LDGSTS", "LDG", "STS", "LDS", "LDSM", "BAR")
 
 def describe_matmul(rows: int, N: int, K: int, bits: int, arch: int) -> dict:
     kernel = compile_packed_matmul_for(arch, rows, N, K, bits)
-    ops, resources = sass_facts(kernel.asm["cubin"])
+    full, resources = sass_facts(kernel.asm["cubin"], modifiers=True)
+    ops = collections.Counter()
+    for op, n in full.items():
+        ops[op.split(".")[0]] += n
     return {"rows": rows, "N": N, "K": K, "bits": bits, "arch": f"sm_{arch}",
-            "tiling": vars(packed_matmul_tiling(rows, N, K, 128, False)),
+            "tiling": vars(packed_matmul_tiling(rows, N, K, 128, False, bits, wgmma=arch // 10 == 9)),
             "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
             "shared_allocations": kernel.asm["ttgir"].count("ttg.local_alloc"), **resources,
             **{op: ops.get(op, 0) for op in MATMUL_OPCODES}, "sass_instructions": sum(ops.values()),
+            "shared_stores": {op: n for op, n in sorted(full.items()) if op.split(".")[0] == "STS"},
             "top_opcodes": dict(ops.most_common(8))}
 
 

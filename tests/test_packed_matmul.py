@@ -1,5 +1,7 @@
 """The batched-decoding product (kernels.packed_matmul) and the table that picks each packed
 product (quant.kernel_choice): on CPU under Triton's interpreter (conftest)."""
+import re
+
 import pytest
 import torch
 
@@ -29,16 +31,19 @@ def test_table_sends_few_rows_to_the_gemv_batches_to_the_fused_matmul_and_prefil
     assert packed_kernel("mps", 4, 2) == "gemv"
 
 
-@pytest.mark.parametrize("bits,group_size,shuffled,split_k", [(4, 64, False, 2), (3, 128, False, 1),
-                                                               (2, 32, True, 4), (8, 64, False, 1)])
-def test_split_k_matmul_matches_the_dequantized_weight(bits, group_size, shuffled, split_k):
+@pytest.mark.parametrize("bits,group_size,shuffled,split_k,in_thread", [
+    (4, 64, False, 2, True), (3, 128, False, 1, False), (2, 32, True, 4, True), (8, 64, False, 1, True),
+    (4, 32, False, 1, False)])
+def test_split_k_matmul_matches_the_dequantized_weight(bits, group_size, shuffled, split_k, in_thread):
     """With and without arrival counters (the K-splits added up by the tile's last program, or
-    afterwards): the same sums, and the counters come back as zeros for the next call."""
+    afterwards), with the codes unpacked in the thread that loads their word (codes_in_thread,
+    as for wgmma) or spread by a broadcast: the same sums, and the counters come back as zeros
+    for the next call."""
     from qrobust.kernels.packed_matmul import MatmulTiling, matmul_locks, packed_matmul
 
     layer = _layer(bits, group_size, shuffled)
     x = torch.randn(9, layer.in_features, device=DEVICE)  # not a multiple of the row tile
-    tiling = MatmulTiling(16, 32, 32, split_k, 4, 2)
+    tiling = MatmulTiling(16, 32, 32, split_k, 4, 2, codes_in_thread=in_thread)
     args = (x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx if shuffled else None, bits, group_size,
             FORMAT_OFFSET[layer.format], layer.bias)
     locks = matmul_locks(layer.out_features, DEVICE)
@@ -64,6 +69,10 @@ def test_tiling_splits_k_until_programs_are_short_and_many_enough():
     assert gate_up.block_m == 64 and gate_up.split_k == 4
     small_groups = packed_matmul_tiling(32, 2048, 2048, 64, act_order=False)  # a tile stays within a group
     assert small_groups.block_k == 64 and small_groups.split_k == 4
+    # codes stay in their thread only for wgmma's tiles of 64 rows, at 4 bits
+    assert [packed_matmul_tiling(m, 2048, 2048, 128, False, bits, wgmma).codes_in_thread
+            for m, bits, wgmma in ((64, 4, True), (32, 4, True), (64, 4, False), (64, 2, True))] == \
+        [True, False, False, False]
 
 
 def test_quant_linear_runs_batched_rows_on_the_fused_matmul(monkeypatch):
@@ -93,7 +102,9 @@ print(compile_packed_matmul_for(90, int(sys.argv[1]), 2048, 2048, 4).asm["ptx"])
 def test_the_matmul_compiles_for_hopper_without_a_gpu(rows, instruction):
     """compile_packed_matmul_for (benchmarks/kernel_asm.py --matmul) builds the kernel as
     packed_matmul launches it for sm_90, outside the interpreter (a separate process): row tiles
-    of 64 reach Hopper's wgmma, narrower ones mma.sync; the K-splits' arrival counter is there."""
+    of 64 reach Hopper's wgmma, narrower ones mma.sync; the K-splits' arrival counter is there.
+    For wgmma each thread keeps its words' codes, so the 128 × 64 weight tile reaches shared
+    memory in a few wide stores, where the broadcast spreads it over one store per weight."""
     import os
     import subprocess
     import sys
@@ -102,6 +113,8 @@ def test_the_matmul_compiles_for_hopper_without_a_gpu(rows, instruction):
     ptx = subprocess.run([sys.executable, "-c", MATMUL_COMPILE, str(rows)], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert instruction in ptx and "atom" in ptx
+    shared_stores = len(re.findall(r"\bst\.shared", ptx))
+    assert shared_stores < 32 if rows == 64 else shared_stores >= 64
 
 
 def test_the_gluon_candidate_compiles_to_tensor_cores_without_shared_memory():

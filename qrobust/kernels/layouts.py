@@ -8,10 +8,10 @@ bits, as the half2 sums read best ("pairs"; qrobust.quant.pack has both). Weight
 ŵ = s·(q − z), with the scale s and the zero point z of the input's group and the output; zero
 points are read from the packed qzeros, always in the GPTQ layout.
 
-Here: reading codes and zero points (_load_u32, _unpack_at, _zeros; tiles of codes, _unpack_tile,
-as floats, _exact_float); each code's fields in a chunk of 32 (_FIELDS, _field); the half2
-plans (half2_pairs, half2_applies) and the constants the half2 sums take from them
-(_pair_const, _part_const, _x_load), evaluated while Triton compiles.
+Here: reading codes and zero points (_load_u32, _unpack_at, _zeros; tiles of codes, _unpack_tile
+and _codes_of_words; weights, _weight_tile); each code's fields in a chunk of 32 (_FIELDS,
+_field); the half2 plans (half2_pairs, half2_applies) and the constants the half2 sums take from
+them (_pair_const, _part_const, _x_load), evaluated while Triton compiles.
 """
 from __future__ import annotations
 
@@ -66,16 +66,10 @@ def _zeros(qz_ptr, g, n, mask, N, BITS: tl.constexpr, OFFSET: tl.constexpr):
 
 
 @triton.jit
-def _exact_float(q):
-    """Codes (32-bit integers, 0 ≤ q < 2²³) as float32: the float 2²³ + q, whose mantissa holds
-    q, less 2²³; no int→float conversion (a quarter of the arithmetic rate on recent GPUs)."""
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
 def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """Codes [BLOCK_K, BLOCK_N] of inputs k0… and outputs n (k0 a multiple of 32)."""
+                 BLOCK_N: tl.constexpr, IN_THREAD: tl.constexpr = False):
+    """Codes [BLOCK_K, BLOCK_N] of inputs k0… and outputs n (k0 a multiple of 32). IN_THREAD (2, 4
+    and 8 bits): each thread keeps the codes of the words it loads (_codes_of_words)."""
     maxq = (1 << BITS) - 1
     nmask = (n < N)[None, :]
     if BITS == 3:  # 32 inputs per 3 words
@@ -108,25 +102,73 @@ def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, LAYOUT: tl.constexpr, BLO
         KW: tl.constexpr = BLOCK_K // VPW
         row = k0 // VPW + tl.arange(0, KW)
         words = tl.load(qw_ptr + row[:, None] * N + n[None, :], mask=nmask, other=0)
-        shifts = (tl.arange(0, VPW) * BITS)[None, :, None]
-        q = (words[:, None, :] >> shifts) & maxq
+        if IN_THREAD:
+            q = _codes_of_words(words, BITS)
+        else:
+            shifts = (tl.arange(0, VPW) * BITS)[None, :, None]
+            q = (words[:, None, :] >> shifts) & maxq
     return tl.reshape(q, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _code(words, j: tl.constexpr, BITS: tl.constexpr):
+    return (words >> (j * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _code_pairs(words, j: tl.constexpr, BITS: tl.constexpr):
+    """Codes j and j + 1 of each word along a new last dimension."""
+    return tl.join(_code(words, j, BITS), _code(words, j + 1, BITS))
+
+
+@triton.jit
+def _code_quads(words, j: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_code_pairs(words, j, BITS), _code_pairs(words, j + 2, BITS))
+
+
+@triton.jit
+def _code_octets(words, j: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_code_quads(words, j, BITS), _code_quads(words, j + 4, BITS))
+
+
+@triton.jit
+def _codes_of_words(words, BITS: tl.constexpr):
+    """[KW, BN] words of 32/b codes each (2, 4 or 8 bits) → codes [KW, 32/b, BN], code j of word r
+    for input 32/b·r + j. Built by joins, whose new dimension stays in the thread that holds the
+    word: each thread then owns runs of consecutive inputs, and for Hopper's wgmma the tile
+    reaches shared memory in 128-bit stores, where a broadcast against a vector of shifts spreads
+    a word's codes across threads (one 16-bit store per weight; kernel_asm.py --matmul). For
+    mma.sync (tiles of fewer than 64 rows) the broadcast is faster. The joins' dimensions come out
+    as the code index's bits, lowest first; the permutation puts them after the word index,
+    highest first."""
+    if BITS == 8:
+        c = _code_quads(words, 0, BITS)
+        return tl.permute(c, (0, 3, 2, 1))
+    elif BITS == 4:
+        c = _code_octets(words, 0, BITS)
+        return tl.permute(c, (0, 4, 3, 2, 1))
+    else:
+        c = tl.join(_code_octets(words, 0, BITS), _code_octets(words, 8, BITS))
+        return tl.permute(c, (0, 5, 4, 3, 2, 1))
 
 
 @triton.jit
 def _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask, N, BITS: tl.constexpr, LAYOUT: tl.constexpr,
                  OFFSET: tl.constexpr, GS: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """Ŵᵀ[k0 : k0 + BLOCK_K, n] in float32: the codes, their group's scale and zero point
-    (nmask [1, BLOCK_N] masks outputs past N). The dequantize kernel stores it; the fused
-    matmuls feed it to tl.dot."""
-    q = _exact_float(_unpack_tile(qw_ptr, k0, n, N, BITS, LAYOUT, BLOCK_K, BLOCK_N))
+                 BLOCK_N: tl.constexpr, IN_THREAD: tl.constexpr = False):
+    """Ŵᵀ[k0 : k0 + BLOCK_K, n] in float32: the codes (IN_THREAD: _unpack_tile's), their group's
+    scale and zero point (nmask [1, BLOCK_N] masks outputs past N). The dequantize kernel stores
+    it; the fused matmuls feed it to tl.dot."""
+    # codes as the floats 2²³ + q (q in the mantissa of 2²³: no int→float conversion, a quarter
+    # of the arithmetic rate), less 2²³ + z: q − z in one exact subtraction per weight
+    q = (_unpack_tile(qw_ptr, k0, n, N, BITS, LAYOUT, BLOCK_K, BLOCK_N, IN_THREAD) | 0x4B000000).to(
+        tl.float32, bitcast=True)
     if ACT_ORDER:
         g = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K))[:, None]
     else:
         g = k0 // GS
     s = tl.load(s_ptr + g * N + n[None, :], mask=nmask, other=0.0).to(tl.float32)
-    z = _zeros(qz_ptr, g, n[None, :], nmask, N, BITS, OFFSET)
+    z = _zeros(qz_ptr, g, n[None, :], nmask, N, BITS, OFFSET) + 8388608.0
     return s * (q - z)
 
 

@@ -29,7 +29,7 @@ def _split_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_pt
                          stride_x, BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr,
                          GS: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr):
+                         SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr, IN_THREAD: tl.constexpr):
     """y of rows m and outputs n over inputs split·k_split … (split + 1)·k_split − 1: with
     SPLIT_K > 1, the partial sums p[split], which with LAST_SUMS the tile's last program adds
     up into y."""
@@ -42,7 +42,7 @@ def _split_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_pt
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=mmask[:, None], other=0.0)
         w = _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask[None, :], N, BITS, LAYOUT, OFFSET, GS,
-                         ACT_ORDER, BLOCK_K, BLOCK_N)
+                         ACT_ORDER, BLOCK_K, BLOCK_N, IN_THREAD)
         acc += tl.dot(a, w.to(a.dtype))
     tile = m[:, None] * N + n[None, :]
     tmask = mmask[:, None] & nmask[None, :]
@@ -72,6 +72,7 @@ class MatmulTiling:
     split_k: int
     num_warps: int
     num_stages: int
+    codes_in_thread: bool = False  # layouts._unpack_tile's IN_THREAD
 
 
 # Tile-grid sweeps on an H200 (benchmarks/engine_breakdown.py --parts tiles, results/engine/engine_tiles.json)
@@ -81,10 +82,15 @@ MAX_INPUTS_PER_PROGRAM = 768
 MIN_PROGRAMS = 128
 
 
-def packed_matmul_tiling(M: int, N: int, K: int, group_size: int, act_order: bool) -> MatmulTiling:
+def packed_matmul_tiling(M: int, N: int, K: int, group_size: int, act_order: bool, bits: int = 4,
+                         wgmma: bool = False) -> MatmulTiling:
     """Row tiles of 16 to 64 (tl.dot's minimum is 16), 64 outputs by 128 inputs per tile (less where
     the group size or K asks), and K split into whole tiles until each program reads at most
-    MAX_INPUTS_PER_PROGRAM inputs and there are at least MIN_PROGRAMS programs."""
+    MAX_INPUTS_PER_PROGRAM inputs and there are at least MIN_PROGRAMS programs. At 4 bits, where
+    the tiles run on Hopper's wgmma (`wgmma`: a Hopper GPU; row tiles of 64), each thread keeps
+    its words' codes (codes_in_thread): the products 4-8% faster on most of Qwen3-1.7B's shapes
+    (results/engine/engine_products_in_thread.json). At 2 and 8 bits (fewer wide stores per
+    word, or more codes to join) and for mma.sync (narrower tiles) they are as fast or slower."""
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_n = 64
     bk = block_k(K, group_size, act_order, 128)
@@ -93,7 +99,13 @@ def packed_matmul_tiling(M: int, N: int, K: int, group_size: int, act_order: boo
     split = 1
     while tiles % (split * 2) == 0 and (K // split > MAX_INPUTS_PER_PROGRAM or programs * split < MIN_PROGRAMS):
         split *= 2
-    return MatmulTiling(block_m, block_n, bk, split, num_warps=4, num_stages=3)
+    return MatmulTiling(block_m, block_n, bk, split, num_warps=4, num_stages=3,
+                        codes_in_thread=wgmma and block_m == 64 and bits == 4)
+
+
+def runs_wgmma(device: torch.device) -> bool:
+    """Whether Triton's tl.dot runs Hopper's wgmma on `device` (for row tiles of 64)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def matmul_locks(N: int, device: torch.device | str, max_rows: int = 64) -> torch.Tensor:
@@ -113,7 +125,7 @@ def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     N = qweight.shape[1]
     x = x.contiguous()
     act_order = g_idx is not None
-    t = tiling or packed_matmul_tiling(M, N, K, group_size, act_order)
+    t = tiling or packed_matmul_tiling(M, N, K, group_size, act_order, bits, runs_wgmma(x.device))
     if K % (t.split_k * t.block_k):
         raise ValueError(f"packed_matmul: {t.split_k} K-splits of {K} inputs are not whole tiles of {t.block_k}")
     grid = (triton.cdiv(M, t.block_m), triton.cdiv(N, t.block_n), t.split_k)
@@ -129,7 +141,8 @@ def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                                locks if last_sums else out, M, N, K, K // t.split_k, x.stride(0), BITS=bits,
                                LAYOUT=layout, OFFSET=zero_offset, GS=group_size, ACT_ORDER=act_order,
                                HAS_BIAS=fuse_bias, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-                               SPLIT_K=t.split_k, LAST_SUMS=last_sums, num_warps=t.num_warps,
+                               SPLIT_K=t.split_k, LAST_SUMS=last_sums, IN_THREAD=t.codes_in_thread,
+                               num_warps=t.num_warps,
                                num_stages=t.num_stages)
     if y is not None:
         return y
@@ -144,14 +157,14 @@ def compile_packed_matmul_for(arch: int, M: int, N: int, K: int, bits: int, grou
     """_split_matmul_kernel as packed_matmul launches it for M rows of a layer of K inputs and N
     outputs (no act-order, no bias, K-splits added up in the kernel), compiled for sm_<arch>
     without a GPU (benchmarks/kernel_asm.py --matmul)."""
-    t = tiling or packed_matmul_tiling(M, N, K, group_size, False)
+    t = tiling or packed_matmul_tiling(M, N, K, group_size, False, bits, wgmma=arch // 10 == 9)
     act = "*" + dtype
     pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32", "b_ptr": act,
                 "p_ptr": "*fp32", "y_ptr": act, "lock_ptr": "*i32"}
     scalars = {"M": "i32", "N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32"}
     constants = dict(BITS=bits, LAYOUT=layout, OFFSET=1, GS=group_size, ACT_ORDER=False, HAS_BIAS=False,
                      BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT_K=t.split_k,
-                     LAST_SUMS=t.split_k > 1)
+                     LAST_SUMS=t.split_k > 1, IN_THREAD=t.codes_in_thread)
     return compile_for(_split_matmul_kernel, arch, pointers, scalars, constants, num_warps=t.num_warps,
                        num_stages=t.num_stages)
 
