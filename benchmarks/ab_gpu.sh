@@ -3,7 +3,7 @@
 # working tree, alternating run by run, with engine_gpu.py's parts; one merged file per part
 # (benchmarks/ab_merge.py). The benchmark code is the tree's for both.
 #   on CPU, before the lease (ab_base/ is ignored; carry it):
-#     mkdir -p ab_base && git archive BASE qrobust harness hawq ':(exclude)qrobust/zoo' | tar -x -C ab_base
+#     mkdir -p ab_base && git archive BASE qrobust harness hawq ':(exclude)qrobust/zoo/models' | tar -x -C ab_base
 #   on the GPU machine:
 #     PARTS=products,variants BITS=16,4,2 REPEATS=2 NOTE="BASE against ..." bash benchmarks/ab_gpu.sh
 # Writes $OUT/ab_<part>.json and prints their summary. ARGS go to engine_gpu.py (--tiny --device cpu
@@ -19,9 +19,9 @@ OUT=${OUT:-runs/ab}
 [ -d "$BASE_DIR/qrobust" ] || { echo "ab_gpu.sh: no $BASE_DIR/qrobust; make it with git archive (see the top of this file)" >&2; exit 2; }
 tree=$PWD
 runs=$(mktemp -d)
-base="$runs/base_library"  # a copy, with the tree's zoo data linked in (the archive leaves it out)
+base="$runs/base_library"  # a copy, with the tree's built-in models linked in (the archive leaves them out)
 cp -r "$BASE_DIR" "$base"
-[ -e "$base/qrobust/zoo" ] || ln -s "$tree/qrobust/zoo" "$base/qrobust/zoo"
+[ -e "$base/qrobust/zoo/models" ] || ln -s "$tree/qrobust/zoo/models" "$base/qrobust/zoo/models"
 for r in $(seq "$REPEATS"); do
   for library in base tree; do
     root=$tree
