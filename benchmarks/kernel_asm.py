@@ -36,7 +36,7 @@ import torch
 import triton
 
 from qrobust.kernels import compile_gemv_for, half2_applies
-from qrobust.kernels.packed_matmul import compile_packed_matmul_for, packed_matmul_tiling
+from qrobust.kernels.packed_matmul import arch_runs_wgmma, compile_packed_matmul_for, packed_matmul_tiling
 from qrobust.quant.pack import LAYOUTS, layout_applies
 
 # an instruction's opcode (group 1) and its modifiers (group 2: ".U16", ".E.BYPASS.128")
@@ -107,7 +107,7 @@ def describe_matmul(rows: int, N: int, K: int, bits: int, arch: int) -> dict:
     for op, n in full.items():
         ops[op.split(".")[0]] += n
     return {"rows": rows, "N": N, "K": K, "bits": bits, "arch": f"sm_{arch}",
-            "tiling": vars(packed_matmul_tiling(rows, N, K, 128, False, bits, wgmma=arch // 10 == 9)),
+            "tiling": vars(packed_matmul_tiling(rows, N, K, 128, False, bits, wgmma=arch_runs_wgmma(arch))),
             "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
             "shared_allocations": kernel.asm["ttgir"].count("ttg.local_alloc"), **resources,
             **{op: ops.get(op, 0) for op in MATMUL_OPCODES}, "sass_instructions": sum(ops.values()),

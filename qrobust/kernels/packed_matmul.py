@@ -13,6 +13,7 @@ and a layer of Qwen3-1.7B's shape (N of 1024 to 6144) has at least one program p
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,7 @@ def packed_matmul_tiling(M: int, N: int, K: int, group_size: int, act_order: boo
     MAX_INPUTS_PER_PROGRAM inputs and there are at least MIN_PROGRAMS programs. At 4 bits, where
     the tiles run on Hopper's wgmma (`wgmma`: a Hopper GPU; row tiles of 64), each thread keeps
     its words' codes (codes_in_thread): the products 4-8% faster on most of Qwen3-1.7B's shapes
-    (results/engine/engine_products_in_thread.json). At 2 and 8 bits (fewer wide stores per
+    (results/engine/engine_products_ab.json). At 2 and 8 bits (fewer wide stores per
     word, or more codes to join) and for mma.sync (narrower tiles) they are as fast or slower."""
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_n = 64
@@ -103,9 +104,18 @@ def packed_matmul_tiling(M: int, N: int, K: int, group_size: int, act_order: boo
                         codes_in_thread=wgmma and block_m == 64 and bits == 4)
 
 
+def arch_runs_wgmma(arch: int) -> bool:
+    """Whether Triton's tl.dot runs Hopper's wgmma on sm_<arch> (for row tiles of 64)."""
+    return arch // 10 == 9
+
+
+@functools.cache  # packed_matmul asks on every product
 def runs_wgmma(device: torch.device) -> bool:
-    """Whether Triton's tl.dot runs Hopper's wgmma on `device` (for row tiles of 64)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    """arch_runs_wgmma for `device` (False off CUDA)."""
+    if device.type != "cuda":
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    return arch_runs_wgmma(10 * major + minor)
 
 
 def matmul_locks(N: int, device: torch.device | str, max_rows: int = 64) -> torch.Tensor:
@@ -157,7 +167,7 @@ def compile_packed_matmul_for(arch: int, M: int, N: int, K: int, bits: int, grou
     """_split_matmul_kernel as packed_matmul launches it for M rows of a layer of K inputs and N
     outputs (no act-order, no bias, K-splits added up in the kernel), compiled for sm_<arch>
     without a GPU (benchmarks/kernel_asm.py --matmul)."""
-    t = tiling or packed_matmul_tiling(M, N, K, group_size, False, bits, wgmma=arch // 10 == 9)
+    t = tiling or packed_matmul_tiling(M, N, K, group_size, False, bits, wgmma=arch_runs_wgmma(arch))
     act = "*" + dtype
     pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32", "b_ptr": act,
                 "p_ptr": "*fp32", "y_ptr": act, "lock_ptr": "*i32"}
