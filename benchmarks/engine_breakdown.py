@@ -14,6 +14,8 @@ Rows go to --out (default $OUT) as engine_profile.json and engine_tiles.json.
     python benchmarks/engine_breakdown.py --out "$OUT"
     python benchmarks/engine_breakdown.py --parts tiles --rows 16,64 --out "$OUT"
     python benchmarks/engine_breakdown.py --parts tiles --rows 32,64 --num-warps 4,8 --num-stages 2,3,4 --out "$OUT"
+    python benchmarks/engine_breakdown.py --parts tiles --rows 16,32,64 --bits 2,4 --block-n -1 --block-k -1 \
+        --split-k -1 --codes-in-thread 0,1 --half-pairs 0,1 --out "$OUT"      # the default tiling, switches flipped
 """
 from __future__ import annotations
 
@@ -73,21 +75,27 @@ def profile_steps(plan: Plan, bits: int, batch: int, tokens: int) -> list[dict]:
 
 @dataclass(frozen=True)
 class TileGrid:
-    """The tilings tried besides the default (the defaults: the grid of results/engine/engine_tiles.json)."""
+    """The tilings tried besides the default (the defaults: the grid of results/engine/engine_tiles.json);
+    -1 stands for the default tiling's own value of a field (0/1 for the two switches)."""
     block_n: tuple[int, ...] = (64, 128)
     block_k: tuple[int, ...] = (64, 128)
     split_k: tuple[int, ...] = (1, 4, 8, 16)
     num_warps: tuple[int, ...] = (4,)
     num_stages: tuple[int, ...] = (3,)
+    codes_in_thread: tuple[int, ...] = (-1,)
+    half_pairs: tuple[int, ...] = (-1,)
 
 
 def tilings(M: int, N: int, K: int, group_size: int, bits: int, grid: TileGrid = TileGrid()) -> list[MatmulTiling]:
     default = packed_matmul_tiling(M, N, K, group_size, False, bits, runs_wgmma(torch.device("cuda")))
-    others = [replace(default, block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=st)
-              for bn, bk, sk, w, st in itertools.product(grid.block_n, grid.block_k, grid.split_k, grid.num_warps,
-                                                         grid.num_stages)
-              if K % (bk * sk) == 0 and group_size % bk == 0]
-    return [default] + [t for t in others if t != default]
+    names = list(vars(grid))
+    others = []
+    for values in itertools.product(*(getattr(grid, name) for name in names)):
+        fields = {name: type(getattr(default, name))(v) if v != -1 else getattr(default, name)
+                  for name, v in zip(names, values)}
+        if K % (fields["block_k"] * fields["split_k"]) == 0 and group_size % fields["block_k"] == 0:
+            others.append(replace(default, **fields))
+    return [default] + [t for i, t in enumerate(others) if t != default and t not in others[:i]]
 
 
 def tile_rows(plan: Plan, rows: tuple[int, ...], bits_list: tuple[int, ...], grid: TileGrid = TileGrid()) -> list[dict]:

@@ -15,7 +15,7 @@ memory (STS, LDSM) and the barriers: how each dequantized weight tile reaches th
     python benchmarks/kernel_asm.py [--bits 2,3,4,8] [--block-n 32] [--block-k 2048] [--warps 8]
                                     [--splits 1] [--swiglu] [--pdl] [--norm] [--half2] [--arch 90]
                                     [--out FILE.json]
-    python benchmarks/kernel_asm.py --matmul 32,6144,2048 [64,2048,2048 ...] [--bits 4] [--arch 90]
+    python benchmarks/kernel_asm.py --matmul 32,6144,2048 [64,2048,2048 ...] [--bits 4] [--pairs] [--arch 90]
 
 The kernel comes from whichever qrobust is imported (qrobust.kernels.compile_gemv_for), so
 PYTHONPATH=<another checkout> compares another version of it (one from before the kernels were
@@ -30,6 +30,7 @@ import json
 import re
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,16 +63,18 @@ def nvidia_tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def sass_facts(cubin: bytes, modifiers: bool = False) -> tuple[collections.Counter, dict]:
-    """Opcode counts of the kernel's SASS (with `modifiers`, per opcode and modifiers: STS.U16 and
-    STS.128 apart), and its registers / stack from cuobjdump -res-usage."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([nvidia_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+        return subprocess.run([nvidia_tool("cuobjdump"), flag, f.name], capture_output=True, text=True,
                               check=True).stdout
-        usage = subprocess.run([nvidia_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+
+
+def sass_facts(cubin: bytes, modifiers: bool = False) -> tuple[collections.Counter, dict]:
+    """Opcode counts of the kernel's SASS (with `modifiers`, per opcode and modifiers: STS.U16 and
+    STS.128 apart), and its registers / stack from cuobjdump -res-usage."""
+    sass, usage = cuobjdump(cubin, "-sass"), cuobjdump(cubin, "-res-usage")
     ops = collections.Counter(m.group(1) + (m.group(2) if modifiers else "")
                               for m in map(INSTRUCTION.match, sass.splitlines()) if m)
     resources = {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
@@ -100,17 +103,32 @@ def describe(bits: int, block_n: int, block_k: int, warps: int, splits: int, arc
 MATMUL_OPCODES = ("HGMMA", "HMMA", "LDGSTS", "LDG", "STS", "LDS", "LDSM", "BAR")
 
 
-def describe_matmul(rows: int, N: int, K: int, bits: int, arch: int) -> dict:
-    kernel = compile_packed_matmul_for(arch, rows, N, K, bits)
+def main_loop(sass: str) -> list[str]:
+    """The instructions (text, predicate included) between the target of the longest backward
+    branch and that branch: a kernel's main loop."""
+    listing = [(int(m.group(1), 16), m.group(2).strip())
+               for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;/]+);", sass)]
+    spans = [(int(b.group(1), 16), address) for address, text in listing
+             if (b := re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)) and int(b.group(1), 16) < address]
+    if not spans:
+        return []
+    first, last = max(spans, key=lambda span: span[1] - span[0])
+    return [text for address, text in listing if first <= address <= last]
+
+
+def describe_matmul(rows: int, N: int, K: int, bits: int, arch: int, half_pairs: bool = False) -> dict:
+    tiling = replace(packed_matmul_tiling(rows, N, K, 128, False, bits, wgmma=arch_runs_wgmma(arch)),
+                     half_pairs=half_pairs)
+    kernel = compile_packed_matmul_for(arch, rows, N, K, bits, tiling=tiling)
     full, resources = sass_facts(kernel.asm["cubin"], modifiers=True)
     ops = collections.Counter()
     for op, n in full.items():
         ops[op.split(".")[0]] += n
-    return {"rows": rows, "N": N, "K": K, "bits": bits, "arch": f"sm_{arch}",
-            "tiling": vars(packed_matmul_tiling(rows, N, K, 128, False, bits, wgmma=arch_runs_wgmma(arch))),
+    return {"rows": rows, "N": N, "K": K, "bits": bits, "arch": f"sm_{arch}", "tiling": vars(tiling),
             "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
             "shared_allocations": kernel.asm["ttgir"].count("ttg.local_alloc"), **resources,
             **{op: ops.get(op, 0) for op in MATMUL_OPCODES}, "sass_instructions": sum(ops.values()),
+            "loop_instructions": len(main_loop(cuobjdump(kernel.asm["cubin"], "-sass"))),
             "shared_stores": {op: n for op, n in sorted(full.items()) if op.split(".")[0] == "STS"},
             "top_opcodes": dict(ops.most_common(8))}
 
@@ -131,6 +149,7 @@ def main() -> None:
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90: H100)")
     p.add_argument("--matmul", metavar="ROWS,N,K", nargs="+",
                    help="the batched product for ROWS rows of a K → N layer instead (one or more shapes)")
+    p.add_argument("--pairs", action="store_true", help="--matmul: with half-precision pairs (MatmulTiling.half_pairs)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not Path(nvidia_tool("cuobjdump")).exists():
@@ -138,13 +157,13 @@ def main() -> None:
                          "install a Linux x86-64 Triton wheel")
     if args.matmul:
         shapes = [tuple(int(v) for v in shape.split(",")) for shape in args.matmul]
-        rows = [describe_matmul(*shape, int(b), args.arch) for shape in shapes for b in args.bits.split(",")]
-        print(f"{'shape':>16} {'bits':>4} {'convert':>7} {'alloc':>5} {'regs':>4} " + " ".join(f"{op:>6}" for op in MATMUL_OPCODES)
-              + "  tiling")
+        rows = [describe_matmul(*shape, int(b), args.arch, args.pairs) for shape in shapes for b in args.bits.split(",")]
+        print(f"{'shape':>16} {'bits':>4} {'convert':>7} {'alloc':>5} {'regs':>4} {'loop':>5} "
+              + " ".join(f"{op:>6}" for op in MATMUL_OPCODES) + "  tiling")
         for r in rows:
             shape = f"{r['rows']}x{r['K']}->{r['N']}"
             print(f"{shape:>16} {r['bits']:>4} {r['layout_conversions']:>7} {r['shared_allocations']:>5} {r.get('reg', 0):>4} "
-                  + " ".join(f"{r[op]:>6}" for op in MATMUL_OPCODES) + f"  {r['tiling']}")
+                  f"{r['loop_instructions']:>5} " + " ".join(f"{r[op]:>6}" for op in MATMUL_OPCODES) + f"  {r['tiling']}")
         write(args.out, rows)
         return
     rows = [describe(int(b), args.block_n, args.block_k, args.warps, args.splits, args.arch, args.swiglu, args.pdl,

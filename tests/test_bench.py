@@ -175,3 +175,22 @@ def test_bench_generate_releases_each_width_and_counts_only_its_own_peak(monkeyp
     assert [(r["leftover_gib"], r["peak_gib"]) for r in results["runs"]] == [(0.0, 2.0), (0.25, 1.75), (0.5, 1.5)]
     gc.collect()
     assert all(ref() is None for ref in built)
+
+
+def test_product_profile_reads_ncu_raw_csv(tmp_path, monkeypatch):
+    """benchmarks/product_profile.py --summarize: ncu's lines before the table are skipped, the
+    units row is read (nanoseconds become µs), and every stall-reason column becomes a field."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import product_profile
+
+    stall = "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio"
+    raw = tmp_path / "raw.csv"
+    raw.write_text('==PROF== Connected to process\nq_proj: 2048 -> 2048\n'
+                   f'"ID","Kernel Name","Grid Size","Block Size","gpu__time_duration.sum","launch__grid_size","{stall}"\n'
+                   '"","","","","ns","",""\n'
+                   f'"0","_split_matmul_kernel","(2, 32, 4)","(128, 1, 1)","8,800","256","3.5"\n')
+    (row,) = product_profile.summarize(str(raw))
+    assert row["kernel"] == "_split_matmul_kernel" and row["us"] == 8.8 and row["programs"] == 256
+    assert row["stall_long_scoreboard"] == 3.5 and row["occupancy_pct"] is None

@@ -69,10 +69,59 @@ def test_tiling_splits_k_until_programs_are_short_and_many_enough():
     assert gate_up.block_m == 64 and gate_up.split_k == 4
     small_groups = packed_matmul_tiling(32, 2048, 2048, 64, act_order=False)  # a tile stays within a group
     assert small_groups.block_k == 64 and small_groups.split_k == 4
-    # codes stay in their thread only for wgmma's tiles of 64 rows, at 4 bits
-    assert [packed_matmul_tiling(m, 2048, 2048, 128, False, bits, wgmma).codes_in_thread
-            for m, bits, wgmma in ((64, 4, True), (32, 4, True), (64, 4, False), (64, 2, True))] == \
-        [True, False, False, False]
+    # codes stay in their thread only for wgmma's tiles of 64 rows, at 4 bits; half-precision pairs never
+    cases = ((64, 4, True), (32, 4, True), (64, 4, False), (64, 2, True))
+    tilings = [packed_matmul_tiling(m, 2048, 2048, 128, False, bits, wgmma) for m, bits, wgmma in cases]
+    assert [t.codes_in_thread for t in tilings] == [True, False, False, False]
+    assert not any(t.half_pairs for t in tilings)
+
+
+def test_pairs_apply_to_2_and_4_bit_gptq_words_in_group_order_with_half_precision_inputs():
+    from qrobust.kernels.layouts import pairs_apply
+
+    assert pairs_apply(4, "gptq", False, torch.bfloat16) and pairs_apply(2, "gptq", False, torch.float16)
+    assert not any([pairs_apply(8, "gptq", False, torch.bfloat16), pairs_apply(3, "pairs", False, torch.bfloat16),
+                    pairs_apply(4, "gptq", True, torch.bfloat16), pairs_apply(4, "gptq", False, torch.float32)])
+
+
+def test_split_scale_fma_rounds_bf16_weights_once():
+    """The arithmetic _pair_weight_tile runs in bf16 pairs: with s_hi = bf16(s) and s_lo = s − s_hi
+    of a float16 scale, d·s_lo is exact for every 4-bit difference d = q − z, so one FMA
+    d·s_hi + d·s_lo gives bf16(d·s), the float32 form's weight, for every code, zero point and
+    scale (float64 stands in for the FMA's exact sum). Rounding the scale to bf16 alone would not."""
+    s = torch.logspace(-5, 1, 20_000, dtype=torch.float64).to(torch.float16).unique()
+    s_hi = s.to(torch.bfloat16)
+    s_lo = (s.double() - s_hi.double()).to(torch.bfloat16)
+    assert torch.equal(s_lo.double() + s_hi.double(), s.double())  # the split is exact
+    d = torch.arange(-15, 16, dtype=torch.float64)[:, None]
+    lo = (d * s_lo.double()).to(torch.bfloat16)
+    assert torch.equal(lo.double(), d * s_lo.double())  # d·s_lo needs no rounding
+    reference = (d * s.double()).float().to(torch.bfloat16)
+    assert torch.equal((d * s_hi.double() + lo.double()).float().to(torch.bfloat16), reference)
+    assert not torch.equal((d * s_hi.double()).float().to(torch.bfloat16), reference)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="half-precision pairs are inline PTX: CUDA only")
+@pytest.mark.parametrize("bits,rows,dtype", [(4, 64, torch.bfloat16), (4, 32, torch.float16), (2, 64, torch.bfloat16),
+                                             (2, 16, torch.bfloat16), (4, 16, torch.bfloat16)])
+def test_half_pairs_give_every_weight_of_the_float32_form(bits, rows, dtype):
+    """One-hot rows make the product read out single weights: with half-precision pairs every
+    weight, at every code, zero point and K-split, is the float32 form's, bit for bit."""
+    from qrobust.kernels.packed_matmul import MatmulTiling, matmul_locks, packed_matmul
+
+    g = torch.Generator().manual_seed(bits + rows)
+    layer = QuantLinear.from_result(rtn(torch.randn(128, 512, generator=g), QuantSpec(bits, 128, sym=False)), None,
+                                    dtype).to(DEVICE)
+    locks = matmul_locks(128, DEVICE)
+    args = (layer.qweight, layer.scales, layer.qzeros, None, bits, 128, FORMAT_OFFSET[layer.format])
+    for first in range(0, 512, rows):
+        x = torch.eye(512, device=DEVICE, dtype=dtype)[first:first + rows]
+        for split_k in (1, 2):
+            plain = MatmulTiling(rows, 64, 128, split_k, 4, 3)
+            paired = MatmulTiling(rows, 64, 128, split_k, 4, 3, codes_in_thread=True, half_pairs=True)
+            assert torch.equal(packed_matmul(x, *args, tiling=paired, locks=locks),
+                               packed_matmul(x, *args, tiling=plain, locks=locks))
+    assert not locks.any()
 
 
 def test_quant_linear_runs_batched_rows_on_the_fused_matmul(monkeypatch):
@@ -93,8 +142,11 @@ def test_quant_linear_runs_batched_rows_on_the_fused_matmul(monkeypatch):
 
 MATMUL_COMPILE = """
 import sys
-from qrobust.kernels.packed_matmul import compile_packed_matmul_for
-print(compile_packed_matmul_for(90, int(sys.argv[1]), 2048, 2048, 4).asm["ptx"])
+from dataclasses import replace
+from qrobust.kernels.packed_matmul import compile_packed_matmul_for, packed_matmul_tiling
+M, pairs = int(sys.argv[1]), sys.argv[2] == "pairs"
+tiling = replace(packed_matmul_tiling(M, 2048, 2048, 128, False, 4, wgmma=True), half_pairs=pairs)
+print(compile_packed_matmul_for(90, M, 2048, 2048, 4, tiling=tiling).asm["ptx"])
 """
 
 
@@ -110,11 +162,16 @@ def test_the_matmul_compiles_for_hopper_without_a_gpu(rows, instruction):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    ptx = subprocess.run([sys.executable, "-c", MATMUL_COMPILE, str(rows)], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    assert instruction in ptx and "atom" in ptx
-    shared_stores = len(re.findall(r"\bst\.shared", ptx))
+    def ptx(pairs: str) -> str:
+        return subprocess.run([sys.executable, "-c", MATMUL_COMPILE, str(rows), pairs], env=env, capture_output=True,
+                              text=True, check=True).stdout
+
+    default = ptx("default")
+    assert instruction in default and "atom" in default
+    shared_stores = len(re.findall(r"\bst\.shared", default))
     assert shared_stores < 32 if rows == 64 else shared_stores >= 64
+    # half-precision pairs (off by default): three packed bf16 FMAs per two weights
+    assert "fma.rn.bf16x2" not in default and "fma.rn.bf16x2" in ptx("pairs")
 
 
 def test_the_gluon_candidate_compiles_to_tensor_cores_without_shared_memory():
@@ -180,3 +237,24 @@ def test_the_swap_ab_candidate_takes_the_weights_from_registers_and_stores_only_
         facts = ast.literal_eval(line)
         assert facts["wgmma"] == facts["wgmma_weights_in_registers"] == sub_products
         assert facts["tiles_stored"] == facts["wgmma_x_operands"] and len(facts["tiles_stored"]) == 1
+
+
+def test_the_tile_grid_flips_the_default_tilings_switches(monkeypatch):
+    """engine_breakdown.py --parts tiles: -1 keeps a field of the default tiling, so a grid of
+    the two switches alone gives the default and its three other combinations, each once."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import engine_breakdown
+    from qrobust.kernels.packed_matmul import packed_matmul_tiling
+
+    monkeypatch.setattr(engine_breakdown, "runs_wgmma", lambda device: True)
+    keep = (-1,)
+    grid = engine_breakdown.TileGrid(keep, keep, keep, keep, keep, codes_in_thread=(0, 1), half_pairs=(0, 1))
+    found = engine_breakdown.tilings(64, 2048, 2048, 128, 4, grid)
+    default = packed_matmul_tiling(64, 2048, 2048, 128, False, 4, wgmma=True)
+    assert found[0] == default and len(found) == len(set(found)) == 4
+    assert {(t.codes_in_thread, t.half_pairs) for t in found} == {(a, b) for a in (False, True) for b in (False, True)}
+    assert all(replace(t, codes_in_thread=default.codes_in_thread, half_pairs=default.half_pairs) == default
+               for t in found)

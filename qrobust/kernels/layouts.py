@@ -9,7 +9,8 @@ bits, as the half2 sums read best ("pairs"; qrobust.quant.pack has both). Weight
 points are read from the packed qzeros, always in the GPTQ layout.
 
 Here: reading codes and zero points (_load_u32, _unpack_at, _zeros; tiles of codes, _unpack_tile
-and _codes_of_words; weights, _weight_tile); each code's fields in a chunk of 32 (_FIELDS,
+and _codes_of_words; weights, _weight_tile, and in half-precision pairs _pair_weight_tile where
+pairs_apply); each code's fields in a chunk of 32 (_FIELDS,
 _field); the half2 plans (half2_pairs, half2_applies) and the constants the half2 sums take from
 them (_pair_const, _part_const, _x_load), evaluated while Triton compiles.
 """
@@ -170,6 +171,85 @@ def _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask, N, BITS: tl.constex
     s = tl.load(s_ptr + g * N + n[None, :], mask=nmask, other=0.0).to(tl.float32)
     z = _zeros(qz_ptr, g, n[None, :], nmask, N, BITS, OFFSET) + 8388608.0
     return s * (q - z)
+
+
+@triton.constexpr_function
+def _pair_asm(shift, bits, bf16):
+    """PTX for one call of _pair_weights (pack=2: $0 the two weights, $1 and $2 the word, $3 the
+    negated offset zero points, $4 and $5 the scale's two parts, each a pair of halves)."""
+    mask, magic = ((1 << bits) - 1) * 0x10001, 0x43004300 if bf16 else 0x64006400
+    shifted = f"shr.b32 q, $1, {shift};" if shift else "mov.b32 q, $1;"
+    if bf16:  # d = q' + z'' by FMA with 1; d·s_lo is exact; one rounding in d·s_hi + d·s_lo
+        arithmetic = ("mov.b32 one, 0x3F803F80; mov.b32 nz, 0x80008000;"
+                      "fma.rn.bf16x2 d, q, one, $3; fma.rn.bf16x2 lo, d, $5, nz; fma.rn.bf16x2 $0, d, $4, lo;")
+    else:
+        arithmetic = "add.rn.f16x2 d, q, $3; mul.rn.f16x2 $0, d, $4;"
+    return ("{ .reg .b32 q, d, lo, one, nz; " + shifted +
+            f" lop3.b32 q, q, {mask}, {magic}, 0xEA; " + arithmetic + " }")
+
+
+@triton.jit
+def _pair_weights(words, z2, s_hi2, s_lo2, J: tl.constexpr, BITS: tl.constexpr, BF16: tl.constexpr):
+    """Weights of codes J and J + 16/b of each word ([KW, BN] → [KW, BN, 2]), two per 32-bit
+    register: (word >> b·J) & mask holds them at bits 0 and 16, under the exponent of 128 (bf16)
+    or 1024 (fp16) each is a half whose mantissa is the code."""
+    w2 = tl.join(words, words)
+    return tl.inline_asm_elementwise(_pair_asm(J * BITS, BITS, BF16), "=r,r,r,r,r,r", [w2, z2, s_hi2, s_lo2],
+                                     dtype=tl.bfloat16 if BF16 else tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _pair_weight_tile(qw_ptr, s_ptr, qz_ptr, k0, n, nmask, N, BITS: tl.constexpr, OFFSET: tl.constexpr,
+                      GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
+    """_weight_tile in DTYPE (bf16 or fp16) for 2- and 4-bit GPTQ words, inputs in group order,
+    in half-precision pairs: per two weights a shift, one logic operation and two (fp16) or three
+    (bf16) packed operations, where the float32 form takes about five per weight. Each thread
+    keeps its words' codes, as _codes_of_words. Codes sit in the mantissa of 128 (bf16, exact
+    up to 7 bits) or 1024 (fp16); q' − z' is exact; fp16 multiplies by the scale, rounding once.
+    bf16 splits the float16 scale s into s_hi = bf16(s) and s_lo = s − s_hi (at most 3
+    significant bits, so d·s_lo is exact for |d| < 32) and takes d·s_hi + d·s_lo in one FMA:
+    bf16((q − z)·s), rounded once, as the float32 form gives. Inline PTX: CUDA only."""
+    BF16: tl.constexpr = DTYPE == tl.bfloat16
+    VPW: tl.constexpr = 32 // BITS
+    row = k0 // VPW + tl.arange(0, BLOCK_K // VPW)
+    words = tl.load(qw_ptr + row[:, None] * N + n[None, :], mask=nmask, other=0)
+    g = k0 // GS
+    s = tl.load(s_ptr + g * N + n[None, :], mask=nmask, other=0.0).to(tl.float32)
+    z = _zeros(qz_ptr, g, n[None, :], nmask, N, BITS, OFFSET)
+    if BF16:
+        s_hi = s.to(tl.bfloat16)
+        s_lo = (s - s_hi.to(tl.float32)).to(tl.bfloat16)
+        zn = (-128.0 - z).to(tl.bfloat16)
+    else:
+        s_hi = s.to(tl.float16)
+        s_lo = s_hi
+        zn = (-1024.0 - z).to(tl.float16)
+    z2, s_hi2, s_lo2 = tl.join(zn, zn), tl.join(s_hi, s_hi), tl.join(s_lo, s_lo)
+    if BITS == 4:
+        # [KW, BN, 2 (code +4), 2 (+1), 2 (+2)] → inputs 8r + 4·h + 2·b + a
+        c = tl.join(tl.join(_pair_weights(words, z2, s_hi2, s_lo2, 0, BITS, BF16),
+                            _pair_weights(words, z2, s_hi2, s_lo2, 1, BITS, BF16)),
+                    tl.join(_pair_weights(words, z2, s_hi2, s_lo2, 2, BITS, BF16),
+                            _pair_weights(words, z2, s_hi2, s_lo2, 3, BITS, BF16)))
+        c = tl.permute(c, (0, 2, 4, 3, 1))
+    else:
+        # [KW, BN, 2 (code +8), 2 (+1), 2 (+2), 2 (+4)]
+        lo = tl.join(tl.join(_pair_weights(words, z2, s_hi2, s_lo2, 0, BITS, BF16),
+                             _pair_weights(words, z2, s_hi2, s_lo2, 1, BITS, BF16)),
+                     tl.join(_pair_weights(words, z2, s_hi2, s_lo2, 2, BITS, BF16),
+                             _pair_weights(words, z2, s_hi2, s_lo2, 3, BITS, BF16)))
+        hi = tl.join(tl.join(_pair_weights(words, z2, s_hi2, s_lo2, 4, BITS, BF16),
+                             _pair_weights(words, z2, s_hi2, s_lo2, 5, BITS, BF16)),
+                     tl.join(_pair_weights(words, z2, s_hi2, s_lo2, 6, BITS, BF16),
+                             _pair_weights(words, z2, s_hi2, s_lo2, 7, BITS, BF16)))
+        c = tl.permute(tl.join(lo, hi), (0, 2, 5, 4, 3, 1))
+    return tl.reshape(c, (BLOCK_K, BLOCK_N))
+
+
+def pairs_apply(bits: int, layout: str, act_order: bool, dtype: torch.dtype) -> bool:
+    """Whether _pair_weight_tile can dequantize a layer's tiles: 2 or 4 bits in the GPTQ layout,
+    inputs in group order, bf16 or fp16 activations."""
+    return bits in (2, 4) and layout == "gptq" and not act_order and dtype in (torch.bfloat16, torch.float16)
 
 
 # The pairs layout's codes at bits 9 and 12 of a half word are read shifted down by 9 − r in word r

@@ -22,7 +22,7 @@ import triton.language as tl
 
 # the weight tile the fused matmul reads too (Triton resolves a kernel's callees among its module's globals)
 from qrobust.kernels.launch import block_k, compile_for, last_to_arrive
-from qrobust.kernels.layouts import _weight_tile
+from qrobust.kernels.layouts import _pair_weight_tile, _weight_tile, pairs_apply
 
 
 @triton.jit
@@ -30,7 +30,8 @@ def _split_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_pt
                          stride_x, BITS: tl.constexpr, LAYOUT: tl.constexpr, OFFSET: tl.constexpr,
                          GS: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr, IN_THREAD: tl.constexpr):
+                         SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr, IN_THREAD: tl.constexpr,
+                         PAIRS: tl.constexpr, PRECISION: tl.constexpr):
     """y of rows m and outputs n over inputs split·k_split … (split + 1)·k_split − 1: with
     SPLIT_K > 1, the partial sums p[split], which with LAST_SUMS the tile's last program adds
     up into y."""
@@ -42,9 +43,13 @@ def _split_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, b_ptr, p_ptr, y_pt
     for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=mmask[:, None], other=0.0)
-        w = _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask[None, :], N, BITS, LAYOUT, OFFSET, GS,
-                         ACT_ORDER, BLOCK_K, BLOCK_N, IN_THREAD)
-        acc += tl.dot(a, w.to(a.dtype))
+        if PAIRS:
+            w = _pair_weight_tile(qw_ptr, s_ptr, qz_ptr, k0, n, nmask[None, :], N, BITS, OFFSET, GS, BLOCK_K,
+                                  BLOCK_N, a.dtype)
+        else:
+            w = _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask[None, :], N, BITS, LAYOUT, OFFSET, GS,
+                             ACT_ORDER, BLOCK_K, BLOCK_N, IN_THREAD)
+        acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
     tile = m[:, None] * N + n[None, :]
     tmask = mmask[:, None] & nmask[None, :]
     if SPLIT_K == 1:
@@ -74,6 +79,9 @@ class MatmulTiling:
     num_warps: int
     num_stages: int
     codes_in_thread: bool = False  # layouts._unpack_tile's IN_THREAD
+    # layouts._pair_weight_tile where pairs_apply, else the float32 weight tile. Off by default: half the
+    # arithmetic per weight, and no faster (results/engine/engine_tiles_pairs.json)
+    half_pairs: bool = False
 
 
 # Tile-grid sweeps on an H200 (benchmarks/engine_breakdown.py --parts tiles, results/engine/engine_tiles.json)
@@ -102,6 +110,13 @@ def packed_matmul_tiling(M: int, N: int, K: int, group_size: int, act_order: boo
         split *= 2
     return MatmulTiling(block_m, block_n, bk, split, num_warps=4, num_stages=3,
                         codes_in_thread=wgmma and block_m == 64 and bits == 4)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: float32 inputs as float32 (Triton's default, TF32, rounds them to
+    10-bit mantissas: a float32 model's packed layers fell outside float32 tolerance of its dense
+    ones on a GPU); half precision as it is."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def arch_runs_wgmma(arch: int) -> bool:
@@ -152,6 +167,8 @@ def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                                LAYOUT=layout, OFFSET=zero_offset, GS=group_size, ACT_ORDER=act_order,
                                HAS_BIAS=fuse_bias, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
                                SPLIT_K=t.split_k, LAST_SUMS=last_sums, IN_THREAD=t.codes_in_thread,
+                               PAIRS=t.half_pairs and x.is_cuda and pairs_apply(bits, layout, act_order, x.dtype),
+                               PRECISION=dot_precision(x.dtype),
                                num_warps=t.num_warps,
                                num_stages=t.num_stages)
     if y is not None:
@@ -174,7 +191,10 @@ def compile_packed_matmul_for(arch: int, M: int, N: int, K: int, bits: int, grou
     scalars = {"M": "i32", "N": "i32", "K": "i32", "k_split": "i32", "stride_x": "i32"}
     constants = dict(BITS=bits, LAYOUT=layout, OFFSET=1, GS=group_size, ACT_ORDER=False, HAS_BIAS=False,
                      BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT_K=t.split_k,
-                     LAST_SUMS=t.split_k > 1, IN_THREAD=t.codes_in_thread)
+                     LAST_SUMS=t.split_k > 1, IN_THREAD=t.codes_in_thread,
+                     PAIRS=t.half_pairs and pairs_apply(bits, layout, False, torch.bfloat16 if dtype == "bf16"
+                                                        else torch.float16),
+                     PRECISION=dot_precision(torch.bfloat16))
     return compile_for(_split_matmul_kernel, arch, pointers, scalars, constants, num_warps=t.num_warps,
                        num_stages=t.num_stages)
 
