@@ -24,9 +24,7 @@ and loads issued several steps ahead.
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import os
 
 import torch
 import triton
@@ -160,23 +158,13 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--bits", default="2,4,8")
-    parser.add_argument("--rows", default="8,16,32,64")
-    parser.add_argument("--splits", default="1,2,4,8")
-    parser.add_argument("--compile-only", action="store_true", help="print what it compiles to for sm_90 (no GPU)")
-    args = parser.parse_args()
-    bits, rows = tuple(int(b) for b in args.bits.split(",")), tuple(int(r) for r in args.rows.split(","))
-    if args.compile_only:
-        compile_only(bits, rows)
-        return
-    from gpu_script import require_cuda, write_rows
+    from gpu_script import probe_arguments, run_probe
 
-    require_cuda("gluon_matmul_probe.py")
-    os.makedirs(args.out, exist_ok=True)
-    results = measure(bits, rows, tuple(int(s) for s in args.splits.split(",")))
-    write_rows(os.path.join(args.out, "gluon_matmul_probe.json"), results, part="gluon_matmul_probe")
+    args = probe_arguments(__doc__.splitlines()[0], bits="2,4,8", rows="8,16,32,64")
+    if args.compile_only:
+        compile_only(args.bits, args.rows)
+        return
+    run_probe(args, "gluon_matmul_probe", measure)
 
 
 if __name__ == "__main__":

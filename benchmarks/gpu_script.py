@@ -3,7 +3,9 @@ puts first on the path): the check for a CUDA device, the median time of a call 
 replayed in a CUDA graph), and the JSON file of their rows."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import time
 from typing import Callable
 
@@ -60,3 +62,25 @@ def write_rows(path: str | None, rows: list[dict], **fields) -> None:
         with open(path, "w") as f:
             json.dump({**fields, "torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f,
                       indent=2)
+
+
+def probe_arguments(description: str, bits: str, rows: str, splits: str = "1,2,4,8") -> argparse.Namespace:
+    """The kernel probes' command line: --out (default $OUT), --bits, --rows, --splits (each
+    comma-separated, parsed into tuples of ints) and --compile-only."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--bits", default=bits)
+    parser.add_argument("--rows", default=rows)
+    parser.add_argument("--splits", default=splits)
+    parser.add_argument("--compile-only", action="store_true", help="print what it compiles to for sm_90 (no GPU)")
+    args = parser.parse_args()
+    for name in ("bits", "rows", "splits"):
+        setattr(args, name, tuple(int(v) for v in getattr(args, name).split(",")))
+    return args
+
+
+def run_probe(args: argparse.Namespace, name: str, measure: Callable[..., list[dict]]) -> None:
+    """A kernel probe's GPU part: measure(bits, rows, splits) → $OUT/<name>.json."""
+    require_cuda(name + ".py")
+    os.makedirs(args.out, exist_ok=True)
+    write_rows(os.path.join(args.out, name + ".json"), measure(args.bits, args.rows, args.splits), part=name)

@@ -194,6 +194,28 @@ def test_the_gluon_candidate_compiles_to_tensor_cores_without_shared_memory():
     assert row["HMMA"] > 0 and row["STS"] == row["LDS"] == row["BAR"] == 0 and row["shared"] == 0
 
 
+def test_the_overlapped_wgmma_candidate_compiles_with_asynchronous_wgmma_and_wide_weight_stores():
+    """benchmarks/gluon_wgmma_probe.py's kernel (a candidate, not used yet) compiled for sm_90
+    without a GPU: four 128-input steps, each 8 wgmma instructions issued asynchronously and waited
+    for one step later (a wait per step and one at the end), x's tiles by asynchronous copies, and
+    each step's 64 × 128 weight tile stored in 8 16-byte stores per thread."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.experimental.gluon")
+    root = Path(__file__).resolve().parents[1]
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "PYTHONPATH": os.pathsep.join([str(root), str(root / "benchmarks")])}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "gluon_wgmma_probe.py"), "--compile-only",
+                          "--bits", "4"], env=env, capture_output=True, text=True, check=True).stdout
+    facts = ast.literal_eval(out.strip().splitlines()[-1])
+    assert facts["HGMMA"] == 4 * 8 and facts["wgmma_waits"] == 4 + 1
+    assert facts["STS"] == 4 * 8 and facts["LDGSTS"] > 0
+
+
 @pytest.mark.parametrize("bits,split_k,xperm", [(2, 1, False), (4, 2, True), (8, 2, False), (4, 1, True)])
 def test_the_swap_ab_candidate_matches_the_dequantized_weight(bits, split_k, xperm, monkeypatch):
     """benchmarks/swap_matmul_probe.py's kernel (a candidate, not used): the weights as wgmma's
