@@ -67,6 +67,22 @@ def _zeros(qz_ptr, g, n, mask, N, BITS: tl.constexpr, OFFSET: tl.constexpr):
 
 
 @triton.jit
+def _words(qw_ptr, k0, n, nmask, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The packed int32 words [BLOCK_K·b/32, BLOCK_N] of inputs k0 … k0 + BLOCK_K − 1 and outputs n,
+    for widths whose words hold whole codes (2, 4, 8 bits; nmask [1, BLOCK_N])."""
+    VPW: tl.constexpr = 32 // BITS
+    row = k0 // VPW + tl.arange(0, BLOCK_K // VPW)
+    return tl.load(qw_ptr + row[:, None] * N + n[None, :], mask=nmask, other=0)
+
+
+@triton.jit
+def _group_scales_zeros(s_ptr, qz_ptr, g, n, nmask, N, BITS: tl.constexpr, OFFSET: tl.constexpr):
+    """Scales (float32) and zero points (float32) of groups g and outputs n (both [·, BLOCK_N])."""
+    s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+    return s, _zeros(qz_ptr, g, n, nmask, N, BITS, OFFSET)
+
+
+@triton.jit
 def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_N: tl.constexpr, IN_THREAD: tl.constexpr = False):
     """Codes [BLOCK_K, BLOCK_N] of inputs k0… and outputs n (k0 a multiple of 32). IN_THREAD (2, 4
@@ -100,9 +116,7 @@ def _unpack_tile(qw_ptr, k0, n, N, BITS: tl.constexpr, LAYOUT: tl.constexpr, BLO
             q = (((cur >> shift) | hi) & maxq).to(tl.int32)
     else:
         VPW: tl.constexpr = 32 // BITS
-        KW: tl.constexpr = BLOCK_K // VPW
-        row = k0 // VPW + tl.arange(0, KW)
-        words = tl.load(qw_ptr + row[:, None] * N + n[None, :], mask=nmask, other=0)
+        words = _words(qw_ptr, k0, n, nmask, N, BITS, BLOCK_K)
         if IN_THREAD:
             q = _codes_of_words(words, BITS)
         else:
@@ -168,9 +182,8 @@ def _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask, N, BITS: tl.constex
         g = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K))[:, None]
     else:
         g = k0 // GS
-    s = tl.load(s_ptr + g * N + n[None, :], mask=nmask, other=0.0).to(tl.float32)
-    z = _zeros(qz_ptr, g, n[None, :], nmask, N, BITS, OFFSET) + 8388608.0
-    return s * (q - z)
+    s, z = _group_scales_zeros(s_ptr, qz_ptr, g, n[None, :], nmask, N, BITS, OFFSET)
+    return s * (q - (z + 8388608.0))
 
 
 @triton.constexpr_function
@@ -210,12 +223,8 @@ def _pair_weight_tile(qw_ptr, s_ptr, qz_ptr, k0, n, nmask, N, BITS: tl.constexpr
     significant bits, so d·s_lo is exact for |d| < 32) and takes d·s_hi + d·s_lo in one FMA:
     bf16((q − z)·s), rounded once, as the float32 form gives. Inline PTX: CUDA only."""
     BF16: tl.constexpr = DTYPE == tl.bfloat16
-    VPW: tl.constexpr = 32 // BITS
-    row = k0 // VPW + tl.arange(0, BLOCK_K // VPW)
-    words = tl.load(qw_ptr + row[:, None] * N + n[None, :], mask=nmask, other=0)
-    g = k0 // GS
-    s = tl.load(s_ptr + g * N + n[None, :], mask=nmask, other=0.0).to(tl.float32)
-    z = _zeros(qz_ptr, g, n[None, :], nmask, N, BITS, OFFSET)
+    words = _words(qw_ptr, k0, n, nmask, N, BITS, BLOCK_K)
+    s, z = _group_scales_zeros(s_ptr, qz_ptr, k0 // GS, n[None, :], nmask, N, BITS, OFFSET)
     if BF16:
         s_hi = s.to(tl.bfloat16)
         s_lo = (s - s_hi.to(tl.float32)).to(tl.bfloat16)

@@ -185,6 +185,7 @@ def compile_packed_matmul_for(arch: int, M: int, N: int, K: int, bits: int, grou
     outputs (no act-order, no bias, K-splits added up in the kernel), compiled for sm_<arch>
     without a GPU (benchmarks/kernel_asm.py --matmul)."""
     t = tiling or packed_matmul_tiling(M, N, K, group_size, False, bits, wgmma=arch_runs_wgmma(arch))
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     act = "*" + dtype
     pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "g_ptr": "*i32", "b_ptr": act,
                 "p_ptr": "*fp32", "y_ptr": act, "lock_ptr": "*i32"}
@@ -192,9 +193,8 @@ def compile_packed_matmul_for(arch: int, M: int, N: int, K: int, bits: int, grou
     constants = dict(BITS=bits, LAYOUT=layout, OFFSET=1, GS=group_size, ACT_ORDER=False, HAS_BIAS=False,
                      BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT_K=t.split_k,
                      LAST_SUMS=t.split_k > 1, IN_THREAD=t.codes_in_thread,
-                     PAIRS=t.half_pairs and pairs_apply(bits, layout, False, torch.bfloat16 if dtype == "bf16"
-                                                        else torch.float16),
-                     PRECISION=dot_precision(torch.bfloat16))
+                     PAIRS=t.half_pairs and pairs_apply(bits, layout, False, torch_dtype),
+                     PRECISION=dot_precision(torch_dtype))
     return compile_for(_split_matmul_kernel, arch, pointers, scalars, constants, num_warps=t.num_warps,
                        num_stages=t.num_stages)
 
