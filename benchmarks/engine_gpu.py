@@ -29,6 +29,7 @@ for ar); a summary table is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -42,7 +43,7 @@ from torch import nn
 from gpu_script import graph_time, median_seconds, write_rows
 from qrobust.bench import QuantBench, random_lm, shape_config
 from qrobust.bench_generate import model_bytes, quantize_blocks_rtn
-from qrobust.kernels import tinygemm
+from qrobust.kernels import fragments, tinygemm
 from qrobust.kernels.packed_matmul import packed_matmul
 from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
 from qrobust.models.decode import fuse_projections, sync
@@ -171,6 +172,18 @@ def packed_like(dense: nn.Linear, bits: int, group_size: int) -> QuantLinear:
     return QuantLinear.from_result(rtn(dense.weight.float(), spec), None, dense.weight.dtype).to(dense.weight.device)
 
 
+@contextlib.contextmanager
+def gptq_layout():
+    """Packed layers that decide their layout inside keep GPTQ's (4-bit layers on Hopper are
+    otherwise repacked for kernels.fragments_matmul): the kernels they had before, for an A/B."""
+    saved = fragments.runs_fragments
+    fragments.runs_fragments = lambda device: False
+    try:
+        yield
+    finally:
+        fragments.runs_fragments = saved
+
+
 def timer(device: str):
     """Seconds per call: replayed in a CUDA graph of 20 calls on a GPU (launches do not count;
     weights may partly stay in L2), timed alone elsewhere (where this only checks that it runs)."""
@@ -210,6 +223,11 @@ def products(plan: Plan, device: str) -> list[dict]:
             for bits in [b for b in plan.bits if b != 16]:
                 layer = packed_like(dense, bits, plan.group_size)
                 packed = layer.uses_kernels(torch.device(device))
+                gptq_layer = None
+                if layer.layout == "fragments":
+                    gptq_layer = packed_like(dense, bits, plan.group_size)
+                    with gptq_layout():
+                        gptq_layer.uses_kernels(torch.device(device))
                 marlin = None
                 if plan.marlin and bits in (4, 8) and torch.device(device).type == "cuda":
                     try:
@@ -225,6 +243,9 @@ def products(plan: Plan, device: str) -> list[dict]:
                         candidates[m]["fused_matmul, sums afterwards"] = functools.partial(
                             packed_matmul, x, layer.qweight, layer.scales, layer.qzeros, a.g_idx, bits,
                             a.group_size, FORMAT_OFFSET[layer.format])
+                    if gptq_layer is not None:
+                        name_before = f"GPTQ layout, {gptq_layer.packed_kernel(m, x.device)}"
+                        candidates[m][name_before] = functools.partial(gptq_layer, x)
                     if bits == 4 and tinygemm.applies(layer):
                         candidates[m]["tinygemm"] = functools.partial(TinyGemmLinear.from_quant_linear(layer), x)
                     if marlin is not None:
@@ -240,7 +261,7 @@ def products(plan: Plan, device: str) -> list[dict]:
                                      "us_bf16": us_bf16[m], "us_packed": us, "speedup": us_bf16[m] / us, **extra})
                         print(f"  {name:>12} {bits}-bit {m:>5} rows {kernel:>30}: {us:8.2f} us "
                               f"({us_bf16[m] / us:.2f}x bf16)", flush=True)
-                del layer, candidates, marlin
+                del layer, gptq_layer, candidates, marlin
         del dense, xs
         release()
     return rows
@@ -288,6 +309,12 @@ def variants(plan: Plan, device: str) -> list[dict]:
     for bits in short.bits:
         model = build(short, "ar", bits, device)
         rows += engine_rows(model, short, bits, variant="today")
+        if any(m.layout == "fragments" for m in model.modules() if isinstance(m, QuantLinear)):
+            with gptq_layout():
+                before = build(short, "ar", bits, device)
+                rows += engine_rows(before, short, bits, variant="GPTQ layout")
+            del before
+            release()
         if bits == 16:
             ceiling = build(short, "ar", bits, device)
             zero_products(ceiling)

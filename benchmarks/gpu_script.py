@@ -64,17 +64,18 @@ def write_rows(path: str | None, rows: list[dict], **fields) -> None:
                       indent=2)
 
 
-def probe_arguments(description: str, bits: str, rows: str, splits: str = "1,2,4,8") -> argparse.Namespace:
-    """The kernel probes' command line: --out (default $OUT), --bits, --rows, --splits (each
-    comma-separated, parsed into tuples of ints) and --compile-only."""
+def probe_arguments(description: str, bits: str, rows: str, splits: str = "1,2,4,8",
+                    **more_lists: str) -> argparse.Namespace:
+    """The kernel probes' command line: --out (default $OUT), --bits, --rows, --splits and any
+    more_lists (name=default; each comma-separated, parsed into tuples of ints) and --compile-only."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--bits", default=bits)
-    parser.add_argument("--rows", default=rows)
-    parser.add_argument("--splits", default=splits)
+    lists = {"bits": bits, "rows": rows, "splits": splits, **more_lists}
+    for name, default in lists.items():
+        parser.add_argument("--" + name.replace("_", "-"), default=default)
     parser.add_argument("--compile-only", action="store_true", help="print what it compiles to for sm_90 (no GPU)")
     args = parser.parse_args()
-    for name in ("bits", "rows", "splits"):
+    for name in lists:
         setattr(args, name, tuple(int(v) for v in getattr(args, name).split(",")))
     return args
 

@@ -31,7 +31,11 @@ def _dequant_kernel(qw_ptr, s_ptr, qz_ptr, g_ptr, w_ptr, N, K,
 def gptq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
                     bits: int, group_size: int, zero_offset: int, K: int, dtype: torch.dtype,
                     block_n: int = 64, block_depth: int = 64, layout: str = "gptq") -> torch.Tensor:
-    """Ŵᵀ [K, N] in `dtype`, from qweight in `layout`."""
+    """Ŵᵀ [K, N] in `dtype`, from qweight in `layout` (also kernels.fragments')."""
+    if layout == "fragments":
+        from qrobust.kernels.fragments import dequantize_fragments
+
+        return dequantize_fragments(qweight, scales, qzeros, zero_offset, K, dtype)
     N = qweight.shape[1]
     act_order = g_idx is not None
     _check_layout(bits, layout)

@@ -6,6 +6,13 @@
   the tensor cores, K split for parallelism (batched decoding: 5–64 rows), still memory bound.
 - dequant_matmul: the whole weight dequantized, then the dense matmul (prefill, diffusion
   steps: enough rows to amortize the dequantization).
+- fragments_matmul: kernels.fragments_matmul, for 4-bit layers that QuantLinear has repacked in
+  the fragments layout (Hopper GPUs): the weights as wgmma's register operand, 1-64 rows. A few
+  rows run its 8-row tile, on an H200 in 0.90-1.22× the GPTQ layout's GEMV time at one row and
+  0.34-1.01× at four (results/engine/fragments_splits.json); the decoder's fused GEMVs keep GPTQ's
+  layout (QuantLinear.use_fragments).
+
+A layout other than GPTQ's has its own list (LAYOUT_TABLE), whatever the device and width.
 
 Rows past the last bound of a list go to its last kernel. The CPU entries are those the tests
 run under Triton's interpreter; production CPU code never reaches the packed kernels.
@@ -23,11 +30,16 @@ KERNEL_TABLE: dict[str, dict[int, tuple[tuple[int | None, str], ...]]] = {
 }
 # bit widths without an entry (1, 5, 6, 7): the GEMV for few rows, else dequantize
 FALLBACK = ((GEMV_MAX_ROWS, "gemv"), (None, "dequant_matmul"))
+# the fragments layout's product takes up to wgmma's 64 rows
+LAYOUT_TABLE: dict[str, tuple[tuple[int | None, str], ...]] = {
+    "fragments": ((FUSED_MAX_ROWS, "fragments_matmul"), (None, "dequant_matmul")),
+}
 
 
-def packed_kernel(device_type: str, bits: int, rows: int) -> str:
-    """The product for `rows` rows of a `bits`-bit layer on a device of `device_type`."""
-    for most, kernel in KERNEL_TABLE.get(device_type, {}).get(bits, FALLBACK):
+def packed_kernel(device_type: str, bits: int, rows: int, layout: str = "gptq") -> str:
+    """The product for `rows` rows of a `bits`-bit layer whose codes are in `layout` on a device of `device_type`."""
+    by_rows = LAYOUT_TABLE.get(layout) or KERNEL_TABLE.get(device_type, {}).get(bits, FALLBACK)
+    for most, kernel in by_rows:
         if most is None or rows <= most:
             return kernel
     raise AssertionError("every row list ends with an unbounded entry")

@@ -6,8 +6,9 @@ batch-1 decoding; a fused dequantize-in-the-loop matmul for batched decoding; a 
 weight for the dense matmul for prefill), so the weights stay packed in memory. On CPU (or with
 QROBUST_KERNELS=0) forward dequantizes in torch and caches the result. Either way the buffers
 are the packed tensors. They hold the GPTQ layout, but for 3-bit layers with half2 on, whose
-codes are repacked for the GEMV (qrobust.quant.pack's pairs layout); what is saved is always the
-GPTQ layout.
+codes are repacked for the GEMV (qrobust.quant.pack's pairs layout), and for 4-bit layers on a
+Hopper GPU, repacked on their first product there in kernels.fragments' layout for
+kernels.fragments_matmul; what is saved is always the GPTQ layout.
 """
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ class QuantLinear(nn.Module):
         self.split_sums = False
         # GEMV sums codes two at a time in float16 where it can (takes_half2; models.decode.use_half2)
         self._half2 = False
-        # how qweight packs codes (quant.pack): "gptq", or "pairs" for 3-bit half2 layers (the half2 setter)
+        # how qweight packs codes: "gptq", "pairs" for 3-bit half2 layers (the half2 setter; quant.pack),
+        # "fragments" for 4-bit layers where kernels.fragments_matmul runs (uses_kernels; kernels.fragments)
         self.layout = "gptq"
+        self._fragments = False
 
     @classmethod
     def from_result(cls, result: QuantResult, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -129,14 +132,29 @@ class QuantLinear(nn.Module):
                            // self._group_len())
 
     def _relayout(self) -> None:
-        """Repacks qweight in the layout half2 asks for: pairs for a 3-bit layer in group order, else GPTQ's."""
-        layout = "pairs" if self.half2 and self.spec.bits == 3 and self._in_group_order() else "gptq"
-        if layout != self.layout:
-            self.qweight.copy_(repack_qweight(self.qweight, self.spec.bits, self.in_features, self.layout, layout))
-            self.layout = layout
+        """Repacks qweight in the layout asked for: fragments where uses_kernels chose them, pairs
+        for a 3-bit half2 layer in group order, else GPTQ's."""
+        if self._fragments:
+            layout = "fragments"
+        else:
+            layout = "pairs" if self.half2 and self.spec.bits == 3 and self._in_group_order() else "gptq"
+        if layout == self.layout:
+            return
+        gptq = self.gptq_qweight()
+        if layout == "fragments":
+            from qrobust.kernels.fragments import to_fragments
+
+            self.qweight.copy_(to_fragments(gptq, self.in_features))
+        else:
+            self.qweight.copy_(repack_qweight(gptq, self.spec.bits, self.in_features, "gptq", layout))
+        self.layout = layout
 
     def gptq_qweight(self) -> torch.Tensor:
         """qweight in the GPTQ layout (itself, but for repacked layers)."""
+        if self.layout == "fragments":
+            from qrobust.kernels.fragments import from_fragments
+
+            return from_fragments(self.qweight, self.in_features)
         return repack_qweight(self.qweight, self.spec.bits, self.in_features, self.layout, "gptq")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -145,6 +163,8 @@ class QuantLinear(nn.Module):
             destination[prefix + "qweight"] = self.gptq_qweight()
 
     def codes(self) -> torch.Tensor:
+        if self.layout == "fragments":
+            return unpack_qweight(self.gptq_qweight(), self.spec.bits, self.in_features)
         return unpack_qweight(self.qweight, self.spec.bits, self.in_features, self.layout)
 
     def zero_points(self) -> torch.Tensor:
@@ -194,7 +214,21 @@ class QuantLinear(nn.Module):
         self._kernel_args = KernelArgs(device, None if in_order else self.g_idx, gs, config,
                                        gemv_locks(self.out_features, device, GEMV_MAX_ROWS, config.block_n),
                                        matmul_locks(self.out_features, device, FUSED_MAX_ROWS))
+        self.use_fragments(device)
         return True
+
+    def use_fragments(self, device: torch.device) -> None:
+        """Repacks a 4-bit layer in the fragments layout where kernels.fragments_matmul runs on
+        `device` (a Hopper GPU with Gluon) and the layer fits it (kernels.fragments.fragments_apply).
+        A layer already set up for the batch-1 decoder's GEMV (pdl, fused norms, split sums, half2:
+        models.decode) keeps GPTQ's layout, which those kernels read."""
+        from qrobust.kernels.fragments import fragments_apply, runs_fragments
+
+        for_the_gemv = self.pdl or self.fuse_norm or self.split_sums or self._half2
+        if not for_the_gemv and runs_fragments(device) and fragments_apply(self.spec.bits, self._group_len(), self._in_group_order(),
+                                                      self.out_features, self.in_features):
+            self._fragments = True
+            self._relayout()
 
     def _tiling_args(self) -> tuple:
         """bits, group size, zero offset and the GEMV's tiling, as the GEMV ops take them."""
@@ -218,7 +252,7 @@ class QuantLinear(nn.Module):
 
     def packed_kernel(self, rows: int, device: torch.device) -> str:
         """The packed product for `rows` rows on `device` (quant.kernel_choice)."""
-        return packed_kernel(device.type, self.spec.bits, rows)
+        return packed_kernel(device.type, self.spec.bits, rows, self.layout)
 
     def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -238,6 +272,16 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(rows.dtype)
         y = packed_matmul_op(rows, self.qweight, self.scales, self.qzeros, a.g_idx, bias, a.matmul_locks,
                              self.spec.bits, a.group_size, FORMAT_OFFSET[self.format], self.layout)
+        return interleaved_swiglu(y) if swiglu else y
+
+    def _fragments_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
+        if rows.dtype not in (torch.bfloat16, torch.float16):  # its PTX is half precision
+            return self._dequant_matmul_product(rows, swiglu)
+        from qrobust.kernels.fragments_matmul import fragments_matmul_op
+
+        bias = None if self.bias is None else self.bias.to(rows.dtype)
+        y = fragments_matmul_op(rows, self.qweight, self.scales, self.qzeros, bias, self._kernel_args.matmul_locks,
+                                FORMAT_OFFSET[self.format])
         return interleaved_swiglu(y) if swiglu else y
 
     def _dequant_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
@@ -280,7 +324,7 @@ class QuantLinear(nn.Module):
     def leaves_split_sums(self, device: torch.device) -> bool:
         """Whether forward_split_sums on `device` leaves split sums (for few rows): split_sums is
         on, the packed kernels run, the GEMV splits K and there is no bias to add."""
-        return (self.split_sums and self.bias is None and self.uses_kernels(device)
+        return (self.split_sums and self.bias is None and self.uses_kernels(device) and self.layout != "fragments"
                 and self._kernel_args.gemv.splits > 1)
 
     def forward_split_sums(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -313,6 +357,7 @@ class QuantLinear(nn.Module):
 _PACKED_PRODUCTS = {
     "gemv": QuantLinear._gemv_product,
     "fused_matmul": QuantLinear._fused_matmul_product,
+    "fragments_matmul": QuantLinear._fragments_matmul_product,
     "dequant_matmul": QuantLinear._dequant_matmul_product,
 }
 

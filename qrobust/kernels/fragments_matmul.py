@@ -1,0 +1,277 @@
+"""The batched product of 4-bit weights in the fragments layout on Hopper: y = x Ŵᵀ computed as
+yᵀ = Ŵ xᵀ, with the weights wgmma's register operand (Gluon, Triton's explicit-layout language).
+
+kernels.packed_matmul dequantizes each weight tile into shared memory for the tensor cores:
+about 7.6 instructions per weight and thread at 64 rows, a barrier per step, and programs whose
+serial chain keeps DRAM 3-12% busy. Here one program is one warpgroup and 64 outputs:
+
+- each thread loads its words (kernels.fragments: the eight codes of its A fragment per 16-input
+  step, 32 contiguous bytes per 128 inputs) LOAD_AHEAD steps before it dequantizes them;
+- two codes become two weights in one register (kernels.layouts' `_pair_asm`: a shift, a LOP3
+  under the exponent of 128 (bf16) or 1024 (fp16), q − z exact, one rounding of (q − z)·s), in
+  the layout wgmma reads, so no weight goes to shared memory;
+- x's 128-input tiles arrive by asynchronous copies in a ring of three, and each step's wgmma
+  (all rows, up to 64, as wgmma's N) runs while the next step's weights are dequantized;
+- K is split for parallelism (fragments_split), the tile's last program adds the partial sums up
+  in split order (an arrival counter per tile, as kernels.packed_matmul).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from qrobust.kernels.fragments import TILE_K, TILE_N
+from qrobust.kernels.layouts import _pair_asm
+
+MAX_ROWS = 64  # the most rows a call takes (quant.kernel_choice)
+ROW_BLOCK = 32  # the most rows a program takes
+MAX_SPLIT = 8  # the most K-splits measured (benchmarks/fragments_splits.py)
+LOAD_AHEAD = 1  # steps between the loads of a step's words and its dequantization (benchmarks/fragments_splits.py)
+OUTPUTS = gl.constexpr(TILE_N)
+BLOCK_K = gl.constexpr(TILE_K)
+WORDS = gl.constexpr(TILE_N * TILE_K // 8)  # a tile's words
+X_STAGES = gl.constexpr(3)  # x's tiles in flight or in use
+_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier  # renamed after Triton 3.6
+
+
+@gluon.jit
+def _pair_weights(words, zn, s_hi, s_lo, J: gl.constexpr, DTYPE: gl.constexpr):
+    """Codes at bits 4J and 16 + 4J of each word as two weights ([..., 2]) in one register."""
+    return gl.inline_asm_elementwise(_pair_asm(J * 4, 4, DTYPE == gl.bfloat16), "=r,r,r,r,r,r",
+                                     [gl.join(words, words), zn, s_hi, s_lo], dtype=zn.dtype, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _load_group(s_ptr, qz_ptr, group, n0, N, j0: gl.constexpr, w_layout: gl.constexpr):
+    """The scales [32] and zero points' words of rows 16w + 8·j0 + g of the tile (row 8w + g of the words)."""
+    r = gl.arange(0, 32, layout=gl.SliceLayout(1, w_layout))
+    n = n0 + 16 * (r // 8) + 8 * j0 + r % 8
+    return gl.load(s_ptr + group * N + n), gl.load(qz_ptr + group * (N // 8) + n // 8).to(gl.uint32, bitcast=True)
+
+
+@gluon.jit
+def _group_pairs(s, zw, n0, j0: gl.constexpr, OFFSET: gl.constexpr, DTYPE: gl.constexpr, w_layout: gl.constexpr):
+    """What _pair_weights takes of a group for rows 16w + 8·j0 + g, as [32, 1, 2] pairs: bf16 takes
+    s_hi = bf16(s), s_lo = s − s_hi and −128 − z; fp16 s twice and −1024 − z."""
+    r = gl.arange(0, 32, layout=gl.SliceLayout(1, w_layout))
+    n = n0 + 16 * (r // 8) + 8 * j0 + r % 8
+    z = ((((zw >> ((n % 8) * 4).to(gl.uint32)) & 15) + OFFSET) & 15).to(gl.float32)
+    s = s.to(gl.float32)
+    if DTYPE == gl.bfloat16:
+        s_hi = s.to(gl.bfloat16)
+        s_lo = (s - s_hi.to(gl.float32)).to(gl.bfloat16)
+        zn = (-128.0 - z).to(gl.bfloat16)
+    else:
+        s_hi = s.to(gl.float16)
+        s_lo = s_hi
+        zn = (-1024.0 - z).to(gl.float16)
+    zn, s_hi, s_lo = zn[:, None], s_hi[:, None], s_lo[:, None]
+    return gl.join(zn, zn), gl.join(s_hi, s_hi), gl.join(s_lo, s_lo)
+
+
+@gluon.jit
+def _load_step(qw_ptr, s_ptr, qz_ptr, tile, step, N, K, w_layout: gl.constexpr):
+    """A step's words [32 (8w + g), 32 (8c + t)] and its group's scales and zero points for the two
+    halves of the rows: loads only, used two steps later (arithmetic on them here would wait for them)."""
+    r = gl.arange(0, 32, layout=gl.SliceLayout(1, w_layout))
+    col = gl.arange(0, 32, layout=gl.SliceLayout(0, w_layout))
+    words = gl.load(qw_ptr + (tile * (K // BLOCK_K) + step) * WORDS + r[:, None] * 32 + col[None, :],
+                    eviction_policy="evict_first").to(gl.uint32, bitcast=True)
+    s0, zw0 = _load_group(s_ptr, qz_ptr, step, tile * OUTPUTS, N, 0, w_layout)
+    s1, zw1 = _load_group(s_ptr, qz_ptr, step, tile * OUTPUTS, N, 1, w_layout)
+    return words, s0, zw0, s1, zw1
+
+
+@gluon.jit
+def _weights(loaded, tile, OFFSET: gl.constexpr, DTYPE: gl.constexpr, w_layout: gl.constexpr,
+             a_layout: gl.constexpr):
+    """A step's weights [64 outputs, 128 inputs] in wgmma's A register layout, without moving data:
+    [8w + g, 8c + t, h, J & 1, J >> 1] is output 16w + 8(J & 1) + g, input 16t + 8(J >> 1) + 2c + h."""
+    words, s0, zw0, s1, zw1 = loaded
+    zn0, shi0, slo0 = _group_pairs(s0, zw0, tile * OUTPUTS, 0, OFFSET, DTYPE, w_layout)
+    zn1, shi1, slo1 = _group_pairs(s1, zw1, tile * OUTPUTS, 1, OFFSET, DTYPE, w_layout)
+    c = gl.join(gl.join(_pair_weights(words, zn0, shi0, slo0, 0, DTYPE), _pair_weights(words, zn1, shi1, slo1, 1, DTYPE)),
+                gl.join(_pair_weights(words, zn0, shi0, slo0, 2, DTYPE),
+                        _pair_weights(words, zn1, shi1, slo1, 3, DTYPE)))
+    c = gl.permute(gl.reshape(c, (4, 8, 4, 8, 2, 2, 2)), (0, 5, 1, 3, 6, 2, 4))
+    return gl.convert_layout(gl.reshape(c, (OUTPUTS, BLOCK_K)), a_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, stride_x,
+                             OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr, ITERS: gl.constexpr,
+                             SPLIT: gl.constexpr, LAST_SUMS: gl.constexpr, AHEAD: gl.constexpr):
+    """y = x Ŵᵀ + bias for the 64 outputs of program_id(0) and the BM rows of program_id(2) over
+    ITERS 128-input steps from program_id(1)·ITERS; with SPLIT > 1 the partial sums p[split],
+    which with LAST_SUMS the tile's last program adds up in split order (lock_ptr: one counter per
+    tile of outputs and rows, left at zero)."""
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BM, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    # a thread's eight words of a step: row 8w + g, columns 8c … 8c + 7 (lane 4g + c)
+    w_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[8, 4], warps_per_cta=[4, 1],
+                                              order=[1, 0])
+    x_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
+                                              order=[1, 0])
+    x_smem = gl.allocate_shared_memory(dtype, [X_STAGES, BM, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BM, BLOCK_K], dtype))
+    tile = gl.program_id(0)
+    split = gl.program_id(1)
+    first = split * ITERS
+    m0 = gl.program_id(2) * BM
+    m_x = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, x_layout))
+    k_x = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
+    x_ptrs = x_ptr + m_x[:, None] * stride_x + first * BLOCK_K + k_x[None, :]
+    x_mask = (m_x < M)[:, None]
+    for i in gl.static_range(X_STAGES - 1):  # x's first tiles on their way
+        if i < ITERS:
+            async_copy.async_copy_global_to_shared(x_smem.index(i), x_ptrs + i * BLOCK_K, mask=x_mask)
+        async_copy.commit_group()
+    # the loop is unrolled, so `loaded` (step j's loads at index j) is a list at compile time:
+    # each step's words are asked for AHEAD steps before they are dequantized
+    loaded = ()
+    for j in gl.static_range(AHEAD + 1):
+        if j < ITERS:
+            loaded = loaded + (_load_step(qw_ptr, s_ptr, qz_ptr, tile, first + j, N, K, w_layout),)
+    a = _weights(loaded[0], tile, OFFSET, dtype, w_layout, a_layout)
+    acc = gl.zeros([OUTPUTS, BM], gl.float32, acc_layout)
+    for i in gl.static_range(ITERS):
+        async_copy.wait_group(X_STAGES - 2)  # x's tile of step i has landed
+        fence_async_shared()
+        _barrier()
+        acc = warpgroup_mma(a, x_smem.index(i % X_STAGES).permute((1, 0)), acc, is_async=True)
+        if i + 1 < ITERS:
+            a_next = _weights(loaded[i + 1], tile, OFFSET, dtype, w_layout, a_layout)  # while step i's wgmma runs
+            if i + AHEAD + 1 < ITERS:
+                loaded = loaded + (_load_step(qw_ptr, s_ptr, qz_ptr, tile, first + i + AHEAD + 1, N, K, w_layout),)
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        if i + X_STAGES - 1 < ITERS:  # into the buffer step i - 1 read
+            async_copy.async_copy_global_to_shared(x_smem.index((i + X_STAGES - 1) % X_STAGES),
+                                                   x_ptrs + (i + X_STAGES - 1) * BLOCK_K, mask=x_mask)
+        async_copy.commit_group()
+        if i + 1 < ITERS:
+            a = a_next
+    n = tile * OUTPUTS + gl.arange(0, OUTPUTS, layout=gl.SliceLayout(1, acc_layout))
+    m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_layout))
+    at = m[None, :] * N + n[:, None]
+    mask = (m < M)[None, :]
+    if SPLIT > 1:
+        gl.store(p_ptr + split * M * N + at, acc, mask=mask)
+    if LAST_SUMS:
+        _barrier()  # every thread's partial sums precede the count
+        lock = lock_ptr + gl.program_id(2) * gl.num_programs(0) + tile
+        if gl.atomic_add(lock, 1, sem="acq_rel") == SPLIT - 1:
+            acc = gl.zeros([OUTPUTS, BM], gl.float32, acc_layout)
+            for s in gl.static_range(SPLIT):  # in split order: the same sums whoever arrives last
+                acc += gl.load(p_ptr + s * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += gl.load(b_ptr + n).to(gl.float32)[:, None]
+            gl.store(y_ptr + at, acc.to(dtype), mask=mask)
+            gl.atomic_xchg(lock, 0)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += gl.load(b_ptr + n).to(gl.float32)[:, None]
+        gl.store(y_ptr + at, acc.to(dtype), mask=mask)
+
+
+def block_rows(M: int) -> int:
+    """Rows per program (wgmma's N): 8, 16 or 32; more rows take several programs, which the H200
+    runs faster than one 64-row program (benchmarks/fragments_splits.py)."""
+    if not 0 < M <= MAX_ROWS:
+        raise ValueError(f"fragments_matmul takes 1 to {MAX_ROWS} rows, got {M}")
+    return min(ROW_BLOCK, max(8, triton.next_power_of_2(M)))
+
+
+def fragments_split(M: int, N: int, K: int) -> int:
+    """K-splits (1-8): doubled while a layer has fewer than 256 programs (512 for a single 8-row
+    block) and each split keeps at least four 128-input steps (two for 8 rows). Over Qwen3-1.7B's
+    six layer shapes at 1, 4, 8, 32 and 64 rows on an H200 it picks the fastest of splits 1-8 on
+    24 of 30 and is within 5% elsewhere (benchmarks/fragments_splits.py,
+    results/engine/fragments_splits.json, the data it was fitted to): fewer programs leave SMs
+    idle, shorter splits spend their time on a program's fixed cost and on adding up the sums."""
+    tiles, steps = N // TILE_N * triton.cdiv(M, block_rows(M)), K // TILE_K
+    target, min_steps = (512, 2) if M <= 8 else (256, 4)
+    split = 1
+    while (split < MAX_SPLIT and steps % (2 * split) == 0 and steps // (2 * split) >= min_steps
+           and tiles * split < target):
+        split *= 2
+    return split
+
+
+def fragments_locks(N: int, device: torch.device | str) -> torch.Tensor:
+    """fragments_matmul's arrival counters for a layer of N outputs (up to 64 rows in programs of
+    at least 8): zeros, left as found."""
+    return torch.zeros(MAX_ROWS // 8 * (N // TILE_N), dtype=torch.int32, device=device)
+
+
+def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                     zero_offset: int, bias: torch.Tensor | None = None, locks: torch.Tensor | None = None,
+                     split_k: int | None = None, rows_per_program: int | None = None,
+                     load_ahead: int = LOAD_AHEAD) -> torch.Tensor:
+    """x [M ≤ 64, K] (bf16 or fp16) times a 4-bit qweight in the fragments layout (groups of 128):
+    [M, N] in x's dtype. With `locks` (fragments_locks) K-splits are added up inside the kernel, else afterwards.
+    The loads of a step's words are issued `load_ahead` steps before they are dequantized."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fragments_matmul takes bf16 or fp16 activations, got {x.dtype}")
+    M, K = x.shape
+    N = qweight.shape[1]
+    if x.stride(1) != 1 or x.stride(0) % 8:
+        x = x.contiguous()
+    split = split_k or fragments_split(M, N, K)
+    bm = rows_per_program or block_rows(M)
+    steps = K // TILE_K
+    if steps % split:
+        raise ValueError(f"fragments_matmul: {split} K-splits of {steps} 128-input steps")
+    inside = split > 1 and locks is not None
+    programs = (N // TILE_N) * triton.cdiv(M, bm)
+    if inside and locks.numel() < programs:
+        raise ValueError(f"fragments_matmul needs {programs} locks for {M} rows in programs of {bm}, "
+                         f"got {locks.numel()}")
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    partial = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
+    fuse_bias = bias is not None and (split == 1 or inside)
+    _fragments_matmul_kernel[(N // TILE_N, split, triton.cdiv(M, bm))](
+        x, qweight, scales, qzeros, bias if fuse_bias else y, partial, y, locks if inside else y, M, N, K, x.stride(0),
+        OFFSET=zero_offset, HAS_BIAS=fuse_bias, BM=bm, ITERS=steps // split,
+        SPLIT=split, LAST_SUMS=inside, AHEAD=load_ahead, num_warps=4)
+    if split == 1 or inside:
+        return y
+    y = partial.sum(0) if bias is None else partial.sum(0) + bias.float()
+    return y.to(x.dtype)
+
+
+def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", arch: int = 90,
+                                 load_ahead: int = LOAD_AHEAD):
+    """_fragments_matmul_kernel as fragments_matmul launches it (K-splits added up inside, no bias),
+    compiled for sm_<arch> without a GPU (benchmarks/kernel_asm.py and the tests read its SASS)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from qrobust.kernels.launch import compile_for
+
+    act = "*" + dtype
+    pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "b_ptr": act, "p_ptr": "*fp32",
+                "y_ptr": act, "lock_ptr": "*i32"}
+    scalars = {"M": "i32", "N": "i32", "K": "i32", "stride_x": "i32"}
+    split = fragments_split(M, N, K)
+    constants = dict(OFFSET=1, HAS_BIAS=False, BM=block_rows(M), ITERS=K // TILE_K // split, SPLIT=split,
+                     LAST_SUMS=split > 1, AHEAD=load_ahead)
+    return compile_for(_fragments_matmul_kernel, arch, pointers, scalars, constants, source_type=GluonASTSource,
+                       num_warps=4)
+
+
+# A custom op, as the other products (kernels.ops): torch.compile treats it as one call; the locks
+# come back as they were (zeros), so it declares no mutation.
+@torch.library.custom_op("qrobust::fragments_matmul", mutates_args=())
+def fragments_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                        bias: torch.Tensor | None, locks: torch.Tensor | None, zero_offset: int) -> torch.Tensor:
+    return fragments_matmul(x, qweight, scales, qzeros, zero_offset, bias, locks)
+
+
+@fragments_matmul_op.register_fake
+def _(x, qweight, scales, qzeros, bias, locks, zero_offset):
+    return x.new_empty(x.shape[0], qweight.shape[1])

@@ -1,0 +1,175 @@
+"""The fragments layout of 4-bit weights (kernels.fragments) and its Hopper product
+(kernels.fragments_matmul): the layout, its dequantization and QuantLinear's use of it on CPU
+(Triton's interpreter, conftest); the product compiled for sm_90 without a GPU, and run on a
+Hopper GPU where there is one."""
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qrobust import kernels
+from qrobust.quant.grid import QuantSpec, rtn
+from qrobust.quant.kernel_choice import packed_kernel
+from qrobust.quant.pack import unpack_qweight
+from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
+
+pytestmark = pytest.mark.skipif(not kernels.triton_installed(), reason="Triton is not installed")
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layer(N: int = 128, K: int = 256, sym: bool = True, bias: bool = False, seed: int = 0) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    result = rtn(torch.randn(N, K, generator=g), QuantSpec(4, 128, sym=sym))
+    return QuantLinear.from_result(result, torch.randn(N, generator=g) if bias else None, torch.float32)
+
+
+def _hopper() -> bool:
+    from qrobust.kernels.fragments import runs_fragments
+
+    return torch.cuda.is_available() and runs_fragments(torch.device("cuda", torch.cuda.current_device()))
+
+
+def test_each_word_holds_one_threads_a_fragment_codes():
+    """Word (tile, step, 8w + g, c, t) holds at bits 4J + 16h the code of output 16w + 8(J & 1) + g
+    and input 16t + 8(J >> 1) + 2c + h of its 64 × 128 tile: wgmma's A fragment of lane 4g + c of
+    warp w (rows g, g + 8; inputs 2c, 2c + 1, 2c + 8, 2c + 9), two inputs per half-word pair. And
+    the layout goes back to GPTQ's exactly."""
+    from qrobust.kernels.fragments import from_fragments, to_fragments
+
+    layer = _layer(N=128, K=256)
+    words = to_fragments(layer.qweight, 256)
+    assert words.shape == layer.qweight.shape and torch.equal(from_fragments(words, 256), layer.qweight)
+    codes = unpack_qweight(layer.qweight, 4, 256)  # [N, K]
+    w = words.reshape(2, 2, 4, 8, 4, 8).to(torch.int64) & 0xFFFFFFFF
+    g = torch.Generator().manual_seed(1)
+    for tile, step, warp, lane_g, c, t, j, h in torch.randint(0, 2, (64, 8), generator=g).tolist():
+        warp, lane_g, c, t, j = 3 * warp, 7 * lane_g, 3 * c, 7 * t, 3 * j
+        n = 64 * tile + 16 * warp + 8 * (j & 1) + lane_g
+        k = 128 * step + 16 * t + 8 * (j >> 1) + 2 * c + h
+        assert (w[tile, step, warp, lane_g, c, t] >> (4 * j + 16 * h)) & 15 == codes[n, k]
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_dequantizing_the_fragments_layout_gives_the_dequantized_weight(sym):
+    from qrobust.kernels.fragments import dequantize_fragments, to_fragments
+
+    layer = _layer(sym=sym, seed=2).to(DEVICE)
+    w = dequantize_fragments(to_fragments(layer.qweight, 256), layer.scales, layer.qzeros, FORMAT_OFFSET[layer.format],
+                             256, torch.float32)
+    assert torch.equal(w, layer.dequantized_weight().t())
+
+
+def test_a_layer_in_the_fragments_layout_saves_gptq_and_computes_the_same(monkeypatch):
+    """QuantLinear repacks where fragments are chosen (forced here: CPU has no wgmma): its codes,
+    dequantized weight and saved checkpoint are unchanged, its products (float32 rows: the
+    dequantized weight, by the table's dequant_matmul) equal the GPTQ layout's, and a checkpoint
+    loaded into it is repacked again."""
+    from qrobust.kernels import fragments
+
+    layer = _layer(bias=True, seed=3).to(DEVICE)
+    gptq = layer.qweight.clone()
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    expected = layer(x)
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    monkeypatch.setattr(fragments, "runs_fragments", lambda device: True)
+    layer._kernel_args = None
+    assert layer.uses_kernels(x.device) == kernels.kernels_enabled(x.device)
+    if not kernels.kernels_enabled(x.device):
+        layer.use_fragments(x.device)
+    assert layer.layout == "fragments" and not torch.equal(layer.qweight, gptq)
+    assert torch.equal(layer.gptq_qweight(), gptq) and torch.equal(layer.state_dict()["qweight"], gptq)
+    assert torch.equal(layer.dequantized_weight(), _layer(bias=True, seed=3).to(DEVICE).dequantized_weight())
+    torch.testing.assert_close(layer(x), expected)
+    layer.load_state_dict(saved)
+    assert layer.layout == "fragments" and torch.equal(layer.gptq_qweight(), gptq)
+    assert not layer.leaves_split_sums(x.device)
+
+
+def test_the_table_sends_fragments_layers_to_their_product_and_larger_batches_to_dequantization():
+    assert [packed_kernel("cuda", 4, m, "fragments") for m in (1, 4, 64, 65)] == \
+        ["fragments_matmul"] * 3 + ["dequant_matmul"]
+    assert packed_kernel("cuda", 4, 1) == "gemv"  # GPTQ's layout keeps its table
+
+
+def test_layers_set_up_for_the_batch_1_decoder_keep_the_gptq_layout(monkeypatch):
+    """The decoder's fused GEMVs (models.decode: pdl, fused norms, split sums, half2) read GPTQ's
+    layout, so a layer with one of them on is not repacked; the others are, and both compute the
+    same few rows."""
+    from qrobust.kernels import fragments
+    import qrobust.quant.qlinear as qlinear
+
+    monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)
+    monkeypatch.setattr(fragments, "runs_fragments", lambda device: True)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    plain, decoder_layer = (_layer(N=128, K=256, bias=True, seed=7).to(DEVICE) for _ in range(2))
+    decoder_layer.fuse_norm = True  # models.decode.fuse_norms
+    expected = x @ plain.dequantized_weight().t() + plain.bias
+    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(decoder_layer(x), expected, rtol=1e-5, atol=1e-4)
+    assert plain.layout == "fragments" and plain.packed_kernel(3, x.device) == "fragments_matmul"
+    assert decoder_layer.layout == "gptq" and decoder_layer.packed_kernel(3, x.device) == "gemv"
+
+
+def test_k_splits_fill_the_gpu_and_keep_whole_steps():
+    from qrobust.kernels.fragments_matmul import MAX_SPLIT, block_rows, fragments_split
+
+    for M in (1, 8, 32, 33, 64):
+        for N, K in ((2048, 2048), (1024, 2048), (6144, 2048), (2048, 6144), (12288, 2048), (64, 128)):
+            split, steps, tiles = fragments_split(M, N, K), K // 128, N // 64 * -(-M // block_rows(M))
+            target, min_steps = (512, 2) if M <= 8 else (256, 4)
+            assert steps % split == 0 and split <= MAX_SPLIT and steps // split >= min(min_steps, steps)
+            # not split further only where the layer has its programs or a split would be too short
+            assert (tiles * split >= target or split == MAX_SPLIT or steps % (2 * split)
+                    or steps // (2 * split) < min_steps)
+    assert fragments_split(64, 1024, 2048) == 4 and fragments_split(8, 1024, 2048) == 8  # k_proj, measured best
+
+
+def test_the_product_compiles_to_wgmma_from_registers_without_weight_stores():
+    """kernels.fragments_matmul compiled for sm_90 without a GPU: 8 wgmma instructions per
+    128-input step, x's tiles by asynchronous copies, no weight tile stored to shared memory (one
+    store: the arrival counter's answer shared by the program's threads), no spills."""
+    pytest.importorskip("triton.experimental.gluon")
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+    code = ("import sys; from qrobust.kernels.fragments_matmul import compile_fragments_matmul_for, fragments_split;"
+            "from kernel_asm import sass_facts;"
+            "M, N, K = 64, 2048, 2048; ops, res = sass_facts(compile_fragments_matmul_for(M, N, K).asm['cubin']);"
+            "print({**res, **ops, 'steps': K // 128 // fragments_split(M, N, K)})")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    facts = ast.literal_eval(out.strip().splitlines()[-1])
+    assert facts["HGMMA"] == 8 * facts["steps"] and facts["LDGSTS"] > 0
+    assert facts.get("STS", 0) <= 1 and facts["local"] == 0
+
+
+@pytest.mark.skipif(not _hopper(), reason="kernels.fragments_matmul runs on Hopper GPUs")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 8, 20, 32, 64])
+def test_the_hopper_product_matches_the_dequantized_weight(dtype, rows):
+    """Every split (added up inside by the tile's last program, or afterwards), with a bias and
+    with rows short of wgmma's tile: within half-precision rounding of x Ŵᵀ, the counters left at
+    zero; QuantLinear on the GPU repacks and runs it."""
+    from qrobust.kernels.fragments import to_fragments
+    from qrobust.kernels.fragments_matmul import fragments_locks, fragments_matmul
+
+    layer = _layer(N=256, K=768, sym=False, bias=True, seed=rows)
+    x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(5)).to("cuda", dtype)
+    w = layer.dequantized_weight().to("cuda", dtype).float()
+    ref = x.float() @ w.t() + layer.bias.cuda().float()
+    words = to_fragments(layer.qweight.cuda(), 768)
+    scales, qzeros, bias = layer.scales.cuda(), layer.qzeros.cuda(), layer.bias.to("cuda", dtype)
+    locks = fragments_locks(256, "cuda")
+    for split in (1, 2, 3, 6):
+        for lk in (locks, None):
+            for per_program in (None, 8, 64):
+                y = fragments_matmul(x, words, scales, qzeros, FORMAT_OFFSET[layer.format], bias, lk, split_k=split,
+                                     rows_per_program=per_program and max(per_program, 8 if rows <= 8 else 16))
+                assert y.dtype == dtype and (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    assert not locks.any()
+    cuda_layer = layer.to("cuda")
+    y = cuda_layer(x)
+    assert cuda_layer.layout == "fragments" and (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
