@@ -30,7 +30,7 @@ from qrobust.kernels.layouts import _pair_asm
 MAX_ROWS = 64  # the most rows a call takes (quant.kernel_choice)
 ROW_BLOCK = 32  # the most rows a program takes
 MAX_SPLIT = 8  # the most K-splits measured (benchmarks/fragments_splits.py)
-LOAD_AHEAD = 1  # steps between the loads of a step's words and its dequantization (benchmarks/fragments_splits.py)
+LOAD_AHEAD = 3  # steps between the loads of a step's words and its dequantization (benchmarks/fragments_splits.py)
 OUTPUTS = gl.constexpr(TILE_N)
 BLOCK_K = gl.constexpr(TILE_K)
 WORDS = gl.constexpr(TILE_N * TILE_K // 8)  # a tile's words
