@@ -181,7 +181,7 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
 
 def block_rows(M: int) -> int:
     """Rows per program (wgmma's N): 8, 16 or 32; more rows take several programs. At 64 rows and
-    the chosen splits those ran 2-20% faster than one 64-row program on q_proj, k_proj and
+    the chosen splits those ran 1-20% faster than one 64-row program on q_proj, k_proj and
     gate_proj with loads three steps ahead (results/engine/fragments_load_ahead.log); with loads
     one step ahead the two were within 12% either way (fragments_splits.json)."""
     if not 0 < M <= MAX_ROWS:
