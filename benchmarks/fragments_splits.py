@@ -66,7 +66,8 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
                     chosen = (split, per_program, ahead) == (fragments_split(m, N, K), block_rows(m), LOAD_AHEAD)
                     out.append({"layer": name, "K": K, "N": N, "bits": 4, "rows": m, "split_k": split,
                                 "rows_per_program": per_program, "load_ahead": ahead, "chosen": chosen,
-                                "max_rel_error": err, "us_fragments": us, "us_bf16": us_bf16, "us_gptq_layout": us_gptq})
+                                "max_rel_error": err, "us_fragments": us, "us_bf16": us_bf16,
+                                "us_gptq_layout": us_gptq})
                     print(f"{name:>12} {m:>3} rows ({per_program:>2} a program) split {split:>2} ahead {ahead}"
                           f"{'*' if chosen else ' '}: fragments {us:6.2f} us ({us_bf16 / us:.2f}x bf16), bf16 "
                           f"{us_bf16:6.2f}, GPTQ layout {us_gptq:6.2f} ({us_bf16 / us_gptq:.2f}x), error {err:.1e}",

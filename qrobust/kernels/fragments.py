@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qrobust.kernels.layouts import _group_scales_zeros
 from qrobust.quant.pack import pack_qweight, unpack_qweight
 
 BITS = 4
@@ -68,16 +69,6 @@ def from_fragments(words: torch.Tensor, K: int) -> torch.Tensor:
 
 
 @triton.jit
-def _scales_zeros(s_ptr, qz_ptr, step, n, N, OFFSET: tl.constexpr):
-    """The scales and zero points (as floats) of outputs n in group `step` (GPTQ's scales [K/128, N]
-    and qzeros [K/128, N/8], zero points stored less OFFSET)."""
-    s = tl.load(s_ptr + step * N + n).to(tl.float32)
-    zw = tl.load(qz_ptr + step * (N // 8) + n // 8).to(tl.uint32, bitcast=True)
-    z = ((((zw >> ((n % 8) * 4).to(tl.uint32)) & 15) + OFFSET) & 15).to(tl.float32)
-    return s, z
-
-
-@triton.jit
 def _dequant_fragments_kernel(qw_ptr, s_ptr, qz_ptr, w_ptr, N, K, OFFSET: tl.constexpr):
     """Ŵᵀ of one tile (64 outputs × 128 inputs) from its 1024 words."""
     tile, step = tl.program_id(0), tl.program_id(1)
@@ -88,7 +79,7 @@ def _dequant_fragments_kernel(qw_ptr, s_ptr, qz_ptr, w_ptr, N, K, OFFSET: tl.con
     words = tl.load(qw_ptr + (tile * (K // 128) + step) * 1024 + word).to(tl.uint32, bitcast=True)
     q = ((words >> bit) & 15).to(tl.float32)
     n = tile * 64 + o
-    s, z = _scales_zeros(s_ptr, qz_ptr, step, n, N, OFFSET)
+    s, z = _group_scales_zeros(s_ptr, qz_ptr, step, n, n < N, N, BITS, OFFSET)
     k = step * 128 + i
     tl.store(w_ptr + k * N + n, (s * (q - z)).to(w_ptr.dtype.element_ty))
 

@@ -94,7 +94,8 @@ def _weights(loaded, tile, OFFSET: gl.constexpr, DTYPE: gl.constexpr, w_layout: 
     words, s0, zw0, s1, zw1 = loaded
     zn0, shi0, slo0 = _group_pairs(s0, zw0, tile * OUTPUTS, 0, OFFSET, DTYPE, w_layout)
     zn1, shi1, slo1 = _group_pairs(s1, zw1, tile * OUTPUTS, 1, OFFSET, DTYPE, w_layout)
-    c = gl.join(gl.join(_pair_weights(words, zn0, shi0, slo0, 0, DTYPE), _pair_weights(words, zn1, shi1, slo1, 1, DTYPE)),
+    c = gl.join(gl.join(_pair_weights(words, zn0, shi0, slo0, 0, DTYPE),
+                        _pair_weights(words, zn1, shi1, slo1, 1, DTYPE)),
                 gl.join(_pair_weights(words, zn0, shi0, slo0, 2, DTYPE),
                         _pair_weights(words, zn1, shi1, slo1, 3, DTYPE)))
     c = gl.permute(gl.reshape(c, (4, 8, 4, 8, 2, 2, 2)), (0, 5, 1, 3, 6, 2, 4))

@@ -224,9 +224,10 @@ class QuantLinear(nn.Module):
         models.decode) keeps GPTQ's layout, which those kernels read."""
         from qrobust.kernels.fragments import fragments_apply, runs_fragments
 
+        fits = fragments_apply(self.spec.bits, self._group_len(), self._in_group_order(), self.out_features,
+                               self.in_features)
         for_the_gemv = self.pdl or self.fuse_norm or self.split_sums or self._half2
-        if not for_the_gemv and runs_fragments(device) and fragments_apply(self.spec.bits, self._group_len(), self._in_group_order(),
-                                                      self.out_features, self.in_features):
+        if fits and not for_the_gemv and runs_fragments(device):
             self._fragments = True
             self._relayout()
 
