@@ -1,4 +1,4 @@
-"""The Hopper product of 4-bit layers in the fragments layout (kernels.fragments_matmul) at each
+"""The Hopper product of 2- and 4-bit layers (--bits) in the fragments layout (kernels.fragments_matmul) at each
 K-split (and, at more than 32 rows, in one program of all rows or programs of 32; with
 --load-ahead, at each distance of a step's loads from its use), against bf16
 nn.Linear and the product the GPTQ layout takes for as many rows (kernels.packed_matmul; for 1-4
@@ -20,9 +20,8 @@ import torch
 
 from engine_gpu import Plan, config, layer_shapes, packed_like
 from gpu_script import graph_time, probe_arguments, run_probe
-from qrobust.kernels.fragments import to_fragments
 from qrobust.kernels import gemv_config, gemv_locks
-from qrobust.kernels.fragments import TILE_K
+from qrobust.kernels.fragments import TILE_K, to_fragments
 from qrobust.kernels.fragments_matmul import (LOAD_AHEAD, block_rows, compile_fragments_matmul_for,
                                               fragments_locks, fragments_matmul, fragments_split)
 from qrobust.kernels.gemv import gptq_gemv
@@ -34,14 +33,14 @@ from qrobust.quant.qlinear import FORMAT_OFFSET
 def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tuple[int, ...],
             load_ahead: tuple[int, ...] = (LOAD_AHEAD,)) -> list[dict]:
     out = []
-    for name, (K, N) in layer_shapes(config(Plan(), "ar")).items():
+    for bits, (name, (K, N)) in itertools.product(bits_list, layer_shapes(config(Plan(), "ar")).items()):
         dense = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
-        layer = packed_like(dense, 4, 128)
+        layer = packed_like(dense, bits, 128)
         offset = FORMAT_OFFSET[layer.format]
-        words = to_fragments(layer.qweight, K)
+        words = to_fragments(layer.qweight, K, bits)
         w = layer.dequantized_weight().to(torch.bfloat16).float()
         locks, gptq_locks = fragments_locks(N, "cuda"), matmul_locks(N, "cuda")
-        gptq = (layer.qweight, layer.scales, layer.qzeros, None, 4, 128, offset)
+        gptq = (layer.qweight, layer.scales, layer.qzeros, None, bits, 128, offset)
         gemv = gemv_config(K, 128, False)
         tiling = dict(block_n=gemv.block_n, block_depth=gemv.block_depth, splits=gemv.splits, num_warps=gemv.num_warps)
         for m in rows_list:
@@ -59,32 +58,32 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
                     steps = K // TILE_K // split if (K // TILE_K) % split == 0 else 0
                     if not steps or ahead > max(1, steps - 1):  # more steps ahead than a split has: the same kernel
                         continue
-                    fn = functools.partial(fragments_matmul, x, words, layer.scales, layer.qzeros, offset,
+                    fn = functools.partial(fragments_matmul, x, words, layer.scales, layer.qzeros, bits, offset,
                                            locks=locks, split_k=split, rows_per_program=per_program, load_ahead=ahead)
                     err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
                     us = 1e6 * graph_time(fn)
                     chosen = (split, per_program, ahead) == (fragments_split(m, N, K), block_rows(m), LOAD_AHEAD)
-                    out.append({"layer": name, "K": K, "N": N, "bits": 4, "rows": m, "split_k": split,
+                    out.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": m, "split_k": split,
                                 "rows_per_program": per_program, "load_ahead": ahead, "chosen": chosen,
                                 "max_rel_error": err, "us_fragments": us, "us_bf16": us_bf16,
                                 "us_gptq_layout": us_gptq})
-                    print(f"{name:>12} {m:>3} rows ({per_program:>2} a program) split {split:>2} ahead {ahead}"
-                          f"{'*' if chosen else ' '}: fragments {us:6.2f} us ({us_bf16 / us:.2f}x bf16), bf16 "
+                    print(f"{name:>12} {bits} bits {m:>3} rows ({per_program:>2} a program) split {split:>2} "
+                          f"ahead {ahead}{'*' if chosen else ' '}: fragments {us:6.2f} us ({us_bf16 / us:.2f}x bf16), bf16 "
                           f"{us_bf16:6.2f}, GPTQ layout {us_gptq:6.2f} ({us_bf16 / us_gptq:.2f}x), error {err:.1e}",
                           flush=True)
         del layer, words, w, dense
     return out
 
 
-def compile_only(rows_list: tuple[int, ...]) -> None:
-    """The chosen kernel of each shape and row count compiled for sm_90: registers, spills, wgmma
-    and the instructions that move data."""
+def compile_only(bits_list: tuple[int, ...], rows_list: tuple[int, ...]) -> None:
+    """The chosen kernel of each width, shape and row count compiled for sm_90: registers, spills,
+    wgmma and the instructions that move data."""
     from kernel_asm import sass_facts
 
-    for name, (K, N) in layer_shapes(config(Plan(), "ar")).items():
+    for bits, (name, (K, N)) in itertools.product(bits_list, layer_shapes(config(Plan(), "ar")).items()):
         for m in rows_list:
-            ops, resources = sass_facts(compile_fragments_matmul_for(m, N, K).asm["cubin"])
-            print({"layer": name, "rows": m, "split_k": fragments_split(m, N, K), **resources,
+            ops, resources = sass_facts(compile_fragments_matmul_for(m, N, K, bits=bits).asm["cubin"])
+            print({"layer": name, "bits": bits, "rows": m, "split_k": fragments_split(m, N, K), **resources,
                    **{op: ops.get(op, 0) for op in ("HGMMA", "LDGSTS", "LDG", "STS", "STG")}}, flush=True)
 
 
@@ -92,7 +91,7 @@ def main() -> None:
     args = probe_arguments(__doc__.splitlines()[0], bits="4", rows="64,32,8,4,1", splits="1,2,4,8",
                            load_ahead=str(LOAD_AHEAD))
     if args.compile_only:
-        compile_only(args.rows)
+        compile_only(args.bits, args.rows)
         return
     run_probe(args, "fragments_splits", functools.partial(measure, load_ahead=args.load_ahead))
 

@@ -1,4 +1,4 @@
-"""The fragments layout of 4-bit weights (kernels.fragments) and its Hopper product
+"""The fragments layout of 2-, 3-, 4- and 8-bit weights (kernels.fragments) and its Hopper product
 (kernels.fragments_matmul): the layout, its dequantization and QuantLinear's use of it on CPU
 (Triton's interpreter, conftest); the product compiled for sm_90 without a GPU, and run on a
 Hopper GPU where there is one."""
@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _layer(N: int = 128, K: int = 256, sym: bool = True, bias: bool = False, seed: int = 0) -> QuantLinear:
+def _layer(N: int = 128, K: int = 256, sym: bool = True, bias: bool = False, seed: int = 0,
+           bits: int = 4) -> QuantLinear:
     g = torch.Generator().manual_seed(seed)
-    result = rtn(torch.randn(N, K, generator=g), QuantSpec(4, 128, sym=sym))
+    result = rtn(torch.randn(N, K, generator=g), QuantSpec(bits, 128, sym=sym))
     return QuantLinear.from_result(result, torch.randn(N, generator=g) if bias else None, torch.float32)
 
 
@@ -34,44 +35,67 @@ def _hopper() -> bool:
     return torch.cuda.is_available() and runs_fragments(torch.device("cuda", torch.cuda.current_device()))
 
 
-def test_each_word_holds_one_threads_a_fragment_codes():
-    """Word (tile, step, 8w + g, c, t) holds at bits 4J + 16h the code of output 16w + 8(J & 1) + g
-    and input 16t + 8(J >> 1) + 2c + h of its 64 × 128 tile: wgmma's A fragment of lane 4g + c of
-    warp w (rows g, g + 8; inputs 2c, 2c + 1, 2c + 8, 2c + 9), two inputs per half-word pair. And
-    the layout goes back to GPTQ's exactly."""
+@pytest.mark.parametrize("bits", [4, 2, 8, 3])
+def test_each_word_holds_one_threads_a_fragment_codes(bits):
+    """Lane 4g + c of warp w feeds wgmma, per 16-input step t of a 64 × 128 tile, the codes of
+    pairs J = 0..3: output 16w + 8(J & 1) + g, inputs 16t + 8(J >> 1) + 2c + h (rows g, g + 8;
+    inputs 2c, 2c + 1, 2c + 8, 2c + 9). Its pair e = 4t + J sits in its word e div R at bits
+    b·(e mod R) + 16h, R = 16/b: at 4 bits a word per step, at 2 one per two steps, at 8 two per
+    step. 3-bit tiles hold the codes' low two bits so, then their high bits as b = 1. And the
+    layout goes back to GPTQ's exactly."""
     from qrobust.kernels.fragments import from_fragments, to_fragments
 
-    layer = _layer(N=128, K=256)
-    words = to_fragments(layer.qweight, 256)
-    assert words.shape == layer.qweight.shape and torch.equal(from_fragments(words, 256), layer.qweight)
-    codes = unpack_qweight(layer.qweight, 4, 256)  # [N, K]
-    w = words.reshape(2, 2, 4, 8, 4, 8).to(torch.int64) & 0xFFFFFFFF
-    g = torch.Generator().manual_seed(1)
-    for tile, step, warp, lane_g, c, t, j, h in torch.randint(0, 2, (64, 8), generator=g).tolist():
-        warp, lane_g, c, t, j = 3 * warp, 7 * lane_g, 3 * c, 7 * t, 3 * j
-        n = 64 * tile + 16 * warp + 8 * (j & 1) + lane_g
-        k = 128 * step + 16 * t + 8 * (j >> 1) + 2 * c + h
-        assert (w[tile, step, warp, lane_g, c, t] >> (4 * j + 16 * h)) & 15 == codes[n, k]
+    layer = _layer(N=128, K=256, bits=bits)
+    words = to_fragments(layer.qweight, 256, bits)
+    assert words.shape == layer.qweight.shape and torch.equal(from_fragments(words, 256, bits), layer.qweight)
+    codes = unpack_qweight(layer.qweight, bits, 256)  # [N, K]
+    tiles = words.reshape(2, 2, -1).to(torch.int64) & 0xFFFFFFFF  # [N/64, K/128, 256·bits]
+    first = 0
+    for width, low in ((2, 0), (1, 2)) if bits == 3 else ((bits, 0),):
+        R, mask = 16 // width, (1 << width) - 1
+        w = tiles[..., first:first + 256 * width].reshape(2, 2, 4, 8, 4, 2 * width)
+        g = torch.Generator().manual_seed(1)
+        for tile, step, warp, lane_g, c, t, j, h in torch.randint(0, 2, (64, 8), generator=g).tolist():
+            warp, lane_g, c, t, j = 3 * warp, 7 * lane_g, 3 * c, 7 * t, 3 * j
+            n = 64 * tile + 16 * warp + 8 * (j & 1) + lane_g
+            k = 128 * step + 16 * t + 8 * (j >> 1) + 2 * c + h
+            e = 4 * t + j
+            word = w[tile, step, warp, lane_g, c, e // R]
+            assert (word >> (width * (e % R) + 16 * h)) & mask == (codes[n, k] >> low) & mask
+        first += 256 * width
+    assert first == tiles.shape[-1]
 
 
+@pytest.mark.parametrize("bits", [4, 2, 8, 3])
 @pytest.mark.parametrize("sym", [True, False])
-def test_dequantizing_the_fragments_layout_gives_the_dequantized_weight(sym):
+def test_dequantizing_the_fragments_layout_gives_the_dequantized_weight(sym, bits):
     from qrobust.kernels.fragments import dequantize_fragments, to_fragments
 
-    layer = _layer(sym=sym, seed=2).to(DEVICE)
-    w = dequantize_fragments(to_fragments(layer.qweight, 256), layer.scales, layer.qzeros, FORMAT_OFFSET[layer.format],
-                             256, torch.float32)
+    layer = _layer(sym=sym, seed=2, bits=bits).to(DEVICE)
+    w = dequantize_fragments(to_fragments(layer.qweight, 256, bits), layer.scales, layer.qzeros,
+                             FORMAT_OFFSET[layer.format], 256, torch.float32, bits)
     assert torch.equal(w, layer.dequantized_weight().t())
 
 
-def test_a_layer_in_the_fragments_layout_saves_gptq_and_computes_the_same(monkeypatch):
+def test_widths_the_layout_does_not_hold_are_refused():
+    from qrobust.kernels.fragments import fragments_apply, to_fragments
+
+    assert [fragments_apply(b, 128, True, 128, 256) for b in (1, 2, 3, 4, 5, 8)] == [False, True, True, True, False,
+                                                                                  True]
+    assert not fragments_apply(4, 64, True, 128, 256) and not fragments_apply(2, 128, False, 128, 256)
+    with pytest.raises(ValueError, match="holds"):
+        to_fragments(_layer(bits=4).qweight, 256, 5)
+
+
+@pytest.mark.parametrize("bits", [4, 2, 8, 3])
+def test_a_layer_in_the_fragments_layout_saves_gptq_and_computes_the_same(monkeypatch, bits):
     """QuantLinear repacks where fragments are chosen (forced here: CPU has no wgmma): its codes,
     dequantized weight and saved checkpoint are unchanged, its products (float32 rows: the
     dequantized weight, by the table's dequant_matmul) equal the GPTQ layout's, and a checkpoint
     loaded into it is repacked again."""
     from qrobust.kernels import fragments
 
-    layer = _layer(bias=True, seed=3).to(DEVICE)
+    layer = _layer(bias=True, seed=3, bits=bits).to(DEVICE)
     gptq = layer.qweight.clone()
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     expected = layer(x)
@@ -83,7 +107,7 @@ def test_a_layer_in_the_fragments_layout_saves_gptq_and_computes_the_same(monkey
         layer.use_fragments(x.device)
     assert layer.layout == "fragments" and not torch.equal(layer.qweight, gptq)
     assert torch.equal(layer.gptq_qweight(), gptq) and torch.equal(layer.state_dict()["qweight"], gptq)
-    assert torch.equal(layer.dequantized_weight(), _layer(bias=True, seed=3).to(DEVICE).dequantized_weight())
+    assert torch.equal(layer.dequantized_weight(), _layer(bias=True, seed=3, bits=bits).to(DEVICE).dequantized_weight())
     torch.testing.assert_close(layer(x), expected)
     layer.load_state_dict(saved)
     assert layer.layout == "fragments" and torch.equal(layer.gptq_qweight(), gptq)
@@ -129,44 +153,52 @@ def test_k_splits_fill_the_gpu_and_keep_whole_steps():
     assert fragments_split(64, 1024, 2048) == 4 and fragments_split(8, 1024, 2048) == 8  # k_proj, measured best
 
 
-def test_the_product_compiles_to_wgmma_from_registers_without_weight_stores():
+@pytest.mark.parametrize("bits", [4, 2, 8, 3])
+def test_the_product_compiles_to_wgmma_from_registers_without_weight_stores(bits):
     """kernels.fragments_matmul compiled for sm_90 without a GPU: 8 wgmma instructions per
     128-input step, x's tiles by asynchronous copies, no weight tile stored to shared memory (one
-    store: the arrival counter's answer shared by the program's threads), no spills."""
+    store: the arrival counter's answer shared by the program's threads), no spills; a thread's
+    words of a step in as few loads as its bytes need."""
     pytest.importorskip("triton.experimental.gluon")
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
     code = ("import sys; from qrobust.kernels.fragments_matmul import compile_fragments_matmul_for, fragments_split;"
             "from kernel_asm import sass_facts;"
-            "M, N, K = 64, 2048, 2048; ops, res = sass_facts(compile_fragments_matmul_for(M, N, K).asm['cubin']);"
-            "print({**res, **ops, 'steps': K // 128 // fragments_split(M, N, K)})")
+            f"M, N, K = 64, 2048, 2048; cubin = compile_fragments_matmul_for(M, N, K, bits={bits}).asm['cubin'];"
+            "ops, res = sass_facts(cubin); loads = sass_facts(cubin, modifiers=True)[0];"
+            "print({**res, **ops, 'steps': K // 128 // fragments_split(M, N, K),"
+            "       'loads_128': loads['LDG.E.EF.128'], 'loads_64': loads.get('LDG.E.EF.64', 0)})")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     facts = ast.literal_eval(out.strip().splitlines()[-1])
-    assert facts["HGMMA"] == 8 * facts["steps"] and facts["LDGSTS"] > 0
+    assert facts["HGMMA"] == 8 * facts["steps"] and facts["LDGSTS"] > 0 and facts["steps"] == 4
     assert facts.get("STS", 0) <= 1 and facts["local"] == 0
+    # a step's 4·bits bytes of a thread: 128-bit loads, and a 64-bit one for 3 bits' high bits
+    assert (facts["loads_128"], facts["loads_64"]) == (facts["steps"] * max(1, bits // 2), facts["steps"] * (bits == 3))
 
 
 @pytest.mark.skipif(not _hopper(), reason="kernels.fragments_matmul runs on Hopper GPUs")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 8, 20, 32, 64])
-def test_the_hopper_product_matches_the_dequantized_weight(dtype, rows):
+@pytest.mark.parametrize("rows", [1, 20, 64])  # programs of 8 rows; of 32 (or 16); two of 32 (or one of 64)
+@pytest.mark.parametrize("bits", [4, 2, 8, 3])
+def test_the_hopper_product_matches_the_dequantized_weight(dtype, rows, bits):
     """Every split (added up inside by the tile's last program, or afterwards), with a bias and
     with rows short of wgmma's tile: within half-precision rounding of x Ŵᵀ, the counters left at
     zero; QuantLinear on the GPU repacks and runs it."""
     from qrobust.kernels.fragments import to_fragments
     from qrobust.kernels.fragments_matmul import fragments_locks, fragments_matmul
 
-    layer = _layer(N=256, K=768, sym=False, bias=True, seed=rows)
+    layer = _layer(N=256, K=768, sym=False, bias=True, seed=rows, bits=bits)
     x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(5)).to("cuda", dtype)
     w = layer.dequantized_weight().to("cuda", dtype).float()
     ref = x.float() @ w.t() + layer.bias.cuda().float()
-    words = to_fragments(layer.qweight.cuda(), 768)
+    words = to_fragments(layer.qweight.cuda(), 768, bits)
     scales, qzeros, bias = layer.scales.cuda(), layer.qzeros.cuda(), layer.bias.to("cuda", dtype)
     locks = fragments_locks(256, "cuda")
     for split in (1, 2, 3, 6):
         for lk in (locks, None):
             for per_program in (None, 8, 64):
-                y = fragments_matmul(x, words, scales, qzeros, FORMAT_OFFSET[layer.format], bias, lk, split_k=split,
+                y = fragments_matmul(x, words, scales, qzeros, bits, FORMAT_OFFSET[layer.format], bias, lk,
+                                     split_k=split,
                                      rows_per_program=per_program and max(per_program, 8 if rows <= 8 else 16))
                 assert y.dtype == dtype and (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
     assert not locks.any()

@@ -35,7 +35,7 @@ def gptq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.T
     if layout == "fragments":
         from qrobust.kernels.fragments import dequantize_fragments
 
-        return dequantize_fragments(qweight, scales, qzeros, zero_offset, K, dtype)
+        return dequantize_fragments(qweight, scales, qzeros, zero_offset, K, dtype, bits)
     N = qweight.shape[1]
     act_order = g_idx is not None
     _check_layout(bits, layout)

@@ -1,4 +1,4 @@
-"""The batched product of 4-bit weights in the fragments layout on Hopper: y = x Ŵᵀ computed as
+"""The batched product of 2-, 4- and 8-bit weights in the fragments layout on Hopper: y = x Ŵᵀ computed as
 yᵀ = Ŵ xᵀ, with the weights wgmma's register operand (Gluon, Triton's explicit-layout language).
 
 kernels.packed_matmul dequantizes each weight tile into shared memory for the tensor cores:
@@ -6,10 +6,12 @@ about 7.6 instructions per weight and thread at 64 rows, a barrier per step, and
 serial chain keeps DRAM 3-12% busy. Here one program is one warpgroup and 64 outputs:
 
 - each thread loads its words (kernels.fragments: the eight codes of its A fragment per 16-input
-  step, 32 contiguous bytes per 128 inputs) LOAD_AHEAD steps before it dequantizes them;
+  step, 4·b contiguous bytes per 128 inputs at b bits) LOAD_AHEAD steps before it dequantizes
+  them;
 - two codes become two weights in one register (kernels.layouts' `_pair_asm`: a shift, a LOP3
-  under the exponent of 128 (bf16) or 1024 (fp16), q − z exact, one rounding of (q − z)·s), in
-  the layout wgmma reads, so no weight goes to shared memory;
+  under the exponent of 128 (bf16) or 1024 (fp16), q − z exact, one rounding of (q − z)·s; 8-bit
+  codes, which bf16's 7-bit mantissa does not hold, in float32 for bf16: _byte_pair_asm), in the
+  layout wgmma reads, so no weight goes to shared memory;
 - x's 128-input tiles arrive by asynchronous copies in a ring of three, and each step's wgmma
   (all rows, up to 64, as wgmma's N) runs while the next step's weights are dequantized;
 - K is split for parallelism (fragments_split), the tile's last program adds the partial sums up
@@ -24,8 +26,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from qrobust.kernels.fragments import TILE_K, TILE_N
-from qrobust.kernels.layouts import _pair_asm
+from qrobust.kernels.fragments import TILE_K, TILE_N, planes
+from qrobust.kernels.layouts import _pair_asm, pair_arithmetic, pair_magic
 
 MAX_ROWS = 64  # the most rows a call takes (quant.kernel_choice)
 ROW_BLOCK = 32  # the most rows a program takes
@@ -33,35 +35,95 @@ MAX_SPLIT = 8  # the most K-splits measured (benchmarks/fragments_splits.py)
 LOAD_AHEAD = 3  # steps between the loads of a step's words and its dequantization (benchmarks/fragments_splits.py)
 OUTPUTS = gl.constexpr(TILE_N)
 BLOCK_K = gl.constexpr(TILE_K)
-WORDS = gl.constexpr(TILE_N * TILE_K // 8)  # a tile's words
 X_STAGES = gl.constexpr(3)  # x's tiles in flight or in use
 _barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier  # renamed after Triton 3.6
 
 
-@gluon.jit
-def _pair_weights(words, zn, s_hi, s_lo, J: gl.constexpr, DTYPE: gl.constexpr):
-    """Codes at bits 4J and 16 + 4J of each word as two weights ([..., 2]) in one register."""
-    return gl.inline_asm_elementwise(_pair_asm(J * 4, 4, DTYPE == gl.bfloat16), "=r,r,r,r,r,r",
-                                     [gl.join(words, words), zn, s_hi, s_lo], dtype=zn.dtype, is_pure=True, pack=2)
+@triton.constexpr_function
+def _byte_pair_asm(byte):
+    """PTX for one call of _pair_weights on 8-bit codes in bf16 (pack=2: $0 the two weights, $1 and
+    $2 the word, $3 and $4 −(2²³ + z), $5 and $6 the scale, float32): PRMT puts bytes `byte` and
+    `byte` + 2 under the float32 exponent of 2²³, where adding −(2²³ + z) leaves q − z exactly; one
+    rounding of (q − z)·s to float32 and one to bf16, as the dequantized weight's."""
+    select = [0x7540 | b for b in (byte, byte + 2)]
+    return ("{ .reg .b32 c, a, b; mov.b32 c, 0x4B000000; "
+            f"prmt.b32 a, $1, c, {select[0]:#x}; prmt.b32 b, $1, c, {select[1]:#x}; "
+            "add.f32 a, a, $3; add.f32 b, b, $3; mul.f32 a, a, $5; mul.f32 b, b, $5; "
+            "cvt.rn.bf16x2.f32 $0, b, a; }")
+
+
+@triton.constexpr_function
+def _split_pair_asm(J, bf16):
+    """PTX for one call of _pair_weights on 3-bit codes (pack=2: $0 the two weights, $1 and $2 the
+    low two bits' word, $3 and $4 the high bit's, $5 the negated offset zero points, $6 and $7 the
+    scale's two parts): pair J's low bits at 2J and 16 + 2J, its high bits at J and 16 + J, ORed
+    together under the half-precision exponent as _pair_asm's."""
+    low = f"shr.b32 q, $1, {2 * J};" if J else "mov.b32 q, $1;"
+    high = f"shl.b32 u, $3, {2 - J};" if J < 2 else "mov.b32 u, $3;" if J == 2 else "shr.b32 u, $3, 1;"
+    return ("{ .reg .b32 q, u, d, lo, one, nz; " + low + f" lop3.b32 q, q, {0x30003}, {pair_magic(bf16)}, 0xEA; "
+            + high + f" lop3.b32 q, u, {0x40004}, q, 0xEA; " + pair_arithmetic(bf16, "$5", "$6", "$7") + " }")
+
+
+@triton.constexpr_function
+def _in_float32(bits, dtype):
+    """Whether pairs are made in float32: 8-bit codes for bf16 weights."""
+    return bits == 8 and dtype == gl.bfloat16
 
 
 @gluon.jit
-def _load_group(s_ptr, qz_ptr, group, n0, N, j0: gl.constexpr, w_layout: gl.constexpr):
+def _pair_weights(words, high, zn, s_hi, s_lo, J: gl.constexpr, BITS: gl.constexpr, DTYPE: gl.constexpr):
+    """The codes of pair J, at bits `shift` and 16 + `shift` of each word, as two weights ([..., 2])
+    in one register: shift = BITS·J (at 2 and 3 bits each step's word already brought down,
+    _weights), 8·(J & 1) at 8 bits; at 3 bits `high` holds the high bits, J and 16 + J."""
+    shift: gl.constexpr = 8 * (J % 2) if BITS == 8 else BITS * J
+    w2 = gl.join(words, words)
+    if BITS == 3:
+        pair = gl.inline_asm_elementwise(_split_pair_asm(J, DTYPE == gl.bfloat16), "=r,r,r,r,r,r,r,r",
+                                         [w2, gl.join(high, high), zn, s_hi, s_lo], dtype=zn.dtype, is_pure=True,
+                                         pack=2)
+    elif _in_float32(BITS, DTYPE):
+        pair = gl.inline_asm_elementwise(_byte_pair_asm(shift // 8), "=r,r,r,r,r,r,r", [w2, zn, s_hi],
+                                         dtype=s_lo.dtype, is_pure=True, pack=2)
+    else:
+        pair = gl.inline_asm_elementwise(_pair_asm(shift, BITS, DTYPE == gl.bfloat16), "=r,r,r,r,r,r",
+                                         [w2, zn, s_hi, s_lo], dtype=zn.dtype, is_pure=True, pack=2)
+    return pair
+
+
+@gluon.jit
+def _load_group(s_ptr, qz_ptr, group, n0, N, j0: gl.constexpr, BITS: gl.constexpr, w_layout: gl.constexpr):
     """The scales [32] and zero points' words of rows 16w + 8·j0 + g of the tile (row 8w + g of the words)."""
     r = gl.arange(0, 32, layout=gl.SliceLayout(1, w_layout))
     n = n0 + 16 * (r // 8) + 8 * j0 + r % 8
-    return gl.load(s_ptr + group * N + n), gl.load(qz_ptr + group * (N // 8) + n // 8).to(gl.uint32, bitcast=True)
+    row = qz_ptr + group * (N * BITS // 32)  # a bit stream of zero points, as kernels.layouts' _unpack_at
+    zw = gl.load(row + n * BITS // 32).to(gl.uint32, bitcast=True)
+    if 32 % BITS:  # the next word, where a 3-bit zero point straddles two
+        zx = gl.load(row + n * BITS // 32 + 1, mask=(n * BITS) % 32 > 32 - BITS, other=0).to(gl.uint32, bitcast=True)
+    else:
+        zx = zw
+    return gl.load(s_ptr + group * N + n), zw, zx
 
 
 @gluon.jit
-def _group_pairs(s, zw, n0, j0: gl.constexpr, OFFSET: gl.constexpr, DTYPE: gl.constexpr, w_layout: gl.constexpr):
+def _group_pairs(s, zw, zx, n0, j0: gl.constexpr, BITS: gl.constexpr, OFFSET: gl.constexpr, DTYPE: gl.constexpr,
+                 w_layout: gl.constexpr):
     """What _pair_weights takes of a group for rows 16w + 8·j0 + g, as [32, 1, 2] pairs: bf16 takes
-    s_hi = bf16(s), s_lo = s − s_hi and −128 − z; fp16 s twice and −1024 − z."""
+    s_hi = bf16(s), s_lo = s − s_hi and −128 − z; fp16 s twice and −1024 − z; 8 bits in bf16
+    −(2²³ + z) and s in float32 (s_lo, in bf16, only gives the weights' type)."""
     r = gl.arange(0, 32, layout=gl.SliceLayout(1, w_layout))
     n = n0 + 16 * (r // 8) + 8 * j0 + r % 8
-    z = ((((zw >> ((n % 8) * 4).to(gl.uint32)) & 15) + OFFSET) & 15).to(gl.float32)
+    maxq: gl.constexpr = (1 << BITS) - 1
+    shift = ((n * BITS) % 32).to(gl.uint32)
+    q = zw >> shift
+    if 32 % BITS:
+        q = q | gl.where(shift > 32 - BITS, zx << (32 - shift), 0)
+    z = (((q & maxq) + OFFSET) & maxq).to(gl.float32)
     s = s.to(gl.float32)
-    if DTYPE == gl.bfloat16:
+    if _in_float32(BITS, DTYPE):
+        s_hi = s
+        s_lo = s.to(gl.bfloat16)
+        zn = -8388608.0 - z
+    elif DTYPE == gl.bfloat16:
         s_hi = s.to(gl.bfloat16)
         s_lo = (s - s_hi.to(gl.float32)).to(gl.bfloat16)
         zn = (-128.0 - z).to(gl.bfloat16)
@@ -74,38 +136,66 @@ def _group_pairs(s, zw, n0, j0: gl.constexpr, OFFSET: gl.constexpr, DTYPE: gl.co
 
 
 @gluon.jit
-def _load_step(qw_ptr, s_ptr, qz_ptr, tile, step, N, K, w_layout: gl.constexpr):
-    """A step's words [32 (8w + g), 32 (8c + t)] and its group's scales and zero points for the two
-    halves of the rows: loads only, used two steps later (arithmetic on them here would wait for them)."""
-    r = gl.arange(0, 32, layout=gl.SliceLayout(1, w_layout))
-    col = gl.arange(0, 32, layout=gl.SliceLayout(0, w_layout))
-    words = gl.load(qw_ptr + (tile * (K // BLOCK_K) + step) * WORDS + r[:, None] * 32 + col[None, :],
-                    eviction_policy="evict_first").to(gl.uint32, bitcast=True)
-    s0, zw0 = _load_group(s_ptr, qz_ptr, step, tile * OUTPUTS, N, 0, w_layout)
-    s1, zw1 = _load_group(s_ptr, qz_ptr, step, tile * OUTPUTS, N, 1, w_layout)
-    return words, s0, zw0, s1, zw1
+def _load_step(qw_ptr, s_ptr, qz_ptr, tile, step, N, K, BITS: gl.constexpr, load_layout: gl.constexpr,
+               high_layout: gl.constexpr, w_layout: gl.constexpr):
+    """A step's words [32 (8w + g), 8b (8c + ·)] of its first plane (kernels.fragments.planes: b =
+    BITS, or 2 at 3 bits), at 3 bits its high bits' words [32, 8], and its group's scales and zero
+    points for the two halves of the rows: loads only, used steps later (arithmetic on them here
+    would wait for them)."""
+    width: gl.constexpr = 2 if BITS == 3 else BITS
+    per_row: gl.constexpr = 8 * width
+    tile_ptr = qw_ptr + (tile * (K // BLOCK_K) + step) * (256 * BITS)
+    r = gl.arange(0, 32, layout=gl.SliceLayout(1, load_layout))
+    col = gl.arange(0, per_row, layout=gl.SliceLayout(0, load_layout))
+    words = gl.load(tile_ptr + r[:, None] * per_row + col[None, :], eviction_policy="evict_first")
+    words = words.to(gl.uint32, bitcast=True)
+    if BITS == 3:
+        r = gl.arange(0, 32, layout=gl.SliceLayout(1, high_layout))
+        col = gl.arange(0, 8, layout=gl.SliceLayout(0, high_layout))
+        high = gl.load(tile_ptr + 512 + r[:, None] * 8 + col[None, :], eviction_policy="evict_first")
+        high = high.to(gl.uint32, bitcast=True)
+    else:
+        high = words
+    s0, zw0, zx0 = _load_group(s_ptr, qz_ptr, step, tile * OUTPUTS, N, 0, BITS, w_layout)
+    s1, zw1, zx1 = _load_group(s_ptr, qz_ptr, step, tile * OUTPUTS, N, 1, BITS, w_layout)
+    return words, high, s0, zw0, zx0, s1, zw1, zx1
 
 
 @gluon.jit
-def _weights(loaded, tile, OFFSET: gl.constexpr, DTYPE: gl.constexpr, w_layout: gl.constexpr,
+def _weights(loaded, tile, BITS: gl.constexpr, OFFSET: gl.constexpr, DTYPE: gl.constexpr, w_layout: gl.constexpr,
              a_layout: gl.constexpr):
     """A step's weights [64 outputs, 128 inputs] in wgmma's A register layout, without moving data:
-    [8w + g, 8c + t, h, J & 1, J >> 1] is output 16w + 8(J & 1) + g, input 16t + 8(J >> 1) + 2c + h."""
-    words, s0, zw0, s1, zw1 = loaded
-    zn0, shi0, slo0 = _group_pairs(s0, zw0, tile * OUTPUTS, 0, OFFSET, DTYPE, w_layout)
-    zn1, shi1, slo1 = _group_pairs(s1, zw1, tile * OUTPUTS, 1, OFFSET, DTYPE, w_layout)
-    c = gl.join(gl.join(_pair_weights(words, zn0, shi0, slo0, 0, DTYPE),
-                        _pair_weights(words, zn1, shi1, slo1, 1, DTYPE)),
-                gl.join(_pair_weights(words, zn0, shi0, slo0, 2, DTYPE),
-                        _pair_weights(words, zn1, shi1, slo1, 3, DTYPE)))
+    [8w + g, 8c + t, h, J & 1, J >> 1] is output 16w + 8(J & 1) + g, input 16t + 8(J >> 1) + 2c + h.
+    The words are first made one per step (and per two pairs: `first` for J < 2, `second`), in the
+    thread that loaded them: a 2-bit word holds steps 2u and 2u + 1 (the second 8 bits up), a
+    high bits' word four (4 bits apart), 8-bit steps take two words each."""
+    words, high, s0, zw0, zx0, s1, zw1, zx1 = loaded
+    if BITS == 2 or BITS == 3:
+        words = gl.convert_layout(gl.reshape(gl.join(words, words >> 8), (32, 32)), w_layout, assert_trivial=True)
+    if BITS == 3:
+        high = gl.reshape(gl.join(gl.join(high, high >> 8), gl.join(high >> 4, high >> 12)), (32, 32))
+        high = gl.convert_layout(high, w_layout, assert_trivial=True)
+    if BITS == 8:
+        first, second = gl.split(gl.reshape(words, (32, 32, 2)))
+        first = gl.convert_layout(first, w_layout, assert_trivial=True)
+        second = gl.convert_layout(second, w_layout, assert_trivial=True)
+    else:
+        first = words
+        second = words
+    zn0, shi0, slo0 = _group_pairs(s0, zw0, zx0, tile * OUTPUTS, 0, BITS, OFFSET, DTYPE, w_layout)
+    zn1, shi1, slo1 = _group_pairs(s1, zw1, zx1, tile * OUTPUTS, 1, BITS, OFFSET, DTYPE, w_layout)
+    c = gl.join(gl.join(_pair_weights(first, high, zn0, shi0, slo0, 0, BITS, DTYPE),
+                        _pair_weights(first, high, zn1, shi1, slo1, 1, BITS, DTYPE)),
+                gl.join(_pair_weights(second, high, zn0, shi0, slo0, 2, BITS, DTYPE),
+                        _pair_weights(second, high, zn1, shi1, slo1, 3, BITS, DTYPE)))
     c = gl.permute(gl.reshape(c, (4, 8, 4, 8, 2, 2, 2)), (0, 5, 1, 3, 6, 2, 4))
     return gl.convert_layout(gl.reshape(c, (OUTPUTS, BLOCK_K)), a_layout, assert_trivial=True)
 
 
 @gluon.jit
 def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, stride_x,
-                             OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr, ITERS: gl.constexpr,
-                             SPLIT: gl.constexpr, LAST_SUMS: gl.constexpr, AHEAD: gl.constexpr):
+                             BITS: gl.constexpr, OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
+                             ITERS: gl.constexpr, SPLIT: gl.constexpr, LAST_SUMS: gl.constexpr, AHEAD: gl.constexpr):
     """y = x Ŵᵀ + bias for the 64 outputs of program_id(0) and the BM rows of program_id(2) over
     ITERS 128-input steps from program_id(1)·ITERS; with SPLIT > 1 the partial sums p[split],
     which with LAST_SUMS the tile's last program adds up in split order (lock_ptr: one counter per
@@ -117,6 +207,13 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
     # a thread's eight words of a step: row 8w + g, columns 8c … 8c + 7 (lane 4g + c)
     w_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[8, 4], warps_per_cta=[4, 1],
                                               order=[1, 0])
+    # as loaded: a thread's 2b words of a step's first plane (at 2 bits each holds two steps), and
+    # at 3 bits its two words of high bits
+    width: gl.constexpr = 2 if BITS == 3 else BITS
+    load_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2 * width], threads_per_warp=[8, 4],
+                                                 warps_per_cta=[4, 1], order=[1, 0])
+    high_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2], threads_per_warp=[8, 4],
+                                                 warps_per_cta=[4, 1], order=[1, 0])
     x_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
                                               order=[1, 0])
     x_smem = gl.allocate_shared_memory(dtype, [X_STAGES, BM, BLOCK_K],
@@ -138,8 +235,9 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
     loaded = ()
     for j in gl.static_range(AHEAD + 1):
         if j < ITERS:
-            loaded = loaded + (_load_step(qw_ptr, s_ptr, qz_ptr, tile, first + j, N, K, w_layout),)
-    a = _weights(loaded[0], tile, OFFSET, dtype, w_layout, a_layout)
+            loaded = loaded + (_load_step(qw_ptr, s_ptr, qz_ptr, tile, first + j, N, K, BITS, load_layout,
+                                          high_layout, w_layout),)
+    a = _weights(loaded[0], tile, BITS, OFFSET, dtype, w_layout, a_layout)
     acc = gl.zeros([OUTPUTS, BM], gl.float32, acc_layout)
     for i in gl.static_range(ITERS):
         async_copy.wait_group(X_STAGES - 2)  # x's tile of step i has landed
@@ -147,9 +245,10 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
         _barrier()
         acc = warpgroup_mma(a, x_smem.index(i % X_STAGES).permute((1, 0)), acc, is_async=True)
         if i + 1 < ITERS:
-            a_next = _weights(loaded[i + 1], tile, OFFSET, dtype, w_layout, a_layout)  # while step i's wgmma runs
+            a_next = _weights(loaded[i + 1], tile, BITS, OFFSET, dtype, w_layout, a_layout)  # while step i's wgmma runs
             if i + AHEAD + 1 < ITERS:
-                loaded = loaded + (_load_step(qw_ptr, s_ptr, qz_ptr, tile, first + i + AHEAD + 1, N, K, w_layout),)
+                loaded = loaded + (_load_step(qw_ptr, s_ptr, qz_ptr, tile, first + i + AHEAD + 1, N, K, BITS,
+                                              load_layout, high_layout, w_layout),)
         acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         if i + X_STAGES - 1 < ITERS:  # into the buffer step i - 1 read
             async_copy.async_copy_global_to_shared(x_smem.index((i + X_STAGES - 1) % X_STAGES),
@@ -213,16 +312,20 @@ def fragments_locks(N: int, device: torch.device | str) -> torch.Tensor:
 
 
 def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-                     zero_offset: int, bias: torch.Tensor | None = None, locks: torch.Tensor | None = None,
+                     bits: int, zero_offset: int, bias: torch.Tensor | None = None, locks: torch.Tensor | None = None,
                      split_k: int | None = None, rows_per_program: int | None = None,
                      load_ahead: int = LOAD_AHEAD) -> torch.Tensor:
-    """x [M ≤ 64, K] (bf16 or fp16) times a 4-bit qweight in the fragments layout (groups of 128):
+    """x [M ≤ 64, K] (bf16 or fp16) times a 2-, 4- or 8-bit qweight in the fragments layout (groups of 128):
     [M, N] in x's dtype. With `locks` (fragments_locks) K-splits are added up inside the kernel, else afterwards.
     The loads of a step's words are issued `load_ahead` steps before they are dequantized."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fragments_matmul takes bf16 or fp16 activations, got {x.dtype}")
     M, K = x.shape
     N = qweight.shape[1]
+    planes(bits)  # a width the layout holds
+    if qweight.shape[0] * 32 != K * bits:
+        raise ValueError(f"fragments_matmul: a {bits}-bit qweight of {K} inputs has {K * bits // 32} rows, "
+                         f"got {qweight.shape[0]}")
     if x.stride(1) != 1 or x.stride(0) % 8:
         x = x.contiguous()
     split = split_k or fragments_split(M, N, K)
@@ -240,7 +343,7 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     fuse_bias = bias is not None and (split == 1 or inside)
     _fragments_matmul_kernel[(N // TILE_N, split, triton.cdiv(M, bm))](
         x, qweight, scales, qzeros, bias if fuse_bias else y, partial, y, locks if inside else y, M, N, K, x.stride(0),
-        OFFSET=zero_offset, HAS_BIAS=fuse_bias, BM=bm, ITERS=steps // split,
+        BITS=bits, OFFSET=zero_offset, HAS_BIAS=fuse_bias, BM=bm, ITERS=steps // split,
         SPLIT=split, LAST_SUMS=inside, AHEAD=load_ahead, num_warps=4)
     if split == 1 or inside:
         return y
@@ -249,7 +352,7 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 
 def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", arch: int = 90,
-                                 load_ahead: int = LOAD_AHEAD):
+                                 load_ahead: int = LOAD_AHEAD, bits: int = 4):
     """_fragments_matmul_kernel as fragments_matmul launches it (K-splits added up inside, no bias),
     compiled for sm_<arch> without a GPU (benchmarks/kernel_asm.py and the tests read its SASS)."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -261,7 +364,7 @@ def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", ar
                 "y_ptr": act, "lock_ptr": "*i32"}
     scalars = {"M": "i32", "N": "i32", "K": "i32", "stride_x": "i32"}
     split = fragments_split(M, N, K)
-    constants = dict(OFFSET=1, HAS_BIAS=False, BM=block_rows(M), ITERS=K // TILE_K // split, SPLIT=split,
+    constants = dict(BITS=bits, OFFSET=1, HAS_BIAS=False, BM=block_rows(M), ITERS=K // TILE_K // split, SPLIT=split,
                      LAST_SUMS=split > 1, AHEAD=load_ahead)
     return compile_for(_fragments_matmul_kernel, arch, pointers, scalars, constants, source_type=GluonASTSource,
                        num_warps=4)
@@ -271,10 +374,11 @@ def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", ar
 # come back as they were (zeros), so it declares no mutation.
 @torch.library.custom_op("qrobust::fragments_matmul", mutates_args=())
 def fragments_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-                        bias: torch.Tensor | None, locks: torch.Tensor | None, zero_offset: int) -> torch.Tensor:
-    return fragments_matmul(x, qweight, scales, qzeros, zero_offset, bias, locks)
+                        bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int,
+                        zero_offset: int) -> torch.Tensor:
+    return fragments_matmul(x, qweight, scales, qzeros, bits, zero_offset, bias, locks)
 
 
 @fragments_matmul_op.register_fake
-def _(x, qweight, scales, qzeros, bias, locks, zero_offset):
+def _(x, qweight, scales, qzeros, bias, locks, bits, zero_offset):
     return x.new_empty(x.shape[0], qweight.shape[1])

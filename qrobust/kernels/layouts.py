@@ -187,18 +187,30 @@ def _weight_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n, nmask, N, BITS: tl.constex
 
 
 @triton.constexpr_function
+def pair_magic(bf16: bool) -> int:
+    """The two halves' exponent bits under which a code in the mantissa reads as 128 + q (bf16) or 1024 + q (fp16)."""
+    return 0x43004300 if bf16 else 0x64006400
+
+
+@triton.constexpr_function
+def pair_arithmetic(bf16: bool, zn: str, s_hi: str, s_lo: str) -> str:
+    """PTX taking the pair of codes under pair_magic in register q to $0, (q − z)·s: operands zn
+    the negated offset zero points, s_hi and s_lo the scale's two parts (each a pair of halves);
+    uses registers d, lo, one, nz."""
+    if bf16:  # d = q' + z'' by FMA with 1; d·s_lo is exact; one rounding in d·s_hi + d·s_lo
+        return ("mov.b32 one, 0x3F803F80; mov.b32 nz, 0x80008000;"
+                f"fma.rn.bf16x2 d, q, one, {zn}; fma.rn.bf16x2 lo, d, {s_lo}, nz; fma.rn.bf16x2 $0, d, {s_hi}, lo;")
+    return f"add.rn.f16x2 d, q, {zn}; mul.rn.f16x2 $0, d, {s_hi};"
+
+
+@triton.constexpr_function
 def _pair_asm(shift, bits, bf16):
     """PTX for one call of _pair_weights (pack=2: $0 the two weights, $1 and $2 the word, $3 the
     negated offset zero points, $4 and $5 the scale's two parts, each a pair of halves)."""
-    mask, magic = ((1 << bits) - 1) * 0x10001, 0x43004300 if bf16 else 0x64006400
+    mask = ((1 << bits) - 1) * 0x10001
     shifted = f"shr.b32 q, $1, {shift};" if shift else "mov.b32 q, $1;"
-    if bf16:  # d = q' + z'' by FMA with 1; d·s_lo is exact; one rounding in d·s_hi + d·s_lo
-        arithmetic = ("mov.b32 one, 0x3F803F80; mov.b32 nz, 0x80008000;"
-                      "fma.rn.bf16x2 d, q, one, $3; fma.rn.bf16x2 lo, d, $5, nz; fma.rn.bf16x2 $0, d, $4, lo;")
-    else:
-        arithmetic = "add.rn.f16x2 d, q, $3; mul.rn.f16x2 $0, d, $4;"
-    return ("{ .reg .b32 q, d, lo, one, nz; " + shifted +
-            f" lop3.b32 q, q, {mask}, {magic}, 0xEA; " + arithmetic + " }")
+    return ("{ .reg .b32 q, d, lo, one, nz; " + shifted + f" lop3.b32 q, q, {mask}, {pair_magic(bf16)}, 0xEA; "
+            + pair_arithmetic(bf16, "$3", "$4", "$5") + " }")
 
 
 @triton.jit

@@ -6,7 +6,7 @@ batch-1 decoding; a fused dequantize-in-the-loop matmul for batched decoding; a 
 weight for the dense matmul for prefill), so the weights stay packed in memory. On CPU (or with
 QROBUST_KERNELS=0) forward dequantizes in torch and caches the result. Either way the buffers
 are the packed tensors. They hold the GPTQ layout, but for 3-bit layers with half2 on, whose
-codes are repacked for the GEMV (qrobust.quant.pack's pairs layout), and for 4-bit layers on a
+codes are repacked for the GEMV (qrobust.quant.pack's pairs layout), and for 2- and 4-bit layers on a
 Hopper GPU, repacked on their first product there in kernels.fragments' layout for
 kernels.fragments_matmul; what is saved is always the GPTQ layout.
 """
@@ -68,7 +68,7 @@ class QuantLinear(nn.Module):
         # GEMV sums codes two at a time in float16 where it can (takes_half2; models.decode.use_half2)
         self._half2 = False
         # how qweight packs codes: "gptq", "pairs" for 3-bit half2 layers (the half2 setter; quant.pack),
-        # "fragments" for 4-bit layers where kernels.fragments_matmul runs (uses_kernels; kernels.fragments)
+        # "fragments" for 2- and 4-bit layers where kernels.fragments_matmul runs (uses_kernels; kernels.fragments)
         self.layout = "gptq"
         self._fragments = False
 
@@ -144,7 +144,7 @@ class QuantLinear(nn.Module):
         if layout == "fragments":
             from qrobust.kernels.fragments import to_fragments
 
-            self.qweight.copy_(to_fragments(gptq, self.in_features))
+            self.qweight.copy_(to_fragments(gptq, self.in_features, self.spec.bits))
         else:
             self.qweight.copy_(repack_qweight(gptq, self.spec.bits, self.in_features, "gptq", layout))
         self.layout = layout
@@ -154,7 +154,7 @@ class QuantLinear(nn.Module):
         if self.layout == "fragments":
             from qrobust.kernels.fragments import from_fragments
 
-            return from_fragments(self.qweight, self.in_features)
+            return from_fragments(self.qweight, self.in_features, self.spec.bits)
         return repack_qweight(self.qweight, self.spec.bits, self.in_features, self.layout, "gptq")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -218,7 +218,7 @@ class QuantLinear(nn.Module):
         return True
 
     def use_fragments(self, device: torch.device) -> None:
-        """Repacks a 4-bit layer in the fragments layout where kernels.fragments_matmul runs on
+        """Repacks a 2- or 4-bit layer in the fragments layout where kernels.fragments_matmul runs on
         `device` (a Hopper GPU with Gluon) and the layer fits it (kernels.fragments.fragments_apply).
         A layer already set up for the batch-1 decoder's GEMV (pdl, fused norms, split sums, half2:
         models.decode) keeps GPTQ's layout, which those kernels read."""
@@ -282,7 +282,7 @@ class QuantLinear(nn.Module):
 
         bias = None if self.bias is None else self.bias.to(rows.dtype)
         y = fragments_matmul_op(rows, self.qweight, self.scales, self.qzeros, bias, self._kernel_args.matmul_locks,
-                                FORMAT_OFFSET[self.format])
+                                self.spec.bits, FORMAT_OFFSET[self.format])
         return interleaved_swiglu(y) if swiglu else y
 
     def _dequant_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
