@@ -199,7 +199,7 @@ def gptqmodel_marlin(layer: QuantLinear, dtype: torch.dtype = torch.bfloat16) ->
 
     m = MarlinLinear(bits=layer.spec.bits, group_size=layer.spec.group_size, desc_act=False, sym=True,
                      in_features=layer.in_features, out_features=layer.out_features, bias=False, dtype=dtype)
-    m.qweight.data, m.qzeros.data = layer.qweight.clone(), layer.qzeros.clone()
+    m.qweight.data, m.qzeros.data = layer.gptq_qweight().clone(), layer.qzeros.clone()
     m.scales.data, m.g_idx.data = layer.scales.to(dtype).clone(), layer.g_idx.int().clone()
     m = m.to(layer.qweight.device)
     m.post_init()

@@ -9,7 +9,7 @@ The products that read packed GPTQ weights: layouts (where packed codes sit; the
 plans), gemv_tiles (what a GEMV tile sums), gemv (the GEMV and its add-norm and split-sums
 forms), dequant (dequantize; the fused matmul), launch (PDL, arrival counters, tile depths) and
 ops (their torch custom ops); packed_matmul (split-K products for batched decoding); fragments
-and fragments_matmul (4-bit weights in wgmma's register layout, Hopper's batched product, in
+and fragments_matmul (2-, 3-, 4- and 8-bit weights in wgmma's register layout, Hopper's batched product, in
 Gluon). Besides:
 decode_attention, rms_norm (RMSNorm in one kernel), gptq_block (GPTQ's column loop), tinygemm,
 and availability (where the kernels run).

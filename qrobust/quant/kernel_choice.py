@@ -6,11 +6,12 @@
   the tensor cores, K split for parallelism (batched decoding: 5–64 rows), still memory bound.
 - dequant_matmul: the whole weight dequantized, then the dense matmul (prefill, diffusion
   steps: enough rows to amortize the dequantization).
-- fragments_matmul: kernels.fragments_matmul, for 4-bit layers that QuantLinear has repacked in
-  the fragments layout (Hopper GPUs): the weights as wgmma's register operand, 1-64 rows. A few
-  rows run its 8-row tile, on an H200 in 0.90-1.22× the GPTQ layout's GEMV time at one row and
-  0.34-1.01× at four (results/engine/fragments_splits.json); the decoder's fused GEMVs keep GPTQ's
-  layout (QuantLinear.use_fragments).
+- fragments_matmul: kernels.fragments_matmul, for 2-, 3-, 4- and 8-bit layers (groups of 128 in
+  input order) that QuantLinear has repacked in the fragments layout (Hopper GPUs): the weights as
+  wgmma's register operand, 1-64 rows. A few rows run its 8-row tile, on an H200 at 4 bits in
+  0.90-1.22× the GPTQ layout's GEMV time at one row and 0.34-1.01× at four
+  (results/engine/fragments_splits.json); the decoder's fused GEMVs keep GPTQ's layout
+  (QuantLinear.use_fragments).
 
 A layout other than GPTQ's has its own list (LAYOUT_TABLE), whatever the device and width.
 

@@ -6,9 +6,9 @@ batch-1 decoding; a fused dequantize-in-the-loop matmul for batched decoding; a 
 weight for the dense matmul for prefill), so the weights stay packed in memory. On CPU (or with
 QROBUST_KERNELS=0) forward dequantizes in torch and caches the result. Either way the buffers
 are the packed tensors. They hold the GPTQ layout, but for 3-bit layers with half2 on, whose
-codes are repacked for the GEMV (qrobust.quant.pack's pairs layout), and for 2- and 4-bit layers on a
-Hopper GPU, repacked on their first product there in kernels.fragments' layout for
-kernels.fragments_matmul; what is saved is always the GPTQ layout.
+codes are repacked for the GEMV (qrobust.quant.pack's pairs layout), and for layers with groups
+of 128 in input order on a Hopper GPU, repacked on their first product there in
+kernels.fragments' layout for kernels.fragments_matmul; what is saved is always the GPTQ layout.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class QuantLinear(nn.Module):
         # GEMV sums codes two at a time in float16 where it can (takes_half2; models.decode.use_half2)
         self._half2 = False
         # how qweight packs codes: "gptq", "pairs" for 3-bit half2 layers (the half2 setter; quant.pack),
-        # "fragments" for 2- and 4-bit layers where kernels.fragments_matmul runs (uses_kernels; kernels.fragments)
+        # "fragments" where kernels.fragments_matmul runs (uses_kernels; kernels.fragments)
         self.layout = "gptq"
         self._fragments = False
 
@@ -218,7 +218,7 @@ class QuantLinear(nn.Module):
         return True
 
     def use_fragments(self, device: torch.device) -> None:
-        """Repacks a 2- or 4-bit layer in the fragments layout where kernels.fragments_matmul runs on
+        """Repacks a layer in the fragments layout where kernels.fragments_matmul runs on
         `device` (a Hopper GPU with Gluon) and the layer fits it (kernels.fragments.fragments_apply).
         A layer already set up for the batch-1 decoder's GEMV (pdl, fused norms, split sums, half2:
         models.decode) keeps GPTQ's layout, which those kernels read."""
