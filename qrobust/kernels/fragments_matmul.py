@@ -92,13 +92,15 @@ def _pair_weights(words, high, zn, s_hi, s_lo, J: gl.constexpr, BITS: gl.constex
 
 @gluon.jit
 def _load_group(s_ptr, qz_ptr, group, n0, N, j0: gl.constexpr, BITS: gl.constexpr, w_layout: gl.constexpr):
-    """The scales [32] and zero points' words of rows 16w + 8·j0 + g of the tile (row 8w + g of the words)."""
+    """The scales [32] of rows 16w + 8·j0 + g of the tile (row 8w + g of the words) and the word
+    holding each one's zero point, with the next word (zx) where a 3-bit zero point may reach into it."""
     r = gl.arange(0, 32, layout=gl.SliceLayout(1, w_layout))
     n = n0 + 16 * (r // 8) + 8 * j0 + r % 8
     row = qz_ptr + group * (N * BITS // 32)  # a bit stream of zero points, as kernels.layouts' _unpack_at
     zw = gl.load(row + n * BITS // 32).to(gl.uint32, bitcast=True)
     if 32 % BITS:  # the next word, where a 3-bit zero point straddles two
-        zx = gl.load(row + n * BITS // 32 + 1, mask=(n * BITS) % 32 > 32 - BITS, other=0).to(gl.uint32, bitcast=True)
+        zx = gl.load(row + n * BITS // 32 + 1, mask=(n * BITS) % 32 > 32 - BITS, other=0)
+        zx = zx.to(gl.uint32, bitcast=True)
     else:
         zx = zw
     return gl.load(s_ptr + group * N + n), zw, zx
