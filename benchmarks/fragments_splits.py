@@ -1,6 +1,7 @@
-"""The Hopper product of 2- and 4-bit layers (--bits) in the fragments layout (kernels.fragments_matmul) at each
-K-split (and, at more than 32 rows, in one program of all rows or programs of 32; with
---load-ahead, at each distance of a step's loads from its use), against bf16
+"""The Hopper product of 2-, 3-, 4- and 8-bit layers (--bits) in the fragments layout
+(kernels.fragments_matmul) at each K-split (and, at more than 32 rows, in one program of all rows
+or programs of 32; with --load-ahead, at each distance of a step's loads from its use, which a
+split of fewer steps caps), against bf16
 nn.Linear and the product the GPTQ layout takes for as many rows (kernels.packed_matmul; for 1-4
 rows kernels.gemv's GEMV, its default tiling), at Qwen3-1.7B's layer shapes (and the fused q/k/v
 and gate/up) and the engine's row counts: the data behind fragments_matmul.fragments_split,
@@ -54,15 +55,20 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
                 else:
                     us_gptq = 1e6 * graph_time(functools.partial(packed_matmul, x, *gptq, locks=gptq_locks))
                 programs = sorted({block_rows(m), max(block_rows(m), m)})
-                for split, per_program, ahead in itertools.product(splits, programs, load_ahead):
+                measured = set()
+                for split, per_program, asked in itertools.product(splits, programs, load_ahead):
                     steps = K // TILE_K // split if (K // TILE_K) % split == 0 else 0
-                    if not steps or ahead > max(1, steps - 1):  # more steps ahead than a split has: the same kernel
+                    # loads further ahead than a split's last step are all issued first: the same kernel
+                    ahead = min(asked, max(1, steps - 1))
+                    if not steps or (split, per_program, ahead) in measured:
                         continue
+                    measured.add((split, per_program, ahead))
                     fn = functools.partial(fragments_matmul, x, words, layer.scales, layer.qzeros, bits, offset,
                                            locks=locks, split_k=split, rows_per_program=per_program, load_ahead=ahead)
                     err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
                     us = 1e6 * graph_time(fn)
-                    chosen = (split, per_program, ahead) == (fragments_split(m, N, K), block_rows(m), LOAD_AHEAD)
+                    chosen = (split, per_program, ahead) == (fragments_split(m, N, K), block_rows(m),
+                                                             min(LOAD_AHEAD, max(1, steps - 1)))
                     out.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": m, "split_k": split,
                                 "rows_per_program": per_program, "load_ahead": ahead, "chosen": chosen,
                                 "max_rel_error": err, "us_fragments": us, "us_bf16": us_bf16,
