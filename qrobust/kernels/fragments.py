@@ -1,4 +1,4 @@
-"""The fragments layout of 2-, 4- and 8-bit weights: the 32-bit words one thread of a Hopper
+"""The fragments layout of 2-, 3-, 4- and 8-bit weights: the 32-bit words one thread of a Hopper
 warpgroup feeds to wgmma as its A operand.
 
 The product yᵀ = Ŵ xᵀ makes the weights wgmma's register operand (kernels.fragments_matmul), as
@@ -11,8 +11,9 @@ two steps a word; 4 at 4 bits: one; 2 at 8 bits: two words a step). So one shift
 put a pair under a half-precision exponent as the register wgmma reads (8 bits in bf16: one PRMT
 per code, in float32). The 2b words of a thread's 128 inputs are contiguous, 8b words per row
 8w + g, [32 (8w + g), 4 (c), 2b], and tiles follow each other output tile by output tile:
-[N/64, K/128, 32, 4, 2b]. It is a permutation of GPTQ's qweight [K·b/32, N] and is stored in the
-same buffer (QuantLinear.layout "fragments"; checkpoints keep GPTQ's).
+[N/64, K/128, 32, 4, 2b]. A 3-bit tile is two such planes in a row (planes): the codes' low two
+bits at b = 2, then their high bits at b = 1. It is a permutation of GPTQ's qweight [K·b/32, N]
+and is stored in the same buffer (QuantLinear.layout "fragments"; checkpoints keep GPTQ's).
 
 to_fragments / from_fragments convert a qweight (any device); dequantize_fragments gives Ŵᵀ from
 it (a Triton kernel, also for the interpreter) for products of more rows.

@@ -1,17 +1,19 @@
-"""The batched product of 2-, 4- and 8-bit weights in the fragments layout on Hopper: y = x Ŵᵀ computed as
-yᵀ = Ŵ xᵀ, with the weights wgmma's register operand (Gluon, Triton's explicit-layout language).
+"""The batched product of 2-, 3-, 4- and 8-bit weights in the fragments layout on Hopper: y = x Ŵᵀ
+computed as yᵀ = Ŵ xᵀ, with the weights wgmma's register operand (Gluon, Triton's explicit-layout
+language).
 
 kernels.packed_matmul dequantizes each weight tile into shared memory for the tensor cores:
 about 7.6 instructions per weight and thread at 64 rows, a barrier per step, and programs whose
 serial chain keeps DRAM 3-12% busy. Here one program is one warpgroup and 64 outputs:
 
 - each thread loads its words (kernels.fragments: the eight codes of its A fragment per 16-input
-  step, 4·b contiguous bytes per 128 inputs at b bits) LOAD_AHEAD steps before it dequantizes
-  them;
+  step, 4·b contiguous bytes per 128 inputs at b bits, in two planes at 3 bits) LOAD_AHEAD steps
+  before it dequantizes them;
 - two codes become two weights in one register (kernels.layouts' `_pair_asm`: a shift, a LOP3
-  under the exponent of 128 (bf16) or 1024 (fp16), q − z exact, one rounding of (q − z)·s; 8-bit
-  codes, which bf16's 7-bit mantissa does not hold, in float32 for bf16: _byte_pair_asm), in the
-  layout wgmma reads, so no weight goes to shared memory;
+  under the exponent of 128 (bf16) or 1024 (fp16), q − z exact, one rounding of (q − z)·s; 3-bit
+  codes with their high bit ORed in from its plane: _split_pair_asm; 8-bit codes, which bf16's
+  7-bit mantissa does not hold, in float32 for bf16: _byte_pair_asm), in the layout wgmma reads,
+  so no weight goes to shared memory;
 - x's 128-input tiles arrive by asynchronous copies in a ring of three, and each step's wgmma
   (all rows, up to 64, as wgmma's N) runs while the next step's weights are dequantized;
 - K is split for parallelism (fragments_split), the tile's last program adds the partial sums up
