@@ -31,6 +31,12 @@ from qrobust.quant.kernel_choice import GEMV_MAX_ROWS
 from qrobust.quant.qlinear import FORMAT_OFFSET
 
 
+def effective_ahead(ahead: int, steps: int) -> int:
+    """The load distance a split of `steps` steps runs: loads further ahead than its last step are
+    all issued first, the same kernel."""
+    return min(ahead, max(1, steps - 1))
+
+
 def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tuple[int, ...],
             load_ahead: tuple[int, ...] = (LOAD_AHEAD,)) -> list[dict]:
     out = []
@@ -58,8 +64,7 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
                 measured = set()
                 for split, per_program, asked in itertools.product(splits, programs, load_ahead):
                     steps = K // TILE_K // split if (K // TILE_K) % split == 0 else 0
-                    # loads further ahead than a split's last step are all issued first: the same kernel
-                    ahead = min(asked, max(1, steps - 1))
+                    ahead = effective_ahead(asked, steps)
                     if not steps or (split, per_program, ahead) in measured:
                         continue
                     measured.add((split, per_program, ahead))
@@ -68,14 +73,15 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
                     err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
                     us = 1e6 * graph_time(fn)
                     chosen = (split, per_program, ahead) == (fragments_split(m, N, K), block_rows(m),
-                                                             min(LOAD_AHEAD, max(1, steps - 1)))
+                                                             effective_ahead(LOAD_AHEAD, steps))
                     out.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": m, "split_k": split,
                                 "rows_per_program": per_program, "load_ahead": ahead, "chosen": chosen,
                                 "max_rel_error": err, "us_fragments": us, "us_bf16": us_bf16,
                                 "us_gptq_layout": us_gptq})
                     print(f"{name:>12} {bits} bits {m:>3} rows ({per_program:>2} a program) split {split:>2} "
-                          f"ahead {ahead}{'*' if chosen else ' '}: fragments {us:6.2f} us ({us_bf16 / us:.2f}x bf16), bf16 "
-                          f"{us_bf16:6.2f}, GPTQ layout {us_gptq:6.2f} ({us_bf16 / us_gptq:.2f}x), error {err:.1e}",
+                          f"ahead {ahead}{'*' if chosen else ' '}: fragments {us:6.2f} us ({us_bf16 / us:.2f}x "
+                          f"bf16), bf16 {us_bf16:6.2f}, GPTQ layout {us_gptq:6.2f} ({us_bf16 / us_gptq:.2f}x), "
+                          f"error {err:.1e}",
                           flush=True)
         del layer, words, w, dense
     return out

@@ -39,6 +39,7 @@ def fragments_apply(bits: int, group_size: int, in_group_order: bool, N: int, K:
     return bits in BITS and group_size == TILE_K and in_group_order and N % TILE_N == 0 and K % TILE_K == 0
 
 
+@triton.constexpr_function  # also read by the kernels, through first_plane_width
 def planes(bits: int) -> tuple[tuple[int, int], ...]:
     """(width, lowest code bit) of each plane a tile's words hold, in order: the codes themselves,
     but for 3 bits, which no word holds a whole number of pairs of, their low two bits and then
@@ -46,6 +47,13 @@ def planes(bits: int) -> tuple[tuple[int, int], ...]:
     if bits not in BITS:
         raise ValueError(f"the fragments layout holds {BITS} bits, not {bits}")
     return ((2, 0), (1, 2)) if bits == 3 else ((bits, 0),)
+
+
+@triton.constexpr_function
+def first_plane_width(bits: int) -> int:
+    """The width of a tile's first plane (planes); a second, if any, holds the other bits - width
+    of each code and starts 256·width words into the tile."""
+    return planes(bits)[0][0]
 
 
 def _index(N: int, K: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,10 +119,10 @@ def _dequant_fragments_kernel(qw_ptr, s_ptr, qz_ptr, w_ptr, N, K, BITS: tl.const
     o = tl.arange(0, 64)[None, :]  # output in the tile
     i = tl.arange(0, 128)[:, None]  # input in the tile
     tile_ptr = qw_ptr + (tile * (K // 128) + step) * (256 * BITS)
-    if BITS == 3:  # planes(3): the low two bits, then the high bit
-        q = _plane_codes(tile_ptr, o, i, 2) | (_plane_codes(tile_ptr + 512, o, i, 1) << 2)
-    else:
-        q = _plane_codes(tile_ptr, o, i, BITS)
+    WIDTH: tl.constexpr = first_plane_width(BITS)
+    q = _plane_codes(tile_ptr, o, i, WIDTH)
+    if WIDTH < BITS:  # the high bits' plane (planes)
+        q = q | (_plane_codes(tile_ptr + 256 * WIDTH, o, i, BITS - WIDTH) << WIDTH)
     n = tile * 64 + o
     s, z = _group_scales_zeros(s_ptr, qz_ptr, step, n, n < N, N, BITS, OFFSET)
     k = step * 128 + i

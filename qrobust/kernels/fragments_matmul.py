@@ -28,7 +28,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from qrobust.kernels.fragments import TILE_K, TILE_N, planes
+from qrobust.kernels.fragments import TILE_K, TILE_N, first_plane_width, planes
 from qrobust.kernels.layouts import _pair_asm, pair_arithmetic, pair_magic
 
 MAX_ROWS = 64  # the most rows a call takes (quant.kernel_choice)
@@ -146,7 +146,7 @@ def _load_step(qw_ptr, s_ptr, qz_ptr, tile, step, N, K, BITS: gl.constexpr, load
     BITS, or 2 at 3 bits), at 3 bits its high bits' words [32, 8], and its group's scales and zero
     points for the two halves of the rows: loads only, used steps later (arithmetic on them here
     would wait for them)."""
-    width: gl.constexpr = 2 if BITS == 3 else BITS
+    width: gl.constexpr = first_plane_width(BITS)
     per_row: gl.constexpr = 8 * width
     tile_ptr = qw_ptr + (tile * (K // BLOCK_K) + step) * (256 * BITS)
     r = gl.arange(0, 32, layout=gl.SliceLayout(1, load_layout))
@@ -155,8 +155,9 @@ def _load_step(qw_ptr, s_ptr, qz_ptr, tile, step, N, K, BITS: gl.constexpr, load
     words = words.to(gl.uint32, bitcast=True)
     if BITS == 3:
         r = gl.arange(0, 32, layout=gl.SliceLayout(1, high_layout))
-        col = gl.arange(0, 8, layout=gl.SliceLayout(0, high_layout))
-        high = gl.load(tile_ptr + 512 + r[:, None] * 8 + col[None, :], eviction_policy="evict_first")
+        high_row: gl.constexpr = 8 * (BITS - width)
+        col = gl.arange(0, high_row, layout=gl.SliceLayout(0, high_layout))
+        high = gl.load(tile_ptr + 256 * width + r[:, None] * high_row + col[None, :], eviction_policy="evict_first")
         high = high.to(gl.uint32, bitcast=True)
     else:
         high = words
@@ -213,7 +214,7 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
                                               order=[1, 0])
     # as loaded: a thread's 2b words of a step's first plane (at 2 bits each holds two steps), and
     # at 3 bits its two words of high bits
-    width: gl.constexpr = 2 if BITS == 3 else BITS
+    width: gl.constexpr = first_plane_width(BITS)
     load_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2 * width], threads_per_warp=[8, 4],
                                                  warps_per_cta=[4, 1], order=[1, 0])
     high_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2], threads_per_warp=[8, 4],
