@@ -463,6 +463,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--bits", help="widths to run (16 is bf16), comma-separated; default 16,8,4,3,2")
+    parser.add_argument("--rows", help="products: row counts, comma-separated; default 8,16,32,64,6144 "
+                                       "(1024: the diffusion fast sampler's block of 32 at batch 32)")
     parser.add_argument("--marlin", action="store_true",
                         help="products: also GPTQModel's Marlin at 4 and 8 bits (GPTQModel installed; it builds "
                              "Marlin on first use, 86 s on the H200)")
@@ -472,6 +474,8 @@ def main() -> None:
     plan = tiny_plan() if args.tiny else Plan()
     if args.bits:
         plan = replace(plan, bits=tuple(int(b) for b in args.bits.split(",")))
+    if args.rows:
+        plan = replace(plan, kernel_rows=tuple(int(m) for m in args.rows.split(",")))
     plan = replace(plan, marlin=args.marlin)
     os.makedirs(args.out, exist_ok=True)
     results = {}

@@ -103,13 +103,18 @@ def from_fragments(words: torch.Tensor, K: int, bits: int) -> torch.Tensor:
 
 
 @triton.jit
-def _plane_codes(tile_ptr, o, i, WIDTH: tl.constexpr):
-    """The codes of a plane WIDTH bits wide (its 256·WIDTH words from tile_ptr) of outputs o and inputs i of a tile."""
+def _plane_codes(tile_ptr, WIDTH: tl.constexpr):
+    """The codes [128 inputs, 64 outputs] of a tile's plane WIDTH bits wide (its 256·WIDTH words
+    from tile_ptr), each word read once. Word (32 (ow og), 4 ic, 2·WIDTH ·) holds pairs e of its
+    thread, e = 4 it + 2 ib + ob, at bits WIDTH·(e mod 16/WIDTH) + 16 ih: output 16 ow + 8 ob + og,
+    input 16 it + 8 ib + 2 ic + ih. So the words' codes in the order read reshape to
+    [ow, og, ic, it, ib, ob, ih], which permutes to the tile's [inputs, outputs]."""
     R: tl.constexpr = 16 // WIDTH
-    e = 4 * (i // 16) + 2 * ((i // 8) % 2) + (o // 8) % 2  # the thread's pair
-    word = ((o // 16) * 8 + o % 8) * (8 * WIDTH) + ((i % 8) // 2) * (2 * WIDTH) + e // R
-    bit = (WIDTH * (e % R) + 16 * (i % 2)).to(tl.uint32)
-    return (tl.load(tile_ptr + word).to(tl.uint32, bitcast=True) >> bit) & ((1 << WIDTH) - 1)
+    words = tl.load(tile_ptr + tl.arange(0, 256 * WIDTH)).to(tl.uint32, bitcast=True)
+    shift = (WIDTH * tl.arange(0, R)[:, None] + 16 * tl.arange(0, 2)[None, :]).to(tl.uint32)
+    codes = (tl.reshape(words, (128, 2 * WIDTH, 1, 1)) >> shift[None, None, :, :]) & ((1 << WIDTH) - 1)
+    codes = tl.permute(tl.reshape(codes, (4, 8, 4, 8, 2, 2, 2)), (3, 4, 2, 6, 0, 5, 1))
+    return tl.reshape(codes, (128, 64))
 
 
 @triton.jit
@@ -120,9 +125,9 @@ def _dequant_fragments_kernel(qw_ptr, s_ptr, qz_ptr, w_ptr, N, K, BITS: tl.const
     i = tl.arange(0, 128)[:, None]  # input in the tile
     tile_ptr = qw_ptr + (tile * (K // 128) + step) * (256 * BITS)
     WIDTH: tl.constexpr = first_plane_width(BITS)
-    q = _plane_codes(tile_ptr, o, i, WIDTH)
+    q = _plane_codes(tile_ptr, WIDTH)
     if WIDTH < BITS:  # the high bits' plane (planes)
-        q = q | (_plane_codes(tile_ptr + 256 * WIDTH, o, i, BITS - WIDTH) << WIDTH)
+        q = q | (_plane_codes(tile_ptr + 256 * WIDTH, BITS - WIDTH) << WIDTH)
     n = tile * 64 + o
     s, z = _group_scales_zeros(s_ptr, qz_ptr, step, n, n < N, N, BITS, OFFSET)
     k = step * 128 + i
