@@ -1,16 +1,22 @@
 """Whether the engine and the fragments product give the same bits on every run, on one GPU:
 greedy tokens of AREngine over a small random model (bf16 dense, 4-bit fragments layout, 4-bit
-GPTQ layout), three runs each, and fragments_matmul repeated on one input at each K-split.
+GPTQ layout; with and without CUDA graphs; without K-splits; with PyTorch's math attention), four
+runs each, the eager forward of a prefill, and fragments_matmul on two inputs in turn at each
+K-split. Prints one line per check.
 
     cd benchmarks && PYTHONPATH=..:. python3 engine_determinism.py
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine_gpu import gptq_layout
 from qrobust.bench import random_lm
 from qrobust.bench_generate import quantize_blocks_rtn
+from qrobust.kernels import fragments_matmul as fragments_matmul_module
 from qrobust.kernels.fragments import to_fragments
 from qrobust.kernels.fragments_matmul import fragments_locks, fragments_matmul
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
@@ -74,6 +80,17 @@ def prefill_runs() -> None:
         print(f"forward {bits:>2}-bit, 152 rows: equal {[torch.equal(logits[0], x) for x in logits[1:]]}", flush=True)
 
 
+@contextlib.contextmanager
+def no_k_splits():
+    """fragments_matmul without K-splits (no partial sums, no arrival counters)."""
+    saved = fragments_matmul_module.fragments_split
+    fragments_matmul_module.fragments_split = lambda M, N, K: 1
+    try:
+        yield
+    finally:
+        fragments_matmul_module.fragments_split = saved
+
+
 def main() -> None:
     product_runs()
     prefill_runs()
@@ -82,6 +99,12 @@ def main() -> None:
         engine_runs(4, "fragments", graphs)
         with gptq_layout():
             engine_runs(4, "gptq", graphs)
+    # the suspects one at a time, with graphs: the K-split sums, then attention (PyTorch's math backend)
+    with no_k_splits():
+        engine_runs(4, "fragments, no K-splits", True)
+    with sdpa_kernel(SDPBackend.MATH):
+        engine_runs(16, "dense, math attention", True)
+        engine_runs(4, "fragments, math attention", True)
 
 
 if __name__ == "__main__":
