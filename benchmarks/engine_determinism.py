@@ -20,7 +20,7 @@ from qrobust.kernels import fragments_matmul as fragments_matmul_module
 from qrobust.kernels.fragments import to_fragments
 from qrobust.kernels.fragments_matmul import fragments_locks, fragments_matmul
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
-from qrobust.models.transformer import TransformerConfig
+from qrobust.models.transformer import TransformerConfig, TransformerLM
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
 
@@ -28,11 +28,17 @@ CFG = TransformerConfig(vocab_size=512, hidden_size=256, intermediate_size=512, 
                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 
 
-def engine_runs(bits: int, layout: str, graphs: bool) -> None:
-    """Four greedy runs (three on one engine, one on a new one) of 8 prompts × 40 tokens."""
+def small_model(bits: int) -> TransformerLM:
+    """The random CFG model in bf16 on the GPU, its blocks' layers packed RTN at `bits` (16: dense)."""
     model = random_lm(CFG, "cuda", seed=0, dtype=torch.bfloat16).eval()
     if bits != 16:
         quantize_blocks_rtn(model, QuantSpec(bits, 128, sym=True))
+    return model
+
+
+def engine_runs(bits: int, layout: str, graphs: bool) -> None:
+    """Four greedy runs (three on one engine, one on a new one) of 8 prompts × 40 tokens."""
+    model = small_model(bits)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (8,), generator=g)]
     settings, rule = DecodeSettings(40), StopRule(frozenset())
@@ -56,24 +62,24 @@ def product_runs() -> None:
             layer = QuantLinear.from_result(rtn(torch.randn(N, K, generator=g), QuantSpec(bits, 128)), None,
                                             torch.bfloat16)
             words = to_fragments(layer.qweight.cuda(), K, bits)
+            scales, qzeros = layer.scales.cuda(), layer.qzeros.cuda()
             xs = [torch.randn(M, K, generator=g).to("cuda", torch.bfloat16) for _ in range(2)]
             locks = fragments_locks(N, "cuda")
             for split in (1, 2, 4):
                 if (K // 128) % split:
                     continue
-                outs = [fragments_matmul(xs[i % 2], words, layer.scales.cuda(), layer.qzeros.cuda(), bits,
-                                         FORMAT_OFFSET[layer.format], None, locks, split_k=split) for i in range(200)]
+                outs = [fragments_matmul(xs[i % 2], words, scales, qzeros, bits, FORMAT_OFFSET[layer.format], None,
+                                         locks, split_k=split) for i in range(200)]
                 same = sum(torch.equal(outs[i % 2], o) for i, o in enumerate(outs))
                 print(f"product {bits}-bit M {M} K {K} split {split}: {same}/200 equal to the first of their input, "
                       f"locks left {int(locks.abs().sum())}", flush=True)
 
 
 def prefill_runs() -> None:
-    """The eager forward of 8 left-padded prompts (the engine's prefill), twice: equal logits?"""
+    """The eager forward of 8 prompts of 19 tokens (152 rows: packed layers dequantize, as in the
+    engine's prefill), three times: the second and third logits equal to the first?"""
     for bits in (16, 4):
-        model = random_lm(CFG, "cuda", seed=0, dtype=torch.bfloat16).eval()
-        if bits != 16:
-            quantize_blocks_rtn(model, QuantSpec(bits, 128, sym=True))
+        model = small_model(bits)
         ids = torch.randint(0, 512, (8, 19), generator=torch.Generator().manual_seed(1)).cuda()
         with torch.no_grad():
             logits = [model(ids).float() for _ in range(3)]

@@ -320,7 +320,7 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      bits: int, zero_offset: int, bias: torch.Tensor | None = None, locks: torch.Tensor | None = None,
                      split_k: int | None = None, rows_per_program: int | None = None,
                      load_ahead: int = LOAD_AHEAD) -> torch.Tensor:
-    """x [M ≤ 64, K] (bf16 or fp16) times a 2-, 4- or 8-bit qweight in the fragments layout (groups of 128):
+    """x [M ≤ 64, K] (bf16 or fp16) times a 2-, 3-, 4- or 8-bit qweight in the fragments layout (groups of 128):
     [M, N] in x's dtype. With `locks` (fragments_locks) K-splits are added up inside the kernel, else afterwards.
     The loads of a step's words are issued `load_ahead` steps before they are dequantized."""
     if x.dtype not in (torch.bfloat16, torch.float16):
