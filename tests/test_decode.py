@@ -1,11 +1,14 @@
+import contextlib
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
 
 from qrobust.bench_generate import GenerateBench, bench_generate, model_bytes, quantize_blocks_rtn, summary_lines
 from qrobust.errors import QrobustError
-from qrobust.models.decode import GraphedForward, GreedyDecoder
+from qrobust.models.decode import GraphedForward, GreedyDecoder, capture
 from qrobust.models.transformer import TransformerConfig, TransformerLM
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import QuantLinear, replace_linear
@@ -59,6 +62,54 @@ def test_graphed_forward_returns_model_logits():
         torch.testing.assert_close(forward(ids, torch.ones_like(ids)), model(ids), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="unpadded"):
         forward(ids, torch.zeros_like(ids))
+
+
+def test_capture_keeps_the_function_and_its_tensors_alive(monkeypatch):
+    """On CPU, with torch.cuda's streams and graphs replaced by stand-ins: the tensor that only the
+    captured function's closure holds outlives the capture (the GPU test below checks what
+    freeing it did: later allocations overwrote it under the replays)."""
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+
+    def make_fn():
+        keys = torch.arange(8)
+        return lambda: keys * 2, weakref.ref(keys)
+
+    fn, keys = make_fn()
+    replay = capture(fn, torch.device("cuda"))
+    del fn
+    gc.collect()
+    assert keys() is not None and torch.equal(replay(), torch.arange(8) * 2) and Graph.replays == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_a_captured_graph_keeps_the_tensors_its_function_made():
+    """The graph reads by address a tensor made before the capture that only the function's
+    closure holds (as an engine step's key indices): it lives as long as the graph, so what is
+    allocated after the capture cannot overwrite it."""
+    def make_fn():
+        keys = torch.arange(4096, device="cuda", dtype=torch.float32)
+        return lambda: keys * 2
+
+    replay = capture(make_fn(), torch.device("cuda"))
+    clutter = [torch.full((4096,), -1.0, device="cuda") for _ in range(64)]  # would take a freed block
+    assert torch.equal(replay(), torch.arange(4096, device="cuda", dtype=torch.float32) * 2) and len(clutter) == 64
 
 
 def test_rtn_packing_shrinks_weights_by_the_bit_ratio():

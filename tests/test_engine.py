@@ -1,4 +1,5 @@
-"""The batched generation engine (models.engine) on CPU, where it runs its steps eagerly."""
+"""The batched generation engine (models.engine) on CPU, where it runs its steps eagerly, and
+on a GPU, where it replays CUDA graphs."""
 import pytest
 import torch
 
@@ -101,6 +102,40 @@ def _per_row_reference(logits_fn, input_ids, attention_mask, n, mask_id, shift, 
                     chosen = c.confidence.topk(min(k, pos.numel())).indices
                     x[row, pos[chosen]] = c.tokens[chosen]
     return x[:, P:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine replays CUDA graphs on a GPU")
+@pytest.mark.parametrize("bits", [16, 4])
+def test_graphed_decoding_gives_the_same_tokens_on_every_run(bits):
+    """Greedy decoding from CUDA graphs (bf16, and 4-bit layers in the layout the GPU runs) is
+    reproducible bit for bit: a second run, whose prefill allocates memory after the graphs were
+    captured, and a second engine give the same tokens, also after rows retire and the batch
+    moves to a smaller graph."""
+    from qrobust.bench import random_lm
+    from qrobust.bench_generate import quantize_blocks_rtn
+    from qrobust.kernels.fragments import runs_fragments
+    from qrobust.models.transformer import TransformerConfig
+    from qrobust.quant.grid import QuantSpec
+    from qrobust.quant.qlinear import QuantLinear
+
+    cfg = TransformerConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    model = random_lm(cfg, "cuda", seed=0, dtype=torch.bfloat16).eval()
+    if bits != 16:
+        quantize_blocks_rtn(model, QuantSpec(bits, 128, sym=True))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (8,), generator=g)]
+    settings, first = DecodeSettings(40), AREngine(model)
+    unstopped = first.generate(prompts, settings, StopRule(frozenset()), 8).tokens
+    # tokens five rows reach by step 10 end them there or earlier, so the rest go to a smaller graph
+    rule = StopRule(frozenset(row[10] for row in unstopped[:5]))
+    runs = [first.generate(prompts, settings, rule, 8).tokens, first.generate(prompts, settings, rule, 8).tokens,
+            AREngine(model).generate(prompts, settings, rule, 8).tokens]
+    assert runs[0] == runs[1] == runs[2]
+    assert all(r[:11] == u[:len(r[:11])] for r, u in zip(runs[0], unstopped))  # the first run's graphs agree
+    assert sum(len(row) <= 11 for row in runs[0]) >= 5
+    layout = "fragments" if runs_fragments(model.device) else "gptq"
+    assert bits == 16 or all(m.layout == layout for m in model.modules() if isinstance(m, QuantLinear))
 
 
 @pytest.fixture(scope="module")

@@ -215,12 +215,23 @@ def capture(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int = 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         out = fn()
+    return Replay(graph, out, fn)
 
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return out
 
-    return replay
+@dataclass
+class Replay:
+    """A captured graph as a function: replays it and returns its static output."""
+
+    graph: torch.cuda.CUDAGraph
+    out: torch.Tensor
+    # The graph reads the tensors that fn's closure made outside the capture (an engine step's key
+    # indices, its caches' counters) by address: kept alive with the graph, or the allocator hands
+    # their memory to the next eager allocation and replays read whatever that writes.
+    fn: Callable[[], torch.Tensor]
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out
 
 
 def fused(fn: Callable[[], torch.Tensor], compile: bool, pdl: bool = False) -> Callable[[], torch.Tensor]:
