@@ -2,7 +2,7 @@
 greedy tokens of AREngine over a small random model (bf16 dense, 4-bit fragments layout, 4-bit
 GPTQ layout; with and without CUDA graphs; without K-splits; with PyTorch's math attention), four
 runs each, the eager forward of a prefill, and fragments_matmul on two inputs in turn at each
-K-split. Prints one line per check.
+K-split. Prints one line per check; reproducible code prints 200/200, True and None throughout.
 
     cd benchmarks && PYTHONPATH=..:. python3 engine_determinism.py
 """
