@@ -49,7 +49,8 @@ def generate_samples(adapter, task: Task, problems: list[Problem], config: EvalC
     rows = []
     with PeakMemory(adapter.device) as mem:
         t0 = time.perf_counter()
-        for s in tqdm(range(config.n_samples), desc=f"generate {task.name}", disable=not progress or config.n_samples == 1):
+        quiet = not progress or config.n_samples == 1
+        for s in tqdm(range(config.n_samples), desc=f"generate {task.name}", disable=quiet):
             forced = {"min_new_tokens": config.min_new_tokens} if config.min_new_tokens else {}
             gens = adapter.generate(prompts, config.max_new_tokens, stop, config.temperature, config.top_p,
                                     seed=config.seed + s, batch_size=config.batch_size, **forced)
@@ -132,12 +133,14 @@ def evaluate(adapter, config: EvalConfig, out_dir: str | Path, model_name: str, 
 
 
 def summary_table(total: dict) -> str:
-    lines = [f"{'benchmark':<10} {'problems':>8} {'samples':>8} {'pass@1':>7} {'95% CI':>15} {'tok/s':>8} {'peak MiB':>9}"]
+    lines = [f"{'benchmark':<10} {'problems':>8} {'samples':>8} {'pass@1':>7} {'95% CI':>15} {'tok/s':>8} "
+             f"{'peak MiB':>9}"]
     for name, s in total["benchmarks"].items():
         p1 = s.get("pass@1", {})
         g = s.get("generation") or {}
         tps = f"{g['tokens_per_second']:.1f}" if g.get("tokens_per_second") else "-"
         mem = f"{g['peak_memory_bytes'] / 2**20:.0f}" if g.get("peak_memory_bytes") else "-"
         ci = f"[{p1.get('ci_low', float('nan')):.3f}, {p1.get('ci_high', float('nan')):.3f}]"
-        lines.append(f"{name:<10} {s['problems']:>8} {s['samples']:>8} {p1.get('value', float('nan')):>7.3f} {ci:>15} {tps:>8} {mem:>9}")
+        lines.append(f"{name:<10} {s['problems']:>8} {s['samples']:>8} {p1.get('value', float('nan')):>7.3f} "
+                     f"{ci:>15} {tps:>8} {mem:>9}")
     return "\n".join(lines)

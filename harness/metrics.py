@@ -38,7 +38,8 @@ def bootstrap_mean(values: np.ndarray, n_boot: int = 2000, alpha: float = 0.05, 
         return Estimate(float("nan"), float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(axis=1)
-    return Estimate(float(values.mean()), float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2)))
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return Estimate(float(values.mean()), float(low), float(high))
 
 
 def mcnemar_exact(b: int, c: int) -> float:

@@ -8,7 +8,7 @@ from hawq.sensitivity import LayerSensitivity, measure_sensitivities, ranking_ag
 from hawq.trace import TraceEstimate, hutchinson_traces
 
 __all__ = [
-    "AnalysisCache", "Allocation", "Budget", "allocate", "layer_bytes", "pareto_frontier", "PlanConfig", "analyse", "costs_of",
-    "plan_document", "read_plan", "sizes_of", "solve", "to_gptqmodel_dynamic", "write_frontier",
+    "AnalysisCache", "Allocation", "Budget", "allocate", "layer_bytes", "pareto_frontier", "PlanConfig", "analyse",
+    "costs_of", "plan_document", "read_plan", "sizes_of", "solve", "to_gptqmodel_dynamic", "write_frontier",
     "LayerSensitivity", "measure_sensitivities", "ranking_agreement", "TraceEstimate", "hutchinson_traces",
 ]

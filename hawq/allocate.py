@@ -96,7 +96,8 @@ def allocate(costs: dict[str, dict[int, float]], n_params: dict[str, int], budge
     res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(nvar),
                bounds=Bounds(0, 1))
     if res.status != 0 or res.x is None:
-        raise QrobustError(f"budget {budget.describe()} is infeasible with bits {bits}: raise the budget or add wider bit widths")
+        raise QrobustError(f"budget {budget.describe()} is infeasible with bits {bits}: "
+                           "raise the budget or add wider bit widths")
     chosen = {n: next(b for b in bits if res.x[idx[n, b]] > 0.5) for n in names}
     avg = sum(n_params[n] * chosen[n] for n in names) / total
     size = sum(sizes[n][chosen[n]] for n in names) if sizes else float("nan")

@@ -90,13 +90,15 @@ def read_plan(path: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise QrobustError(f"plan file {path} is not valid JSON ({e.msg}): regenerate it with `qrobust plan`") from None
     if doc.get("format") == PLAN_FORMAT and doc.get("version") != PLAN_VERSION:
-        raise QrobustError(f"plan file {path} has version {doc.get('version')}; this qrobust reads version {PLAN_VERSION}")
+        raise QrobustError(f"plan file {path} has version {doc.get('version')}; "
+                           f"this qrobust reads version {PLAN_VERSION}")
     return doc
 
 
 def to_gptqmodel_dynamic(plan: dict) -> dict:
     """Per-module overrides in GPTQModel's `dynamic` form (exact names, one key per layer)."""
-    return {f"+:^{re.escape(n)}$": {"bits": v["bits"], "group_size": v["group_size"]} for n, v in plan["layers"].items()}
+    return {f"+:^{re.escape(n)}$": {"bits": v["bits"], "group_size": v["group_size"]}
+            for n, v in plan["layers"].items()}
 
 
 def write_frontier(rows: list[dict], agreement: dict[int, float] | None, out_dir: str | Path, title: str) -> Path:

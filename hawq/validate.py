@@ -168,7 +168,8 @@ def main() -> None:
     plot(all_rows, out / "validation.png")
     wins = write_summary(all_rows, infos, out / "summary.md")
     for r in all_rows:
-        print(f"{r['model']:<10} {r['method']:<11} budget {r['budget']:>5} avg {r['avg_bits']:.3f} loss {r['val_loss']:.4f}")
+        print(f"{r['model']:<10} {r['method']:<11} budget {r['budget']:>5} avg {r['avg_bits']:.3f} "
+              f"loss {r['val_loss']:.4f}")
     print(f"hawq below uniform at every budget: {'yes' if wins else 'no'} (table: {out / 'summary.md'})")
 
 

@@ -301,7 +301,8 @@ def summary_lines(results: dict) -> list[str]:
         head = (f"{'bits':>4} {'products':>8} {'weights GiB':>11} {'peak GiB':>8} {'tok/s':>8} {'ms/token':>8} "
                 f"{'TTFT ms':>8} {'vs fp16':>7} {'of floor':>8}")
     else:
-        head = f"{'bits':>4} {'products':>8} {'weights GiB':>11} {'peak GiB':>8} {'ms/step':>8} {'s/sequence':>10} {'vs fp16':>7}"
+        head = (f"{'bits':>4} {'products':>8} {'weights GiB':>11} {'peak GiB':>8} {'ms/step':>8} {'s/sequence':>10} "
+                f"{'vs fp16':>7}")
     lines = [head]
     for r in runs:
         if "error" in r:

@@ -265,7 +265,8 @@ def project(rows: list[dict], bench: StudyBench) -> dict:
                 r = measured.get((m, b))
                 configs.append((f"{m}-{b}", own(r) if r else like(m)))
         # the first hawq config runs the analysis, later ones read it from the cache (~0 s)
-        analysis = max((r["stages"]["hawq_analysis"] for r in quantized if "hawq_analysis" in r["stages"]), default=None)
+        analysis = max((r["stages"]["hawq_analysis"] for r in quantized if "hawq_analysis" in r["stages"]),
+                       default=None)
         fixed = full["stages"]["load"] + (analysis or 0.0)
         each = sum(c["quantize"] + c["likelihood"] + c["warmup"] + n_study * c["execute_rate"] for _, c in configs)
         generate = sum(n_study * c["generate_rate"] for _, c in configs)
@@ -371,9 +372,11 @@ def summary_lines(results: dict) -> list[str]:
     p = results.get("projection")
     if p:
         for kind, k in p["models"].items():
-            lines.append(f"projected {kind} ({k['stands_for']}, {k['configs']} configs, {k['measured_configs']} measured, "
-                         f"{k['problems']} problems): {k['seconds_as_measured'] / 3600:.2f} h as measured, "
-                         f"{k['seconds_at_preset'] / 3600:.2f} h at its preset (generation x{k['generation_scale_to_preset']:.2f})")
+            lines.append(f"projected {kind} ({k['stands_for']}, {k['configs']} configs, "
+                         f"{k['measured_configs']} measured, {k['problems']} problems): "
+                         f"{k['seconds_as_measured'] / 3600:.2f} h as measured, "
+                         f"{k['seconds_at_preset'] / 3600:.2f} h at its preset "
+                         f"(generation x{k['generation_scale_to_preset']:.2f})")
         lines.append(f"projected study: {p['seconds_as_measured'] / 3600:.2f} h as measured, "
                      f"{p['seconds_at_preset'] / 3600:.2f} h at the presets ({p['note']})")
     return lines

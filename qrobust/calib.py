@@ -63,7 +63,10 @@ def calibration_tokens(tokenizer, source: str = "stdlib", nsamples: int = 128, s
     else:
         texts = _texts_from_file(Path(source))
     sep = tokenizer.eos_token or "\n"
-    ids = tokenizer(sep.join(t for t in texts if t.strip()), return_tensors="pt").input_ids[0] if texts else torch.empty(0)
+    if not texts:
+        ids = torch.empty(0)
+    else:
+        ids = tokenizer(sep.join(t for t in texts if t.strip()), return_tensors="pt").input_ids[0]
     if ids.numel() == 0:
         raise QrobustError(f"calibration data {source} is empty: give it text")
     if ids.numel() < seqlen:

@@ -21,7 +21,8 @@ def parse_bits(text: str) -> list[int]:
         raise QrobustError(f"bad bit list {text!r}: use comma-separated integers, e.g. 2,3,4") from None
     bad = [b for b in bits if b not in SUPPORTED_BITS]
     if not bits or bad:
-        raise QrobustError(f"unsupported bit width(s) {bad or text!r}: choose from {', '.join(map(str, SUPPORTED_BITS))}")
+        choices = ", ".join(map(str, SUPPORTED_BITS))
+        raise QrobustError(f"unsupported bit width(s) {bad or text!r}: choose from {choices}")
     return bits
 
 
@@ -208,8 +209,9 @@ def _eval(args: argparse.Namespace) -> int:
         from qrobust.degradation import DegradationConfig, against_run, summary_lines
 
         dconf = DegradationConfig(benchmarks=benchmarks, limit=args.limit, style=settings.style,
-                                  context_tokens=_cap(args.metrics_context), solution_tokens=_cap(args.metrics_solution),
-                                  masks=args.metrics_masks, batch_size=args.batch_size)
+                                  context_tokens=_cap(args.metrics_context),
+                                  solution_tokens=_cap(args.metrics_solution), masks=args.metrics_masks,
+                                  batch_size=args.batch_size)
         result = against_run(adapter, args.baseline, args.out, dconf, args.device, _dtype(settings.dtype))
         print("\n".join(summary_lines(result)))
     return 0
@@ -225,7 +227,8 @@ def _compare(args: argparse.Namespace) -> int:
     from harness import compare_runs
 
     result = compare_runs(args.run_a, args.run_b)
-    print(f"{'benchmark':<10} {'problems':>8} {'pass@1 A':>9} {'pass@1 B':>9} {'B - A':>7} {'95% CI':>17} {'McNemar p':>10}")
+    print(f"{'benchmark':<10} {'problems':>8} {'pass@1 A':>9} {'pass@1 B':>9} {'B - A':>7} {'95% CI':>17} "
+          f"{'McNemar p':>10}")
     for name, r in result.items():
         ci = f"[{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]"
         print(f"{name:<10} {r['problems']:>8} {r['pass@1_a']:>9.3f} {r['pass@1_b']:>9.3f} {r['diff_value']:>+7.3f} "
@@ -381,8 +384,10 @@ def _cap(text: str) -> int | None:
 def _metrics_args(p: argparse.ArgumentParser, cap: str) -> None:
     """How the degradation metrics (KL, top-1 agreement, solution likelihood) are computed."""
     p.add_argument("--metrics-context", default=cap,
-                   help=f"prompt tokens the metrics keep (the prompt's end), or 'all' (what fits the model); default {cap}")
-    p.add_argument("--metrics-solution", default=cap, help=f"solution tokens the metrics score, or 'all'; default {cap}")
+                   help=f"prompt tokens the metrics keep (the prompt's end), or 'all' (what fits the model); "
+                        f"default {cap}")
+    p.add_argument("--metrics-solution", default=cap,
+                   help=f"solution tokens the metrics score, or 'all'; default {cap}")
     p.add_argument("--metrics-masks", type=int, default=1, help="diffusion: fixed masks per problem (default 1)")
 
 
@@ -398,7 +403,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="tiny-ar,tiny-dllm", help="comma-separated names, hub ids or directories")
     p.add_argument("--bits", default="2,3,4")
     p.add_argument("--methods", default="gptq,rtn,hawq")
-    p.add_argument("--benchmarks", default="humaneval,mbpp", help="comma-separated, or 'none' for the held-out loss only")
+    p.add_argument("--benchmarks", default="humaneval,mbpp",
+                   help="comma-separated, or 'none' for the held-out loss only")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
     _degradation_args(p)
@@ -475,7 +481,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (quick runs)")
     g.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (quick runs)")
     g.add_argument("--device", default="cuda")
-    g.add_argument("--compile", action="store_true", help="torch.compile each step (fuses small kernels) before capture")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each step (fuses small kernels) before capture")
     g.add_argument("--fuse", action="store_true",
                    help="q/k/v as one layer, gate/up as one SwiGLU layer (all widths, fp16 too)")
     g.add_argument("--tinygemm", action=argparse.BooleanOptionalAction, default=None,

@@ -200,9 +200,10 @@ def score(adapter, bench: BenchmarkRows, config: DegradationConfig, base=None,
         loss += _per_problem(nll.double().cpu().numpy() * weights, owners, n)
         key = (bench.name, b)
         if base is None:  # the baseline's own pass: its log-probs serve every later config
-            if cache is not None and key not in cache and cached_bytes + lq.numel() * lq.element_size() <= config.cache_bytes:
+            size = lq.numel() * lq.element_size()
+            if cache is not None and key not in cache and cached_bytes + size <= config.cache_bytes:
                 cache[key] = lq
-                cached_bytes += lq.numel() * lq.element_size()
+                cached_bytes += size
             continue
         lp = cache.get(key) if cache is not None else None
         if lp is None:
@@ -221,7 +222,8 @@ def score(adapter, bench: BenchmarkRows, config: DegradationConfig, base=None,
     out = {"loss": loss / bench.solution_lengths}
     if base is not None:
         seen = np.maximum(count, 1)
-        out.update(kl=np.where(count > 0, kl_sum / seen, 0.0), top1_agreement=np.where(count > 0, agree_sum / seen, 1.0),
+        out.update(kl=np.where(count > 0, kl_sum / seen, 0.0),
+                   top1_agreement=np.where(count > 0, agree_sum / seen, 1.0),
                    kl_positions=[np.concatenate(v) if v else np.zeros(0) for v in kl_positions])
     return out
 
@@ -241,7 +243,8 @@ def _est(e: Estimate) -> dict:
 def summarize(kind: str, bench: BenchmarkRows, scores: dict, baseline_loss: np.ndarray | None = None) -> dict:
     """The record of one benchmark: per-problem values and every metric with its bootstrap CI."""
     loss_name = LOSS_METRIC[kind]
-    per_problem = {"task_id": bench.task_ids, "tokens": bench.solution_lengths.tolist(), "loss": scores["loss"].tolist()}
+    per_problem = {"task_id": bench.task_ids, "tokens": bench.solution_lengths.tolist(),
+                   "loss": scores["loss"].tolist()}
     metrics = {loss_name: _est(bootstrap_mean(scores["loss"]))}
     if "kl" in scores:
         per_problem.update(kl=scores["kl"].tolist(), top1_agreement=scores["top1_agreement"].tolist())

@@ -71,15 +71,16 @@ def paired_deltas(records: list[dict], benchmarks: list[str]) -> pd.DataFrame:
         p = float(ttest_rel(b, a).pvalue) if len(a) > 1 and np.any(b != a) else 1.0
         rows.append({"model": model, "method": method, "bits": bits, "metric": recs[0]["likelihood"]["kind"],
                      "baseline": float(a.mean()), "value": float(b.mean()), "delta": d.value, "ci_low": d.low,
-                     "ci_high": d.high, "relative": d.value / float(a.mean()), "p_value": p, "test": "paired t over windows"})
+                     "ci_high": d.high, "relative": d.value / float(a.mean()), "p_value": p,
+                     "test": "paired t over windows"})
         for bench in benchmarks:
             pa, pb = per_problem(base, bench), per_problem(recs, bench)
             tasks = sorted(set(pa) & set(pb))
             va, vb = np.array([pa[t] for t in tasks]), np.array([pb[t] for t in tasks])
             d = bootstrap_mean(vb - va)
             sa = base[0]["benchmarks"][bench]["passed"]
-            sb = next(r for r in recs if r["job"]["seed"] == base[0]["job"]["seed"])["benchmarks"][bench]["passed"] \
-                if any(r["job"]["seed"] == base[0]["job"]["seed"] for r in recs) else recs[0]["benchmarks"][bench]["passed"]
+            same_seed = [r for r in recs if r["job"]["seed"] == base[0]["job"]["seed"]]
+            sb = (same_seed or recs)[0]["benchmarks"][bench]["passed"]
             only_a = sum(sa[t] and not sb[t] for t in tasks)
             only_b = sum(sb[t] and not sa[t] for t in tasks)
             rows.append({"model": model, "method": method, "bits": bits, "metric": f"{bench} pass@1",
@@ -158,8 +159,9 @@ def plot_cost(table: pd.DataFrame, benchmarks: list[str], path: Path) -> None:
     b = benchmarks[0]
     for (kind, method), t in table.groupby(["kind", "method"]):
         t = t.sort_values("bits")
-        axes[0].plot([_x(x) for x in t.bits], t[f"{b}_tok_s"], "o-" if kind == "ar" else "s--", label=f"{kind} · {method}")
-        axes[1].plot([_x(x) for x in t.bits], t[f"{b}_peak_mib"], "o-" if kind == "ar" else "s--", label=f"{kind} · {method}")
+        style, label = "o-" if kind == "ar" else "s--", f"{kind} · {method}"
+        axes[0].plot([_x(x) for x in t.bits], t[f"{b}_tok_s"], style, label=label)
+        axes[1].plot([_x(x) for x in t.bits], t[f"{b}_peak_mib"], style, label=label)
     for ax, label in zip(axes, ("tokens / s", "peak memory (MiB)")):
         ax.set_xticks([2, 3, 4, 5], ["2", "3", "4", "fp"])
         ax.set_xlabel("bits")
@@ -188,8 +190,9 @@ def plot_frontiers(run_dir: Path, path: Path) -> bool:
         rows = pareto_frontier(costs, n, sizes, bits)
         opt = [r for r in rows if r["kind"] == "hawq"]
         uni = [r for r in rows if r["kind"] == "uniform"]
-        ax.plot([r["total_bytes"] / 2**20 for r in opt], [r["sensitivity"] for r in opt], "-", color=f"C{i}", label=f"{model} hawq")
-        ax.plot([r["total_bytes"] / 2**20 for r in uni], [r["sensitivity"] for r in uni], "s", color=f"C{i}", label=f"{model} uniform")
+        for points, style, name in ((opt, "-", "hawq"), (uni, "s", "uniform")):
+            ax.plot([r["total_bytes"] / 2**20 for r in points], [r["sensitivity"] for r in points], style,
+                    color=f"C{i}", label=f"{model} {name}")
     ax.set_yscale("log")
     ax.set_xlabel("quantized weights (MiB)")
     ax.set_ylabel("total sensitivity Σ Ω")
@@ -234,8 +237,8 @@ def attribution_section(run: Path) -> list[str]:
     return ["## Attribution: does the quantized model rely on the same training data?", "",
             "Per-query agreement with the full-precision model's influence ranking over the same documents "
             "(mean over queries) and the cosine between the two models' gradient features per document "
-            "(mean over documents); CIs in `attribution/attribution.csv`. `<baseline>-reseeded` (e.g. bf16-reseeded) is full precision "
-            "with another projection seed: the noise floor of the method itself.", "",
+            "(mean over documents); CIs in `attribution/attribution.csv`. `<baseline>-reseeded` (e.g. bf16-reseeded) "
+            "is full precision with another projection seed: the noise floor of the method itself.", "",
             _md(table), ""]
 
 
@@ -290,14 +293,16 @@ def report(run_dir: str | Path, tolerance: float = 0.02) -> Path:
         f"{cfg['seeds']}; benchmarks {', '.join(benchmarks) or 'none (held-out loss only)'} (limit {cfg['limit']}); "
         f"group size {cfg['group_size']}.",
         f"Environment: qrobust {env.get('qrobust')} (commit {env.get('commit')}), torch {env.get('torch')}, "
-        f"transformers {env.get('transformers')}, Python {env.get('python')}, device {env.get('gpu', env.get('device'))}, "
+        f"transformers {env.get('transformers')}, Python {env.get('python')}, "
+        f"device {env.get('gpu', env.get('device'))}, "
         f"{env.get('cpus')} CPUs.", "",
         "Seeds change the calibration windows (and the diffusion masks of the held-out loss); intervals are "
         "bootstrap 95% CIs over problems (pass@1) or held-out windows (loss), seeds pooled.", "",
         "## Recommendation", "",
         f"Smallest config within {tolerance:g} of full precision (relative held-out loss, absolute pass@1):", "",
         _md(rec), "",
-        "## Results", "", _md(table.drop(columns=[c for c in table.columns if c.endswith(("_tok_s", "_peak_mib"))])), "",
+        "## Results", "",
+        _md(table.drop(columns=[c for c in table.columns if c.endswith(("_tok_s", "_peak_mib"))])), "",
         "## Paired deltas vs each model's own baseline", "", _md(deltas), "",
     ]
     for title, f in figs:

@@ -54,8 +54,8 @@ def degradation_table(records: list[dict]) -> pd.DataFrame:
             fields = {LOSS_METRIC[kind]: loss}
             if not is_baseline(method):
                 _, base_loss = _seed_mean(recs, bench, "baseline_loss")
-                fields.update(kl=_seed_mean(recs, bench, "kl")[1], top1_agreement=_seed_mean(recs, bench, "top1_agreement")[1],
-                              delta=loss - base_loss)
+                fields.update(kl=_seed_mean(recs, bench, "kl")[1],
+                              top1_agreement=_seed_mean(recs, bench, "top1_agreement")[1], delta=loss - base_loss)
             for name, values in fields.items():
                 e = bootstrap_mean(values)
                 row.update({name: e.value, f"{name}_low": e.low, f"{name}_high": e.high})
@@ -96,7 +96,8 @@ def plot_degradation_metrics(table: pd.DataFrame, summary: pd.DataFrame, bench: 
         style = "-" if kind == "ar" else "--"
         for ax, col, scale in ((axes[0], "kl", 1), (axes[1], "relative", 100)):
             line, = ax.plot(g.bits, g[col] * scale, style, marker="o", label=f"{kind} · {method}")
-            ax.fill_between(g.bits, g[f"{col}_low"] * scale, g[f"{col}_high"] * scale, color=line.get_color(), alpha=0.2)
+            ax.fill_between(g.bits, g[f"{col}_low"] * scale, g[f"{col}_high"] * scale, color=line.get_color(),
+                            alpha=0.2)
         s = summary[(summary.kind == kind) & (summary.method.isin([method, *BASELINE_LABELS]))].sort_values("bits")
         if f"{bench}_pass1" in s:
             xs = [_x(b) for b in s.bits]

@@ -299,8 +299,8 @@ def eval_config_for(config: SweepConfig, settings: EvalPreset, seed: int):
 
     return EvalConfig(benchmarks=tuple(config.benchmarks), n_samples=config.n_samples,
                       temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
-                      limit=generation_limit(config), style=settings.style, batch_size=config.batch_size, workers=config.workers,
-                      timeout=10.0, seed=seed)
+                      limit=generation_limit(config), style=settings.style, batch_size=config.batch_size,
+                      workers=config.workers, timeout=10.0, seed=seed)
 
 
 def passed_by_task(rows: list[dict]) -> dict[str, bool | float]:
@@ -449,9 +449,9 @@ def plan_text(config: SweepConfig, jobs: list[Job], todo: list[Job], compute: li
                      "depends on the seed (baseline and rtn: no calibration sample; greedy decoding)")
     if config.benchmarks:
         scope = f"the first {config.limit}" if config.limit else "all"
-        lines.append(f"  per config: {'KL, top-1 agreement and solution likelihood over ' + scope + ' problems; ' if config.metrics else ''}"
-                     f"pass@1 over {'the first ' + str(gen) if gen else 'all'} problems of {', '.join(config.benchmarks)}"
-                     " (--gen-limit all widens it)")
+        metrics = f"KL, top-1 agreement and solution likelihood over {scope} problems; " if config.metrics else ""
+        lines.append(f"  per config: {metrics}pass@1 over {'the first ' + str(gen) if gen else 'all'} problems of "
+                     f"{', '.join(config.benchmarks)} (--gen-limit all widens it)")
     lines.append("  time: estimated once the first two configs of each model are done (they run first)")
     return "\n".join(lines)
 
@@ -674,7 +674,8 @@ def result_rows(out_dir: str | Path) -> list[dict]:
                          "passed": sum(b["passed"].values()), "tokens_per_second": g.get("tokens_per_second"),
                          "seconds_per_batch": g.get("seconds_per_batch_median"),
                          "seconds_per_forward_pass": g.get("seconds_per_forward_pass"),
-                         "peak_memory_bytes": g.get("peak_memory_bytes"), "peak_memory_kind": g.get("peak_memory_kind")})
+                         "peak_memory_bytes": g.get("peak_memory_bytes"),
+                         "peak_memory_kind": g.get("peak_memory_kind")})
         rows += [{**common, **r} for r in degradation_rows(rec, baselines)]
     return rows
 

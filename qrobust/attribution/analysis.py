@@ -82,7 +82,8 @@ def group_contrast(shares: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> d
         return None
 
     def interaction(ai: np.ndarray, bi: np.ndarray) -> float:
-        return float((A[x].to_numpy()[ai] - A[y].to_numpy()[ai]).mean() - (B[x].to_numpy()[bi] - B[y].to_numpy()[bi]).mean())
+        gap_a = (A[x].to_numpy()[ai] - A[y].to_numpy()[ai]).mean()
+        return float(gap_a - (B[x].to_numpy()[bi] - B[y].to_numpy()[bi]).mean())
 
     rng = np.random.default_rng(seed)
     boot = [interaction(rng.integers(0, len(A), len(A)), rng.integers(0, len(B), len(B))) for _ in range(n_boot)]

@@ -73,13 +73,17 @@ def _plot(agreement: pd.DataFrame, shift: pd.DataFrame, path: Path, title: str) 
     save(fig, path)
 
 
+def _ids(items: list[dict]) -> list:
+    return [item["id"] for item in items]
+
+
 def compare_attributions(run_a: str | Path, run_b: str | Path, out: str | Path | None = None,
                          ks: tuple[int, ...] = KS) -> dict:
     """compare.json, per_query.csv, bins.csv and compare.png under out (default: RUN_B/compare-NAME_A)."""
     run_a, run_b = Path(run_a), Path(run_b)
     sa, docs_a, queries_a, meta_a = load_run(run_a)
     sb, docs_b, queries_b, meta_b = load_run(run_b)
-    if [d["id"] for d in docs_a] != [d["id"] for d in docs_b] or [q["id"] for q in queries_a] != [q["id"] for q in queries_b]:
+    if _ids(docs_a) != _ids(docs_b) or _ids(queries_a) != _ids(queries_b):
         raise QrobustError(f"{run_a} and {run_b} scored different documents or queries: "
                            "run both with the same --corpus, --limit and --queries")
     ks = tuple(k for k in ks if k <= sa.shape[1]) or (sa.shape[1],)

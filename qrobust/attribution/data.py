@@ -104,7 +104,8 @@ def load_corpus(spec: str, limit: int | None = None, seed: int = 0) -> list[Docu
     elif path.is_file():
         docs = _from_jsonl(path)
     else:
-        raise QrobustError(f"corpus {spec!r} not found: pass 'builtin', a `qrobust zoo corpus` directory or a .jsonl file")
+        raise QrobustError(f"corpus {spec!r} not found: pass 'builtin', a `qrobust zoo corpus` directory "
+                           "or a .jsonl file")
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise QrobustError(f"corpus {spec!r} has no documents with text")

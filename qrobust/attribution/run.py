@@ -104,7 +104,8 @@ def attribute(adapter, model_label: str, config: AttributionConfig, out_dir: str
         "features_per_example": int(doc_features.values.shape[1]),
         "bytes_per_example": doc_features.bytes_per_item,
         "index_bytes": doc_features.bytes_per_item * len(docs),
-        "seconds": {"normalizers": normalizer_seconds, "corpus": doc_features.seconds, "queries": query_features.seconds},
+        "seconds": {"normalizers": normalizer_seconds, "corpus": doc_features.seconds,
+                    "queries": query_features.seconds},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "device": str(adapter.device),
                         "gpu": torch.cuda.get_device_name() if adapter.device.type == "cuda" else None},
@@ -125,4 +126,5 @@ def load_run(run_dir: str | Path) -> tuple[np.ndarray, list[dict], list[dict], d
     def rows(name: str) -> list[dict]:
         return [json.loads(line) for line in (run / name).read_text().splitlines() if line.strip()]
 
-    return np.load(run / SCORES), rows("documents.jsonl"), rows("queries.jsonl"), json.loads((run / "attribution.json").read_text())
+    summary = json.loads((run / "attribution.json").read_text())
+    return np.load(run / SCORES), rows("documents.jsonl"), rows("queries.jsonl"), summary

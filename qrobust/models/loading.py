@@ -72,11 +72,13 @@ def resolve_source(name_or_path: str) -> Path:
         return path
     if path.exists() or name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
         known = ", ".join(MODELS)
-        raise QrobustError(f"unknown model {name_or_path!r}: use a local model directory, a hub id (org/name) or one of: {known}")
+        raise QrobustError(f"unknown model {name_or_path!r}: use a local model directory, a hub id (org/name) "
+                           f"or one of: {known}")
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.jinja"])
+        local = snapshot_download(name_or_path,
+                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.jinja"])
     except Exception as e:  # hub errors come in many types; the message is what matters
         raise QrobustError(
             f"could not get {name_or_path} from the model hub ({type(e).__name__}): check the id and your network, "
@@ -89,7 +91,8 @@ def read_config(path: Path) -> dict:
     try:
         return json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
-        raise QrobustError(f"{path / 'config.json'} is not valid JSON ({e.msg}): re-download or re-save the model") from None
+        raise QrobustError(f"{path / 'config.json'} is not valid JSON ({e.msg}): "
+                           "re-download or re-save the model") from None
 
 
 def native_config_from(cfg: dict, causal: bool, has_lm_head: bool) -> TransformerConfig:
@@ -113,7 +116,8 @@ def load_native(path: Path, cfg: dict, causal: bool, dtype: torch.dtype, device:
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise QrobustError(
-            f"weights in {path} do not match a Qwen3-shaped model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+            f"weights in {path} do not match a Qwen3-shaped model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}): "
             "this architecture is not supported natively"
         )
     return model.to(device=device, dtype=dtype).eval()

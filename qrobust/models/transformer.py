@@ -354,8 +354,10 @@ class TransformerLM(nn.Module):
         c = self.config
         shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
         w = self.model.embed_tokens.weight
-        return [KVCache(torch.zeros(shape, device=w.device, dtype=w.dtype), torch.zeros(shape, device=w.device, dtype=w.dtype),
-                        positions) for _ in range(c.num_hidden_layers)]
+        def zeros() -> torch.Tensor:
+            return torch.zeros(shape, device=w.device, dtype=w.dtype)
+
+        return [KVCache(zeros(), zeros(), positions) for _ in range(c.num_hidden_layers)]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -135,7 +135,8 @@ def load_quantized(path: str | Path, device: str = "cpu", sampler: SamplerConfig
     model = _skeleton(path, meta, cfg, dtype)
     fmt = cfg.get("quantization_config", {}).get("checkpoint_format")
     if fmt is not None and fmt not in FORMAT_OFFSET:
-        raise QrobustError(f"{path}: checkpoint_format {fmt!r} is neither of {', '.join(FORMAT_OFFSET)}: quantize again")
+        raise QrobustError(f"{path}: checkpoint_format {fmt!r} is neither of {', '.join(FORMAT_OFFSET)}: "
+                           "quantize again")
     for name, s in meta["layers"].items():
         old = model.get_submodule(name)
         out_f, in_f = old.weight.shape
@@ -145,7 +146,8 @@ def load_quantized(path: str | Path, device: str = "cpu", sampler: SamplerConfig
     state = state_dict_from(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
-        raise QrobustError(f"{path}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise QrobustError(f"{path}: checkpoint does not match its config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model = model.to(device).eval()

@@ -26,7 +26,8 @@ def parse_plan(data: object, default: QuantSpec, source: str = "plan") -> dict[s
         else:
             bits, group_size = entry, default.group_size
         if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-            raise QrobustError(f"{source}: layer {name} has bits {bits!r}; supported: {', '.join(map(str, SUPPORTED_BITS))}")
+            supported = ", ".join(map(str, SUPPORTED_BITS))
+            raise QrobustError(f"{source}: layer {name} has bits {bits!r}; supported: {supported}")
         if not isinstance(group_size, int) or isinstance(group_size, bool):
             raise QrobustError(f"{source}: layer {name} has group_size {group_size!r}; use an integer or -1")
         specs[name] = QuantSpec(bits=bits, group_size=group_size, sym=default.sym)

@@ -51,7 +51,8 @@ class QuantLinear(nn.Module):
         self.format = checkpoint_format(spec)
         n_groups = spec.groups_for(in_features)
         b = spec.bits
-        self.register_buffer("qweight", torch.zeros(in_features * b // 32, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qweight", torch.zeros(in_features * b // 32, out_features, dtype=torch.int32,
+                                                    device=device))
         self.register_buffer("qzeros", torch.zeros(n_groups, out_features * b // 32, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
@@ -235,7 +236,8 @@ class QuantLinear(nn.Module):
         """bits, group size, zero offset and the GEMV's tiling, as the GEMV ops take them."""
         a = self._kernel_args
         c = a.gemv
-        return (self.spec.bits, a.group_size, FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits, c.num_warps)
+        return (self.spec.bits, a.group_size, FORMAT_OFFSET[self.format], c.block_n, c.block_depth, c.splits,
+                c.num_warps)
 
     def _gemv_args(self, dtype: torch.dtype, swiglu: bool) -> tuple:
         """What the GEMV ops (kernels.ops) take after their inputs, for inputs of `dtype`."""

@@ -156,13 +156,15 @@ def render_card(card: dict) -> str:
         f"- {c['steps']} steps × {c['batch_size']} windows of {c['seq_len']} tokens, AdamW (β 0.9/0.95, weight decay "
         f"{c['weight_decay']}), peak lr {c['lr']} with {c['warmup']} warm-up steps and cosine decay to "
         f"{c['min_lr_ratio']}×, grad clip {c['grad_clip']}, bf16 autocast, seed {c['seed']}."
-        + (f" Diffusion: mask ratio t ~ U({c['eps']}, 1), loss Σ_masked CE / t / (B·L)." if card["kind"] != "ar" else ""),
+        + (f" Diffusion: mask ratio t ~ U({c['eps']}, 1), loss Σ_masked CE / t / (B·L)."
+           if card["kind"] != "ar" else ""),
         f"- Wall time {card['train_seconds']:.0f} s on {env.get('gpu', env['device'])} (torch {env['torch']}); "
         "weights stored in float16.",
         "",
         "## Quality (nats per token)",
         f"- Final training loss (mean of the last logging window): {card['final_train_loss']:.3f}",
-        f"- Validation loss, {card['val_loss_kind']}, on {card['val_tokens_used']:,} tokens: **{card['val_loss']:.3f}**",
+        f"- Validation loss, {card['val_loss_kind']}, on {card['val_tokens_used']:,} tokens: "
+        f"**{card['val_loss']:.3f}**",
         f"- Unigram baseline on the same validation tokens: {card['unigram_val_nll']:.3f}",
     ]
     if q:

@@ -77,7 +77,8 @@ def init_weights(model: TransformerLM, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() == 2:
-            std = 0.02 / math.sqrt(2 * model.config.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
+            std = 0.02 / math.sqrt(2 * model.config.num_hidden_layers) if residual_out else 0.02
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
@@ -105,7 +106,8 @@ def train_one(kind: str, cfg: ZooConfig, tokenizer, train_tokens: torch.Tensor, 
     tokens = train_tokens.to(device)
     offsets = torch.arange(cfg.seq_len, device=device)
     log, window = [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                else torch.autocast("cpu", enabled=False))
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=f"train {KINDS[kind]}", disable=not progress)
     for step in bar:
@@ -177,7 +179,8 @@ def train_zoo(corpus_dir: str | Path, out_dir: str | Path, cfg: ZooConfig = ZooC
             "val_tokens_used": int(val.numel()), "tokenizer_seconds": tokenizer_seconds,
             "train_seconds": seconds, "environment": environment(device),
             "final_train_loss": log[-1]["loss"],
-            "val_loss": val_loss, "val_loss_kind": "exact NLL" if kind == "ar" else "negative ELBO (upper bound on NLL)",
+            "val_loss": val_loss,
+            "val_loss_kind": "exact NLL" if kind == "ar" else "negative ELBO (upper bound on NLL)",
             "unigram_val_nll": baseline,
         }
         (target / "card.json").write_text(json.dumps(card, indent=2))
