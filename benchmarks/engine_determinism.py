@@ -13,7 +13,7 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine_gpu import gptq_layout
+from engine_gpu import first_difference, gptq_layout
 from qrobust.bench import random_lm
 from qrobust.bench_generate import quantize_blocks_rtn
 from qrobust.kernels import fragments_matmul as fragments_matmul_module
@@ -45,8 +45,7 @@ def engine_runs(bits: int, layout: str, graphs: bool) -> None:
     engine = AREngine(model, graphs=graphs)
     runs = [engine.generate(prompts, settings, rule, 8).tokens for _ in range(3)]
     runs.append(AREngine(model, graphs=graphs).generate(prompts, settings, rule, 8).tokens)
-    firsts = [min((i for i, (a, b) in enumerate(zip(r0, r1)) if a != b), default=None)
-              for r0, r1 in zip(runs[0], runs[1])]
+    firsts = [first_difference(r0, r1) for r0, r1 in zip(runs[0], runs[1])]
     layouts = {m.layout for m in model.modules() if isinstance(m, QuantLinear)}
     print(f"engine {bits:>2}-bit {layout:>9} {layouts} graphs {graphs}: runs equal {[runs[0] == r for r in runs[1:]]}, "
           f"first difference per row (run 0 vs 1) {firsts}", flush=True)

@@ -357,6 +357,11 @@ def transformers_twin(model: TransformerLM):
     return twin.eval()
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ (over their common length), or None."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
 def agreement(plan: Plan, device: str) -> list[dict]:
     rows = []
     dtypes = [dtype_for(device)] + ([torch.float32] if torch.device(device).type == "cuda" else [])
@@ -380,7 +385,7 @@ def agreement(plan: Plan, device: str) -> list[dict]:
                                    top_p=None, top_k=None, pad_token_id=0)[:, P:].tolist()
         for call, ours in enumerate(calls, 1):
             for r, (a, b) in enumerate(zip(ours, theirs)):
-                first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                first = first_difference(a, b)
                 gap = None
                 if first is not None:
                     with torch.no_grad():

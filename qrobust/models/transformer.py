@@ -354,6 +354,7 @@ class TransformerLM(nn.Module):
         c = self.config
         shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
         w = self.model.embed_tokens.weight
+
         def zeros() -> torch.Tensor:
             return torch.zeros(shape, device=w.device, dtype=w.dtype)
 
