@@ -41,7 +41,8 @@ def variant_ratios(rows: list[dict]) -> dict[tuple, dict[tuple, float]]:
     for r in rows:
         base = today.get((r["library"], r["repeat"], r["batch"]))
         if base:
-            out.setdefault((r["bits"], r["batch"], r["variant"]), {})[r["library"], r["repeat"]] = r["tokens_per_s"] / base
+            cell = out.setdefault((r["bits"], r["batch"], r["variant"]), {})
+            cell[r["library"], r["repeat"]] = r["tokens_per_s"] / base
     return out
 
 

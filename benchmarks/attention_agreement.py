@@ -45,7 +45,8 @@ def compare(bench: GenerateBench, bits: int, steps: int) -> dict:
                 flips.append({"position": t, "top2_margin": margins[-1]})
             token = greedy_token(ref[None])
     return {"bits": bits, "steps": steps, "max_rel_logit_diff": max(rel),
-            "median_rel_logit_diff": sorted(rel)[steps // 2], "argmax_flips": flips, "smallest_top2_margins": sorted(margins)[:5], "logit_scale": float(ref.abs().max())}
+            "median_rel_logit_diff": sorted(rel)[steps // 2], "argmax_flips": flips,
+            "smallest_top2_margins": sorted(margins)[:5], "logit_scale": float(ref.abs().max())}
 
 
 def main() -> None:

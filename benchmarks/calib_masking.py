@@ -90,7 +90,8 @@ def write_paired(per_problem: dict, out: Path) -> None:
                 strat = np.mean([per_problem[("stratified", bits, s, bench)][field] for s in seeds])
                 none = np.mean([per_problem[("none", bits, s, bench)][field] for s in seeds])
                 e = bootstrap_mean(diff)
-                paired.append({"bits": bits, "benchmark": bench, "metric": "solution_nelbo" if field == "loss" else field,
+                paired.append({"bits": bits, "benchmark": bench,
+                               "metric": "solution_nelbo" if field == "loss" else field,
                                "stratified": strat, "none": none, "none_minus_stratified": e.value, "ci_low": e.low,
                                "ci_high": e.high, "seeds": len(seeds), "problems": len(diff)})
     pd.DataFrame(paired).to_csv(out / "paired.csv", index=False)

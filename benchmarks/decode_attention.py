@@ -66,7 +66,8 @@ def main() -> None:
                 row["kernel"].append({"block_l": block_l, "warps": warps, "splits": n, "us": us, "max_abs_err": err,
                                       "speedup": base / us})
                 print(f"cache {L:5d} position {position:5d}: torch {base:6.2f} µs, kernel (block {block_l:3d}, "
-                      f"{warps} warps, {n:2d} splits) {us:6.2f} µs, {base / us:5.2f}x, max error {err:.1e}", flush=True)
+                      f"{warps} warps, {n:2d} splits) {us:6.2f} µs, {base / us:5.2f}x, max error {err:.1e}",
+                      flush=True)
             rows.append(row)
     write_rows(args.out, rows)
 

@@ -133,7 +133,8 @@ def summary(profile_rows: list[dict], tile_rows_: list[dict]) -> list[str]:
     for bits in sorted({r["bits"] for r in profile_rows}):
         mine = [r for r in profile_rows if r["bits"] == bits]
         total = sum(r["cuda_us"] for r in mine)
-        shares = {g: sum(r["cuda_us"] for r in mine if r["group"] == g) / total for g in ("linear", "attention", "other")}
+        shares = {g: sum(r["cuda_us"] for r in mine if r["group"] == g) / total
+                  for g in ("linear", "attention", "other")}
         lines.append(f"  {bits:>2} bits: " + ", ".join(f"{g} {s:.0%}" for g, s in shares.items())
                      + f"; wall {mine[0]['wall_s']:.2f} s; top: " + "; ".join(
                          f"{r['kernel'][:40]} {r['share']:.0%}" for r in mine[:4]))
@@ -169,8 +170,8 @@ def main() -> None:
         write_rows(os.path.join(args.out, "engine_profile.json"), prof, part="profile")
     if "tiles" in parts:
         grid = TileGrid(**{name: tuple(int(v) for v in getattr(args, name).split(",")) for name in vars(TileGrid())})
-        tiles = tile_rows(plan, tuple(int(r) for r in args.rows.split(",")), tuple(int(b) for b in args.bits.split(",")),
-                          grid)
+        tiles = tile_rows(plan, tuple(int(r) for r in args.rows.split(",")),
+                          tuple(int(b) for b in args.bits.split(",")), grid)
         write_rows(os.path.join(args.out, "engine_tiles.json"), tiles, part="tiles")
     print("\n".join(summary(prof, tiles)))
 

@@ -235,7 +235,8 @@ def main() -> None:
     ap.add_argument("--size", default="qwen3-0.6b", choices=list(SIZES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backends", default=None, help="GPTQModel backends (default: torch, and triton on CUDA)")
-    ap.add_argument("--qrobust-only", action="store_true", help="no GPTQModel or transformers: our side and the reference reader")
+    ap.add_argument("--qrobust-only", action="store_true",
+                    help="no GPTQModel or transformers: our side and the reference reader")
     ap.add_argument("--readers", default=None,
                     help="comma-separated subset of reference, gptqmodel-<backend>, transformers (default: all)")
     ap.add_argument("--transformers-backend", default="auto",

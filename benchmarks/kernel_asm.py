@@ -157,23 +157,27 @@ def main() -> None:
                          "install a Linux x86-64 Triton wheel")
     if args.matmul:
         shapes = [tuple(int(v) for v in shape.split(",")) for shape in args.matmul]
-        rows = [describe_matmul(*shape, int(b), args.arch, args.pairs) for shape in shapes for b in args.bits.split(",")]
+        rows = [describe_matmul(*shape, int(b), args.arch, args.pairs)
+                for shape in shapes for b in args.bits.split(",")]
         print(f"{'shape':>16} {'bits':>4} {'convert':>7} {'alloc':>5} {'regs':>4} {'loop':>5} "
               + " ".join(f"{op:>6}" for op in MATMUL_OPCODES) + "  tiling")
         for r in rows:
             shape = f"{r['rows']}x{r['K']}->{r['N']}"
-            print(f"{shape:>16} {r['bits']:>4} {r['layout_conversions']:>7} {r['shared_allocations']:>5} {r.get('reg', 0):>4} "
-                  f"{r['loop_instructions']:>5} " + " ".join(f"{r[op]:>6}" for op in MATMUL_OPCODES) + f"  {r['tiling']}")
+            print(f"{shape:>16} {r['bits']:>4} {r['layout_conversions']:>7} {r['shared_allocations']:>5} "
+                  f"{r.get('reg', 0):>4} {r['loop_instructions']:>5} "
+                  + " ".join(f"{r[op]:>6}" for op in MATMUL_OPCODES) + f"  {r['tiling']}")
         write(args.out, rows)
         return
     rows = [describe(int(b), args.block_n, args.block_k, args.warps, args.splits, args.arch, args.swiglu, args.pdl,
                      args.norm, args.half2, args.layout)
             for b in args.bits.split(",")]
-    print(f"{'bits':>4} {'convert':>7} {'bar.sync':>8} {'regs':>4} {'stack':>5} {'SASS':>5} {'/code':>6} {'ALU/code':>8}  top opcodes")
+    print(f"{'bits':>4} {'convert':>7} {'bar.sync':>8} {'regs':>4} {'stack':>5} {'SASS':>5} {'/code':>6} "
+          f"{'ALU/code':>8}  top opcodes")
     for r in rows:
         top = " ".join(f"{op}:{n}" for op, n in r["top_opcodes"].items())
-        print(f"{r['bits']:>4} {r['layout_conversions']:>7} {r['barriers']:>8} {r.get('reg', 0):>4} {r.get('stack', 0):>5} "
-              f"{r['sass_instructions']:>5} {r['sass_per_code']:>6.2f} {r['alu_per_code']:>8.2f}  {top}")
+        print(f"{r['bits']:>4} {r['layout_conversions']:>7} {r['barriers']:>8} {r.get('reg', 0):>4} "
+              f"{r.get('stack', 0):>5} {r['sass_instructions']:>5} {r['sass_per_code']:>6.2f} "
+              f"{r['alu_per_code']:>8.2f}  {top}")
     write(args.out, rows)
 
 

@@ -251,7 +251,8 @@ def main() -> None:
             gbs = r["weight_bytes"] / r["us"] / 1e3
             print(f"{r['layer']:<14} {r['kernel']:<44} {r['us']:8.2f} µs  {r['vs_fp16']:5.2f}x fp16  {gbs:7.0f} GB/s")
         else:
-            print(f"{r['layer']:<14} {r['kernel']:<44} not timed: {r.get('error') or 'max rel. error %.3g' % r['max_rel_err']}")
+            why = r.get("error") or "max rel. error %.3g" % r["max_rel_err"]
+            print(f"{r['layer']:<14} {r['kernel']:<44} not timed: {why}")
     print("fastest per layer and width (one row):")
     best: dict[tuple, dict] = {}
     for r in rows:
@@ -264,7 +265,8 @@ def main() -> None:
         note = f"  (default tiling {d['us']:.2f} µs)" if d is not None and d is not r else ""
         print(f"{layer:<16} {bits:>2}-bit {r['kernel']:<40} {r['us']:8.2f} µs  {r['vs_fp16']:5.2f}x fp16{note}")
     if args.out:
-        env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        env = {"torch": torch.__version__,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         with open(args.out, "w") as f:
             json.dump({"environment": env, "calls_per_graph": CALLS, "args": vars(args), "rows": rows}, f, indent=2)
 

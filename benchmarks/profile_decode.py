@@ -23,7 +23,8 @@ from gpu_script import require_cuda, write_rows
 KINDS = {  # substring of a kernel's name → kind, first match wins
     "_gemv_kernel": "products", "_sum_splits": "products", "_weight_int4pack": "products",
     "tinygemm": "products",
-    "gemv": "products", "nvjet": "products", "gemm": "products", "xmma": "products", "cutlass": "products", "splitk": "products",
+    "gemv": "products", "nvjet": "products", "gemm": "products", "xmma": "products", "cutlass": "products",
+    "splitk": "products",
     "flash": "attention", "attention": "attention", "fmha": "attention", "softmax": "attention",
 }
 

@@ -10,7 +10,8 @@ from qrobust.cli import main
 def test_bench_quantize_reports_stages_and_losses(tmp_path, kind, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "quantize", "--shape", "qwen3-0.6b", "--kind", kind, "--layers", "1", "--vocab-size", "256",
-            "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--work-dir", str(tmp_path / "w"), "--out", str(out)]
+            "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--work-dir", str(tmp_path / "w"),
+            "--out", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     run = result["runs"][0]
@@ -188,7 +189,8 @@ def test_product_profile_reads_ncu_raw_csv(tmp_path, monkeypatch):
     stall = "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio"
     raw = tmp_path / "raw.csv"
     raw.write_text('==PROF== Connected to process\nq_proj: 2048 -> 2048\n'
-                   f'"ID","Kernel Name","Grid Size","Block Size","gpu__time_duration.sum","launch__grid_size","{stall}"\n'
+                   '"ID","Kernel Name","Grid Size","Block Size","gpu__time_duration.sum",'
+                   f'"launch__grid_size","{stall}"\n'
                    '"","","","","ns","",""\n'
                    f'"0","_split_matmul_kernel","(2, 32, 4)","(128, 1, 1)","8,800","256","3.5"\n')
     (row,) = product_profile.summarize(str(raw))

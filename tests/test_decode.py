@@ -164,7 +164,8 @@ def test_fused_norms_go_to_the_layers_after_each_norm():
     bench = GenerateBench(shape="qwen3-0.6b", bits=(4,), layers=2, vocab_size=256, device="cpu", fuse=True,
                           fuse_norms=True, tinygemm=False)
     marked = {name for name, m in build_model(bench, 4).named_modules() if getattr(m, "fuse_norm", False)}
-    assert marked == {f"model.layers.{i}.{layer}" for i in (0, 1) for layer in ("self_attn.qkv_proj", "mlp.swiglu.linear")}
+    assert marked == {f"model.layers.{i}.{layer}" for i in (0, 1)
+                      for layer in ("self_attn.qkv_proj", "mlp.swiglu.linear")}
     diffusion = dataclasses.replace(bench, kind="diffusion")
     assert not any(getattr(m, "fuse_norm", False) for m in build_model(diffusion, 4).modules())
 

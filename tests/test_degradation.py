@@ -132,7 +132,8 @@ def test_eval_baseline_computes_metrics_and_flips_against_an_earlier_run(tmp_pat
     assert result["metrics"]["kl"]["value"] > 0 and "solution_nelbo_relative" in result["metrics"]
     assert result["flips"]["problems"] == 2 and 0 <= result["flips"]["p_value"] <= 1
     assert "flips pass→fail" in capsys.readouterr().out
-    assert main(["eval", "--model", model, *common, "--baseline", str(tmp_path / "q"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["eval", "--model", model, *common, "--baseline", str(tmp_path / "q"),
+                 "--out", str(tmp_path / "x")]) == 2
 
 
 def test_sweep_metrics_use_the_prompt_style_the_config_generates_in():

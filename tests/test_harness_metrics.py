@@ -6,7 +6,8 @@ import pytest
 from harness.metrics import bootstrap_mean, mcnemar_exact, paired_comparison, pass_at_k
 
 
-@pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 5), (20, 0, 10), (200, 17, 100), (5, 4, 2)])
+@pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 5), (20, 0, 10), (200, 17, 100),
+                                   (5, 4, 2)])
 def test_pass_at_k_matches_closed_form(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), abs=1e-12)
 

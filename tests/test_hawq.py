@@ -60,10 +60,12 @@ def test_sensitivities_and_frontier(sens_ar):
     adapter, config, sens = sens_ar
     assert len(sens) == len(adapter.linear_layer_names())
     for s in sens:  # more bits, less error, for both measures
-        assert all(s.weight_error[a] > s.weight_error[b] and s.proxy[a] > s.proxy[b] for a, b in [(2, 3), (3, 4), (4, 8)])
+        assert all(s.weight_error[a] > s.weight_error[b] and s.proxy[a] > s.proxy[b]
+                   for a, b in [(2, 3), (3, 4), (4, 8)])
     agreement = ranking_agreement(sens, [2, 3, 4, 8])
     assert all(-1 <= r <= 1 for r in agreement.values())
-    rows = pareto_frontier(costs_of(sens, config), {s.name: s.n_params for s in sens}, sizes_of(sens, config), [2, 3, 4, 8])
+    rows = pareto_frontier(costs_of(sens, config), {s.name: s.n_params for s in sens}, sizes_of(sens, config),
+                           [2, 3, 4, 8])
     opt = [r for r in rows if r["kind"] == "hawq"]
     assert all(a["sensitivity"] >= b["sensitivity"] - 1e-12 for a, b in zip(opt, opt[1:]))
     uniform3 = next(r for r in rows if r["kind"] == "uniform" and r["avg_bits"] == 3)
@@ -101,5 +103,6 @@ def test_bad_plans_fail_clearly(tmp_path, tiny_dirs, capsys):
                      "--out", str(tmp_path / "q")])
         assert code == 2 and message in capsys.readouterr().err
     code = main(["plan", "--model", str(tiny_dirs["ar"]), "--budget-bits", "1.0", "--bits", "2,3", "--group-size", "32",
-                 "--sensitivity", "proxy", "--nsamples", "2", "--calib-seqlen", "16", "--out", str(tmp_path / "p.json")])
+                 "--sensitivity", "proxy", "--nsamples", "2", "--calib-seqlen", "16",
+                 "--out", str(tmp_path / "p.json")])
     assert code == 2 and "infeasible" in capsys.readouterr().err and not (tmp_path / "p.json").exists()

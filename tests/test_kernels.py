@@ -287,7 +287,8 @@ def test_half2_gemv_rounds_its_float16_sums_as_planned(bits):
     assert torch.equal(gptq_gemv(shifted, *args, half2=True, layout=layer.layout),
                        gptq_gemv(x, *args, half2=True, layout=layer.layout))
     x32 = x.float()
-    assert torch.equal(gptq_gemv(x32, *args, half2=True, layout=layer.layout), gptq_gemv(x32, *args, layout=layer.layout))
+    assert torch.equal(gptq_gemv(x32, *args, half2=True, layout=layer.layout),
+                       gptq_gemv(x32, *args, layout=layer.layout))
 
 
 @pytest.mark.parametrize("shuffled", [False, True])
@@ -356,7 +357,8 @@ def test_half2_gemv_with_the_norm_and_swiglu_sums_the_normalized_row():
 def test_fused_matmul_matches_the_torch_dequantization(bits, group_size, sym, shuffled):
     from qrobust.kernels import gptq_matmul
 
-    layer = _layer(bits, group_size, sym, shuffled).half() if DEVICE == "cuda" else _layer(bits, group_size, sym, shuffled)
+    layer = _layer(bits, group_size, sym, shuffled)
+    layer = layer.half() if DEVICE == "cuda" else layer
     K = layer.in_features
     dtype = layer.bias.dtype
     x = torch.randn(37, K, device=DEVICE, dtype=dtype)  # not a multiple of the row tile
@@ -484,7 +486,8 @@ def test_products_are_custom_ops_that_torch_compile_can_trace():
     gemv_args = (x, *packed, layer.bias, locks, 4, 64, FORMAT_OFFSET[layer.format], 32, 64, 2, 4)
     torch.library.opcheck(gemv_op, gemv_args, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(gemv_op, gemv_args + (True,), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(dequantize_op, (*packed, 4, 64, FORMAT_OFFSET[layer.format], layer.in_features, torch.float32),
+    torch.library.opcheck(dequantize_op,
+                          (*packed, 4, 64, FORMAT_OFFSET[layer.format], layer.in_features, torch.float32),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -569,8 +572,8 @@ PDL_COMPILE = """
 import json, sys
 from qrobust.kernels import compile_gemv_for
 overrides, dtype, form, norm_dtype = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-constants = dict(BITS=3, LAYOUT="gptq", OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, SPLITS=2,
-                 LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True, NORM=False, HAS_RES=False, K_POW2=512,
+constants = dict(BITS=3, LAYOUT="gptq", OFFSET=1, GS=128, ACT_ORDER=False, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256,
+                 SPLITS=2, LAST_SUMS=True, SWIGLU=False, ONE_TILE=True, PDL=True, NORM=False, HAS_RES=False, K_POW2=512,
                  X_SPLITS=1, HALF2=False, ASM=True)
 print(compile_gemv_for(90, {**constants, **overrides}, dtype=dtype, num_warps=1,
                        norm_dtype=norm_dtype).asm[form])

@@ -69,7 +69,8 @@ def test_quantize_save_reload_gives_same_logits(tmp_path, tiny_dirs, calib, kind
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_asym_act_order_rtn_checkpoints_reload(tmp_path, tiny_dirs, calib, kind):
-    for i, cfg in enumerate([dict(sym=False, act_order=True, group_size=32), dict(method="rtn", bits=3, group_size=-1)]):
+    for i, cfg in enumerate([dict(sym=False, act_order=True, group_size=32),
+                             dict(method="rtn", bits=3, group_size=-1)]):
         adapter, config, records = _quantized(tiny_dirs, calib, kind, **cfg)
         out = save_quantized(adapter, config, records, tmp_path / f"q{i}", base_model="tiny")
         with torch.no_grad():

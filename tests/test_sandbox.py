@@ -100,7 +100,8 @@ def test_interpreter_in_a_virtual_environment_under_tmp():
                   "sb = importlib.util.module_from_spec(spec)\nsys.modules['sandbox'] = sb\n"
                   "spec.loader.exec_module(sb)\nsandbox = sb.Sandbox(sb.Limits(timeout=5))\n"
                   "print(sys.prefix, sandbox.run('assert 1 + 1 == 2').status,\n"
-                  "      sandbox.run(sb.IsolatedProgram('def f():\\n    return 2\\n', 'assert f() == 2', ('f',))).status)")
+                  "      sandbox.run(sb.IsolatedProgram('def f():\\n    return 2\\n', "
+                  "'assert f() == 2', ('f',))).status)")
         out = subprocess.run([str(venv / "bin" / "python"), "-I", "-c", script], capture_output=True, text=True,
                              timeout=60)
         assert out.stdout.split() == [str(venv), "passed", "passed"], out.stderr[-2000:]
@@ -154,7 +155,8 @@ _TRICKS = {
     "always-equal int subclass": "class Yes(int):\n    def __eq__(self, other):\n        return True\n"
                                  "    __hash__ = int.__hash__\n"
                                  "def has_close_elements(numbers, threshold):\n    return Yes(7)\n",
-    "tampered builtins and check()": "import builtins, gc\nbuiltins.AssertionError = type('Ignored', (Exception,), {})\n"
+    "tampered builtins and check()": "import builtins, gc\n"
+                                     "builtins.AssertionError = type('Ignored', (Exception,), {})\n"
                                      "builtins.__import__ = None\nfor f in gc.get_objects():\n"
                                      "    if getattr(f, '__name__', '') == 'check':\n"
                                      "        f.__code__ = (lambda candidate: None).__code__\n",
@@ -223,11 +225,13 @@ def test_candidate_runs_as_another_uid_without_the_verdict_pipe(sandbox):
     from harness import IsolatedProgram
 
     solution = "import os\ndef ids():\n    return os.getuid(), sorted(int(fd) for fd in os.listdir('/proc/self/fd'))\n"
-    tests = "import os\nuid, fds = ids()\nassert uid != os.getuid() and fds == [0, 1, 2, 3, 4, 5], (uid, fds)  # 5: listdir's own\n"
+    tests = ("import os\nuid, fds = ids()\n"
+             "assert uid != os.getuid() and fds == [0, 1, 2, 3, 4, 5], (uid, fds)  # 5: listdir's own\n")
     assert sandbox.run(IsolatedProgram(solution, tests, ("ids",))).status == "passed"
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv") or not os.path.exists("/usr/bin/python3"),
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv")
+                    or not os.path.exists("/usr/bin/python3"),
                     reason="runs the sandbox as nobody: needs root, setpriv and a system python3")
 def test_without_root_the_candidate_has_no_capabilities_over_the_judge(tmp_path):
     """As a non-root user there is one uid in the user namespace: the candidate keeps it, but

@@ -143,7 +143,8 @@ def tiny_study(tmp_path, *flags: str) -> dict:
 
 
 def test_bench_study_on_the_tiny_shape_times_every_stage_and_projects(tmp_path, capsys):
-    results = tiny_study(tmp_path, "--kinds", "ar", "--methods", "rtn", "--max-new-tokens", "2", "--calib-seqlen", "512")
+    results = tiny_study(tmp_path, "--kinds", "ar", "--methods", "rtn", "--max-new-tokens", "2",
+                         "--calib-seqlen", "512")
     full, rtn = results["rows"]
     assert (full["method"], full["bits"], rtn["method"], rtn["bits"]) == ("fp32", 32, "rtn", 4)
     assert set(full["stages"]) == {"load", "quantize", "likelihood", "warmup", "generate", "execute"}
@@ -184,7 +185,8 @@ def test_bench_study_times_every_stage_of_every_config_and_projects_the_study(tm
     results = tiny_study(tmp_path, "--methods", "rtn,hawq", "--max-new-tokens", "4", "--steps", "2",
                          "--calib-seqlen", "256")
     rows = results["rows"]
-    assert [(r["kind"], r["method"]) for r in rows] == [(k, m) for k in ("ar", "diffusion") for m in ("fp32", "rtn", "hawq")]
+    assert [(r["kind"], r["method"]) for r in rows] == [(k, m) for k in ("ar", "diffusion")
+                                                        for m in ("fp32", "rtn", "hawq")]
     for r in rows:
         assert {"quantize", "likelihood", "warmup", "generate", "execute"} <= set(r["stages"])
         assert r["tokens"] == 4 * r["problems"] == 4  # forced to full length (the warm-up's tokens not counted)

@@ -188,5 +188,6 @@ def test_each_models_first_two_configs_run_first_for_the_time_estimate():
     order = early_order(jobs)
     assert sorted(order, key=jobs.index) == jobs  # the same jobs
     assert [(j.model, j.method, j.bits, j.seed) for j in order[:4]] == [
-        ("tiny-ar", "fp32", 32, 0), ("tiny-ar", "gptq", 2, 0), ("tiny-dllm", "fp32", 32, 0), ("tiny-dllm", "gptq", 2, 0)]
+        ("tiny-ar", "fp32", 32, 0), ("tiny-ar", "gptq", 2, 0),
+        ("tiny-dllm", "fp32", 32, 0), ("tiny-dllm", "gptq", 2, 0)]
     assert [j.model for j in order[4:]] == [j.model for j in jobs if j not in order[:4]]

@@ -93,7 +93,8 @@ def test_training_writes_both_models_with_cards(tmp_path):
     written = train_zoo(corpus, tmp_path / "zoo", cfg, device="cpu", progress=False)
     for kind, path in written.items():
         card = json.loads((path / "card.json").read_text())
-        assert card["kind"] == kind and card["val_loss"] > 0 and len((path / "train_log.csv").read_text().splitlines()) == 3
+        assert (card["kind"] == kind and card["val_loss"] > 0
+                and len((path / "train_log.csv").read_text().splitlines()) == 3)
         assert load_model(str(path)).kind == kind
 
 
