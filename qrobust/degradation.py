@@ -78,7 +78,7 @@ class BenchmarkRows:
     rows: list[Row]
 
 
-def _seed(*parts) -> int:
+def problem_seed(*parts) -> int:
     """A seed from task id, mask index and base seed that every process derives alike."""
     return zlib.crc32("\x1f".join(map(str, parts)).encode())
 
@@ -129,7 +129,7 @@ def _diffusion_rows(adapter, problems, config: DegradationConfig) -> list[Row]:
         maskable = torch.zeros(len(ids), dtype=torch.bool)
         maskable[len(prompt):] = True
         for k in range(config.masks):
-            g = torch.Generator().manual_seed(_seed(task_id, k, config.seed))
+            g = torch.Generator().manual_seed(problem_seed(task_id, k, config.seed))
             u = float(torch.rand(1, generator=g))
             t = eps + (1 - eps) * (k + u) / config.masks
             noisy, masked = mask_tokens(ids[None], torch.tensor([t]), adapter.mask_token_id, g, maskable[None])

@@ -42,6 +42,7 @@ UNITS = {
     "qrobust.probe": "studies",
     "qrobust.report": "studies",
     "qrobust.report_degradation": "studies",
+    "qrobust.sampler_cost": "studies",  # what the fast diffusion sampler's cache costs a model
     "qrobust.sweep": "studies",
 }
 
