@@ -176,7 +176,8 @@ def _batches(rows: list[Row], size: int) -> list[list[Row]]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
-def _per_problem(values: np.ndarray, owners: np.ndarray, n: int) -> np.ndarray:
+def per_problem_sum(values: np.ndarray, owners: np.ndarray, n: int) -> np.ndarray:
+    """values [positions] summed per problem: owners [positions] name each one's problem, 0 … n − 1."""
     total = np.zeros(n)
     np.add.at(total, owners, values)
     return total
@@ -197,7 +198,7 @@ def score(adapter, bench: BenchmarkRows, config: DegradationConfig, base=None,
         weights = np.concatenate([np.full(len(r.reads), r.weight) for r in rows])
         targets = torch.cat([r.targets for r in rows]).to(lq.device)
         nll = -lq.gather(-1, targets[:, None]).squeeze(-1)
-        loss += _per_problem(nll.double().cpu().numpy() * weights, owners, n)
+        loss += per_problem_sum(nll.double().cpu().numpy() * weights, owners, n)
         key = (bench.name, b)
         if base is None:  # the baseline's own pass: its log-probs serve every later config
             size = lq.numel() * lq.element_size()
@@ -214,9 +215,9 @@ def score(adapter, bench: BenchmarkRows, config: DegradationConfig, base=None,
         lp = lp.to(lq.device)
         kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0).double().cpu().numpy()
         agree = (lp.argmax(-1) == lq.argmax(-1)).double().cpu().numpy()
-        kl_sum += _per_problem(kl, owners, n)
-        agree_sum += _per_problem(agree, owners, n)
-        count += _per_problem(np.ones_like(kl), owners, n)
+        kl_sum += per_problem_sum(kl, owners, n)
+        agree_sum += per_problem_sum(agree, owners, n)
+        count += per_problem_sum(np.ones_like(kl), owners, n)
         for o, start, stop in _runs(owners):
             kl_positions[o].append(kl[start:stop])
     out = {"loss": loss / bench.solution_lengths}

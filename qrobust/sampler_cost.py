@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from harness.metrics import bootstrap_mean
-from qrobust.degradation import DegradationConfig, problem_seed, problem_tokens
+from qrobust.degradation import DegradationConfig, per_problem_sum, problem_seed, problem_tokens
 from qrobust.errors import QrobustError
 from qrobust.models.fast_dllm import CacheCost, cache_cost
 
@@ -64,11 +64,10 @@ def _batch(problems, adapter, seed: int) -> tuple[torch.Tensor, ...]:
 
 
 def _per_problem(values: torch.Tensor, rows: torch.Tensor, n: int) -> np.ndarray:
-    total = np.zeros(n)
-    count = np.zeros(n)
-    np.add.at(total, rows.numpy(), values.double().numpy())
-    np.add.at(count, rows.numpy(), 1)
-    return total / np.maximum(count, 1)
+    """The mean of each problem's positions."""
+    owners = rows.numpy()
+    return per_problem_sum(values.double().numpy(), owners, n) / np.maximum(per_problem_sum(np.ones(len(owners)),
+                                                                                            owners, n), 1)
 
 
 def summarize(cost: CacheCost, n: int, block_length: int) -> dict:
@@ -87,9 +86,8 @@ def summarize(cost: CacheCost, n: int, block_length: int) -> dict:
     return record
 
 
-def sampler_cost(adapter, config: SamplerCostConfig, progress=None) -> dict[str, dict]:
-    """Per benchmark, what the fast sampler's cache costs `adapter`'s predictions (module docstring).
-    progress: called with the number of problems done after each batch."""
+def sampler_cost(adapter, config: SamplerCostConfig) -> dict[str, dict]:
+    """Per benchmark, what the fast sampler's cache costs `adapter`'s predictions (module docstring)."""
     if adapter.kind != "diffusion" or not adapter.native:
         raise QrobustError(f"{adapter.name}: the fast sampler's cost is measured on native diffusion models only")
     out = {}
@@ -107,8 +105,6 @@ def sampler_cost(adapter, config: SamplerCostConfig, progress=None) -> dict[str,
                               adapter.shift_logits, config.block_length)
             cost.row = torch.tensor(chunk)[cost.row]  # batch rows to problem indices
             parts.append(cost)
-            if progress is not None:
-                progress(len(chunk))
         merged = CacheCost(**{f: torch.cat([getattr(c, f) for c in parts]) for f in CacheCost.__dataclass_fields__})
         out[name] = summarize(merged, len(problems), config.block_length) | {
             "task_ids": [p[0] for p in problems]}

@@ -157,7 +157,6 @@ def cache_cost(model: TransformerLM, input_ids: torch.Tensor, attention_mask: to
     x, attn = _masked_response(input_ids, attention_mask, S, mask_token_id)
     attn[:, P:] = valid  # a shorter solution's padding is hidden like a prompt's, not extra masks to attend to
     cache = DualCache(model, x, attn, shift, block_length, graphs=False)
-    s = 1 if shift else 0
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in CacheCost.__dataclass_fields__}
     rows = torch.arange(B, device=x.device)[:, None]
     order = order.masked_fill(~valid, float("inf"))  # padding last, so valid positions' steps ignore it
@@ -168,8 +167,10 @@ def cache_cost(model: TransformerLM, input_ids: torch.Tensor, attention_mask: to
         for j in range(hi - lo):
             shown = rank < j
             x[:, P + lo:P + hi] = torch.where(shown, truth, mask_token_id)
-            fast = cache.refresh(P + lo, P + hi) if j == 0 else cache.step()
-            exact = model(x, attn, logits_from=P + lo - s)[:, :hi - lo]
+            if j == 0:  # the refresh is the exact sampler's full forward
+                fast = exact = cache.refresh(P + lo, P + hi)
+            else:
+                fast, exact = cache.step(), model(x, attn, logits_from=P + lo - cache.s)[:, :hi - lo]
             scored = ~shown & valid[:, lo:hi]
             if not bool(scored.any()):
                 continue
