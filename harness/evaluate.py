@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.errors import HarnessError
 from harness.execute import execute_samples, read_jsonl, score, write_jsonl
 from harness.measure import PeakMemory
 from harness.sandbox import Limits
@@ -122,9 +123,34 @@ def evaluate_benchmark(adapter, name: str, config: EvalConfig, out_dir: Path, pr
     return summary
 
 
+# Settings that change how a run's results are executed, not what was generated: a run resumed
+# with other values of these keeps its samples.
+EXECUTION_ONLY = ("benchmarks", "workers", "timeout")
+
+
+def claim_run_dir(out: Path, model_name: str, config: EvalConfig) -> None:
+    """Record in out/run.json what generates this run's samples, or, where an earlier run left
+    one, refuse settings other than its own: its samples would be resumed under the wrong label."""
+    identity = {"model": model_name,
+                "config": {k: v for k, v in config.__dict__.items() if k not in EXECUTION_ONLY}}
+    path = out / "run.json"
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except ValueError:
+            raise HarnessError(f"{path} is damaged: delete it, or use a new --out") from None
+        if stored != identity:
+            diff = [k for k in identity["config"] if stored.get("config", {}).get(k) != identity["config"][k]]
+            what = "model " + repr(stored.get("model")) if stored.get("model") != model_name else ", ".join(diff)
+            raise HarnessError(f"{out} holds a run with another {what}: use a new --out, or the same settings "
+                               "to resume it")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(identity, indent=2))
+
+
 def evaluate(adapter, config: EvalConfig, out_dir: str | Path, model_name: str, progress: bool = True) -> dict:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(out, model_name, config)
     summaries = {b: evaluate_benchmark(adapter, b, config, out, progress) for b in config.benchmarks}
     total = {"model": model_name, "config": config.__dict__ | {"benchmarks": list(config.benchmarks)},
              "benchmarks": summaries}

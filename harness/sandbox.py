@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LAUNCHER = Path(__file__).with_name("_launcher.py")
-STATUSES = ("passed", "failed", "timeout", "memory", "crashed")
 _UID_BASE = 61000  # one uid per worker slot, so process limits do not interfere
 _CANDIDATE_UID_BASE = 62000  # the untrusted half of an isolated run: another uid per slot
 

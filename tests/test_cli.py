@@ -76,3 +76,38 @@ def test_harness_errors_are_reported_as_ours(tmp_path, capsys, argv, message):
     """The harness has its own error type (it imports nothing of qrobust); the CLI reports it the same way."""
     code, _, err = run(capsys, *[str(tmp_path / "missing.jsonl") if a == "MISSING" else a for a in argv])
     assert code == 2 and err.startswith("qrobust: ") and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--model", "tiny-ar", "--limit", "-1", "--out", "O"], "--limit: '-1' is not a positive integer"),
+    (["eval", "--model", "tiny-ar", "--batch-size", "0", "--out", "O"], "--batch-size: '0' is not a positive"),
+    (["sweep", "--n-samples", "x", "--out", "O"], "--n-samples: 'x' is not a positive integer"),
+    (["execute", "S", "--benchmark", "mbpp", "--timeout", "0"], "--timeout: '0' is not a positive number"),
+    (["plan", "--model", "tiny-ar", "--probes", "-3", "--budget-bits", "3", "--out", "P"], "--probes: '-3'"),
+    (["report", "R", "--tolerance", "-1"], "--tolerance: '-1' is not a non-negative number"),
+    (["quantize", "--model", "tiny-ar", "--device", "tpu", "--out", "O"], "unknown device 'tpu'"),
+    (["eval", "--model", "tiny-ar", "--device", "cuda:x", "--out", "O"], "unknown device 'cuda:x'"),
+    (["quantize", "--bits", "x"], "--bits: invalid int value: 'x'"),
+])
+def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, argv, message):
+    """Numbers out of range and unknown devices stop at parsing, before any work, with one line."""
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / a) if a in ("O", "P", "R", "S") else a for a in argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and len(err.splitlines()) == 1
+    assert err.startswith(f"qrobust {argv[0]}: ") and err.rstrip().endswith("--help)")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cuda_is_refused_where_it_is_not_there(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["bench", "quantize"])  # its default device is cuda
+    assert "device cuda is not available here" in capsys.readouterr().err
+
+
+def test_a_missing_path_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "compare", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert code == 2 and err.startswith("qrobust: No such file or directory") and len(err.splitlines()) == 1

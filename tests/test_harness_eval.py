@@ -96,3 +96,21 @@ def test_compare_two_runs(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert "mbpp" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path)]) == 2
+
+
+def test_a_run_directory_resumes_only_the_run_that_made_it(tmp_path):
+    """Samples are resumed from an output folder only for the model and generation settings that
+    made them; execution settings may change."""
+    from harness.errors import HarnessError
+    from harness.evaluate import claim_run_dir
+
+    config = EvalConfig(limit=2, max_new_tokens=16)
+    claim_run_dir(tmp_path, "tiny-ar", config)
+    claim_run_dir(tmp_path, "tiny-ar", EvalConfig(limit=2, max_new_tokens=16, workers=1, timeout=3.0))
+    with pytest.raises(HarnessError, match="another model 'tiny-ar'"):
+        claim_run_dir(tmp_path, "tiny-dllm", config)
+    with pytest.raises(HarnessError, match="another max_new_tokens"):
+        claim_run_dir(tmp_path, "tiny-ar", EvalConfig(limit=2, max_new_tokens=32))
+    (tmp_path / "run.json").write_text("{")
+    with pytest.raises(HarnessError, match="is damaged"):
+        claim_run_dir(tmp_path, "tiny-ar", config)

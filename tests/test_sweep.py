@@ -191,3 +191,30 @@ def test_each_models_first_two_configs_run_first_for_the_time_estimate():
         ("tiny-ar", "fp32", 32, 0), ("tiny-ar", "gptq", 2, 0),
         ("tiny-dllm", "fp32", 32, 0), ("tiny-dllm", "gptq", 2, 0)]
     assert [j.model for j in order[4:]] == [j.model for j in jobs if j not in order[:4]]
+
+
+def test_a_sweep_resumes_only_with_its_own_settings(tmp_path):
+    """More models, bits, methods or seeds extend a sweep; other settings would mix results made two
+    ways under one sweep.json, so they are refused, as is a damaged sweep.json."""
+    from dataclasses import asdict
+
+    from qrobust.errors import QrobustError
+    from qrobust.sweep import SweepConfig, check_resume
+
+    made = SweepConfig(limit=3, bits=(2, 3))
+    check_resume(tmp_path, made)  # nothing there yet
+    (tmp_path / "sweep.json").write_text(json.dumps({"config": asdict(made)}))
+    check_resume(tmp_path, SweepConfig(limit=3, bits=(2, 3, 4, 8), seeds=(0,), device="cuda"))
+    with pytest.raises(QrobustError, match=r"limit 3 -> 4; temperature None -> 0.7"):
+        check_resume(tmp_path, SweepConfig(limit=4, bits=(2, 3), temperature=0.7))
+    (tmp_path / "sweep.json").write_text('{"config": ')
+    with pytest.raises(QrobustError, match="is damaged"):
+        check_resume(tmp_path, made)
+
+
+def test_a_config_record_cut_short_counts_as_not_done(tmp_path):
+    from qrobust.sweep import _status
+
+    (tmp_path / "ok.json").write_text('{"status": "ok"}')
+    (tmp_path / "cut.json").write_text('{"status": "o')
+    assert (_status(tmp_path / "ok.json"), _status(tmp_path / "cut.json")) == ("ok", None)

@@ -324,10 +324,6 @@ class DiffusionAdapter(ModelAdapter):
         return masked_diffusion_loss(self.logits, input_ids, self._ratios(input_ids.shape[0], seed),
                                      self.mask_token_id, self.shift_logits, g, attention_mask, reduction)
 
-    def elbo(self, input_ids, attention_mask=None, n_samples: int = 4, seed: int = 0) -> torch.Tensor:
-        """Monte-Carlo estimate of the per-token negative ELBO (an upper bound on the NLL)."""
-        return torch.stack([self.loss(input_ids, attention_mask, seed + 7919 * k) for k in range(n_samples)]).mean()
-
     def calibration_inputs(self, input_ids, seed=0, masking="stratified"):
         """'stratified' (the default): mask ratios stratified over (eps, 1) across the sequences given
         together, so the layer Hessians cover every noise level the sampler visits, from the

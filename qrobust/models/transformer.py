@@ -359,6 +359,3 @@ class TransformerLM(nn.Module):
             return torch.zeros(shape, device=w.device, dtype=w.dtype)
 
         return [KVCache(zeros(), zeros(), positions) for _ in range(c.num_hidden_layers)]
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

@@ -165,10 +165,6 @@ def _capture_block_inputs(adapter: ModelAdapter, calib: torch.Tensor, batch_size
     return captured
 
 
-def _hidden(args, kwargs) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _with_hidden(args, kwargs, hidden):
     if args:
         return [hidden, *args[1:]], kwargs

@@ -1,7 +1,6 @@
 """Likelihood metrics shared by training, model cards and sweeps (nats per token)."""
 from __future__ import annotations
 
-from collections import Counter
 from typing import Callable
 
 import torch
@@ -60,6 +59,3 @@ def unigram_nll(train_tokens: torch.Tensor, val_tokens: torch.Tensor, vocab_size
     logp = torch.log(counts / counts.sum())
     return float(-logp[val_tokens.long()].mean())
 
-
-def top_files(counter: Counter, n: int) -> list[str]:
-    return [k for k, _ in counter.most_common(n)]
