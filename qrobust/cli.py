@@ -208,12 +208,14 @@ def _execute(args: argparse.Namespace) -> int:
     from harness import Limits, execute_samples, get_task, read_jsonl, score, write_jsonl
 
     task = get_task(args.benchmark)
+    src = Path(args.samples)
+    out = Path(args.out) if args.out else src.with_name(src.stem + "_results.jsonl")
+    if out.resolve() == src.resolve():
+        raise QrobustError(f"--out {out} is the samples file itself: give another path for the results")
     samples = read_jsonl(args.samples)
     if not samples:
         raise QrobustError(f"{args.samples} holds no samples")
     results = execute_samples(samples, task, task.problems(), args.workers, Limits(timeout=args.timeout), args.style)
-    src = Path(args.samples)
-    out = Path(args.out) if args.out else src.with_name(src.stem + "_results.jsonl")
     write_jsonl(out, results)
     summary = score(results)
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
@@ -331,10 +333,12 @@ def _zoo(args: argparse.Namespace) -> int:
     if args.zoo_command == "train":
         from dataclasses import replace
 
-        from qrobust.zoo.train import ZooConfig, train_zoo
+        from qrobust.zoo.train import KINDS, ZooConfig, train_zoo
 
         cfg = ZooConfig() if args.steps is None else replace(ZooConfig(), steps=args.steps)
         kinds = tuple(k.strip() for k in args.kinds.split(","))
+        if not kinds or any(k not in KINDS for k in kinds):
+            raise QrobustError(f"bad --kinds {args.kinds!r}: choose from {', '.join(KINDS)}")
         for kind, path in train_zoo(args.corpus, args.out, cfg, args.device, kinds).items():
             card = json.loads((path / "card.json").read_text())
             print(f"{card['name']}: val {card['val_loss']:.3f} (unigram {card['unigram_val_nll']:.3f}), "
@@ -343,6 +347,8 @@ def _zoo(args: argparse.Namespace) -> int:
     from qrobust.zoo.card import evaluate_zoo_model
 
     model_dir = Path(args.model_dir)
+    if not (model_dir / "card.json").is_file():
+        raise QrobustError(f"{model_dir} has no card.json: pass a model directory that `qrobust zoo train` wrote")
     out = args.out or str(model_dir.parent / f"eval-{model_dir.name}")
     card = evaluate_zoo_model(model_dir, args.corpus, out, args.headers, args.limit, args.workers,
                               args.device, args.batch_size)
@@ -491,7 +497,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from qrobust.sweep import SweepConfig, sweep
+    from qrobust.sweep import SweepConfig, failed_configs, sweep
 
     try:
         seeds = tuple(int(s) for s in _csv(args.seeds))
@@ -510,6 +516,12 @@ def _sweep(args: argparse.Namespace) -> int:
                          **generation_overrides(args))
     out = sweep(config, args.out, args.executor, args.ray_address)
     print(f"results in {out / 'results.parquet'} (and .csv); next: qrobust report {out}")
+    failed = failed_configs(out)
+    if failed:
+        print(f"qrobust: {len(failed)} config(s) failed ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}): "
+              f"their errors are in {out / 'configs'}; run the same command again to retry only them",
+              file=sys.stderr)
+        return 1
     return 0
 
 

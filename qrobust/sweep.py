@@ -509,6 +509,11 @@ def check_resume(out: Path, config: SweepConfig) -> None:
                            "the same ones, or use a new --out")
 
 
+def failed_configs(out: Path) -> list[str]:
+    """The ids of the configs in `out` whose record says they failed."""
+    return sorted(p.stem for p in (out / "configs").glob("*.json") if _status(p) == "failed")
+
+
 def _status(record: Path) -> str | None:
     """A config record's status; a record cut short (a killed write) counts as not done."""
     try:

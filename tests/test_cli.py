@@ -111,3 +111,32 @@ def test_cuda_is_refused_where_it_is_not_there(capsys, monkeypatch):
 def test_a_missing_path_is_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "compare", str(tmp_path / "a"), str(tmp_path / "b"))
     assert code == 2 and err.startswith("qrobust: No such file or directory") and len(err.splitlines()) == 1
+
+
+def test_damaged_model_files_are_one_line(tmp_path, tiny_dirs, capsys):
+    import shutil
+
+    for name, damage in (("model.safetensors", b"\x00\x01 not safetensors"), ("qrobust.json", b"{")):
+        model = tmp_path / name
+        shutil.copytree(tiny_dirs["ar"], model)
+        (model / name).write_bytes(damage)
+        code, _, err = run(capsys, "eval", "--model", str(model), "--limit", "1", "--out", str(tmp_path / "o"))
+        assert code == 2 and len(err.splitlines()) == 1 and name in err
+        assert "damaged" in err or "not valid JSON" in err
+
+
+def test_execute_refuses_to_write_over_its_samples(tmp_path, capsys):
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return 1\n"}) + "\n")
+    before = samples.read_text()
+    code, _, err = run(capsys, "execute", str(samples), "--benchmark", "humaneval", "--out", str(samples))
+    assert code == 2 and "is the samples file itself" in err and samples.read_text() == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["zoo", "train", "--corpus", "C", "--out", "O", "--kinds", "ar,foo", "--device", "cpu"], "bad --kinds"),
+    (["zoo", "evaluate", "O", "--corpus", "C"], "has no card.json"),
+])
+def test_zoo_mistakes_stop_before_work(tmp_path, capsys, argv, message):
+    code, _, err = run(capsys, *[str(tmp_path / a) if a in ("C", "O") else a for a in argv])
+    assert code == 2 and message in err and len(err.splitlines()) == 1 and not list(tmp_path.iterdir())

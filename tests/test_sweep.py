@@ -64,7 +64,7 @@ def test_killed_sweep_resumes_without_losing_results(tmp_path, tiny_dirs):
     assert not list((out / "configs").glob(".*tmp*"))
 
 
-def test_failed_config_is_recorded_and_sweep_goes_on(tmp_path, tiny_dirs, monkeypatch):
+def test_failed_config_is_recorded_and_sweep_goes_on(tmp_path, tiny_dirs, monkeypatch, capsys):
     import qrobust.sweep as sw
 
     real = sw.quantize_for
@@ -76,7 +76,8 @@ def test_failed_config_is_recorded_and_sweep_goes_on(tmp_path, tiny_dirs, monkey
 
     monkeypatch.setattr(sw, "quantize_for", flaky)
     out = tmp_path / "sweep"
-    assert main(sweep_args(str(tiny_dirs["ar"]), out)) == 0
+    assert main(sweep_args(str(tiny_dirs["ar"]), out)) == 1  # the others' results written all the same
+    assert "1 config(s) failed" in capsys.readouterr().err
     df = pd.read_csv(out / "results.csv")
     failed = df[df.status == "failed"]
     assert list(failed.method) == ["rtn"] and "simulated failure" in failed.error.iloc[0]

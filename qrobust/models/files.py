@@ -32,7 +32,10 @@ def state_dict_from(path: Path) -> dict[str, torch.Tensor]:
         raise QrobustError(f"{path} has no .safetensors weights: qrobust loads safetensors checkpoints only")
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors' own error type, a truncated header, an OSError
+            raise QrobustError(f"{f} is damaged ({type(e).__name__}): save or download it again") from e
     return state
 
 

@@ -87,12 +87,16 @@ def resolve_source(name_or_path: str) -> Path:
     return Path(local)
 
 
-def read_config(path: Path) -> dict:
+def read_json(file: Path) -> dict:
+    """A model directory's JSON file (config.json, qrobust.json), or a one-line error if damaged."""
     try:
-        return json.loads((path / "config.json").read_text())
+        return json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise QrobustError(f"{path / 'config.json'} is not valid JSON ({e.msg}): "
-                           "re-download or re-save the model") from None
+        raise QrobustError(f"{file} is not valid JSON ({e.msg}): re-download or re-save the model") from None
+
+
+def read_config(path: Path) -> dict:
+    return read_json(path / "config.json")
 
 
 def native_config_from(cfg: dict, causal: bool, has_lm_head: bool) -> TransformerConfig:
@@ -132,7 +136,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype | None
     dtype None: bfloat16 on CUDA and CPUs with native bf16, else float32 (qrobust.precision.default_dtype).
     """
     path = resolve_source(name_or_path)
-    if (path / "qrobust.json").exists() and json.loads((path / "qrobust.json").read_text()).get("quantization"):
+    if (path / "qrobust.json").exists() and read_json(path / "qrobust.json").get("quantization"):
         return load_quantized(path, device=device, sampler=sampler)
     cfg = read_config(path)
     dtype = resolve_dtype(dtype, device)
