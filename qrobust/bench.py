@@ -188,7 +188,10 @@ def bench_quantize(bench: QuantBench, work_dir: str | Path | None = None, out: s
     check_device(bench.device)
     if bench.repeats < 1:
         raise QrobustError(f"--repeats must be at least 1, got {bench.repeats}")
-    root = Path(work_dir or tempfile.mkdtemp(prefix="qrobust-bench-"))
+    if work_dir is None:  # the random model (GBs at the real shape) goes with the run
+        with tempfile.TemporaryDirectory(prefix="qrobust-bench-") as tmp:
+            return bench_quantize(bench, tmp, out)
+    root = Path(work_dir)
     t0 = time.perf_counter()
     model_dir = build_random_model(cfg, root / f"{bench.shape}-{bench.kind}", bench.seed, bench.device)
     build_seconds = time.perf_counter() - t0

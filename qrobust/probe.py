@@ -23,6 +23,7 @@ import pandas as pd
 from harness.execute import read_jsonl, write_jsonl
 from harness.metrics import bootstrap_mean
 from qrobust.errors import QrobustError
+from qrobust.resume import check_same_settings
 
 FULL, QUANTIZED = "FULL", "QUANTIZED"
 QUESTIONS = {
@@ -345,6 +346,7 @@ def run_probe(base, targets: list[tuple[Target, object]], config: ProbeConfig, o
 
     check_tasks(config)
     out = Path(out_dir)
+    check_same_settings(out / "probe.json", asdict(config), frozenset({"workers"}), "probe")
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps({"config": asdict(config),
                                                 "targets": [asdict(t) for t, _ in targets]}, indent=2))

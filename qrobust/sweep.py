@@ -26,6 +26,7 @@ from qrobust import __version__
 from qrobust.errors import QrobustError
 from qrobust.models.presets import GENERATION_FIELDS, EvalPreset, with_overrides
 from qrobust.precision import baseline_label, default_dtype, dtype_bits, dtype_name, is_baseline
+from qrobust.resume import check_same_settings
 
 if TYPE_CHECKING:
     from qrobust.probe import Target
@@ -494,19 +495,7 @@ RESUMABLE = frozenset({"models", "bits", "methods", "seeds", "device", "workers"
 
 def check_resume(out: Path, config: SweepConfig) -> None:
     """Refuse to resume the sweep in `out` with settings other than those it was made with."""
-    path = out / "sweep.json"
-    if not path.exists():
-        return
-    try:
-        stored = json.loads(path.read_text())["config"]
-    except (ValueError, KeyError, TypeError):
-        raise QrobustError(f"{path} is damaged: use a new --out, or delete it to start the sweep over") from None
-    new = json.loads(json.dumps(asdict(config)))  # tuples as the lists sweep.json holds
-    changed = [f"{k} {stored[k]!r} -> {new[k]!r}" for k in new
-               if k not in RESUMABLE and k in stored and stored[k] != new[k]]
-    if changed:
-        raise QrobustError(f"{out} holds a sweep made with other settings ({'; '.join(changed)}): resume it with "
-                           "the same ones, or use a new --out")
+    check_same_settings(out / "sweep.json", asdict(config), RESUMABLE, "sweep")
 
 
 def failed_configs(out: Path) -> list[str]:

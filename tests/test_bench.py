@@ -40,7 +40,11 @@ def test_bench_bad_arguments(tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
-def test_bench_quantize_repeats_report_the_median(tmp_path, capsys):
+def test_bench_quantize_repeats_report_the_median(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where its random model goes
+    (tmp_path / "tmp").mkdir()
     out = tmp_path / "bench.json"
     argv = ["bench", "quantize", "--shape", "qwen3-0.6b", "--layers", "1", "--vocab-size", "256", "--nsamples", "2",
             "--seqlen", "16", "--device", "cpu", "--repeats", "3", "--out", str(out)]
@@ -51,6 +55,7 @@ def test_bench_quantize_repeats_report_the_median(tmp_path, capsys):
     line = capsys.readouterr().out.splitlines()[0]
     median = sorted(r["seconds"] for r in runs)[1]
     assert "median of 3" in line and f"{median:8.1f} s" in line
+    assert not list((tmp_path / "tmp").iterdir())  # without --work-dir the model is removed afterwards
 
 
 def test_peer_losses_are_converted_to_our_units():

@@ -28,6 +28,7 @@ UNITS = {
     "qrobust.calib": "core",
     "qrobust.degradation": "core",  # teacher-forced metrics of a model against its baseline
     "qrobust.precision": "core",  # the default dtype of a device and its label
+    "qrobust.resume": "core",  # resuming into an output folder only with its own settings
     "qrobust.kernels": "core",
     "qrobust.models": "core",
     "qrobust.quant": "core",

@@ -164,3 +164,16 @@ def test_last_model_of_the_answer_pass_is_not_built_again(tmp_path):
     config = ProbeConfig(tasks=("gsm8k",), shots=(0,), questions=("state",), gsm8k_path=_gsm8k(tmp_path, 2))
     run_probe(None, [(t, factory(t)) for t in targets], config, tmp_path / "p", progress=False)
     assert built == ["fp32", "gptq-2", "gptq-4", "gptq-2", "fp32"]
+
+
+def test_a_probe_resumes_only_with_its_own_settings(tmp_path):
+    from dataclasses import asdict
+
+    from qrobust.errors import QrobustError
+    from qrobust.probe import ProbeConfig
+    from qrobust.resume import check_same_settings
+
+    (tmp_path / "probe.json").write_text(json.dumps({"config": asdict(ProbeConfig(limit=2))}))
+    check_same_settings(tmp_path / "probe.json", asdict(ProbeConfig(limit=2, workers=1)), frozenset({"workers"}))
+    with pytest.raises(QrobustError, match=r"holds a probe made with other settings \(limit 2 -> 3\)"):
+        check_same_settings(tmp_path / "probe.json", asdict(ProbeConfig(limit=3)), frozenset({"workers"}), "probe")
