@@ -256,6 +256,10 @@ def _eval(args: argparse.Namespace) -> int:
         raise QrobustError("greedy decoding gives identical samples: set --temperature > 0 with --n-samples > 1")
     config = EvalConfig(benchmarks, args.n_samples, settings.temperature, settings.top_p, settings.max_new_tokens,
                         args.limit, settings.style, args.batch_size, args.workers, args.timeout, args.seed)
+    if args.baseline and args.model != "reference":  # before the model loads
+        from qrobust.degradation import baseline_model
+
+        baseline_model(Path(args.baseline))
     if args.model == "reference":
         adapter, name = None, "reference"
     else:

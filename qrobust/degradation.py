@@ -23,8 +23,10 @@ only, and the baseline's are kept across configs while they fit in `cache_bytes`
 """
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -305,24 +307,28 @@ def flips(passed_base: dict[str, bool], passed_quantized: dict[str, bool]) -> di
     return out
 
 
-def against_run(adapter, baseline_dir, out_dir, config: DegradationConfig, device: str = "cpu",
-                dtype: torch.dtype | None = None) -> dict[str, dict]:
-    """`qrobust eval --baseline`: load the model of an earlier eval run (its summary.json), compute
-    the metrics of `adapter` against it, and the flips between the two runs' results.jsonl; writes
-    OUT/degradation.json."""
-    import json
-    from pathlib import Path
-
-    from harness.execute import per_problem_pass_at_1, read_jsonl
-    from qrobust.models import load_model
-
-    base_dir, out = Path(baseline_dir), Path(out_dir)
+def baseline_model(base_dir: Path) -> str:
+    """The model of an earlier eval run, which `--baseline` names; a one-line error if it names none
+    (checked before the eval, so a wrong path costs no generation)."""
     summary = base_dir / "summary.json"
     if not summary.exists():
         raise QrobustError(f"{base_dir} holds no summary.json: point --baseline at a `qrobust eval --out` directory")
     name = json.loads(summary.read_text()).get("model")
     if not name or name == "reference":
         raise QrobustError(f"{summary} names no model ({name!r}): the baseline must be a model's eval run")
+    return name
+
+
+def against_run(adapter, baseline_dir, out_dir, config: DegradationConfig, device: str = "cpu",
+                dtype: torch.dtype | None = None) -> dict[str, dict]:
+    """`qrobust eval --baseline`: load the model of an earlier eval run (its summary.json), compute
+    the metrics of `adapter` against it, and the flips between the two runs' results.jsonl; writes
+    OUT/degradation.json."""
+    from harness.execute import per_problem_pass_at_1, read_jsonl
+    from qrobust.models import load_model
+
+    base_dir, out = Path(baseline_dir), Path(out_dir)
+    name = baseline_model(base_dir)
     base = load_model(name, device=device, dtype=dtype)
     result = degradation(adapter, config, base=base)
     for bench, d in result.items():

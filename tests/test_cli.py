@@ -140,3 +140,9 @@ def test_execute_refuses_to_write_over_its_samples(tmp_path, capsys):
 def test_zoo_mistakes_stop_before_work(tmp_path, capsys, argv, message):
     code, _, err = run(capsys, *[str(tmp_path / a) if a in ("C", "O") else a for a in argv])
     assert code == 2 and message in err and len(err.splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_a_baseline_without_a_run_fails_before_the_eval(tmp_path, capsys):
+    code, _, err = run(capsys, "eval", "--model", "tiny-ar", "--limit", "1", "--baseline", str(tmp_path / "nothing"),
+                       "--out", str(tmp_path / "o"))
+    assert code == 2 and "holds no summary.json" in err and not (tmp_path / "o").exists()
