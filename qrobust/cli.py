@@ -26,30 +26,24 @@ def parse_bits(text: str) -> list[int]:
     return bits
 
 
-def _at_least(low: float, cast: type, what: str) -> Callable[[str], float]:
-    """An argparse type: `cast(text)` no smaller than `low`, else a one-line usage error."""
+def _number(cast: type, accept: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse type: `cast(text)` where `accept` holds for it, else a one-line usage error."""
     def parse(text: str):
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if value < low:
+            value = None
+        if value is None or not accept(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
     parse.__name__ = what
     return parse
 
 
-positive_int = _at_least(1, int, "a positive integer")
-non_negative_int = _at_least(0, int, "a non-negative integer")
-non_negative_float = _at_least(0.0, float, "a non-negative number")
-
-
-def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+non_negative_float = _number(float, lambda v: v >= 0, "a non-negative number")
 
 
 def device(text: str) -> str:

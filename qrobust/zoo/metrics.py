@@ -58,4 +58,3 @@ def unigram_nll(train_tokens: torch.Tensor, val_tokens: torch.Tensor, vocab_size
     counts = torch.bincount(train_tokens.long(), minlength=vocab_size).double() + 1
     logp = torch.log(counts / counts.sum())
     return float(-logp[val_tokens.long()].mean())
-
