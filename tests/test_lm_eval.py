@@ -216,3 +216,26 @@ def test_cuda_default_of_lm_evals_cli_falls_back_to_cpu():
 
     assert _device("cuda") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert _device("cpu") == "cpu"
+
+
+def test_results_csv_keeps_earlier_runs_rows(tmp_path):
+    """A second lm-eval run into the same OUT adds its rows; only a row of the same config, task and
+    metric is replaced (lm-eval's own files are timestamped, so nothing else is lost either)."""
+    import pandas as pd
+
+    from qrobust.lm_eval.run import merge_rows
+
+    def rows(config, task, value):
+        return pd.DataFrame([{"config_id": config, "benchmark": task, "metric": m, "value": value}
+                             for m in ("acc", "acc_norm")])
+
+    path = tmp_path / "results.csv"
+    merge_rows(path, rows("tiny-ar__fp32__32__s0", "task_a", 0.1))
+    merge_rows(path, rows("tiny-ar__fp32__32__s0", "task_b", 0.2))
+    merge_rows(path, rows("tiny-ar__rtn__4__s0", "task_a", 0.3))
+    merge_rows(path, rows("tiny-ar__fp32__32__s0", "task_a", 0.4))  # a rerun replaces its own rows
+    table = pd.read_csv(path).set_index(["config_id", "benchmark", "metric"]).value
+    assert len(table) == 6
+    assert table["tiny-ar__fp32__32__s0", "task_a"].tolist() == [0.4, 0.4]
+    assert table["tiny-ar__fp32__32__s0", "task_b"].tolist() == [0.2, 0.2]
+    assert table["tiny-ar__rtn__4__s0", "task_a"].tolist() == [0.3, 0.3]

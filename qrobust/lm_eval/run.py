@@ -2,9 +2,10 @@
 
 OUT/<model>/results_<time>.json (and samples_<task>_<time>.jsonl with log_samples) are written
 by lm-eval's EvaluationTracker, exactly as `lm_eval --output_path OUT` writes them;
-OUT/results.csv has one row per task × metric with the columns of a sweep's results.csv
-(model, kind, method, bits, seed, benchmark, metric, value, ci_low, ci_high, problems),
-which `qrobust report` shows when the run lies under SWEEP/lm-eval/.
+OUT/results.csv has one row per config × task × metric with the columns of a sweep's results.csv
+(model, kind, method, bits, seed, benchmark, metric, value, ci_low, ci_high, problems); a later run
+into the same OUT adds its rows and replaces only those of the same config, task and metric.
+`qrobust report` shows them when the run lies under SWEEP/lm-eval/.
 """
 from __future__ import annotations
 
@@ -74,6 +75,24 @@ def tidy_rows(results: dict, lm) -> list[dict]:
     return rows
 
 
+ROW_KEY = ["config_id", "benchmark", "metric"]
+
+
+def merge_rows(path: Path, rows):
+    """Write rows into the tidy csv at path, keeping the rows of earlier runs into the same OUT (other
+    tasks or models), as lm-eval keeps its timestamped files; a row with the same config, task and
+    metric is replaced by the new one."""
+    import pandas as pd
+
+    if path.exists():
+        old = pd.read_csv(path)
+        if set(ROW_KEY) <= set(old.columns):
+            replaced = set(rows[ROW_KEY].astype(str).itertuples(index=False))
+            kept = [key not in replaced for key in old[ROW_KEY].astype(str).itertuples(index=False)]
+            rows = pd.concat([old[kept], rows], ignore_index=True)
+    rows.to_csv(path, index=False)
+
+
 def run_lm_eval(lm, config: LmEvalConfig, out_dir: str | Path, manager=None) -> tuple[dict, Path]:
     """Evaluate, write lm-eval's files and results.csv; returns (lm-eval's results, the csv path).
     manager: a TaskManager from build_task_manager(config), built here if not given."""
@@ -98,7 +117,7 @@ def run_lm_eval(lm, config: LmEvalConfig, out_dir: str | Path, manager=None) -> 
     for task in results["configs"] if samples else ():
         tracker.save_results_samples(task_name=task, samples=samples[task])
     path = out / "results.csv"
-    pd.DataFrame(tidy_rows(results, lm)).to_csv(path, index=False)
+    merge_rows(path, pd.DataFrame(tidy_rows(results, lm)))
     (out / "qrobust_lm_eval.json").write_text(json.dumps(
         {"model": lm.loaded.model, "method": lm.loaded.method, "bits": lm.loaded.bits, "kind": lm.kind,
          "config": {k: v for k, v in vars(config).items()}}, indent=2, default=str))
