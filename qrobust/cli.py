@@ -308,6 +308,7 @@ def _zoo_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--steps", type=positive_int, default=None)
     t.add_argument("--kinds", default="ar,diffusion")
     t.add_argument("--device", type=device, default="cuda")
+    t.add_argument("--overwrite", action="store_true", help="replace models already trained in --out")
     e = sub.add_parser("evaluate", help="parse rate, pass@1 and sample loss of a trained model; writes its card")
     e.add_argument("model_dir")
     e.add_argument("--corpus", required=True)
@@ -337,7 +338,8 @@ def _zoo(args: argparse.Namespace) -> int:
         kinds = tuple(k.strip() for k in args.kinds.split(","))
         if not kinds or any(k not in KINDS for k in kinds):
             raise QrobustError(f"bad --kinds {args.kinds!r}: choose from {', '.join(KINDS)}")
-        for kind, path in train_zoo(args.corpus, args.out, cfg, args.device, kinds).items():
+        for kind, path in train_zoo(args.corpus, args.out, cfg, args.device, kinds,
+                                    overwrite=args.overwrite).items():
             card = json.loads((path / "card.json").read_text())
             print(f"{card['name']}: val {card['val_loss']:.3f} (unigram {card['unigram_val_nll']:.3f}), "
                   f"{card['train_seconds']:.0f} s -> {path}")

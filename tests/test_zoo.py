@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qrobust.cli import main
+from qrobust.errors import QrobustError
 from qrobust.models import MODELS, load_model
 from qrobust.zoo.card import completes_to_python, function_headers, sample_loss
 from qrobust.zoo.corpus import Document, benchmark_overlap, build_corpus, read_split
@@ -90,12 +91,18 @@ def test_training_writes_both_models_with_cards(tmp_path):
     cfg = ZooConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=1, head_dim=32, seq_len=32, batch_size=4, steps=6, warmup=2, eval_windows=4,
                     elbo_samples=2, log_every=3)
+    torch.use_deterministic_algorithms(False)  # torch's default, which training must leave as it was
     written = train_zoo(corpus, tmp_path / "zoo", cfg, device="cpu", progress=False)
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
     for kind, path in written.items():
         card = json.loads((path / "card.json").read_text())
         assert (card["kind"] == kind and card["val_loss"] > 0
                 and len((path / "train_log.csv").read_text().splitlines()) == 3)
         assert load_model(str(path)).kind == kind
+    cards = {kind: (path / "card.json").read_text() for kind, path in written.items()}
+    with pytest.raises(QrobustError, match="already holds a trained model.*--overwrite"):
+        train_zoo(corpus, tmp_path / "zoo", cfg, device="cpu", kinds=("diffusion",), progress=False)
+    assert cards == {kind: (path / "card.json").read_text() for kind, path in written.items()}
 
 
 def test_parse_check_needs_a_written_body():

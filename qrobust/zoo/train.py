@@ -4,6 +4,7 @@ data order, optimizer and steps).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qrobust.errors import QrobustError
 from qrobust.models.diffusion import masked_diffusion_loss
 from qrobust.models.files import save_native
 from qrobust.models.tiny import train_tokenizer
@@ -150,11 +152,33 @@ def environment(device: str) -> dict:
     return env
 
 
-def train_zoo(corpus_dir: str | Path, out_dir: str | Path, cfg: ZooConfig = ZooConfig(), device: str = "cuda",
-              kinds: tuple[str, ...] = ("ar", "diffusion"), progress: bool = True) -> dict[str, Path]:
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch's deterministic kernels for the training below, restoring the caller's setting after."""
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+def train_zoo(corpus_dir: str | Path, out_dir: str | Path, cfg: ZooConfig = ZooConfig(), device: str = "cuda",
+              kinds: tuple[str, ...] = ("ar", "diffusion"), progress: bool = True,
+              overwrite: bool = False) -> dict[str, Path]:
+    """Train each kind and write it with its card into OUT/<name>. A model already trained there is
+    kept unless overwrite: a retrain costs the GPU time of the first one."""
     out = Path(out_dir)
+    trained = [str(out / KINDS[k]) for k in kinds if (out / KINDS[k] / "card.json").exists()]
+    if trained and not overwrite:
+        raise QrobustError(f"{', '.join(trained)} already holds a trained model: choose another --out or pass --overwrite")
+    with deterministic_algorithms():
+        return _train_kinds(corpus_dir, out, cfg, device, kinds, progress)
+
+
+def _train_kinds(corpus_dir, out: Path, cfg: ZooConfig, device: str, kinds: tuple[str, ...],
+                 progress: bool) -> dict[str, Path]:
     train_docs, val_docs = read_split(corpus_dir, "train"), read_split(corpus_dir, "val")
     manifest = json.loads((Path(corpus_dir) / "manifest.json").read_text())
     t0 = time.perf_counter()
