@@ -786,6 +786,17 @@ def _attribute_compare(args: argparse.Namespace) -> int:
 
 
 # ---- lm-eval -----------------------------------------------------------------------------------
+def _gen_kwargs(text: str) -> str:
+    """lm-eval's `key=value,key=value`, with keys the qrobust model reads (others would be ignored)."""
+    from qrobust.lm_eval.model import GEN_KWARGS
+
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    bad = [key for key, eq, value in pairs if not eq or not value or key.strip() not in GEN_KWARGS]
+    if not pairs or bad:
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value pairs of {', '.join(GEN_KWARGS)}")
+    return text
+
+
 def _lm_eval_args(p: argparse.ArgumentParser) -> None:
     _target_args(p, several=False)
     p.add_argument("--tasks", required=True,
@@ -793,7 +804,8 @@ def _lm_eval_args(p: argparse.ArgumentParser) -> None:
                         "qrobust_mbpp_choice, qrobust_heldout, or any of lm-eval's")
     p.add_argument("--limit", type=positive_float, default=None, help="first K docs per task (a fraction if < 1)")
     p.add_argument("--num-fewshot", type=non_negative_int, default=None)
-    p.add_argument("--gen-kwargs", default=None, help="lm-eval generation overrides, e.g. max_gen_toks=128")
+    p.add_argument("--gen-kwargs", type=_gen_kwargs, default=None,
+                   help="lm-eval generation overrides, e.g. max_gen_toks=128,temperature=0.2")
     p.add_argument("--apply-chat-template", action="store_true")
     p.add_argument("--fewshot-as-multiturn", action="store_true")
     p.add_argument("--system-instruction", default=None)

@@ -88,6 +88,10 @@ def test_harness_errors_are_reported_as_ours(tmp_path, capsys, argv, message):
     (["quantize", "--model", "tiny-ar", "--device", "tpu", "--out", "O"], "unknown device 'tpu'"),
     (["eval", "--model", "tiny-ar", "--device", "cuda:x", "--out", "O"], "unknown device 'cuda:x'"),
     (["quantize", "--bits", "x"], "--bits: invalid int value: 'x'"),
+    (["lm-eval", "--model", "tiny-ar", "--tasks", "t", "--gen-kwargs", "garbage", "--out", "O"],
+     "--gen-kwargs: 'garbage' is not key=value pairs of until, max_gen_toks"),
+    (["lm-eval", "--model", "tiny-ar", "--tasks", "t", "--gen-kwargs", "max_gen_toks=64,temprature=0.2", "--out", "O"],
+     "is not key=value pairs"),
 ])
 def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, argv, message):
     """Numbers out of range and unknown devices stop at parsing, before any work, with one line."""

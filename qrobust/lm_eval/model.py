@@ -20,6 +20,7 @@ from qrobust.lm_eval.target import Loaded, TargetSpec, load_target
 from qrobust.precision import baseline_label, dtype_bits
 
 DEFAULT_MAX_GEN_TOKS = 256
+GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")  # what generate_until reads
 
 
 def _device(name: str | None) -> str:
