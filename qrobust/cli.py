@@ -782,6 +782,8 @@ def _attribute_compare(args: argparse.Namespace) -> int:
     result = compare_attributions(args.run_a, args.run_b, args.out)
     m = result["metrics"]
     print("  ".join(f"{k} {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]" for k, v in m.items()))
+    if result["gradient_cosine_left_out"]:
+        print(f"gradient_cosine left out: {result['gradient_cosine_left_out']}", file=sys.stderr)
     return 0
 
 

@@ -159,6 +159,12 @@ def test_jsonl_corpus_labels_and_mismatched_runs(tmp_path, tiny_dirs):
     assert set(meta["summary"]["influence"]["sources"]["sources"]) == {"ft", "pt"}
     assert main([*args, "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", str(tmp_path / "b")]) == 0
     assert main(["attribute-compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "gradient_cosine" in json.loads((tmp_path / "b" / "compare-a" / "compare.json").read_text())["metrics"]
+    assert main([*args, "--projection-seed", "7", "--out", str(tmp_path / "seed7")]) == 0
+    assert main(["attribute-compare", str(tmp_path / "a"), str(tmp_path / "seed7")]) == 0  # ranks still compare
+    other = json.loads((tmp_path / "seed7" / "compare-a" / "compare.json").read_text())
+    assert "gradient_cosine" not in other["metrics"] and "spearman" in other["metrics"]
+    assert "projection_seed" in other["gradient_cosine_left_out"]  # features of another space: said, not dropped
     ckpt = tmp_path / "ckpt"  # the same RTN model written as a GPTQ checkpoint and loaded back
     assert main(["quantize", "--model", str(tiny_dirs["ar"]), "--method", "rtn", "--bits", "4", "--group-size", "32",
                  "--out", str(ckpt)]) == 0

@@ -43,14 +43,19 @@ def bin_shift(run_a: Path, run_b: Path) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("shift", key=np.abs, ascending=False, kind="stable")
 
 
-def gradient_alignment(run_a: Path, run_b: Path, meta_a: dict, meta_b: dict) -> np.ndarray | None:
-    """Per-document cosine between the two models' gradient features, where both runs used the same
-    projection (so the features share one space); None otherwise."""
-    same = (meta_a["fingerprint"]["config"]["gradients"] == meta_b["fingerprint"]["config"]["gradients"])
-    paths = [run / "document_features.npy" for run in (run_a, run_b)]
-    if not same or not all(p.exists() for p in paths):
-        return None
-    fa, fb = (np.load(p).astype(np.float32) for p in paths)
+def features_apart(run_a: Path, run_b: Path, meta_a: dict, meta_b: dict) -> str | None:
+    """Why the two runs' gradient features do not share one space (other projection, dimension or
+    preconditioning) or are not there; None when they can be compared."""
+    ga, gb = (meta["fingerprint"]["config"]["gradients"] for meta in (meta_a, meta_b))
+    if ga != gb:
+        return f"the runs' gradient settings differ ({', '.join(sorted(k for k in ga if ga[k] != gb.get(k)))})"
+    missing = [str(run / "document_features.npy") for run in (run_a, run_b) if not (run / "document_features.npy").exists()]
+    return f"no {', '.join(missing)}" if missing else None
+
+
+def gradient_alignment(run_a: Path, run_b: Path) -> np.ndarray:
+    """Per-document cosine between the two models' gradient features (runs whose features_apart is None)."""
+    fa, fb = (np.load(run / "document_features.npy").astype(np.float32) for run in (run_a, run_b))
     norms = np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1)
     return (fa * fb).sum(axis=1) / np.maximum(norms, 1e-30)
 
@@ -99,12 +104,13 @@ def compare_attributions(run_a: str | Path, run_b: str | Path, out: str | Path |
     for col in ["spearman", *(f"jaccard@{k}" for k in ks), "top1_same"]:
         est = bootstrap_mean(agreement[col].dropna().to_numpy())
         metrics[col] = {"value": est.value, "ci_low": est.low, "ci_high": est.high}
-    alignment = gradient_alignment(run_a, run_b, meta_a, meta_b)
-    if alignment is not None:
-        est = bootstrap_mean(alignment)
+    apart = features_apart(run_a, run_b, meta_a, meta_b)
+    if apart is None:
+        est = bootstrap_mean(gradient_alignment(run_a, run_b))
         metrics["gradient_cosine"] = {"value": est.value, "ci_low": est.low, "ci_high": est.high}
     result = {"a": str(run_a), "b": str(run_b), "model_a": meta_a["model"], "model_b": meta_b["model"],
               "queries": len(queries_a), "documents": len(docs_a), "metrics": metrics,
+              "gradient_cosine_left_out": apart,
               "largest_bin_shifts": shift.head(5).to_dict("records")}
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=float))
     _plot(agreement, shift, out / "compare.png", f"{meta_a['model']} (A) vs {meta_b['model']} (B)")
