@@ -10,8 +10,7 @@ random-weight models of the real shapes in bfloat16. Parts (--parts, all by defa
   its K-splits added up afterwards, PyTorch's int4 tinygemm at 4 bits, and with --marlin
   GPTQModel's Marlin at 4 and 8 bits;
 - variants: the engine's throughput with the rewrites that could become its defaults (K-splits
-  added up afterwards, fused q/k/v and gate/up, tinygemm at 4 bits, fragments_matmul with each
-  step's wgmma queued before the last is waited for), each against bf16 in the run,
+  added up afterwards, fused q/k/v and gate/up, tinygemm at 4 bits), each against bf16 in the run,
   and at bf16 with every block's product replaced by one kernel that writes zeros: the ceiling on
   what any quantized product could gain over bf16 in this engine;
 - agreement: greedy agreement of the engine with transformers' generate on the same random
@@ -176,20 +175,6 @@ def packed_like(dense: nn.Linear, bits: int, group_size: int) -> QuantLinear:
 
 
 @contextlib.contextmanager
-def wgmma_ahead():
-    """fragments_matmul with mma_ahead (each step's wgmma issued before the last is waited for)
-    wherever the engine calls it: the kernel its flag would make the default, for an A/B."""
-    from qrobust.kernels import fragments_matmul as module  # Gluon: imported where it runs
-
-    saved = module.fragments_matmul
-    module.fragments_matmul = functools.partial(saved, mma_ahead=True)
-    try:
-        yield
-    finally:
-        module.fragments_matmul = saved
-
-
-@contextlib.contextmanager
 def gptq_layout():
     """Packed layers that decide their layout inside keep GPTQ's (4-bit layers on Hopper are
     otherwise repacked for kernels.fragments_matmul): the kernels they had before, for an A/B."""
@@ -327,8 +312,6 @@ def variants(plan: Plan, device: str) -> list[dict]:
         model = build(short, "ar", bits, device)
         rows += engine_rows(model, short, bits, variant="today")
         if any(m.layout == "fragments" for m in model.modules() if isinstance(m, QuantLinear)):
-            with wgmma_ahead():
-                rows += engine_rows(model, short, bits, variant="wgmma ahead")
             with gptq_layout():
                 before = build(short, "ar", bits, device)
                 rows += engine_rows(before, short, bits, variant="GPTQ layout")

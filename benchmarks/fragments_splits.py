@@ -1,8 +1,7 @@
 """The Hopper product of 2-, 3-, 4- and 8-bit layers (--bits) in the fragments layout
 (kernels.fragments_matmul) at each K-split (and, at more than 32 rows, in one program of all rows
 or programs of 32; with --load-ahead, at each distance of a step's loads from its use, which a
-split of fewer steps caps; with --mma-ahead 0,1, with each step's wgmma waited for before the next
-is issued and with the next issued first), against bf16
+split of fewer steps caps), against bf16
 nn.Linear and the product the GPTQ layout takes for as many rows (kernels.packed_matmul; for 1-4
 rows kernels.gemv's GEMV, its default tiling), at Qwen3-1.7B's layer shapes (and the fused q/k/v
 and gate/up) and the engine's row counts: the data behind fragments_matmul.fragments_split,
@@ -11,7 +10,6 @@ as a CUDA graph of 20 calls (its weights partly stay in L2; the engine reads the
 
     cd benchmarks && PYTHONPATH=..:. python3 fragments_splits.py --out "$OUT"     # on a Hopper GPU
     cd benchmarks && PYTHONPATH=..:. python3 fragments_splits.py --rows 64,32 --load-ahead 1,2,3 --out "$OUT"
-    cd benchmarks && PYTHONPATH=..:. python3 fragments_splits.py --bits 4,8 --rows 64,32,8 --mma-ahead 0,1 --out "$OUT"
     cd benchmarks && PYTHONPATH=..:. python3 fragments_splits.py --compile-only   # its SASS, no GPU
 """
 from __future__ import annotations
@@ -25,7 +23,7 @@ from engine_gpu import Plan, config, layer_shapes, packed_like
 from gpu_script import graph_time, probe_arguments, run_probe
 from qrobust.kernels import gemv_config, gemv_locks
 from qrobust.kernels.fragments import TILE_K, to_fragments
-from qrobust.kernels.fragments_matmul import (LOAD_AHEAD, MMA_AHEAD, block_rows, compile_fragments_matmul_for,
+from qrobust.kernels.fragments_matmul import (LOAD_AHEAD, block_rows, compile_fragments_matmul_for,
                                               fragments_locks, fragments_matmul, fragments_split)
 from qrobust.kernels.gemv import gptq_gemv
 from qrobust.kernels.packed_matmul import matmul_locks, packed_matmul
@@ -40,7 +38,7 @@ def effective_ahead(ahead: int, steps: int) -> int:
 
 
 def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tuple[int, ...],
-            load_ahead: tuple[int, ...] = (LOAD_AHEAD,), mma_ahead: tuple[int, ...] = (MMA_AHEAD,)) -> list[dict]:
+            load_ahead: tuple[int, ...] = (LOAD_AHEAD,)) -> list[dict]:
     out = []
     for bits, (name, (K, N)) in itertools.product(bits_list, layer_shapes(config(Plan(), "ar")).items()):
         dense = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -64,27 +62,24 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
                     us_gptq = 1e6 * graph_time(functools.partial(packed_matmul, x, *gptq, locks=gptq_locks))
                 programs = sorted({block_rows(m), max(block_rows(m), m)})
                 measured = set()
-                for split, per_program, asked, mma in itertools.product(splits, programs, load_ahead, mma_ahead):
+                for split, per_program, asked in itertools.product(splits, programs, load_ahead):
                     steps = K // TILE_K // split if (K // TILE_K) % split == 0 else 0
                     ahead = effective_ahead(asked, steps)
-                    if not steps or (split, per_program, ahead, mma) in measured:
+                    if not steps or (split, per_program, ahead) in measured:
                         continue
-                    measured.add((split, per_program, ahead, mma))
+                    measured.add((split, per_program, ahead))
                     fn = functools.partial(fragments_matmul, x, words, layer.scales, layer.qzeros, bits, offset,
-                                           locks=locks, split_k=split, rows_per_program=per_program, load_ahead=ahead,
-                                           mma_ahead=bool(mma))
+                                           locks=locks, split_k=split, rows_per_program=per_program, load_ahead=ahead)
                     err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
                     us = 1e6 * graph_time(fn)
-                    chosen = (split, per_program, ahead, bool(mma)) == (fragments_split(m, N, K), block_rows(m),
-                                                                        effective_ahead(LOAD_AHEAD, steps), MMA_AHEAD)
+                    chosen = (split, per_program, ahead) == (fragments_split(m, N, K), block_rows(m),
+                                                             effective_ahead(LOAD_AHEAD, steps))
                     out.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": m, "split_k": split,
-                                "rows_per_program": per_program, "load_ahead": ahead, "mma_ahead": bool(mma),
-                                "chosen": chosen,
+                                "rows_per_program": per_program, "load_ahead": ahead, "chosen": chosen,
                                 "max_rel_error": err, "us_fragments": us, "us_bf16": us_bf16,
                                 "us_gptq_layout": us_gptq})
-                    queued = " wgmma ahead" if mma else ""
                     print(f"{name:>12} {bits} bits {m:>3} rows ({per_program:>2} a program) split {split:>2} "
-                          f"ahead {ahead}{queued}{'*' if chosen else ' '}: fragments {us:6.2f} us ({us_bf16 / us:.2f}x "
+                          f"ahead {ahead}{'*' if chosen else ' '}: fragments {us:6.2f} us ({us_bf16 / us:.2f}x "
                           f"bf16), bf16 {us_bf16:6.2f}, GPTQ layout {us_gptq:6.2f} ({us_bf16 / us_gptq:.2f}x), "
                           f"error {err:.1e}",
                           flush=True)
@@ -92,28 +87,25 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
     return out
 
 
-def compile_only(bits_list: tuple[int, ...], rows_list: tuple[int, ...], mma_ahead: tuple[int, ...]) -> None:
+def compile_only(bits_list: tuple[int, ...], rows_list: tuple[int, ...]) -> None:
     """The chosen kernel of each width, shape and row count compiled for sm_90: registers, spills,
     wgmma and the instructions that move data."""
     from kernel_asm import sass_facts
 
     for bits, (name, (K, N)) in itertools.product(bits_list, layer_shapes(config(Plan(), "ar")).items()):
-        for m, mma in itertools.product(rows_list, mma_ahead):
-            cubin = compile_fragments_matmul_for(m, N, K, bits=bits, mma_ahead=bool(mma)).asm["cubin"]
-            ops, resources = sass_facts(cubin)
-            print({"layer": name, "bits": bits, "rows": m, "split_k": fragments_split(m, N, K),
-                   "mma_ahead": bool(mma), **resources,
+        for m in rows_list:
+            ops, resources = sass_facts(compile_fragments_matmul_for(m, N, K, bits=bits).asm["cubin"])
+            print({"layer": name, "bits": bits, "rows": m, "split_k": fragments_split(m, N, K), **resources,
                    **{op: ops.get(op, 0) for op in ("HGMMA", "LDGSTS", "LDG", "STS", "STG")}}, flush=True)
 
 
 def main() -> None:
     args = probe_arguments(__doc__.splitlines()[0], bits="4", rows="64,32,8,4,1", splits="1,2,4,8",
-                           load_ahead=str(LOAD_AHEAD), mma_ahead=str(int(MMA_AHEAD)))
+                           load_ahead=str(LOAD_AHEAD))
     if args.compile_only:
-        compile_only(args.bits, args.rows, args.mma_ahead)
+        compile_only(args.bits, args.rows)
         return
-    run_probe(args, "fragments_splits", functools.partial(measure, load_ahead=args.load_ahead,
-                                                          mma_ahead=args.mma_ahead))
+    run_probe(args, "fragments_splits", functools.partial(measure, load_ahead=args.load_ahead))
 
 
 if __name__ == "__main__":

@@ -176,36 +176,14 @@ def test_the_product_compiles_to_wgmma_from_registers_without_weight_stores(bits
     assert (facts["loads_128"], facts["loads_64"]) == (facts["steps"] * max(1, bits // 2), facts["steps"] * (bits == 3))
 
 
-def test_the_product_can_queue_the_next_steps_wgmma_before_waiting():
-    """mma_ahead: the same wgmma, loads and registers without spills, but each step waits for all
-    but one wgmma group (the next step's is issued before the last is waited for), and x's ring
-    asks for three tiles before the first step instead of two."""
-    pytest.importorskip("triton.experimental.gluon")
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
-    code = ("import re; from qrobust.kernels.fragments_matmul import compile_fragments_matmul_for;"
-            "from kernel_asm import cuobjdump, sass_facts;"
-            "cubins = [compile_fragments_matmul_for(64, 2048, 2048, mma_ahead=a).asm['cubin'] for a in (False, True)];"
-            "print([dict(**sass_facts(c)[0], **sass_facts(c)[1],"
-            "            waits=re.findall(r'WARPGROUP.DEPBAR.LE gsb0, (0x[01])', cuobjdump(c, '-sass')),"
-            "            prologue=cuobjdump(c, '-sass').split('HGMMA')[0].count('LDGDEPBAR')) for c in cubins])")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    waited, ahead = ast.literal_eval(out.strip().splitlines()[-1])
-    assert ahead["HGMMA"] == waited["HGMMA"] == 32 and ahead["LDGSTS"] == waited["LDGSTS"]
-    assert ahead["local"] == waited["local"] == 0 and ahead.get("STS", 0) <= 1
-    assert set(waited["waits"]) == {"0x0"} and ahead["waits"].count("0x1") == 3 and ahead["waits"][-1] == "0x0"
-    assert (waited["prologue"], ahead["prologue"]) == (2, 3)
-
-
 @pytest.mark.skipif(not _hopper(), reason="kernels.fragments_matmul runs on Hopper GPUs")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 20, 64])  # programs of 8 rows; of 32 (or 16); two of 32 (or one of 64)
 @pytest.mark.parametrize("bits", [4, 2, 8, 3])
 def test_the_hopper_product_matches_the_dequantized_weight(dtype, rows, bits):
-    """Every split (added up inside by the tile's last program, or afterwards), each wgmma waited
-    for before the next or the next queued first (mma_ahead), with a bias and with rows short of
-    wgmma's tile: within half-precision rounding of x Ŵᵀ, the counters left at zero; QuantLinear
-    on the GPU repacks and runs it."""
+    """Every split (added up inside by the tile's last program, or afterwards), with a bias and
+    with rows short of wgmma's tile: within half-precision rounding of x Ŵᵀ, the counters left at
+    zero; QuantLinear on the GPU repacks and runs it."""
     from qrobust.kernels.fragments import to_fragments
     from qrobust.kernels.fragments_matmul import fragments_locks, fragments_matmul
 
@@ -216,16 +194,12 @@ def test_the_hopper_product_matches_the_dequantized_weight(dtype, rows, bits):
     words = to_fragments(layer.qweight.cuda(), 768, bits)
     scales, qzeros, bias = layer.scales.cuda(), layer.qzeros.cuda(), layer.bias.to("cuda", dtype)
     locks = fragments_locks(256, "cuda")
-    # mma_ahead changes only how steps follow each other, so it is checked at the default row
-    # blocking: each variant is a compile, and the file has to fit one device command
-    variants = [(per_program, False) for per_program in (None, 8, 64)] + [(None, True)]
     for split in (1, 2, 3, 6):
         for lk in (locks, None):
-            for per_program, mma_ahead in variants:
+            for per_program in (None, 8, 64):
                 y = fragments_matmul(x, words, scales, qzeros, bits, FORMAT_OFFSET[layer.format], bias, lk,
                                      split_k=split,
-                                     rows_per_program=per_program and max(per_program, 8 if rows <= 8 else 16),
-                                     mma_ahead=mma_ahead)
+                                     rows_per_program=per_program and max(per_program, 8 if rows <= 8 else 16))
                 assert y.dtype == dtype and (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
     assert not locks.any()
     cuda_layer = layer.to("cuda")

@@ -35,7 +35,6 @@ MAX_ROWS = 64  # the most rows a call takes (quant.kernel_choice)
 ROW_BLOCK = 32  # the most rows a program takes
 MAX_SPLIT = 8  # the most K-splits measured (benchmarks/fragments_splits.py)
 LOAD_AHEAD = 3  # steps between the loads of a step's words and its dequantization (benchmarks/fragments_splits.py)
-MMA_AHEAD = False  # issue a step's wgmma before the last one is waited for (not yet measured on a GPU)
 OUTPUTS = gl.constexpr(TILE_N)
 BLOCK_K = gl.constexpr(TILE_K)
 X_STAGES = gl.constexpr(3)  # x's tiles in flight or in use
@@ -201,14 +200,11 @@ def _weights(loaded, tile, BITS: gl.constexpr, OFFSET: gl.constexpr, DTYPE: gl.c
 @gluon.jit
 def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, stride_x,
                              BITS: gl.constexpr, OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
-                             ITERS: gl.constexpr, SPLIT: gl.constexpr, LAST_SUMS: gl.constexpr, AHEAD: gl.constexpr,
-                             MMA_AHEAD: gl.constexpr):
+                             ITERS: gl.constexpr, SPLIT: gl.constexpr, LAST_SUMS: gl.constexpr, AHEAD: gl.constexpr):
     """y = x Ŵᵀ + bias for the 64 outputs of program_id(0) and the BM rows of program_id(2) over
     ITERS 128-input steps from program_id(1)·ITERS; with SPLIT > 1 the partial sums p[split],
     which with LAST_SUMS the tile's last program adds up in split order (lock_ptr: one counter per
-    tile of outputs and rows, left at zero). MMA_AHEAD: step i + 1's wgmma is issued before step
-    i's is waited for (x's ring then holds three tiles ahead), so the tensor cores always have the
-    next step queued; otherwise each step's wgmma is waited for before the next is issued."""
+    tile of outputs and rows, left at zero)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BM, 16])
@@ -235,8 +231,7 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
     k_x = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
     x_ptrs = x_ptr + m_x[:, None] * stride_x + first * BLOCK_K + k_x[None, :]
     x_mask = (m_x < M)[:, None]
-    ring: gl.constexpr = X_STAGES if MMA_AHEAD else X_STAGES - 1  # x's tiles asked for before step 0
-    for i in gl.static_range(ring):  # x's first tiles on their way
+    for i in gl.static_range(X_STAGES - 1):  # x's first tiles on their way
         if i < ITERS:
             async_copy.async_copy_global_to_shared(x_smem.index(i), x_ptrs + i * BLOCK_K, mask=x_mask)
         async_copy.commit_group()
@@ -249,33 +244,20 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
                                           high_layout, w_layout),)
     a = _weights(loaded[0], tile, BITS, OFFSET, dtype, w_layout, a_layout)
     acc = gl.zeros([OUTPUTS, BM], gl.float32, acc_layout)
-    if MMA_AHEAD:
-        async_copy.wait_group(X_STAGES - 1)  # x's tile of step 0 has landed
+    for i in gl.static_range(ITERS):
+        async_copy.wait_group(X_STAGES - 2)  # x's tile of step i has landed
         fence_async_shared()
         _barrier()
-        acc = warpgroup_mma(a, x_smem.index(0).permute((1, 0)), acc, is_async=True)
-    for i in gl.static_range(ITERS):
-        if not MMA_AHEAD:
-            async_copy.wait_group(X_STAGES - 2)  # x's tile of step i has landed
-            fence_async_shared()
-            _barrier()
-            acc = warpgroup_mma(a, x_smem.index(i % X_STAGES).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(a, x_smem.index(i % X_STAGES).permute((1, 0)), acc, is_async=True)
         if i + 1 < ITERS:
             a_next = _weights(loaded[i + 1], tile, BITS, OFFSET, dtype, w_layout, a_layout)  # while step i's wgmma runs
             if i + AHEAD + 1 < ITERS:
                 loaded = loaded + (_load_step(qw_ptr, s_ptr, qz_ptr, tile, first + i + AHEAD + 1, N, K, BITS,
                                               load_layout, high_layout, w_layout),)
-        if MMA_AHEAD and i + 1 < ITERS:
-            async_copy.wait_group(X_STAGES - 2)  # x's tile of step i + 1 has landed
-            fence_async_shared()
-            _barrier()
-            acc = warpgroup_mma(a_next, x_smem.index((i + 1) % X_STAGES).permute((1, 0)), acc, is_async=True)
-            acc, a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a))  # step i's is done, step i + 1's runs
-        else:
-            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
-        if i + ring < ITERS:  # into the buffer no wgmma reads now, the tile `ring` steps on
-            async_copy.async_copy_global_to_shared(x_smem.index((i + ring) % X_STAGES), x_ptrs + (i + ring) * BLOCK_K,
-                                                   mask=x_mask)
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        if i + X_STAGES - 1 < ITERS:  # into the buffer step i - 1 read
+            async_copy.async_copy_global_to_shared(x_smem.index((i + X_STAGES - 1) % X_STAGES),
+                                                   x_ptrs + (i + X_STAGES - 1) * BLOCK_K, mask=x_mask)
         async_copy.commit_group()
         if i + 1 < ITERS:
             a = a_next
@@ -337,11 +319,10 @@ def fragments_locks(N: int, device: torch.device | str) -> torch.Tensor:
 def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                      bits: int, zero_offset: int, bias: torch.Tensor | None = None, locks: torch.Tensor | None = None,
                      split_k: int | None = None, rows_per_program: int | None = None,
-                     load_ahead: int = LOAD_AHEAD, mma_ahead: bool = MMA_AHEAD) -> torch.Tensor:
+                     load_ahead: int = LOAD_AHEAD) -> torch.Tensor:
     """x [M ≤ 64, K] (bf16 or fp16) times a 2-, 3-, 4- or 8-bit qweight in the fragments layout (groups of 128):
     [M, N] in x's dtype. With `locks` (fragments_locks) K-splits are added up inside the kernel, else afterwards.
-    The loads of a step's words are issued `load_ahead` steps before they are dequantized; with
-    `mma_ahead` each step's wgmma is issued before the previous one is waited for."""
+    The loads of a step's words are issued `load_ahead` steps before they are dequantized."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fragments_matmul takes bf16 or fp16 activations, got {x.dtype}")
     M, K = x.shape
@@ -368,7 +349,7 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     _fragments_matmul_kernel[(N // TILE_N, split, triton.cdiv(M, bm))](
         x, qweight, scales, qzeros, bias if fuse_bias else y, partial, y, locks if inside else y, M, N, K, x.stride(0),
         BITS=bits, OFFSET=zero_offset, HAS_BIAS=fuse_bias, BM=bm, ITERS=steps // split,
-        SPLIT=split, LAST_SUMS=inside, AHEAD=load_ahead, MMA_AHEAD=mma_ahead, num_warps=4)
+        SPLIT=split, LAST_SUMS=inside, AHEAD=load_ahead, num_warps=4)
     if split == 1 or inside:
         return y
     y = partial.sum(0) if bias is None else partial.sum(0) + bias.float()
@@ -376,7 +357,7 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 
 def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", arch: int = 90,
-                                 load_ahead: int = LOAD_AHEAD, bits: int = 4, mma_ahead: bool = MMA_AHEAD):
+                                 load_ahead: int = LOAD_AHEAD, bits: int = 4):
     """_fragments_matmul_kernel as fragments_matmul launches it (K-splits added up inside, no bias),
     compiled for sm_<arch> without a GPU (benchmarks/kernel_asm.py and the tests read its SASS)."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -389,7 +370,7 @@ def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", ar
     scalars = {"M": "i32", "N": "i32", "K": "i32", "stride_x": "i32"}
     split = fragments_split(M, N, K)
     constants = dict(BITS=bits, OFFSET=1, HAS_BIAS=False, BM=block_rows(M), ITERS=K // TILE_K // split, SPLIT=split,
-                     LAST_SUMS=split > 1, AHEAD=load_ahead, MMA_AHEAD=mma_ahead)
+                     LAST_SUMS=split > 1, AHEAD=load_ahead)
     return compile_for(_fragments_matmul_kernel, arch, pointers, scalars, constants, source_type=GluonASTSource,
                        num_warps=4)
 
