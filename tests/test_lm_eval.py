@@ -239,3 +239,14 @@ def test_results_csv_keeps_earlier_runs_rows(tmp_path):
     assert table["tiny-ar__fp32__32__s0", "task_a"].tolist() == [0.4, 0.4]
     assert table["tiny-ar__fp32__32__s0", "task_b"].tolist() == [0.2, 0.2]
     assert table["tiny-ar__rtn__4__s0", "task_a"].tolist() == [0.3, 0.3]
+
+
+def test_every_run_into_an_out_stays_described(tmp_path):
+    """qrobust_lm_eval.json lists each run's model and settings, the first run's too."""
+    from qrobust.lm_eval.run import record_run
+
+    path = tmp_path / "qrobust_lm_eval.json"
+    record_run(path, {"model": "tiny-ar", "config": {"tasks": ("task_a",)}})
+    record_run(path, {"model": "tiny-dllm", "config": {"tasks": ("task_b",)}})
+    runs = json.loads(path.read_text())["runs"]
+    assert [(r["model"], r["config"]["tasks"]) for r in runs] == [("tiny-ar", ["task_a"]), ("tiny-dllm", ["task_b"])]

@@ -118,7 +118,13 @@ def run_lm_eval(lm, config: LmEvalConfig, out_dir: str | Path, manager=None) -> 
         tracker.save_results_samples(task_name=task, samples=samples[task])
     path = out / "results.csv"
     merge_rows(path, pd.DataFrame(tidy_rows(results, lm)))
-    (out / "qrobust_lm_eval.json").write_text(json.dumps(
-        {"model": lm.loaded.model, "method": lm.loaded.method, "bits": lm.loaded.bits, "kind": lm.kind,
-         "config": {k: v for k, v in vars(config).items()}}, indent=2, default=str))
+    record_run(out / "qrobust_lm_eval.json", {"model": lm.loaded.model, "method": lm.loaded.method,
+                                              "bits": lm.loaded.bits, "kind": lm.kind, "config": vars(config)})
     return results, path
+
+
+def record_run(path: Path, run: dict) -> None:
+    """Add one run's model and settings to the list at path ({"runs": [...]}), as results.csv keeps
+    every run's rows: each run into an OUT stays described, not only the last."""
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    path.write_text(json.dumps({"runs": runs + [run]}, indent=2, default=str))
