@@ -14,31 +14,17 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine_gpu import first_difference, gptq_layout
-from qrobust.bench import random_lm
-from qrobust.bench_generate import quantize_blocks_rtn
+from qrobust.bench_generate import small_decoder
 from qrobust.kernels import fragments_matmul as fragments_matmul_module
 from qrobust.kernels.fragments import to_fragments
 from qrobust.kernels.fragments_matmul import fragments_locks, fragments_matmul
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
-from qrobust.models.transformer import TransformerConfig, TransformerLM
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
 
-CFG = TransformerConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-
-
-def small_model(bits: int) -> TransformerLM:
-    """The random CFG model in bf16 on the GPU, its blocks' layers packed RTN at `bits` (16: dense)."""
-    model = random_lm(CFG, "cuda", seed=0, dtype=torch.bfloat16).eval()
-    if bits != 16:
-        quantize_blocks_rtn(model, QuantSpec(bits, 128, sym=True))
-    return model
-
-
 def engine_runs(bits: int, layout: str, graphs: bool) -> None:
     """Four greedy runs (three on one engine, one on a new one) of 8 prompts × 40 tokens."""
-    model = small_model(bits)
+    model = small_decoder(bits)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (8,), generator=g)]
     settings, rule = DecodeSettings(40), StopRule(frozenset())
@@ -78,7 +64,7 @@ def prefill_runs() -> None:
     """The eager forward of 8 prompts of 19 tokens (152 rows: packed layers dequantize, as in the
     engine's prefill), three times: the second and third logits equal to the first?"""
     for bits in (16, 4):
-        model = small_model(bits)
+        model = small_decoder(bits)
         ids = torch.randint(0, 512, (8, 19), generator=torch.Generator().manual_seed(1)).cuda()
         with torch.no_grad():
             logits = [model(ids).float() for _ in range(3)]

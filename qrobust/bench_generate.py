@@ -35,6 +35,7 @@ from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
 from qrobust.models.decode import (GraphedForward, GreedyDecoder, fuse_norms, fuse_projections, sync,
                                    use_attention_kernel, use_half2, use_pdl)
 from qrobust.models.diffusion import SamplerConfig, diffusion_generate
+from qrobust.models.transformer import TransformerConfig, TransformerLM
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import QuantLinear, replace_linear
 from qrobust.sweep import environment
@@ -107,6 +108,20 @@ def quantize_blocks_rtn(model: nn.Module, spec: QuantSpec) -> int:
     for name in names:
         replace_linear(model, name, rtn(model.get_submodule(name).weight, spec, name))
     return len(names)
+
+
+# A decoder small enough to compile and replay in seconds, for the GPU's reproducibility checks
+# (tests/test_engine.py, benchmarks/engine_determinism.py)
+SMALL_DECODER = TransformerConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
+def small_decoder(bits: int, device: str | torch.device = "cuda") -> TransformerLM:
+    """The random SMALL_DECODER model in bf16, its blocks' layers packed RTN at `bits` (16: dense)."""
+    model = random_lm(SMALL_DECODER, device, seed=0, dtype=torch.bfloat16).eval()
+    if bits != 16:
+        quantize_blocks_rtn(model, QuantSpec(bits, 128, sym=True))
+    return model
 
 
 def model_bytes(model: nn.Module) -> int:

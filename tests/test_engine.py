@@ -111,18 +111,11 @@ def test_graphed_decoding_gives_the_same_tokens_on_every_run(bits):
     reproducible bit for bit: a second run, whose prefill allocates memory after the graphs were
     captured, and a second engine give the same tokens, also after rows retire and the batch
     moves to a smaller graph."""
-    from qrobust.bench import random_lm
-    from qrobust.bench_generate import quantize_blocks_rtn
+    from qrobust.bench_generate import small_decoder
     from qrobust.kernels.fragments import runs_fragments
-    from qrobust.models.transformer import TransformerConfig
-    from qrobust.quant.grid import QuantSpec
     from qrobust.quant.qlinear import QuantLinear
 
-    cfg = TransformerConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    model = random_lm(cfg, "cuda", seed=0, dtype=torch.bfloat16).eval()
-    if bits != 16:
-        quantize_blocks_rtn(model, QuantSpec(bits, 128, sym=True))
+    model = small_decoder(bits)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (8,), generator=g)]
     settings, first = DecodeSettings(40), AREngine(model)
