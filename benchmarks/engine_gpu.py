@@ -10,7 +10,8 @@ random-weight models of the real shapes in bfloat16. Parts (--parts, all by defa
   its K-splits added up afterwards, PyTorch's int4 tinygemm at 4 bits, and with --marlin
   GPTQModel's Marlin at 4 and 8 bits;
 - variants: the engine's throughput with the rewrites that could become its defaults (K-splits
-  added up afterwards, fused q/k/v and gate/up, tinygemm at 4 bits), each against bf16 in the run,
+  added up afterwards, fused q/k/v and gate/up, tinygemm at 4 bits, one fragments program for all
+  of a call's 33-64 rows; --variants picks some), each against bf16 in the run,
   and at bf16 with every block's product replaced by one kernel that writes zeros: the ceiling on
   what any quantized product could gain over bf16 in this engine;
 - agreement: greedy agreement of the engine with transformers' generate on the same random
@@ -71,6 +72,7 @@ class Plan:
     diffusion_block: int = 32
     kernel_rows: tuple[int, ...] = (8, 16, 32, 64, 6144)  # 6144: a batch-32 prefill
     marlin: bool = False  # products: also GPTQModel's Marlin at 4 and 8 bits
+    variants: tuple[str, ...] = ()  # variants: the rewrites to time beside "today" (default all)
     tiny: bool = False
 
 
@@ -184,6 +186,24 @@ def gptq_layout():
         yield
     finally:
         fragments.runs_fragments = saved
+
+
+@contextlib.contextmanager
+def whole_row_programs():
+    """fragments_matmul with one program for all the rows of a call of 33-64 rows, where
+    block_rows gives two programs of 32: wherever the engine calls it, for an A/B."""
+    from qrobust.kernels import fragments_matmul as module  # Gluon: imported where it runs
+
+    saved = module.fragments_matmul
+
+    def one_program(x, *args, rows_per_program=None, **kwargs):
+        return saved(x, *args, rows_per_program=rows_per_program or (64 if x.shape[0] > 32 else None), **kwargs)
+
+    module.fragments_matmul = one_program
+    try:
+        yield
+    finally:
+        module.fragments_matmul = saved
 
 
 def timer(device: str):
@@ -303,34 +323,44 @@ def zero_products(model: TransformerLM) -> int:
 def variants(plan: Plan, device: str) -> list[dict]:
     """The engine's throughput per width with today's layers, and with the rewrites that could
     become its defaults: the fused matmul's K-splits added up afterwards (as before its arrival
-    counters), q/k/v and gate/up fused into one product each (models.decode.fuse_projections),
+    counters), one fragments program for 64 rows instead of two of 32 (whole_row_programs),
+    q/k/v and gate/up fused into one product each (models.decode.fuse_projections),
     and at 4 bits those on tinygemm (kernels.tinygemm.repack_int4); each against bf16 with the
     same rewrite, in the same run; and bf16 with zero_products, the ceiling."""
     short = replace(plan, new_tokens=min(plan.new_tokens, 256), batches=(64, 32) if not plan.tiny else (3,))
+
+    def wanted(variant: str) -> bool:
+        return not plan.variants or variant in plan.variants
+
     rows = []
     for bits in short.bits:
         model = build(short, "ar", bits, device)
         rows += engine_rows(model, short, bits, variant="today")
         if any(m.layout == "fragments" for m in model.modules() if isinstance(m, QuantLinear)):
-            with gptq_layout():
-                before = build(short, "ar", bits, device)
-                rows += engine_rows(before, short, bits, variant="GPTQ layout")
-            del before
-            release()
-        if bits == 16:
+            if wanted("64-row programs"):
+                with whole_row_programs():
+                    rows += engine_rows(model, short, bits, variant="64-row programs")
+            if wanted("GPTQ layout"):
+                with gptq_layout():
+                    before = build(short, "ar", bits, device)
+                    rows += engine_rows(before, short, bits, variant="GPTQ layout")
+                del before
+                release()
+        if bits == 16 and wanted("products write zeros"):
             ceiling = build(short, "ar", bits, device)
             zero_products(ceiling)
             rows += engine_rows(ceiling, short, bits, variant="products write zeros")
             del ceiling
             release()
-        else:
+        elif bits != 16 and wanted("sums afterwards"):
             sums_afterwards(model, device)
             rows += engine_rows(model, short, bits, variant="sums afterwards")
-        fuse_projections(model)  # new layers, so their matmuls add up their K-splits inside again
-        rows += engine_rows(model, short, bits, variant="fused projections")
-        if bits == 4 and torch.device(device).type == "cuda":
-            repack_int4(model)
-            rows += engine_rows(model, short, bits, variant="fused projections, tinygemm")
+        if wanted("fused projections"):
+            fuse_projections(model)  # new layers, so their matmuls add up their K-splits inside again
+            rows += engine_rows(model, short, bits, variant="fused projections")
+            if bits == 4 and torch.device(device).type == "cuda":
+                repack_int4(model)
+                rows += engine_rows(model, short, bits, variant="fused projections, tinygemm")
         del model
         release()
     base = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in rows if r["bits"] == 16}
@@ -475,6 +505,9 @@ def main() -> None:
     parser.add_argument("--bits", help="widths to run (16 is bf16), comma-separated; default 16,8,4,3,2")
     parser.add_argument("--rows", help="products: row counts, comma-separated; default 8,16,32,64,6144 "
                                        "(1024: the diffusion fast sampler's block of 32 at batch 32)")
+    parser.add_argument("--variants", help="variants: the rewrites to time beside today's engine, comma-separated "
+                                           "(default all: 64-row programs, GPTQ layout, products write zeros, "
+                                           "sums afterwards, fused projections)")
     parser.add_argument("--marlin", action="store_true",
                         help="products: also GPTQModel's Marlin at 4 and 8 bits (GPTQModel installed; it builds "
                              "Marlin on first use, 86 s on the H200)")
@@ -486,7 +519,7 @@ def main() -> None:
         plan = replace(plan, bits=tuple(int(b) for b in args.bits.split(",")))
     if args.rows:
         plan = replace(plan, kernel_rows=tuple(int(m) for m in args.rows.split(",")))
-    plan = replace(plan, marlin=args.marlin)
+    plan = replace(plan, marlin=args.marlin, variants=tuple(args.variants.split(",")) if args.variants else ())
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for part in args.parts.split(","):
