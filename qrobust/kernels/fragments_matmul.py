@@ -287,8 +287,8 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
 def block_rows(M: int) -> int:
     """Rows per program (wgmma's N): 8, 16 or 32; more rows take several programs. At 64 rows and
     the chosen splits those ran 1-20% faster than one 64-row program on q_proj, k_proj and
-    gate_proj with loads three steps ahead (results/engine/fragments_load_ahead.log); with loads
-    one step ahead the two were within 12% either way (fragments_splits.json)."""
+    gate_proj with loads three steps ahead (results/engine/fragments_load_ahead.log), and in the
+    engine at batch 64 as fast or faster at every width (engine_variants_rows_h100.json)."""
     if not 0 < M <= MAX_ROWS:
         raise ValueError(f"fragments_matmul takes 1 to {MAX_ROWS} rows, got {M}")
     return min(ROW_BLOCK, max(8, triton.next_power_of_2(M)))
