@@ -358,6 +358,9 @@ def variants(plan: Plan, device: str) -> list[dict]:
         if wanted("fused projections"):
             fuse_projections(model)  # new layers, so their matmuls add up their K-splits inside again
             rows += engine_rows(model, short, bits, variant="fused projections")
+            if bits != 16 and wanted("64-row programs"):  # both rewrites
+                with whole_row_programs():
+                    rows += engine_rows(model, short, bits, variant="fused projections, 64-row programs")
             if bits == 4 and torch.device(device).type == "cuda":
                 repack_int4(model)
                 rows += engine_rows(model, short, bits, variant="fused projections, tinygemm")
@@ -365,7 +368,8 @@ def variants(plan: Plan, device: str) -> list[dict]:
         release()
     base = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in rows if r["bits"] == 16}
     for r in rows:
-        same = base.get((r["batch"], r["variant"].replace(", tinygemm", "")), base[r["batch"], "today"])
+        rewrite = r["variant"].replace(", tinygemm", "").replace(", 64-row programs", "")
+        same = base.get((r["batch"], rewrite), base[r["batch"], "today"])
         r["ratio_to_bf16_same_rewrite"] = r["tokens_per_s"] / same
         r["ratio_to_bf16_today"] = r["tokens_per_s"] / base[r["batch"], "today"]
     return rows
@@ -506,8 +510,8 @@ def main() -> None:
     parser.add_argument("--rows", help="products: row counts, comma-separated; default 8,16,32,64,6144 "
                                        "(1024: the diffusion fast sampler's block of 32 at batch 32)")
     parser.add_argument("--variants", help="variants: the rewrites to time beside today's engine, comma-separated "
-                                           "(default all: 64-row programs, GPTQ layout, products write zeros, "
-                                           "sums afterwards, fused projections)")
+                                           "(default all: GPTQ layout, products write zeros, sums afterwards, "
+                                           "fused projections, 64-row programs; the last two also together)")
     parser.add_argument("--marlin", action="store_true",
                         help="products: also GPTQModel's Marlin at 4 and 8 bits (GPTQModel installed; it builds "
                              "Marlin on first use, 86 s on the H200)")
