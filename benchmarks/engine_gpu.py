@@ -11,7 +11,8 @@ random-weight models of the real shapes in bfloat16. Parts (--parts, all by defa
   GPTQModel's Marlin at 4 and 8 bits;
 - variants: the engine's throughput with the rewrites that could become its defaults (K-splits
   added up afterwards, fused q/k/v and gate/up, tinygemm at 4 bits, one fragments program for all
-  of a call's 33-64 rows; --variants picks some), each against bf16 in the run,
+  of a call's 33-64 rows; --variants picks some; --tiling FILE adds the fastest tilings a
+  fragments_splits.py file found), each against bf16 in the run,
   and at bf16 with every block's product replaced by one kernel that writes zeros: the ceiling on
   what any quantized product could gain over bf16 in this engine;
 - agreement: greedy agreement of the engine with transformers' generate on the same random
@@ -73,6 +74,7 @@ class Plan:
     kernel_rows: tuple[int, ...] = (8, 16, 32, 64, 6144)  # 6144: a batch-32 prefill
     marlin: bool = False  # products: also GPTQModel's Marlin at 4 and 8 bits
     variants: tuple[str, ...] = ()  # variants: the rewrites to time beside "today" (default all)
+    tiling: str | None = None  # variants: a fragments_splits.py file whose fastest tilings to time too
     tiny: bool = False
 
 
@@ -200,6 +202,40 @@ def whole_row_programs():
         return saved(x, *args, rows_per_program=rows_per_program or (64 if x.shape[0] > 32 else None), **kwargs)
 
     module.fragments_matmul = one_program
+    try:
+        yield
+    finally:
+        module.fragments_matmul = saved
+
+
+def fastest_tilings(path: str) -> dict:
+    """(bits, rows, N, K) -> (split, rows per program) of the fastest fragments product in a
+    fragments_splits.py file."""
+    import json
+
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    best: dict = {}
+    for r in rows:
+        key = (r["bits"], r["rows"], r["N"], r["K"])
+        if key not in best or r["us_fragments"] < best[key]["us_fragments"]:
+            best[key] = r
+    return {key: (r["split_k"], r["rows_per_program"]) for key, r in best.items()}
+
+
+@contextlib.contextmanager
+def measured_tiling(path: str):
+    """fragments_matmul at the split and program rows a fragments_splits.py file found fastest for
+    its width, rows and shape (the chosen tiling elsewhere), wherever the engine calls it."""
+    from qrobust.kernels import fragments_matmul as module  # Gluon: imported where it runs
+
+    saved, tilings = module.fragments_matmul, fastest_tilings(path)
+
+    def tiled(x, qweight, scales, qzeros, bits, *args, **kwargs):
+        split, per_program = tilings.get((bits, x.shape[0], qweight.shape[1], x.shape[1]), (None, None))
+        return saved(x, qweight, scales, qzeros, bits, *args, split_k=split, rows_per_program=per_program, **kwargs)
+
+    module.fragments_matmul = tiled
     try:
         yield
     finally:
@@ -340,6 +376,9 @@ def variants(plan: Plan, device: str) -> list[dict]:
             if wanted("64-row programs"):
                 with whole_row_programs():
                     rows += engine_rows(model, short, bits, variant="64-row programs")
+            if plan.tiling:
+                with measured_tiling(plan.tiling):
+                    rows += engine_rows(model, short, bits, variant="measured tiling")
             if wanted("GPTQ layout"):
                 with gptq_layout():
                     before = build(short, "ar", bits, device)
@@ -361,6 +400,9 @@ def variants(plan: Plan, device: str) -> list[dict]:
             if bits != 16 and wanted("64-row programs"):  # both rewrites
                 with whole_row_programs():
                     rows += engine_rows(model, short, bits, variant="fused projections, 64-row programs")
+            if bits != 16 and plan.tiling:
+                with measured_tiling(plan.tiling):
+                    rows += engine_rows(model, short, bits, variant="fused projections, measured tiling")
             if bits == 4 and torch.device(device).type == "cuda":
                 repack_int4(model)
                 rows += engine_rows(model, short, bits, variant="fused projections, tinygemm")
@@ -368,7 +410,9 @@ def variants(plan: Plan, device: str) -> list[dict]:
         release()
     base = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in rows if r["bits"] == 16}
     for r in rows:
-        rewrite = r["variant"].replace(", tinygemm", "").replace(", 64-row programs", "")
+        rewrite = r["variant"]
+        for addition in (", tinygemm", ", 64-row programs", ", measured tiling"):
+            rewrite = rewrite.replace(addition, "")
         same = base.get((r["batch"], rewrite), base[r["batch"], "today"])
         r["ratio_to_bf16_same_rewrite"] = r["tokens_per_s"] / same
         r["ratio_to_bf16_today"] = r["tokens_per_s"] / base[r["batch"], "today"]
@@ -512,6 +556,8 @@ def main() -> None:
     parser.add_argument("--variants", help="variants: the rewrites to time beside today's engine, comma-separated "
                                            "(default all: GPTQ layout, products write zeros, sums afterwards, "
                                            "fused projections, 64-row programs; the last two also together)")
+    parser.add_argument("--tiling", help="variants: also the fastest tiling per width, rows and shape in this "
+                                         "fragments_splits.py file (unfused and with fused projections)")
     parser.add_argument("--marlin", action="store_true",
                         help="products: also GPTQModel's Marlin at 4 and 8 bits (GPTQModel installed; it builds "
                              "Marlin on first use, 86 s on the H200)")
@@ -523,7 +569,8 @@ def main() -> None:
         plan = replace(plan, bits=tuple(int(b) for b in args.bits.split(",")))
     if args.rows:
         plan = replace(plan, kernel_rows=tuple(int(m) for m in args.rows.split(",")))
-    plan = replace(plan, marlin=args.marlin, variants=tuple(args.variants.split(",")) if args.variants else ())
+    plan = replace(plan, marlin=args.marlin, variants=tuple(args.variants.split(",")) if args.variants else (),
+                   tiling=args.tiling)
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for part in args.parts.split(","):

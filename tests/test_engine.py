@@ -280,6 +280,38 @@ def test_ar_and_diffusion_samplers_draw_the_same_token_at_the_same_quantile():
     assert sample_token(logits, 0.8, 0.9, u).squeeze(-1).tolist() == diffusion.tokens.tolist()
 
 
+def test_the_measured_tiling_variant_calls_each_product_at_its_fastest_tiling(monkeypatch, tmp_path):
+    """benchmarks/engine_gpu.py --tiling: each fragments product of a width, row count and shape
+    in the fragments_splits.py file runs at that file's fastest split and program rows; others
+    keep the chosen tiling (None, None)."""
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("triton.experimental.gluon")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from engine_gpu import measured_tiling
+    from qrobust.kernels import fragments_matmul as module
+
+    def row(split, per_program, us, N=2048):
+        return {"bits": 8, "rows": 64, "N": N, "K": 2048, "split_k": split, "rows_per_program": per_program,
+                "us_fragments": us}
+
+    path = tmp_path / "fragments_splits.json"
+    path.write_text(json.dumps({"rows": [row(4, 32, 8.45), row(4, 64, 8.06), row(1, 64, 13.3, N=6144),
+                                         row(2, 32, 15.2, N=6144)]}))
+    calls = []
+
+    def product(x, qweight, *args, **kwargs):
+        calls.append((x.shape[0], qweight.shape[1], kwargs["split_k"], kwargs["rows_per_program"]))
+
+    monkeypatch.setattr(module, "fragments_matmul", product)
+    with measured_tiling(str(path)):
+        for M, N in ((64, 2048), (64, 6144), (32, 2048)):
+            module.fragments_matmul(torch.zeros(M, 2048), torch.zeros(2048 * 8 // 32, N), None, None, 8, 1)
+    assert calls == [(64, 2048, 4, 64), (64, 6144, 1, 64), (32, 2048, None, None)]
+    assert module.fragments_matmul is product  # given back on leaving
+
+
 def test_the_ceiling_variant_replaces_every_block_product_and_still_generates(monkeypatch):
     """benchmarks/engine_gpu.py's ceiling: every linear layer inside the blocks (bf16 or packed)
     becomes one zero-writing module, lm_head stays, and the engine still runs every row to length."""
