@@ -191,21 +191,27 @@ def gptq_layout():
 
 
 @contextlib.contextmanager
-def whole_row_programs():
-    """fragments_matmul with one program for all the rows of a call of 33-64 rows, where
-    block_rows gives two programs of 32: wherever the engine calls it, for an A/B."""
+def fragments_product(wrap):
+    """kernels.fragments_matmul replaced by wrap(fragments_matmul) wherever the engine calls it,
+    for an A/B; given back on leaving."""
     from qrobust.kernels import fragments_matmul as module  # Gluon: imported where it runs
 
     saved = module.fragments_matmul
-
-    def one_program(x, *args, rows_per_program=None, **kwargs):
-        return saved(x, *args, rows_per_program=rows_per_program or (64 if x.shape[0] > 32 else None), **kwargs)
-
-    module.fragments_matmul = one_program
+    module.fragments_matmul = wrap(saved)
     try:
         yield
     finally:
         module.fragments_matmul = saved
+
+
+def whole_row_programs():
+    """fragments_matmul with one program for all the rows of a call of 33-64 rows, where
+    block_rows gives two programs of 32."""
+    def wrap(saved):
+        def one_program(x, *args, rows_per_program=None, **kwargs):
+            return saved(x, *args, rows_per_program=rows_per_program or (64 if x.shape[0] > 32 else None), **kwargs)
+        return one_program
+    return fragments_product(wrap)
 
 
 def fastest_tilings(path: str) -> dict:
@@ -223,23 +229,18 @@ def fastest_tilings(path: str) -> dict:
     return {key: (r["split_k"], r["rows_per_program"]) for key, r in best.items()}
 
 
-@contextlib.contextmanager
 def measured_tiling(path: str):
     """fragments_matmul at the split and program rows a fragments_splits.py file found fastest for
-    its width, rows and shape (the chosen tiling elsewhere), wherever the engine calls it."""
-    from qrobust.kernels import fragments_matmul as module  # Gluon: imported where it runs
+    its width, rows and shape (the chosen tiling elsewhere)."""
+    tilings = fastest_tilings(path)
 
-    saved, tilings = module.fragments_matmul, fastest_tilings(path)
-
-    def tiled(x, qweight, scales, qzeros, bits, *args, **kwargs):
-        split, per_program = tilings.get((bits, x.shape[0], qweight.shape[1], x.shape[1]), (None, None))
-        return saved(x, qweight, scales, qzeros, bits, *args, split_k=split, rows_per_program=per_program, **kwargs)
-
-    module.fragments_matmul = tiled
-    try:
-        yield
-    finally:
-        module.fragments_matmul = saved
+    def wrap(saved):
+        def tiled(x, qweight, scales, qzeros, bits, *args, **kwargs):
+            split, per_program = tilings.get((bits, x.shape[0], qweight.shape[1], x.shape[1]), (None, None))
+            return saved(x, qweight, scales, qzeros, bits, *args, split_k=split, rows_per_program=per_program,
+                         **kwargs)
+        return tiled
+    return fragments_product(wrap)
 
 
 def timer(device: str):
@@ -363,6 +364,8 @@ def variants(plan: Plan, device: str) -> list[dict]:
     q/k/v and gate/up fused into one product each (models.decode.fuse_projections),
     and at 4 bits those on tinygemm (kernels.tinygemm.repack_int4); each against bf16 with the
     same rewrite, in the same run; and bf16 with zero_products, the ceiling."""
+    if 16 not in plan.bits:
+        raise SystemExit("engine_gpu.py: variants compares with bf16: include 16 in --bits")
     short = replace(plan, new_tokens=min(plan.new_tokens, 256), batches=(64, 32) if not plan.tiny else (3,))
 
     def wanted(variant: str) -> bool:
