@@ -229,11 +229,9 @@ def fastest_tilings(path: str) -> dict:
     return {key: (r["split_k"], r["rows_per_program"]) for key, r in best.items()}
 
 
-def measured_tiling(path: str):
-    """fragments_matmul at the split and program rows a fragments_splits.py file found fastest for
-    its width, rows and shape (the chosen tiling elsewhere)."""
-    tilings = fastest_tilings(path)
-
+def measured_tiling(tilings: dict):
+    """fragments_matmul at the split and program rows of `tilings` (fastest_tilings) for its
+    width, rows and shape (the chosen tiling elsewhere)."""
     def wrap(saved):
         def tiled(x, qweight, scales, qzeros, bits, *args, **kwargs):
             split, per_program = tilings.get((bits, x.shape[0], qweight.shape[1], x.shape[1]), (None, None))
@@ -371,17 +369,25 @@ def variants(plan: Plan, device: str) -> list[dict]:
     def wanted(variant: str) -> bool:
         return not plan.variants or variant in plan.variants
 
+    # the fragments product's own rewrites, timed on the layers as they are and again fused
+    kernel_rewrites = [("64-row programs", whole_row_programs)] if wanted("64-row programs") else []
+    if plan.tiling:
+        tilings = fastest_tilings(plan.tiling)
+        kernel_rewrites.append(("measured tiling", lambda: measured_tiling(tilings)))
+
+    def rewritten_rows(model: TransformerLM, bits: int, prefix: str = "") -> list[dict]:
+        out = []
+        for name, rewrite in kernel_rewrites:
+            with rewrite():
+                out += engine_rows(model, short, bits, variant=prefix + name)
+        return out
+
     rows = []
     for bits in short.bits:
         model = build(short, "ar", bits, device)
         rows += engine_rows(model, short, bits, variant="today")
         if any(m.layout == "fragments" for m in model.modules() if isinstance(m, QuantLinear)):
-            if wanted("64-row programs"):
-                with whole_row_programs():
-                    rows += engine_rows(model, short, bits, variant="64-row programs")
-            if plan.tiling:
-                with measured_tiling(plan.tiling):
-                    rows += engine_rows(model, short, bits, variant="measured tiling")
+            rows += rewritten_rows(model, bits)
             if wanted("GPTQ layout"):
                 with gptq_layout():
                     before = build(short, "ar", bits, device)
@@ -400,12 +406,8 @@ def variants(plan: Plan, device: str) -> list[dict]:
         if wanted("fused projections"):
             fuse_projections(model)  # new layers, so their matmuls add up their K-splits inside again
             rows += engine_rows(model, short, bits, variant="fused projections")
-            if bits != 16 and wanted("64-row programs"):  # both rewrites
-                with whole_row_programs():
-                    rows += engine_rows(model, short, bits, variant="fused projections, 64-row programs")
-            if bits != 16 and plan.tiling:
-                with measured_tiling(plan.tiling):
-                    rows += engine_rows(model, short, bits, variant="fused projections, measured tiling")
+            if bits != 16:
+                rows += rewritten_rows(model, bits, prefix="fused projections, ")
             if bits == 4 and torch.device(device).type == "cuda":
                 repack_int4(model)
                 rows += engine_rows(model, short, bits, variant="fused projections, tinygemm")
@@ -414,8 +416,8 @@ def variants(plan: Plan, device: str) -> list[dict]:
     base = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in rows if r["bits"] == 16}
     for r in rows:
         rewrite = r["variant"]
-        for addition in (", tinygemm", ", 64-row programs", ", measured tiling"):
-            rewrite = rewrite.replace(addition, "")
+        for addition in ["tinygemm"] + [name for name, _ in kernel_rewrites]:
+            rewrite = rewrite.replace(", " + addition, "")
         same = base.get((r["batch"], rewrite), base[r["batch"], "today"])
         r["ratio_to_bf16_same_rewrite"] = r["tokens_per_s"] / same
         r["ratio_to_bf16_today"] = r["tokens_per_s"] / base[r["batch"], "today"]

@@ -289,7 +289,7 @@ def test_the_measured_tiling_variant_calls_each_product_at_its_fastest_tiling(mo
 
     pytest.importorskip("triton.experimental.gluon")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from engine_gpu import measured_tiling
+    from engine_gpu import fastest_tilings, measured_tiling
     from qrobust.kernels import fragments_matmul as module
 
     def row(split, per_program, us, N=2048):
@@ -305,7 +305,7 @@ def test_the_measured_tiling_variant_calls_each_product_at_its_fastest_tiling(mo
         calls.append((x.shape[0], qweight.shape[1], kwargs["split_k"], kwargs["rows_per_program"]))
 
     monkeypatch.setattr(module, "fragments_matmul", product)
-    with measured_tiling(str(path)):
+    with measured_tiling(fastest_tilings(str(path))):
         for M, N in ((64, 2048), (64, 6144), (32, 2048)):
             module.fragments_matmul(torch.zeros(M, 2048), torch.zeros(2048 * 8 // 32, N), None, None, 8, 1)
     assert calls == [(64, 2048, 4, 64), (64, 6144, 1, 64), (32, 2048, None, None)]
