@@ -250,3 +250,8 @@ def test_every_run_into_an_out_stays_described(tmp_path):
     record_run(path, {"model": "tiny-dllm", "config": {"tasks": ("task_b",)}})
     runs = json.loads(path.read_text())["runs"]
     assert [(r["model"], r["config"]["tasks"]) for r in runs] == [("tiny-ar", ["task_a"]), ("tiny-dllm", ["task_b"])]
+
+    single = tmp_path / "single.json"  # one run's record alone, as written before the list
+    single.write_text(json.dumps({"model": "tiny-ar", "config": {}}))
+    record_run(single, {"model": "tiny-dllm", "config": {}})
+    assert [r["model"] for r in json.loads(single.read_text())["runs"]] == ["tiny-ar", "tiny-dllm"]

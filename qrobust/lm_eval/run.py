@@ -125,6 +125,8 @@ def run_lm_eval(lm, config: LmEvalConfig, out_dir: str | Path, manager=None) -> 
 
 def record_run(path: Path, run: dict) -> None:
     """Add one run's model and settings to the list at path ({"runs": [...]}), as results.csv keeps
-    every run's rows: each run into an OUT stays described, not only the last."""
-    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    every run's rows: each run into an OUT stays described, not only the last. A file holding one
+    run's record alone (as qrobust wrote it before keeping the list) becomes the list's first."""
+    earlier = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    runs = earlier["runs"] if "runs" in earlier else [earlier]
     path.write_text(json.dumps({"runs": runs + [run]}, indent=2, default=str))
