@@ -74,7 +74,7 @@ class Plan:
     kernel_rows: tuple[int, ...] = (8, 16, 32, 64, 6144)  # 6144: a batch-32 prefill
     marlin: bool = False  # products: also GPTQModel's Marlin at 4 and 8 bits
     variants: tuple[str, ...] = ()  # variants: the rewrites to time beside "today" (default all)
-    tiling: str | None = None  # variants: a fragments_splits.py file whose fastest tilings to time too
+    tiling: tuple[str, ...] = ()  # variants: fragments_splits.py files whose fastest tilings to time too
     tiny: bool = False
 
 
@@ -214,13 +214,15 @@ def whole_row_programs():
     return fragments_product(wrap)
 
 
-def fastest_tilings(path: str) -> dict:
-    """(bits, rows, N, K) -> (split, rows per program) of the fastest fragments product in a
-    fragments_splits.py file."""
+def fastest_tilings(paths: list[str]) -> dict:
+    """(bits, rows, N, K) -> (split, rows per program) of the fastest fragments product in
+    fragments_splits.py files (one per width, say)."""
     import json
 
-    with open(path) as f:
-        rows = json.load(f)["rows"]
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += json.load(f)["rows"]
     best: dict = {}
     for r in rows:
         key = (r["bits"], r["rows"], r["N"], r["K"])
@@ -561,8 +563,9 @@ def main() -> None:
     parser.add_argument("--variants", help="variants: the rewrites to time beside today's engine, comma-separated "
                                            "(default all: GPTQ layout, products write zeros, sums afterwards, "
                                            "fused projections, 64-row programs; the last two also together)")
-    parser.add_argument("--tiling", help="variants: also the fastest tiling per width, rows and shape in this "
-                                         "fragments_splits.py file (unfused and with fused projections)")
+    parser.add_argument("--tiling", help="variants: also the fastest tiling per width, rows and shape in these "
+                                         "fragments_splits.py files, comma-separated (unfused and with fused "
+                                         "projections)")
     parser.add_argument("--marlin", action="store_true",
                         help="products: also GPTQModel's Marlin at 4 and 8 bits (GPTQModel installed; it builds "
                              "Marlin on first use, 86 s on the H200)")
@@ -575,7 +578,7 @@ def main() -> None:
     if args.rows:
         plan = replace(plan, kernel_rows=tuple(int(m) for m in args.rows.split(",")))
     plan = replace(plan, marlin=args.marlin, variants=tuple(args.variants.split(",")) if args.variants else (),
-                   tiling=args.tiling)
+                   tiling=tuple(args.tiling.split(",")) if args.tiling else ())
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for part in args.parts.split(","):
