@@ -74,12 +74,12 @@ def prefill_runs() -> None:
 @contextlib.contextmanager
 def no_k_splits():
     """fragments_matmul without K-splits (no partial sums, no arrival counters)."""
-    saved = fragments_matmul_module.fragments_split
-    fragments_matmul_module.fragments_split = lambda M, N, K: 1
+    saved = fragments_matmul_module.fragments_tiling
+    fragments_matmul_module.fragments_tiling = lambda M, N, K: (saved(M, N, K)[0], 1)
     try:
         yield
     finally:
-        fragments_matmul_module.fragments_split = saved
+        fragments_matmul_module.fragments_tiling = saved
 
 
 def main() -> None:

@@ -206,7 +206,7 @@ def fragments_product(wrap):
 
 def whole_row_programs():
     """fragments_matmul with one program for all the rows of a call of 33-64 rows, where
-    block_rows gives two programs of 32."""
+    fragments_tiling gives the smaller layers two programs of 32 (at its split for those)."""
     def wrap(saved):
         def one_program(x, *args, rows_per_program=None, **kwargs):
             return saved(x, *args, rows_per_program=rows_per_program or (64 if x.shape[0] > 32 else None), **kwargs)

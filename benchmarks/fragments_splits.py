@@ -23,8 +23,8 @@ from engine_gpu import Plan, config, layer_shapes, packed_like
 from gpu_script import graph_time, probe_arguments, run_probe
 from qrobust.kernels import gemv_config, gemv_locks
 from qrobust.kernels.fragments import TILE_K, to_fragments
-from qrobust.kernels.fragments_matmul import (LOAD_AHEAD, block_rows, compile_fragments_matmul_for,
-                                              fragments_locks, fragments_matmul, fragments_split)
+from qrobust.kernels.fragments_matmul import (LOAD_AHEAD, ROW_BLOCK, compile_fragments_matmul_for,
+                                              fragments_locks, fragments_matmul, fragments_tiling)
 from qrobust.kernels.gemv import gptq_gemv
 from qrobust.kernels.packed_matmul import matmul_locks, packed_matmul
 from qrobust.quant.kernel_choice import GEMV_MAX_ROWS
@@ -60,7 +60,8 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
                         gptq_gemv, x, *gptq, **tiling, locks=gemv_locks(N, x.device, m, gemv.block_n)))
                 else:
                     us_gptq = 1e6 * graph_time(functools.partial(packed_matmul, x, *gptq, locks=gptq_locks))
-                programs = sorted({block_rows(m), max(block_rows(m), m)})
+                rows, chosen_split = fragments_tiling(m, N, K)
+                programs = sorted({min(rows, ROW_BLOCK), max(rows, m)})  # as chosen, and one program for all
                 measured = set()
                 for split, per_program, asked in itertools.product(splits, programs, load_ahead):
                     steps = K // TILE_K // split if (K // TILE_K) % split == 0 else 0
@@ -72,8 +73,7 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
                                            locks=locks, split_k=split, rows_per_program=per_program, load_ahead=ahead)
                     err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
                     us = 1e6 * graph_time(fn)
-                    chosen = (split, per_program, ahead) == (fragments_split(m, N, K), block_rows(m),
-                                                             effective_ahead(LOAD_AHEAD, steps))
+                    chosen = (split, per_program, ahead) == (chosen_split, rows, effective_ahead(LOAD_AHEAD, steps))
                     out.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": m, "split_k": split,
                                 "rows_per_program": per_program, "load_ahead": ahead, "chosen": chosen,
                                 "max_rel_error": err, "us_fragments": us, "us_bf16": us_bf16,
@@ -95,7 +95,7 @@ def compile_only(bits_list: tuple[int, ...], rows_list: tuple[int, ...]) -> None
     for bits, (name, (K, N)) in itertools.product(bits_list, layer_shapes(config(Plan(), "ar")).items()):
         for m in rows_list:
             ops, resources = sass_facts(compile_fragments_matmul_for(m, N, K, bits=bits).asm["cubin"])
-            print({"layer": name, "bits": bits, "rows": m, "split_k": fragments_split(m, N, K), **resources,
+            print({"layer": name, "bits": bits, "rows": m, "split_k": fragments_tiling(m, N, K)[1], **resources,
                    **{op: ops.get(op, 0) for op in ("HGMMA", "LDGSTS", "LDG", "STS", "STG")}}, flush=True)
 
 

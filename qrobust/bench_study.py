@@ -176,6 +176,7 @@ def measure_kind(kind: str, model_dir: Path, bench: StudyBench, out_dir: Path,
         if job is full:
             stages.seconds["quantize"] = time.perf_counter() - t0  # the copy of the base model only
         stages.run("likelihood", likelihood, adapter, sweep.seqlen, batch_size=sweep.batch_size)
+        adapter.for_generation()  # as a sweep's evaluation
         counts = generate_and_execute(adapter, settings, sweep, stages) if sweep.benchmarks else \
             {"problems": 0, "tokens": 0}
         rows.append({"kind": kind, "stands_for": stands_for, "method": job.method, "bits": job.bits,

@@ -261,6 +261,8 @@ def _eval(args: argparse.Namespace) -> int:
         adapter = load_model(name, device=args.device, dtype=_dtype(settings.dtype), sampler=settings.sampler())
     if args.baseline and adapter is None:
         raise QrobustError("--baseline compares a model with its full-precision run: give --model, not 'reference'")
+    if adapter is not None:
+        adapter.for_generation()  # then only generation and the metrics' forward passes
     total = evaluate(adapter, config, args.out, name)
     total["settings"] = settings.record()
     (Path(args.out) / "summary.json").write_text(json.dumps(total, indent=2, default=str))

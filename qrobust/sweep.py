@@ -288,6 +288,7 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path, base_cache: dict, prog
         return record
     record.update(degradation_for(job, base, adapter, config, settings, base_cache))
     eval_config = eval_config_for(config, settings, job.seed)
+    adapter.for_generation()  # the copy is evaluated and dropped
     total = evaluate(adapter, eval_config, out_dir / "runs" / job.id, job.model, progress=progress)
     for name, s in total["benchmarks"].items():
         rows = [json.loads(x) for x in (out_dir / "runs" / job.id / name / "results.jsonl").read_text().splitlines()]

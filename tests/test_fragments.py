@@ -139,39 +139,57 @@ def test_layers_set_up_for_the_batch_1_decoder_keep_the_gptq_layout(monkeypatch)
     assert decoder_layer.layout == "gptq" and decoder_layer.packed_kernel(3, x.device) == "gemv"
 
 
-def test_k_splits_fill_the_gpu_and_keep_whole_steps():
-    from qrobust.kernels.fragments_matmul import MAX_SPLIT, block_rows, fragments_split
+def test_the_tiling_fills_the_gpu_keeps_whole_steps_and_reads_large_layers_once_for_64_rows():
+    from qrobust.kernels.fragments_matmul import MAX_SPLIT, fragments_tiling
 
     for M in (1, 8, 32, 33, 64):
         for N, K in ((2048, 2048), (1024, 2048), (6144, 2048), (2048, 6144), (12288, 2048), (64, 128)):
-            split, steps, tiles = fragments_split(M, N, K), K // 128, N // 64 * -(-M // block_rows(M))
+            rows, split = fragments_tiling(M, N, K)
+            steps, tiles = K // 128, N // 64
+            assert steps % split == 0 and split <= MAX_SPLIT
+            if rows == 64:  # one program for all the rows: only where it still fills the GPU
+                assert M > 32 and tiles * split >= 96 and (split == 1 or steps // split >= 12)
+                continue
+            assert rows == min(32, max(8, 1 << (M - 1).bit_length()))
+            programs = tiles * -(-M // rows)
             target, min_steps = (512, 2) if M <= 8 else (256, 4)
-            assert steps % split == 0 and split <= MAX_SPLIT and steps // split >= min(min_steps, steps)
+            assert steps // split >= min(min_steps, steps)
             # not split further only where the layer has its programs or a split would be too short
-            assert (tiles * split >= target or split == MAX_SPLIT or steps % (2 * split)
+            assert (programs * split >= target or split == MAX_SPLIT or steps % (2 * split)
                     or steps // (2 * split) < min_steps)
-    assert fragments_split(64, 1024, 2048) == 4 and fragments_split(8, 1024, 2048) == 8  # k_proj, measured best
+    # the measured best (results/engine/fragments_splits*.json): k_proj at 64 and 8 rows, and at 64
+    # rows one program for the fused gate/up and down_proj, two of 32 for q_proj and q/k/v
+    assert fragments_tiling(64, 1024, 2048) == (32, 4) and fragments_tiling(8, 1024, 2048) == (8, 8)
+    assert fragments_tiling(64, 12288, 2048) == (64, 1) and fragments_tiling(64, 2048, 6144) == (64, 4)
+    assert fragments_tiling(64, 2048, 2048) == (32, 4) and fragments_tiling(64, 4096, 2048) == (32, 2)
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        fragments_tiling(65, 2048, 2048)
 
 
+@pytest.mark.parametrize("shape, steps", [((64, 2048, 2048), 4), ((64, 12288, 2048), 16)])  # 32-row programs; one of 64
 @pytest.mark.parametrize("bits", [4, 2, 8, 3])
-def test_the_product_compiles_to_wgmma_from_registers_without_weight_stores(bits):
-    """kernels.fragments_matmul compiled for sm_90 without a GPU: 8 wgmma instructions per
-    128-input step, x's tiles by asynchronous copies, no weight tile stored to shared memory (one
-    store: the arrival counter's answer shared by the program's threads), no spills; a thread's
-    words of a step in as few loads as its bytes need."""
+def test_the_product_compiles_to_wgmma_from_registers_without_weight_stores(bits, shape, steps):
+    """kernels.fragments_matmul compiled for sm_90 without a GPU, as it runs q_proj's and the fused
+    gate/up's 64 rows: 8 wgmma instructions per 128-input step, x's tiles by asynchronous copies,
+    no weight tile stored to shared memory (one store: the arrival counter's answer shared by the
+    program's threads), no spills; a thread's words of a step in as few loads as its bytes need."""
     pytest.importorskip("triton.experimental.gluon")
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
-    code = ("import sys; from qrobust.kernels.fragments_matmul import compile_fragments_matmul_for, fragments_split;"
+    code = ("import sys; from qrobust.kernels.fragments_matmul import compile_fragments_matmul_for, fragments_tiling;"
             "from kernel_asm import sass_facts;"
-            f"M, N, K = 64, 2048, 2048; cubin = compile_fragments_matmul_for(M, N, K, bits={bits}).asm['cubin'];"
+            f"M, N, K = {shape}; cubin = compile_fragments_matmul_for(M, N, K, bits={bits}).asm['cubin'];"
             "ops, res = sass_facts(cubin); loads = sass_facts(cubin, modifiers=True)[0];"
-            "print({**res, **ops, 'steps': K // 128 // fragments_split(M, N, K),"
+            "print({**res, **ops, 'steps': K // 128 // fragments_tiling(M, N, K)[1],"
             "       'loads_128': loads['LDG.E.EF.128'], 'loads_64': loads.get('LDG.E.EF.64', 0)})")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     facts = ast.literal_eval(out.strip().splitlines()[-1])
-    assert facts["HGMMA"] == 8 * facts["steps"] and facts["LDGSTS"] > 0 and facts["steps"] == 4
-    assert facts.get("STS", 0) <= 1 and facts["local"] == 0
+    assert facts.get("STS", 0) <= 1 and facts["local"] == 0 and facts["LDGSTS"] > 0 and facts["steps"] == steps
+    if bits in (3, 8) and shape[1] > 4096:
+        # one 64-row program at 3 and 8 bits needs 255 and 242 registers, and its loop is left partly
+        # rolled: fewer instructions in the code than it runs, so only spills and stores are checked
+        return
+    assert facts["HGMMA"] == 8 * facts["steps"]
     # a step's 4·bits bytes of a thread: 128-bit loads, and a 64-bit one for 3 bits' high bits
     assert (facts["loads_128"], facts["loads_64"]) == (facts["steps"] * max(1, bits // 2), facts["steps"] * (bits == 3))
 

@@ -1,6 +1,7 @@
 """Faithful settings (dtype by device, the baseline's name, presets and flags), hawq's analysis
 served once for every budget, and the `bench study` rehearsal on the tiny shape."""
 import json
+import types
 
 import pytest
 import torch
@@ -92,7 +93,8 @@ def test_eval_loads_in_the_preset_dtype_with_the_preset_sampler(monkeypatch, tmp
     import qrobust.models
 
     seen = {}
-    monkeypatch.setattr(qrobust.models, "load_model", lambda name, **kw: seen.update(kw) or object())
+    adapter = types.SimpleNamespace(for_generation=lambda: 0)  # what eval asks of the model besides evaluate
+    monkeypatch.setattr(qrobust.models, "load_model", lambda name, **kw: seen.update(kw) or adapter)
     monkeypatch.setattr(harness, "evaluate",
                         lambda adapter, config, out, name: seen.update(config=config) or {"benchmarks": {}})
     assert main(["eval", "--model", "coda-instruct", "--device", "cpu", "--out", str(tmp_path), "--steps", "32"]) == 0

@@ -16,8 +16,8 @@ serial chain keeps DRAM 3-12% busy. Here one program is one warpgroup and 64 out
   so no weight goes to shared memory;
 - x's 128-input tiles arrive by asynchronous copies in a ring of three, and each step's wgmma
   (all rows, up to 64, as wgmma's N) runs while the next step's weights are dequantized;
-- K is split for parallelism (fragments_split), the tile's last program adds the partial sums up
-  in split order (an arrival counter per tile, as kernels.packed_matmul).
+- rows per program and K-splits follow fragments_tiling; of a K-split tile, the last program to
+  finish adds the partial sums up in split order (an arrival counter per tile, as kernels.packed_matmul).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from qrobust.kernels.fragments import TILE_K, TILE_N, first_plane_width, planes
 from qrobust.kernels.layouts import _pair_asm, pair_arithmetic, pair_magic
 
 MAX_ROWS = 64  # the most rows a call takes (quant.kernel_choice)
-ROW_BLOCK = 32  # the most rows a program takes
+ROW_BLOCK = 32  # the most rows a program of a small layer takes (fragments_tiling)
 MAX_SPLIT = 8  # the most K-splits measured (benchmarks/fragments_splits.py)
 LOAD_AHEAD = 3  # steps between the loads of a step's words and its dequantization (benchmarks/fragments_splits.py)
 OUTPUTS = gl.constexpr(TILE_N)
@@ -284,28 +284,39 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
         gl.store(y_ptr + at, acc.to(dtype), mask=mask)
 
 
-def block_rows(M: int) -> int:
-    """Rows per program (wgmma's N): 8, 16 or 32; more rows take several programs. At 64 rows and
-    the chosen splits those ran 1-20% faster than one 64-row program on q_proj, k_proj and
-    gate_proj with loads three steps ahead (results/engine/fragments_load_ahead.log), and in the
-    engine at batch 64 as fast or faster at every width (engine_variants_rows_h100.json)."""
+def fragments_tiling(M: int, N: int, K: int) -> tuple[int, int]:
+    """(rows per program, K-splits) for M rows of an N × K layer.
+
+    Up to 32 rows, a program takes them all as wgmma's N (8, 16 or 32), and K-splits (1-8) are
+    doubled while the layer has fewer than 256 programs (512 for 8 rows or fewer) and each split
+    keeps at least four 128-input steps (two for 8 rows): over Qwen3-1.7B's six layer shapes at 1,
+    4, 8, 32 and 64 rows on an H200 that picked the fastest of splits 1-8 on 24 of 30 and was within
+    5% elsewhere (results/engine/fragments_splits.json): fewer programs leave SMs idle, shorter
+    splits spend their time on a program's fixed cost and on adding up the sums.
+
+    At 33-64 rows one program takes all the rows, reading each weight once instead of twice, where
+    that still makes 96 programs with splits of at least twelve steps (doubled while fewer than 128):
+    the large layers (gate/up fused or not, down_proj), which took 2-37% less time so at every width
+    on an H100 (results/engine/fragments_splits_{8,4,3,2}bit_h100.json). The smaller ones keep programs
+    of 32 rows, which fill the GPU where one of 64 leaves it half idle."""
     if not 0 < M <= MAX_ROWS:
         raise ValueError(f"fragments_matmul takes 1 to {MAX_ROWS} rows, got {M}")
-    return min(ROW_BLOCK, max(8, triton.next_power_of_2(M)))
-
-
-def fragments_split(M: int, N: int, K: int) -> int:
-    """K-splits (1-8): doubled while a layer has fewer than 256 programs (512 for a single 8-row
-    block) and each split keeps at least four 128-input steps (two for 8 rows). Over Qwen3-1.7B's
-    six layer shapes at 1, 4, 8, 32 and 64 rows on an H200 it picks the fastest of splits 1-8 on
-    24 of 30 and is within 5% elsewhere (benchmarks/fragments_splits.py,
-    results/engine/fragments_splits.json, the data it was fitted to): fewer programs leave SMs
-    idle, shorter splits spend their time on a program's fixed cost and on adding up the sums."""
-    tiles, steps = N // TILE_N * triton.cdiv(M, block_rows(M)), K // TILE_K
+    tiles, steps = N // TILE_N, K // TILE_K
+    if M > ROW_BLOCK:
+        split = _k_split(tiles, steps, target=128, min_steps=12)
+        if tiles * split >= 96:
+            return MAX_ROWS, split
+    rows = min(ROW_BLOCK, max(8, triton.next_power_of_2(M)))
     target, min_steps = (512, 2) if M <= 8 else (256, 4)
+    return rows, _k_split(tiles * triton.cdiv(M, rows), steps, target, min_steps)
+
+
+def _k_split(programs: int, steps: int, target: int, min_steps: int) -> int:
+    """K-splits doubled from one while the layer has fewer than `target` programs (`programs` per
+    split) and each split keeps whole steps, at least min_steps of them."""
     split = 1
     while (split < MAX_SPLIT and steps % (2 * split) == 0 and steps // (2 * split) >= min_steps
-           and tiles * split < target):
+           and programs * split < target):
         split *= 2
     return split
 
@@ -333,8 +344,8 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                          f"got {qweight.shape[0]}")
     if x.stride(1) != 1 or x.stride(0) % 8:
         x = x.contiguous()
-    split = split_k or fragments_split(M, N, K)
-    bm = rows_per_program or block_rows(M)
+    rows, split = fragments_tiling(M, N, K)
+    split, bm = split_k or split, rows_per_program or rows
     steps = K // TILE_K
     if steps % split:
         raise ValueError(f"fragments_matmul: {split} K-splits of {steps} 128-input steps")
@@ -368,8 +379,8 @@ def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", ar
     pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "b_ptr": act, "p_ptr": "*fp32",
                 "y_ptr": act, "lock_ptr": "*i32"}
     scalars = {"M": "i32", "N": "i32", "K": "i32", "stride_x": "i32"}
-    split = fragments_split(M, N, K)
-    constants = dict(BITS=bits, OFFSET=1, HAS_BIAS=False, BM=block_rows(M), ITERS=K // TILE_K // split, SPLIT=split,
+    rows, split = fragments_tiling(M, N, K)
+    constants = dict(BITS=bits, OFFSET=1, HAS_BIAS=False, BM=rows, ITERS=K // TILE_K // split, SPLIT=split,
                      LAST_SUMS=split > 1, AHEAD=load_ahead)
     return compile_for(_fragments_matmul_kernel, arch, pointers, scalars, constants, source_type=GluonASTSource,
                        num_warps=4)
