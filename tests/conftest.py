@@ -45,3 +45,14 @@ def calib(tokenizer, code_texts):
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, ids.numel() - 64, (16,), generator=g)
     return torch.stack([ids[s:s + 64] for s in starts.tolist()])
+
+
+@pytest.fixture
+def forced_fusion(monkeypatch):
+    """ARAdapter.for_generation fusing on CPU too (it fuses on CUDA alone): the list it fills with
+    each call's count of fused layer groups."""
+    from qrobust.models.adapters import ARAdapter
+
+    fused, original = [], ARAdapter.for_generation
+    monkeypatch.setattr(ARAdapter, "for_generation", lambda self, fuse=None: fused.append(original(self, True)))
+    return fused

@@ -145,17 +145,14 @@ def test_sweep_metrics_use_the_prompt_style_the_config_generates_in():
     assert degradation_config(SweepConfig(), EvalPreset()).style is None
 
 
-def test_eval_fused_for_generation_matches_its_unfused_baseline(tmp_path, tiny_dirs, monkeypatch):
+def test_eval_fused_for_generation_matches_its_unfused_baseline(tmp_path, tiny_dirs, request):
     """`qrobust eval` readies the model for generation (on CUDA; forced here): the fused model
     generates the unfused one's completions, and its metrics against that run find no change."""
-    from qrobust.models.adapters import ARAdapter
-
     model = str(tiny_dirs["ar"])
     common = ["--benchmarks", "humaneval", "--limit", "2", "--max-new-tokens", "8", "--metrics-context", "32",
               "--metrics-solution", "16"]
     assert main(["eval", "--model", model, *common, "--out", str(tmp_path / "plain")]) == 0
-    fused, original = [], ARAdapter.for_generation
-    monkeypatch.setattr(ARAdapter, "for_generation", lambda self, fuse=None: fused.append(original(self, True)))
+    fused = request.getfixturevalue("forced_fusion")  # from here on
     assert main(["eval", "--model", model, *common, "--baseline", str(tmp_path / "plain"),
                  "--out", str(tmp_path / "fused")]) == 0
     assert fused == [2 * 2]  # q/k/v and gate/up in each of the two blocks

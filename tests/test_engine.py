@@ -337,3 +337,13 @@ def test_the_ceiling_variant_replaces_every_block_product_and_still_generates(mo
                            torch.zeros(2, 3, model.config.hidden_size))
     rows = engine_rows(model, plan, 16, variant="products write zeros")
     assert [r["tokens"] for r in rows] == [b * plan.new_tokens for b in plan.batches]
+
+
+def test_readying_for_generation_drops_the_engine_built_on_the_unfused_layers(tiny_dirs):
+    """An engine's CUDA graphs replay the layers they were captured on: after fusion the adapter
+    builds a new one, and its quantizable layers are traced again."""
+    adapter = load_model(str(tiny_dirs["ar"]))  # its own copy: fusion changes it
+    old_engine = adapter._engine_of(AREngine)
+    assert adapter.quantizable_layers() and adapter.for_generation(fuse=True) == 2 * 2
+    assert adapter._engine_of(AREngine) is not old_engine
+    assert adapter.for_generation() == 0  # on CPU nothing is fused by default

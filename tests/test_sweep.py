@@ -221,12 +221,10 @@ def test_a_config_record_cut_short_counts_as_not_done(tmp_path):
     assert (_status(tmp_path / "ok.json"), _status(tmp_path / "cut.json")) == ("ok", None)
 
 
-def test_each_config_is_generated_fused_from_a_copy_with_the_completions_unfused(tmp_path, tiny_dirs, monkeypatch):
+def test_each_config_is_generated_fused_from_a_copy_with_the_completions_unfused(tmp_path, tiny_dirs, request):
     """On CUDA a config's copy is readied for generation (ARAdapter.for_generation: q/k/v and
     gate/up fused) after its quantization and metrics. Forced here on CPU: every evaluated copy is
     fused, never the base the next config quantizes from, and the completions are those unfused."""
-    from qrobust.models.adapters import ARAdapter
-
     def completions(name: str) -> list[str]:
         out = tmp_path / name
         assert main(sweep_args(str(tiny_dirs["ar"]), out, "--methods", "rtn")) == 0
@@ -234,7 +232,6 @@ def test_each_config_is_generated_fused_from_a_copy_with_the_completions_unfused
                 for line in path.read_text().splitlines()]
 
     plain = completions("plain")
-    fused, original = [], ARAdapter.for_generation
-    monkeypatch.setattr(ARAdapter, "for_generation", lambda self, fuse=None: fused.append(original(self, True)))
+    fused = request.getfixturevalue("forced_fusion")  # from here on
     assert completions("fused") == plain and len(plain) == 2  # fp32 and rtn-4, the problem generated
     assert fused == [2 * 2, 2 * 2]  # both configs' copies, two groups in each of the two blocks
