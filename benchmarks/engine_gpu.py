@@ -21,7 +21,9 @@ random-weight models of the real shapes in bfloat16. Parts (--parts, all by defa
   between the two largest logits of transformers' model (random weights give near-ties early; a
   difference at a tiny gap is rounding, not a bug);
 - diffusion: the CoDA-shaped model (causal=False) at batch 8 × 256 tokens, the exact sampler (one
-  token per step) against the fast sampler (blocks of 32, threshold 0.9).
+  token per step) against the fast sampler (blocks of 32, threshold 0.9);
+- diffusion-widths: the fast sampler at batch 32 × 256 tokens, greedy, for bf16 and every packed
+  width, with today's layers and with fused q/k/v and gate/up, each against bf16 in the run.
 
 Rows go to $OUT (or --out) as JSON files as each part finishes (engine_<part>.json, engine_ar.json
 for ar); a summary table is printed.
@@ -487,28 +489,33 @@ def agreement(plan: Plan, device: str) -> list[dict]:
 
 
 # ---- (c) diffusion --------------------------------------------------------------------------------
+def timed_sampling(engine, prompts: torch.Tensor, tokens: int, sampler, device: str) -> tuple[torch.Tensor, int, float]:
+    """(response ids, forward passes, seconds) of the engine's second run of `sampler` (the first
+    captures its graphs)."""
+    cfg = engine.model.config
+    run = functools.partial(engine.generate, prompts, torch.ones_like(prompts), tokens, cfg.mask_token_id,
+                            cfg.shift_logits, sampler)
+    run()
+    sync(torch.device(device))
+    t0 = time.perf_counter()
+    out, passes = run()
+    sync(torch.device(device))
+    return out, passes, time.perf_counter() - t0
+
+
 def diffusion(plan: Plan, device: str) -> list[dict]:
     from qrobust.models.diffusion import SamplerConfig
     from qrobust.models.engine import DiffusionEngine
 
     model = build(plan, "diffusion", 16, device)
     engine = DiffusionEngine(model)
-    cfg = model.config
-    prompts = torch.tensor(random_prompts(plan.diffusion_batch, plan.prompt_len, cfg.vocab_size, seed=2),
+    prompts = torch.tensor(random_prompts(plan.diffusion_batch, plan.prompt_len, model.config.vocab_size, seed=2),
                            device=device)
-    attn = torch.ones_like(prompts)
     samplers = {"exact": SamplerConfig(),
                 "fast": SamplerConfig(block_length=plan.diffusion_block, mode="fast", threshold=0.9)}
     rows, outputs = [], {}
     for name, sampler in samplers.items():
-        run = functools.partial(engine.generate, prompts, attn, plan.diffusion_tokens, cfg.mask_token_id,
-                                cfg.shift_logits, sampler)
-        run()  # warm-up: graphs
-        sync(torch.device(device))
-        t0 = time.perf_counter()
-        out, passes = run()
-        sync(torch.device(device))
-        seconds = time.perf_counter() - t0
+        out, passes, seconds = timed_sampling(engine, prompts, plan.diffusion_tokens, sampler, device)
         outputs[name] = out
         tokens = out.numel()
         rows.append({"sampler": name, "batch": plan.diffusion_batch, "new_tokens": plan.diffusion_tokens,
@@ -519,6 +526,44 @@ def diffusion(plan: Plan, device: str) -> list[dict]:
         r["token_agreement_with_exact"] = agree if r["sampler"] == "fast" else 1.0
     del model, engine
     release()
+    return rows
+
+
+def diffusion_widths(plan: Plan, device: str) -> list[dict]:
+    """The fast sampler on the CoDA-shaped model at the study's batch (32, blocks of 32: products of
+    about 1,056 rows, which dequantize for cuBLAS) at every width, greedy (so token choice, the same
+    at every width, does not dilute the products' share), with today's layers and with fused
+    projections; each against bf16 with the same layers, in the same run."""
+    from qrobust.models.diffusion import SamplerConfig
+    from qrobust.models.engine import DiffusionEngine
+
+    if 16 not in plan.bits:
+        raise SystemExit("engine_gpu.py: diffusion-widths compares with bf16: include 16 in --bits")
+    batch, tokens = (2, plan.diffusion_tokens) if plan.tiny else (32, 256)
+    sampler = SamplerConfig(block_length=plan.diffusion_block, mode="fast", threshold=0.9)
+    rows = []
+    for bits in plan.bits:
+        model = build(plan, "diffusion", bits, device)
+        prompts = torch.tensor(random_prompts(batch, plan.prompt_len, model.config.vocab_size, seed=2), device=device)
+        today = None
+        for variant in ("today", "fused projections"):
+            if variant == "fused projections":
+                fuse_projections(model)
+            out, passes, seconds = timed_sampling(DiffusionEngine(model), prompts, tokens, sampler, device)
+            today = out if today is None else today
+            rows.append({"bits": bits, "batch": batch, "variant": variant, "new_tokens": tokens,
+                         "forward_passes": passes, "seconds": seconds, "tokens_per_s": out.numel() / seconds,
+                         "token_agreement_with_today": float((out == today).float().mean()),
+                         "weights_gib": model_bytes(model) / 2**30})
+            print(f"  diffusion {bits:>2}-bit batch {batch} {variant}: {rows[-1]['tokens_per_s']:9.1f} tok/s, "
+                  f"{passes} passes", flush=True)
+            release()
+        del model
+        release()
+    base = {r["variant"]: r["tokens_per_s"] for r in rows if r["bits"] == 16}
+    for r in rows:
+        r["ratio_to_bf16_same_rewrite"] = r["tokens_per_s"] / base[r["variant"]]
+        r["ratio_to_bf16_today"] = r["tokens_per_s"] / base["today"]
     return rows
 
 
@@ -543,12 +588,18 @@ def summary(results: dict[str, list[dict]]) -> list[str]:
               f"gap {r['top2_gap_there']}" for r in results.get("agreement", [])]
     lines += ["diffusion"] + [f"  {r['sampler']:>6}: {r['tokens_per_s']:.1f} tok/s, {r['forward_passes']} passes, "
                               f"agreement {r['token_agreement_with_exact']:.3f}" for r in results.get("diffusion", [])]
+    lines += ["diffusion at every width (fast sampler, greedy)", f"{'bits':>5} {'batch':>6} {'variant':>20} "
+              f"{'tok/s':>10} {'x bf16 same':>11} {'x bf16':>7}"]
+    lines += [f"{r['bits']:>5} {r['batch']:>6} {r['variant']:>20} {r['tokens_per_s']:>10.1f} "
+              f"{r['ratio_to_bf16_same_rewrite']:>11.2f} {r['ratio_to_bf16_today']:>7.2f}"
+              for r in results.get("diffusion-widths", [])]
     return lines
 
 
 PARTS = {"ar": (ar_throughput, "engine_ar.json"), "norms": (norm_kernels, "engine_norms.json"),
          "products": (products, "engine_products.json"), "variants": (variants, "engine_variants.json"),
-         "agreement": (agreement, "engine_agreement.json"), "diffusion": (diffusion, "engine_diffusion.json")}
+         "agreement": (agreement, "engine_agreement.json"), "diffusion": (diffusion, "engine_diffusion.json"),
+         "diffusion-widths": (diffusion_widths, "engine_diffusion_widths.json")}
 
 
 def main() -> None:

@@ -49,10 +49,10 @@ def calib(tokenizer, code_texts):
 
 @pytest.fixture
 def forced_fusion(monkeypatch):
-    """ARAdapter.for_generation fusing on CPU too (it fuses on CUDA alone): the list it fills with
+    """ModelAdapter.for_generation fusing on CPU too (it fuses on CUDA alone): the list it fills with
     each call's count of fused layer groups."""
-    from qrobust.models.adapters import ARAdapter
+    from qrobust.models.adapters import ModelAdapter
 
-    fused, original = [], ARAdapter.for_generation
-    monkeypatch.setattr(ARAdapter, "for_generation", lambda self, fuse=None: fused.append(original(self, True)))
+    fused, original = [], ModelAdapter.for_generation
+    monkeypatch.setattr(ModelAdapter, "for_generation", lambda self, fuse=None: fused.append(original(self, True)))
     return fused

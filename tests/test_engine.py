@@ -339,6 +339,45 @@ def test_the_ceiling_variant_replaces_every_block_product_and_still_generates(mo
     assert [r["tokens"] for r in rows] == [b * plan.new_tokens for b in plan.batches]
 
 
+def test_a_diffusion_model_readied_for_generation_samples_as_before(tiny_dirs):
+    """for_generation fuses the diffusion kind's projections too: the exact and the fast sampler
+    give the unfused model's responses (greedy, float32)."""
+    from qrobust.models.diffusion import SamplerConfig
+
+    adapter = load_model(str(tiny_dirs["diffusion"]))  # its own copy: fusion changes it
+    samplers = (SamplerConfig(block_length=4), SamplerConfig(block_length=4, mode="fast", threshold=0.5))
+
+    def responses() -> list[str]:
+        out = []
+        for sampler in samplers:
+            adapter.sampler = sampler
+            out += [g.text for g in adapter.generate(PROMPTS[:3], max_new_tokens=8, batch_size=3)]
+        return out
+
+    before = responses()
+    assert adapter.for_generation(fuse=True) == 2 * adapter.num_layers
+    assert responses() == before and any(before)
+
+
+def test_the_diffusion_widths_benchmark_times_each_width_plain_and_fused(tmp_path, monkeypatch):
+    """benchmarks/engine_gpu.py --parts diffusion-widths: a row per width and variant, ratios to
+    bf16 with the same layers, and fused projections sampling today's tokens."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from dataclasses import replace
+
+    from engine_gpu import diffusion_widths, tiny_plan
+
+    rows = diffusion_widths(replace(tiny_plan(), bits=(16, 4)), "cpu")
+    assert [(r["bits"], r["variant"]) for r in rows] == [(16, "today"), (16, "fused projections"), (4, "today"),
+                                                         (4, "fused projections")]
+    assert [r["ratio_to_bf16_same_rewrite"] for r in rows[:2]] == [1.0, 1.0]
+    assert rows[2]["ratio_to_bf16_same_rewrite"] == rows[2]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    assert all(r["token_agreement_with_today"] == 1.0 and r["forward_passes"] > 0 for r in rows)
+    assert rows[3]["weights_gib"] < rows[1]["weights_gib"]
+
+
 def test_readying_for_generation_drops_the_engine_built_on_the_unfused_layers(tiny_dirs):
     """An engine's CUDA graphs replay the layers they were captured on: after fusion the adapter
     builds a new one, and its quantizable layers are traced again."""

@@ -73,11 +73,20 @@ class ModelAdapter(ABC):
         return self._engine
 
     def for_generation(self, fuse: bool | None = None) -> int:
-        """Readies the model for generation and forward passes alone (a config's evaluation after
-        its quantization): the rewrites its kind's engine runs faster with. They change the model's
-        layers, so quantize, plan, save and attribute before. fuse: apply them (default: on CUDA,
-        where they were measured). Returns how many layer groups changed."""
-        return 0
+        """Readies a native model for generation and forward passes alone (a config's evaluation
+        after its quantization): q/k/v become one layer and gate/up one SwiGLU layer wherever their
+        kinds and specs match (models.decode.fuse_projections), four products a block instead of
+        seven. This changes the model's layers, so quantize, plan, save and attribute before.
+        fuse: apply it (default: on CUDA, where it was measured: 1-8% more AR tokens/s at batch
+        32-64 on an H100, full precision and every width alike,
+        results/engine/engine_variants_tiling{,_8bit}_h100.json). Returns how many layer groups
+        changed (0 for other models)."""
+        from qrobust.models.decode import fuse_projections
+
+        if not self.native or not (self.device.type == "cuda" if fuse is None else fuse):
+            return 0
+        self._layers = self._engine = None  # both hold the layers as they were (an engine's graphs replay them)
+        return fuse_projections(self.model)
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -257,18 +266,6 @@ class ARAdapter(ModelAdapter):
         if self.native:
             return self.model(input_ids, attention_mask)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    def for_generation(self, fuse: bool | None = None) -> int:
-        """q/k/v as one layer and gate/up as one SwiGLU layer wherever their kinds and specs match
-        (models.decode.fuse_projections): four products a block instead of seven, 1-8% more
-        tokens/s at batch 32-64 on an H100, full precision and every width alike
-        (results/engine/engine_variants_tiling{,_8bit}_h100.json)."""
-        from qrobust.models.decode import fuse_projections
-
-        if not self.native or not (self.device.type == "cuda" if fuse is None else fuse):
-            return 0
-        self._layers = self._engine = None  # both hold the layers as they were (an engine's graphs replay them)
-        return fuse_projections(self.model)
 
     def _engine_generate(self, prompts, settings, stop, batch_size):
         from qrobust.models.engine import AREngine, StopRule
