@@ -4,7 +4,7 @@ or programs of 32; with --load-ahead, at each distance of a step's loads from it
 split of fewer steps caps), against bf16
 nn.Linear and the product the GPTQ layout takes for as many rows (kernels.packed_matmul; for 1-4
 rows kernels.gemv's GEMV, its default tiling), at Qwen3-1.7B's layer shapes (and the fused q/k/v
-and gate/up) and the engine's row counts: the data behind fragments_matmul.fragments_split,
+and gate/up) and the engine's row counts: the data behind fragments_matmul.fragments_tiling,
 whose choice each row marks. Each product is timed
 as a CUDA graph of 20 calls (its weights partly stay in L2; the engine reads them cold).
 
