@@ -267,16 +267,11 @@ def gptqmodel_marlin(layer: QuantLinear, dtype: torch.dtype = torch.bfloat16) ->
     return m
 
 
-WIDE = "fragments_matmul, programs of 64 rows"  # beyond 64 rows, in place of dequantize-then-matmul
-
-
 def products(plan: Plan, device: str) -> list[dict]:
     """Each packed product alone against the bf16 nn.Linear of its shape at the engine's row
     counts: the table's product (QuantLinear.forward), where that is the fused matmul also the
     same kernel with its K-splits added up afterwards (a sum and a cast, as before the arrival
-    counters), beyond 64 rows in the fragments layout that product in programs of 64 rows side by
-    side instead of dequantize-then-matmul (WIDE), at 4 bits PyTorch's int4 tinygemm
-    (kernels.tinygemm), and with plan.marlin GPTQModel's
+    counters), at 4 bits PyTorch's int4 tinygemm (kernels.tinygemm), and with plan.marlin GPTQModel's
     Marlin at 4 and 8 bits (with its largest difference from ours, relative to our largest output)."""
     time_of = timer(device)
     dtype = dtype_for(device)
@@ -309,14 +304,6 @@ def products(plan: Plan, device: str) -> list[dict]:
                         candidates[m]["fused_matmul, sums afterwards"] = functools.partial(
                             packed_matmul, x, layer.qweight, layer.scales, layer.qzeros, a.g_idx, bits,
                             a.group_size, FORMAT_OFFSET[layer.format])
-                    if kernel == "dequant_matmul" and layer.layout == "fragments":
-                        ours = layer(x).float()  # the table's product, which has repacked the layer
-                        from qrobust.kernels.fragments_matmul import fragments_matmul_op
-
-                        wide = functools.partial(fragments_matmul_op, x, layer.qweight, layer.scales,
-                                                 layer.qzeros, None, None, bits, FORMAT_OFFSET[layer.format])
-                        differences[m, WIDE] = ((wide().float() - ours).abs().max() / ours.abs().max()).item()
-                        candidates[m][WIDE] = wide
                     if gptq_layer is not None:
                         name_before = f"GPTQ layout, {gptq_layer.packed_kernel(m, x.device)}"
                         candidates[m][name_before] = functools.partial(gptq_layer, x)

@@ -339,23 +339,28 @@ def test_the_ceiling_variant_replaces_every_block_product_and_still_generates(mo
     assert [r["tokens"] for r in rows] == [b * plan.new_tokens for b in plan.batches]
 
 
-def test_a_diffusion_model_readied_for_generation_samples_as_before(tiny_dirs):
-    """for_generation fuses the diffusion kind's projections too: the exact and the fast sampler
-    give the unfused model's responses (greedy, float32)."""
+def test_on_cuda_only_the_ar_kind_is_fused_and_fusing_a_diffusion_model_keeps_its_samples(tiny_dirs, monkeypatch):
+    """for_generation fuses by default on CUDA where it measured faster, the AR kind's engine; the
+    diffusion kind's fast sampler ran slower fused, so it is left alone. Fused when asked, the
+    exact and the fast sampler give the unfused model's responses (greedy, float32)."""
+    from qrobust.models.adapters import ModelAdapter
     from qrobust.models.diffusion import SamplerConfig
 
-    adapter = load_model(str(tiny_dirs["diffusion"]))  # its own copy: fusion changes it
+    ar, diffusion = load_model(str(tiny_dirs["ar"])), load_model(str(tiny_dirs["diffusion"]))  # own copies
+    with monkeypatch.context() as m:
+        m.setattr(ModelAdapter, "device", property(lambda self: torch.device("cuda")))
+        assert (ar.for_generation(), diffusion.for_generation()) == (2 * ar.num_layers, 0)
     samplers = (SamplerConfig(block_length=4), SamplerConfig(block_length=4, mode="fast", threshold=0.5))
 
     def responses() -> list[str]:
         out = []
         for sampler in samplers:
-            adapter.sampler = sampler
-            out += [g.text for g in adapter.generate(PROMPTS[:3], max_new_tokens=8, batch_size=3)]
+            diffusion.sampler = sampler
+            out += [g.text for g in diffusion.generate(PROMPTS[:3], max_new_tokens=8, batch_size=3)]
         return out
 
     before = responses()
-    assert adapter.for_generation(fuse=True) == 2 * adapter.num_layers
+    assert diffusion.for_generation(fuse=True) == 2 * diffusion.num_layers
     assert responses() == before and any(before)
 
 

@@ -222,7 +222,7 @@ def test_a_config_record_cut_short_counts_as_not_done(tmp_path):
 
 
 def test_each_config_is_generated_fused_from_a_copy_with_the_completions_unfused(tmp_path, tiny_dirs, request):
-    """On CUDA a config's copy is readied for generation (ARAdapter.for_generation: q/k/v and
+    """On CUDA a config's copy is readied for generation (ModelAdapter.for_generation: q/k/v and
     gate/up fused) after its quantization and metrics. Forced here on CPU: every evaluated copy is
     fused, never the base the next config quantizes from, and the completions are those unfused."""
     def completions(name: str) -> list[str]:

@@ -298,16 +298,10 @@ def fragments_tiling(M: int, N: int, K: int) -> tuple[int, int]:
     that still makes 96 programs with splits of at least twelve steps (doubled while fewer than 128):
     the large layers (gate/up fused or not, down_proj), which took 2-37% less time so at every width
     on an H100 (results/engine/fragments_splits_{8,4,3,2}bit_h100.json). The smaller ones keep programs
-    of 32 rows, which fill the GPU where one of 64 leaves it half idle.
-
-    Beyond 64 rows (which quant.kernel_choice sends to dequantize-then-matmul; benchmarks/engine_gpu.py
-    times this against it), programs of 64 rows side by side, K split as up to 32 rows: 128 rows per
-    program need more than 255 registers."""
-    if M <= 0:
-        raise ValueError(f"fragments_matmul takes at least one row, got {M}")
+    of 32 rows, which fill the GPU where one of 64 leaves it half idle."""
+    if not 0 < M <= MAX_ROWS:
+        raise ValueError(f"fragments_matmul takes 1 to {MAX_ROWS} rows, got {M}")
     tiles, steps = N // TILE_N, K // TILE_K
-    if M > MAX_ROWS:
-        return MAX_ROWS, _k_split(tiles * triton.cdiv(M, MAX_ROWS), steps, target=256, min_steps=4)
     if M > ROW_BLOCK:
         split = _k_split(tiles, steps, target=128, min_steps=12)
         if tiles * split >= 96:
@@ -327,18 +321,17 @@ def _k_split(programs: int, steps: int, target: int, min_steps: int) -> int:
     return split
 
 
-def fragments_locks(N: int, device: torch.device | str, rows: int = MAX_ROWS) -> torch.Tensor:
-    """fragments_matmul's arrival counters for a layer of N outputs and up to `rows` rows (64: in
-    programs of at least 8; more: in programs of 64): zeros, left as found."""
-    blocks = MAX_ROWS // 8 if rows <= MAX_ROWS else triton.cdiv(rows, MAX_ROWS)
-    return torch.zeros(blocks * (N // TILE_N), dtype=torch.int32, device=device)
+def fragments_locks(N: int, device: torch.device | str) -> torch.Tensor:
+    """fragments_matmul's arrival counters for a layer of N outputs (up to 64 rows in programs of
+    at least 8): zeros, left as found."""
+    return torch.zeros(MAX_ROWS // 8 * (N // TILE_N), dtype=torch.int32, device=device)
 
 
 def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                      bits: int, zero_offset: int, bias: torch.Tensor | None = None, locks: torch.Tensor | None = None,
                      split_k: int | None = None, rows_per_program: int | None = None,
                      load_ahead: int = LOAD_AHEAD) -> torch.Tensor:
-    """x [M, K] (bf16 or fp16; the table gives it up to 64 rows) times a 2-, 3-, 4- or 8-bit qweight in the fragments layout (groups of 128):
+    """x [M ≤ 64, K] (bf16 or fp16) times a 2-, 3-, 4- or 8-bit qweight in the fragments layout (groups of 128):
     [M, N] in x's dtype. With `locks` (fragments_locks) K-splits are added up inside the kernel, else afterwards.
     The loads of a step's words are issued `load_ahead` steps before they are dequantized."""
     if x.dtype not in (torch.bfloat16, torch.float16):

@@ -50,6 +50,7 @@ class BlockLayers:
 
 class ModelAdapter(ABC):
     kind: ClassVar[str]
+    fused_for_generation: ClassVar[bool] = False  # whether for_generation fuses projections on CUDA
 
     def __init__(self, model: nn.Module, tokenizer, name: str, num_layers: int):
         self.model = model
@@ -77,13 +78,11 @@ class ModelAdapter(ABC):
         after its quantization): q/k/v become one layer and gate/up one SwiGLU layer wherever their
         kinds and specs match (models.decode.fuse_projections), four products a block instead of
         seven. This changes the model's layers, so quantize, plan, save and attribute before.
-        fuse: apply it (default: on CUDA, where it was measured: 1-8% more AR tokens/s at batch
-        32-64 on an H100, full precision and every width alike,
-        results/engine/engine_variants_tiling{,_8bit}_h100.json). Returns how many layer groups
-        changed (0 for other models)."""
+        fuse: apply it (default: on CUDA for the kinds whose engine it was measured to speed up,
+        `fused_for_generation`). Returns how many layer groups changed (0 for other models)."""
         from qrobust.models.decode import fuse_projections
 
-        if not self.native or not (self.device.type == "cuda" if fuse is None else fuse):
+        if not self.native or not (self.device.type == "cuda" and self.fused_for_generation if fuse is None else fuse):
             return 0
         self._layers = self._engine = None  # both hold the layers as they were (an engine's graphs replay them)
         return fuse_projections(self.model)
@@ -257,6 +256,9 @@ class ARAdapter(ModelAdapter):
     """Any transformers causal LM (Qwen3 is the reference)."""
 
     kind = "ar"
+    # fused projections: 2-9% more tokens/s at batch 32-64 on an H100, full precision and every
+    # width alike (results/engine/engine_variants_fused_h100.json)
+    fused_for_generation = True
 
     def __init__(self, model: nn.Module, tokenizer, name: str, num_layers: int, eos_ids: Sequence[int] = ()):
         super().__init__(model, tokenizer, name, num_layers)
@@ -322,6 +324,9 @@ class DiffusionAdapter(ModelAdapter):
     """A masked-diffusion LM: the native TransformerLM(causal=False) or CoDA's remote code."""
 
     kind = "diffusion"
+    # not fused: the fast sampler's 1,056-row products ran 0-7% slower so on an H100, bf16 5%
+    # (results/engine/engine_diffusion_widths_h100.json)
+    fused_for_generation = False
 
     def __init__(self, model, tokenizer, name, num_layers, mask_token_id: int, shift_logits: bool,
                  sampler: SamplerConfig | None = None, eps: float = 1e-3):
