@@ -28,7 +28,7 @@ from qrobust.sweep import (METHODS, Job, SweepConfig, baseline_job, environment,
 
 # The study projected: two models, every method at 2/3/4 bits plus the baseline, one seed, HumanEval (164)
 # and MBPP's test split (500).
-STUDY_METHODS, STUDY_BITS, STUDY_PROBLEMS = METHODS, (2, 3, 4), {"humaneval": 164, "mbpp": 500}
+STUDY_METHODS, STUDY_BITS, STUDY_PROBLEMS = tuple(METHODS), (2, 3, 4), {"humaneval": 164, "mbpp": 500}
 # Each kind of random model stands for one registered model and takes its evaluation preset.
 STANDS_FOR = {"ar": "qwen3-1.7b", "diffusion": "coda-instruct"}
 STAGES = ("load", "hawq_analysis", "quantize", "likelihood", "warmup", "generate", "execute")
@@ -40,7 +40,7 @@ WARMUP_TOKENS = 32
 class StudyBench:
     shape: str = "qwen3-1.7b"
     kinds: tuple[str, ...] = ("ar", "diffusion")
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = tuple(METHODS)
     bits: tuple[int, ...] = (2, 3, 4)
     benchmarks: tuple[str, ...] = ("humaneval", "mbpp")
     limit: int = 8  # problems per benchmark

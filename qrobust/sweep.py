@@ -31,14 +31,28 @@ from qrobust.resume import check_same_settings
 if TYPE_CHECKING:
     from qrobust.probe import Target
 
-METHODS = ("gptq", "rtn", "hawq")
+@dataclass(frozen=True)
+class SweepMethod:
+    """How a sweep quantizes a config of one method: the quantizer of qrobust.quant it runs, and
+    whether it first asks hawq for a per-layer plan under the config's bits as a budget."""
+    quantizer: str
+    planned: bool = False
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether it reads a calibration sample (so its result depends on the seed)."""
+        return self.quantizer == "gptq"
+
+
+METHODS: dict[str, SweepMethod] = {"gptq": SweepMethod("gptq"), "rtn": SweepMethod("rtn"),
+                                   "hawq": SweepMethod("gptq", planned=True)}
 
 
 @dataclass
 class SweepConfig:
     models: tuple[str, ...] = ("tiny-ar", "tiny-dllm")
     bits: tuple[int, ...] = (2, 3, 4)
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = tuple(METHODS)
     benchmarks: tuple[str, ...] = ("humaneval", "mbpp")
     seeds: tuple[int, ...] = (0, 1, 2)
     limit: int | None = None
@@ -115,7 +129,7 @@ def seed_free(job: Job, config: SweepConfig) -> bool:
     RTN) and deterministic generation (greedy, and for diffusion a confidence rule, not 'random');
     the metrics' and held-out loss's masks are fixed per model. Its first seed's record then
     serves every seed: running it again would repeat the same computation."""
-    if job.method in ("gptq", "hawq"):
+    if not is_baseline(job.method) and METHODS[job.method].calibrated:
         return False
     settings = generation_settings(config, job.model)
     return settings.temperature == 0 and settings.alg != "random"
@@ -211,40 +225,50 @@ def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path, progress: b
     hawq.AnalysisCache shared by the jobs of one model (default: one on disk under out_dir/hawq),
     so that the sensitivity analysis runs once for every budget."""
     from qrobust.calib import calibration_tokens
-    from qrobust.quant import QuantizeConfig, QuantSpec, quantize_model
+    from qrobust.quant import QuantizeConfig, quantize_model
 
     adapter = copy.deepcopy(base)
     if is_baseline(job.method):
         return adapter, {"avg_bits": float(job.bits)}
-    calib = calibration_tokens(adapter.tokenizer, "stdlib", config.nsamples, config.seqlen, seed=job.seed)
+    method = METHODS[job.method]
+    calib = calibration_tokens(adapter.tokenizer, "stdlib", config.nsamples, config.seqlen, seed=job.seed) \
+        if method.calibrated else None
     facts: dict = {}
     plan = None
-    if job.method == "hawq":
-        from hawq import AnalysisCache, Budget, PlanConfig, plan_document, solve
-
-        pconf = PlanConfig(bits=config.hawq_candidates, group_size=config.group_size, probes=config.hawq_probes,
-                           seed=job.seed, probes_per_backward=config.hawq_probes_per_backward)
-        calibration = {"source": "stdlib", "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": job.seed}
-        analyses = analyses if analyses is not None else AnalysisCache(out_dir / "hawq")
-        t0 = time.perf_counter()
-        sens = analyses.analyse(base, job.model, calib, pconf, calibration)
-        facts["hawq_analysis_seconds"] = time.perf_counter() - t0  # ~0 when the analysis was cached
-        alloc = solve(sens, pconf, Budget(avg_bits=float(job.bits)))
-        doc = plan_document(base, job.model, sens, pconf, Budget(avg_bits=float(job.bits)), alloc, calibration)
-        (out_dir / "plans").mkdir(exist_ok=True)
-        (out_dir / "plans" / f"{job.id}.json").write_text(json.dumps(doc, indent=2))
-        plan = {n: QuantSpec(b, config.group_size) for n, b in alloc.bits.items()}
-        facts["avg_bits"] = alloc.avg_bits
-    method = "rtn" if job.method == "rtn" else "gptq"
-    qconf = QuantizeConfig(method=method, bits=job.bits, group_size=config.group_size, nsamples=config.nsamples,
-                           seqlen=config.seqlen, seed=job.seed, plan=plan, calib_masking=config.calib_masking)
+    if method.planned:
+        plan, facts = hawq_plan(job, base, config, calib, out_dir, analyses)
+    qconf = QuantizeConfig(method=method.quantizer, bits=job.bits, group_size=config.group_size,
+                           nsamples=config.nsamples, seqlen=config.seqlen, seed=job.seed, plan=plan,
+                           calib_masking=config.calib_masking)
     t0 = time.perf_counter()
-    records = quantize_model(adapter, qconf, calib if method == "gptq" else None, progress=progress)
+    records = quantize_model(adapter, qconf, calib, progress=progress)
     facts["quantize_seconds"] = time.perf_counter() - t0
     facts.setdefault("avg_bits", float(job.bits))
     facts["calib_masking"] = config.calib_masking
     facts["layer_output_error"] = sum(r.output_error or 0.0 for r in records)
     return adapter, facts
+
+
+def hawq_plan(job: Job, base, config: SweepConfig, calib, out_dir: Path, analyses=None) -> tuple[dict, dict]:
+    """hawq's per-layer specs for this job's budget (its bits, on average), from the analysis of
+    its model, calibration and seed (computed once per AnalysisCache), and facts about it; the
+    plan document goes to out_dir/plans."""
+    from hawq import AnalysisCache, Budget, PlanConfig, plan_document, solve
+    from qrobust.quant import QuantSpec
+
+    pconf = PlanConfig(bits=config.hawq_candidates, group_size=config.group_size, probes=config.hawq_probes,
+                       seed=job.seed, probes_per_backward=config.hawq_probes_per_backward)
+    calibration = {"source": "stdlib", "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": job.seed}
+    analyses = analyses if analyses is not None else AnalysisCache(out_dir / "hawq")
+    t0 = time.perf_counter()
+    sens = analyses.analyse(base, job.model, calib, pconf, calibration)
+    facts = {"hawq_analysis_seconds": time.perf_counter() - t0}  # ~0 when the analysis was cached
+    alloc = solve(sens, pconf, Budget(avg_bits=float(job.bits)))
+    doc = plan_document(base, job.model, sens, pconf, Budget(avg_bits=float(job.bits)), alloc, calibration)
+    (out_dir / "plans").mkdir(exist_ok=True)
+    (out_dir / "plans" / f"{job.id}.json").write_text(json.dumps(doc, indent=2))
+    facts["avg_bits"] = alloc.avg_bits
+    return {n: QuantSpec(b, config.group_size) for n, b in alloc.bits.items()}, facts
 
 
 # Base models a worker keeps loaded (with their metrics' cached baseline): two, so that the sweep
