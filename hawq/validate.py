@@ -27,17 +27,14 @@ from qrobust.calib import calibration_tokens
 from qrobust.models import load_model
 from qrobust.quant import QuantizeConfig, QuantSpec, quantize_model
 from qrobust.zoo.card import read_val_sample
-from qrobust.zoo.metrics import ar_nll, diffusion_nelbo, windows
+from qrobust.zoo.metrics import windows
 from qrobust.zoo.train import tokenize_docs
 
 BUDGETS = (2.5, 2.75, 3.0, 3.25, 3.5)
 
 
 def val_loss(adapter, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        if adapter.kind == "ar":
-            return ar_nll(adapter.logits, ids)
-        return diffusion_nelbo(adapter.logits, ids, adapter.mask_token_id, adapter.shift_logits, samples=8, seed=0)
+    return float(adapter.held_out_loss_rows(ids, samples=8, seed=0).mean())
 
 
 def quantized_loss(base, bits: dict[str, int], group_size: int, calib: torch.Tensor, ids: torch.Tensor) -> float:

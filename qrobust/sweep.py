@@ -207,17 +207,12 @@ HELD_OUT_MASK_SEED = 0
 def likelihood(adapter, seqlen: int, seed: int = HELD_OUT_MASK_SEED, batch_size: int = 8) -> dict:
     """Held-out loss per token on the validation sample shipped with qrobust, per window too."""
     from qrobust.zoo.card import read_val_sample
-    from qrobust.zoo.metrics import ar_nll_rows, diffusion_nelbo_rows, windows
+    from qrobust.zoo.metrics import windows
     from qrobust.zoo.train import tokenize_docs
 
     ids = windows(tokenize_docs(adapter.tokenizer, read_val_sample()), seqlen).to(adapter.device)
-    if adapter.kind == "ar":
-        per_window = ar_nll_rows(adapter.logits, ids, batch_size)
-    else:
-        per_window = diffusion_nelbo_rows(adapter.logits, ids, adapter.mask_token_id, adapter.shift_logits,
-                                          samples=4, seed=seed, batch_size=batch_size)
-    kind = "nll" if adapter.kind == "ar" else "neg_elbo"
-    return {"kind": kind, "value": float(per_window.mean()), "per_window": per_window.tolist()}
+    per_window = adapter.held_out_loss_rows(ids, samples=4, seed=seed, batch_size=batch_size)
+    return {"kind": adapter.held_out_loss, "value": float(per_window.mean()), "per_window": per_window.tolist()}
 
 
 def quantize_for(job: Job, base, config: SweepConfig, out_dir: Path, progress: bool = False, analyses=None):

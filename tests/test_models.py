@@ -193,3 +193,8 @@ def test_held_out_losses_per_window_in_batches(tiny_dirs, calib):
     whole = diffusion_nelbo(dllm.logits, ids, dllm.mask_token_id, dllm.shift_logits, samples=3, batch_size=6)
     assert masked.shape == (6,) and float(masked.mean()) == pytest.approx(whole, rel=1e-5)
     assert masked.std() > 0  # the windows differ
+    # each kind's adapter measures its own: exact NLL, or the seeded negative ELBO
+    assert (ar.held_out_loss, dllm.held_out_loss) == ("nll", "neg_elbo")
+    assert torch.equal(ar.held_out_loss_rows(ids, batch_size=4), rows)
+    assert torch.equal(dllm.held_out_loss_rows(ids, samples=3, batch_size=6), masked)
+    assert not torch.equal(dllm.held_out_loss_rows(ids, samples=3, seed=1, batch_size=6), masked)

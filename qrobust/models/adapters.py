@@ -51,6 +51,7 @@ class BlockLayers:
 class ModelAdapter(ABC):
     kind: ClassVar[str]
     fused_for_generation: ClassVar[bool] = False  # whether for_generation fuses projections on CUDA
+    held_out_loss: ClassVar[str]  # what held_out_loss_rows measures
 
     def __init__(self, model: nn.Module, tokenizer, name: str, num_layers: int):
         self.model = model
@@ -169,6 +170,13 @@ class ModelAdapter(ABC):
         on what else is in its batch)."""
 
     @abstractmethod
+    def held_out_loss_rows(self, ids: torch.Tensor, samples: int = 8, seed: int = 0,
+                           batch_size: int = 16) -> torch.Tensor:
+        """The loss per token of each equal-length window [N] of held-out text, `held_out_loss`
+        names it (AR: exact NLL; diffusion: a Monte-Carlo negative ELBO over `samples` stratified
+        mask ratios, seeded)."""
+
+    @abstractmethod
     def calibration_inputs(self, input_ids: torch.Tensor, seed: int = 0, masking: str = "stratified") -> torch.Tensor:
         """What the model sees in use, for calibration: clean text (AR) or masked text (diffusion,
         `masking` one of CALIB_MASKINGS)."""
@@ -256,6 +264,7 @@ class ARAdapter(ModelAdapter):
     """Any transformers causal LM (Qwen3 is the reference)."""
 
     kind = "ar"
+    held_out_loss = "nll"
     # fused projections: 2-9% more tokens/s at batch 32-64 on an H100, full precision and every
     # width alike (results/engine/engine_variants_fused_h100.json)
     fused_for_generation = True
@@ -297,6 +306,11 @@ class ARAdapter(ModelAdapter):
             targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
         return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction=reduction)
 
+    def held_out_loss_rows(self, ids, samples=8, seed=0, batch_size=16):
+        from qrobust.zoo.metrics import ar_nll_rows
+
+        return ar_nll_rows(self.logits, ids, batch_size)
+
     def calibration_inputs(self, input_ids, seed=0, masking="stratified"):
         return input_ids
 
@@ -324,6 +338,7 @@ class DiffusionAdapter(ModelAdapter):
     """A masked-diffusion LM: the native TransformerLM(causal=False) or CoDA's remote code."""
 
     kind = "diffusion"
+    held_out_loss = "neg_elbo"
     # not fused: the fast sampler's 1,056-row products ran 0-7% slower so on an H100, bf16 5%
     # (results/engine/engine_diffusion_widths_h100.json)
     fused_for_generation = False
@@ -344,6 +359,11 @@ class DiffusionAdapter(ModelAdapter):
         g = torch.Generator().manual_seed(seed + 1)
         return masked_diffusion_loss(self.logits, input_ids, self._ratios(input_ids.shape[0], seed),
                                      self.mask_token_id, self.shift_logits, g, attention_mask, reduction)
+
+    def held_out_loss_rows(self, ids, samples=8, seed=0, batch_size=16):
+        from qrobust.zoo.metrics import diffusion_nelbo_rows
+
+        return diffusion_nelbo_rows(self.logits, ids, self.mask_token_id, self.shift_logits, samples, seed, batch_size)
 
     def calibration_inputs(self, input_ids, seed=0, masking="stratified"):
         """'stratified' (the default): mask ratios stratified over (eps, 1) across the sequences given

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from qrobust.zoo.corpus import Document, read_split
-from qrobust.zoo.metrics import ar_nll, diffusion_nelbo, windows
+from qrobust.zoo.metrics import windows
 
 VAL_SAMPLE = "data/val_sample.jsonl.gz"
 
@@ -88,9 +88,7 @@ def sample_loss(adapter, seq_len: int, elbo_samples: int, seed: int) -> float:
     from qrobust.zoo.train import tokenize_docs
 
     ids = windows(tokenize_docs(adapter.tokenizer, read_val_sample()), seq_len).to(adapter.device)
-    if adapter.kind == "ar":
-        return ar_nll(adapter.logits, ids)
-    return diffusion_nelbo(adapter.logits, ids, adapter.mask_token_id, adapter.shift_logits, elbo_samples, seed)
+    return float(adapter.held_out_loss_rows(ids, samples=elbo_samples, seed=seed).mean())
 
 
 def evaluate_zoo_model(model_dir: str | Path, corpus_dir: str | Path, out_dir: str | Path, headers: int = 100,
