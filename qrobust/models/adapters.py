@@ -83,7 +83,9 @@ class ModelAdapter(ABC):
         `fused_for_generation`). Returns how many layer groups changed (0 for other models)."""
         from qrobust.models.decode import fuse_projections
 
-        if not self.native or not (self.device.type == "cuda" and self.fused_for_generation if fuse is None else fuse):
+        if fuse is None:
+            fuse = self.device.type == "cuda" and self.fused_for_generation
+        if not (fuse and self.native):
             return 0
         self._layers = self._engine = None  # both hold the layers as they were (an engine's graphs replay them)
         return fuse_projections(self.model)
@@ -339,7 +341,7 @@ class DiffusionAdapter(ModelAdapter):
 
     kind = "diffusion"
     held_out_loss = "neg_elbo"
-    # not fused: the fast sampler's 1,056-row products ran 0-7% slower so on an H100, bf16 5%
+    # not fused: with fused projections the fast sampler ran 0-7% slower on an H100, bf16 5%
     # (results/engine/engine_diffusion_widths_h100.json)
     fused_for_generation = False
 
