@@ -2,9 +2,9 @@
 
 engine_gpu.py measures whole generations; this script says what to speed up next:
 
-(a) profile: the CUDA kernels of engine decoding steps (batch 64, random-weight Qwen3-1.7B shape,
-    bf16 dense and packed 4-bit RTN), grouped into linear products, attention and the rest, with
-    each group's share of the step;
+(a) profile: the CUDA kernels of engine decoding steps (batch 64 greedy, or with --study-settings
+    batch 32 as `qrobust sweep` samples; random-weight Qwen3-1.7B shape, bf16 dense and packed 4-bit
+    RTN), grouped into linear products, attention, sampling and the rest, with each group's share;
 (b) tiles: the packed matmul alone at the given rows (--rows, default 64) against bf16 nn.Linear,
     both timed inside a CUDA graph of 20 calls (so launch overhead does not count), for the
     default tiling (kernels.packed_matmul.packed_matmul_tiling) and a grid of others.
@@ -36,8 +36,9 @@ from qrobust.kernels.packed_matmul import (MatmulTiling, matmul_locks, packed_ma
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
 from qrobust.quant.qlinear import FORMAT_OFFSET
 
-# attention first: its CUTLASS kernels' names also hold "cutlass"
-GROUPS = (("attention", ("attention", "fmha", "flash", "softmax", "sdpa", "efficient")),
+# sampling first (its softmax is not attention's), then attention: its CUTLASS kernels' names also hold "cutlass"
+GROUPS = (("sampling", ("scatter", "scan", "radix", "sort", "cumsum")),
+          ("attention", ("attention", "fmha", "flash", "softmax", "sdpa", "efficient")),
           ("linear", ("gemm", "gemv", "matmul", "dequant", "nvjet", "cutlass", "xmma", "ampere")))
 
 
@@ -46,15 +47,23 @@ def kernel_group(name: str) -> str:
     return next((g for g, keys in GROUPS if any(k in lowered for k in keys)), "other")
 
 
-def profile_steps(plan: Plan, bits: int, batch: int, tokens: int) -> list[dict]:
-    """Kernel times over one generation of `tokens` forced tokens at `batch` rows (graphs warm)."""
+def profile_steps(plan: Plan, bits: int, batch: int, tokens: int, study: bool = False) -> list[dict]:
+    """Kernel times over one generation of `tokens` forced tokens at `batch` rows (graphs warm);
+    study: as `qrobust sweep` generates (192-token prompts, temperature 0.1, top-p 0.9, the layers
+    as for_generation readies them: fused projections, one attention kernel per layer)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from qrobust.models.decode import fuse_projections, use_attention_kernel
+
     model = build(plan, "ar", bits, "cuda")
+    if study:
+        fuse_projections(model)
+        use_attention_kernel(model)
     engine = AREngine(model)
     rule = StopRule(frozenset([model.config.eos_token_id]), min_new_tokens=tokens)
-    settings = DecodeSettings(tokens, min_new_tokens=tokens)
-    prompts = random_prompts(batch, plan.prompt_len, model.config.vocab_size)
+    settings = DecodeSettings(tokens, temperature=0.1 if study else 0.0, top_p=0.9 if study else 1.0,
+                              min_new_tokens=tokens)
+    prompts = random_prompts(batch, 192 if study else plan.prompt_len, model.config.vocab_size)
     engine.generate(prompts, settings, rule, batch)  # capture the graphs outside the profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -62,7 +71,7 @@ def profile_steps(plan: Plan, bits: int, batch: int, tokens: int) -> list[dict]:
         engine.generate(prompts, settings, rule, batch)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    rows = [{"bits": bits, "batch": batch, "tokens": tokens, "kernel": e.key[:120], "group": kernel_group(e.key),
+    rows = [{"bits": bits, "batch": batch, "tokens": tokens, "study_settings": study, "kernel": e.key[:120], "group": kernel_group(e.key),
              "cuda_us": e.device_time_total, "calls": e.count, "wall_s": wall}
             for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(r["cuda_us"] for r in rows)
@@ -134,7 +143,7 @@ def summary(profile_rows: list[dict], tile_rows_: list[dict]) -> list[str]:
         mine = [r for r in profile_rows if r["bits"] == bits]
         total = sum(r["cuda_us"] for r in mine)
         shares = {g: sum(r["cuda_us"] for r in mine if r["group"] == g) / total
-                  for g in ("linear", "attention", "other")}
+                  for g in ("linear", "attention", "sampling", "other")}
         lines.append(f"  {bits:>2} bits: " + ", ".join(f"{g} {s:.0%}" for g, s in shares.items())
                      + f"; wall {mine[0]['wall_s']:.2f} s; top: " + "; ".join(
                          f"{r['kernel'][:40]} {r['share']:.0%}" for r in mine[:4]))
@@ -154,6 +163,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--parts", default="profile,tiles", help="profile, tiles or both")
     parser.add_argument("--profile-tokens", type=int, default=64)
+    parser.add_argument("--study-settings", action="store_true",
+                        help="profile: batch 32 at the sweep's settings and layers (profile_steps) instead of batch 64 "
+                             "greedy")
     parser.add_argument("--rows", default="64", help="the tiles' row counts, comma-separated")
     parser.add_argument("--bits", default="4", help="the tiles' widths, comma-separated")
     for name, default in vars(TileGrid()).items():
@@ -166,7 +178,9 @@ def main() -> None:
     parts = args.parts.split(",")
     prof, tiles = [], []
     if "profile" in parts:
-        prof = [r for bits in (16, 4) for r in profile_steps(plan, bits, 64, args.profile_tokens)]
+        batch = 32 if args.study_settings else 64
+        prof = [r for bits in (16, 4) for r in profile_steps(plan, bits, batch, args.profile_tokens,
+                                                             args.study_settings)]
         write_rows(os.path.join(args.out, "engine_profile.json"), prof, part="profile")
     if "tiles" in parts:
         grid = TileGrid(**{name: tuple(int(v) for v in getattr(args, name).split(",")) for name in vars(TileGrid())})

@@ -23,7 +23,13 @@ random-weight models of the real shapes in bfloat16. Parts (--parts, all by defa
 - diffusion: the CoDA-shaped model (causal=False) at batch 8 × 256 tokens, the exact sampler (one
   token per step) against the fast sampler (blocks of 32, threshold 0.9);
 - diffusion-widths: the fast sampler at batch 32 × 256 tokens, greedy, for bf16 and every packed
-  width, with today's layers and with fused q/k/v and gate/up, each against bf16 in the run.
+  width, with today's layers and with fused q/k/v and gate/up, each against bf16 in the run;
+- sampling: the AR engine at the study's settings (batch 32, 192-token prompts, 768 forced tokens,
+  temperature 0.1, top-p 0.9, the layers as `for_generation` readies them) for bf16 and every
+  width, drawing each token through today's histogram of logit values (models.nucleus) and
+  through a sort of the whole vocabulary (the draw before it), each against bf16 with the same
+  draw; the first call (which captures every graph) and the second apart; and each draw alone
+  on [rows, vocabulary] bf16 logits in a CUDA graph.
 
 Rows go to $OUT (or --out) as JSON files as each part finishes (engine_<part>.json, engine_ar.json
 for ar); a summary table is printed.
@@ -51,7 +57,7 @@ from qrobust.bench_generate import model_bytes, quantize_blocks_rtn
 from qrobust.kernels import fragments, tinygemm
 from qrobust.kernels.packed_matmul import packed_matmul
 from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
-from qrobust.models.decode import fuse_projections, sync
+from qrobust.models.decode import fuse_projections, sync, use_attention_kernel
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
 from qrobust.models.transformer import RMSNorm, TransformerConfig, TransformerLM
 from qrobust.quant.grid import QuantSpec, rtn
@@ -410,6 +416,10 @@ def variants(plan: Plan, device: str) -> list[dict]:
         if wanted("fused projections"):
             fuse_projections(model)  # new layers, so their matmuls add up their K-splits inside again
             rows += engine_rows(model, short, bits, variant="fused projections")
+            if wanted("attention kernel"):
+                use_attention_kernel(model)
+                rows += engine_rows(model, short, bits, variant="fused projections, attention kernel")
+                use_attention_kernel(model, on=False)
             if bits != 16:
                 rows += rewritten_rows(model, bits, prefix="fused projections, ")
             if bits == 4 and torch.device(device).type == "cuda":
@@ -567,6 +577,78 @@ def diffusion_widths(plan: Plan, device: str) -> list[dict]:
     return rows
 
 
+# ---- (d) sampling at the study's settings -----------------------------------------------------------
+@contextlib.contextmanager
+def sorting_draw():
+    """The engine's draw as it was before models.nucleus: each step sorts every row's whole
+    distribution (then nucleus_draw), which needs no host sync either."""
+    from unittest import mock
+
+    import qrobust.models.engine as engine_module
+    from qrobust.models.diffusion import nucleus_draw
+
+    def full_sort(logits, temperature, top_p, uniform):
+        sorted_p, order = torch.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)
+        return nucleus_draw(sorted_p, order, top_p, uniform)[0]
+
+    with mock.patch.object(engine_module, "nucleus_sample", full_sort):
+        yield
+
+
+DRAWS = {"histogram": contextlib.nullcontext, "sort": sorting_draw}
+
+
+def sampling(plan: Plan, device: str) -> list[dict]:
+    """The AR engine as `qrobust sweep` runs it (see the module docstring), and each draw alone."""
+    from qrobust.models.nucleus import histogram_draw
+
+    batch, prompt_len, tokens = (3, plan.prompt_len, plan.new_tokens) if plan.tiny else (32, 192, 768)
+    settings = DecodeSettings(tokens, temperature=0.1, top_p=0.9, min_new_tokens=tokens)
+    rows = []
+    for bits in plan.bits:
+        model = build(plan, "ar", bits, device)
+        fuse_projections(model)
+        if torch.device(device).type == "cuda":
+            use_attention_kernel(model)
+        rule = StopRule(frozenset([model.config.eos_token_id]), min_new_tokens=tokens)
+        prompts = random_prompts(batch, prompt_len, model.config.vocab_size, seed=3)
+        for draw, context in DRAWS.items():
+            with context():
+                engine = AREngine(model)
+                first = engine.generate(prompts, settings, rule, batch)  # compiles and captures every graph
+                out = engine.generate(prompts, settings, rule, batch)
+            seconds = sum(b.seconds for b in out.batches)
+            n = sum(len(t) for t in out.tokens)
+            rows.append({"bits": bits, "batch": batch, "draw": draw, "prompt_len": prompt_len, "new_tokens": tokens,
+                         "first_call_seconds": sum(b.seconds for b in first.batches), "seconds": seconds,
+                         "tokens_per_s": n / seconds, "same_tokens_as_first_call": out.tokens == first.tokens})
+            print(f"  sampled ar {bits:>2}-bit batch {batch} {draw:>9}: {n / seconds:9.1f} tok/s "
+                  f"(first call {rows[-1]['first_call_seconds']:.2f} s, second {seconds:.2f} s)", flush=True)
+            del engine
+            release()
+        del model
+        release()
+    base = {r["draw"]: r["tokens_per_s"] for r in rows if r["bits"] == 16}
+    for r in rows:
+        r["ratio_to_bf16_same_draw"] = r["tokens_per_s"] / base[r["draw"]] if base else None
+    if torch.device(device).type == "cuda":
+        vocab = config(plan, "ar").vocab_size
+        for n in (32, 64):
+            logits = torch.randn(n, vocab, device=device).mul(2).bfloat16()
+            u = torch.rand(n, device=device)
+            with sorting_draw():
+                import qrobust.models.engine as engine_module
+
+                sort_s = graph_time(functools.partial(engine_module.nucleus_sample, logits, 0.1, 0.9, u))
+            timed = {"sort": sort_s, "histogram": graph_time(functools.partial(histogram_draw, logits, 0.1, 0.9, u)),
+                     "greedy": graph_time(functools.partial(torch.argmax, logits, -1))}
+            rows.append({"part": "draw alone", "rows": n, "vocab": vocab,
+                         **{f"{k}_us": 1e6 * v for k, v in timed.items()}})
+            print(f"  draw alone, {n} rows: " + ", ".join(f"{k} {1e6 * v:.1f} us" for k, v in timed.items()),
+                  flush=True)
+    return rows
+
+
 def summary(results: dict[str, list[dict]]) -> list[str]:
     lines = ["AR (forced full length)", f"{'bits':>5} {'batch':>6} {'tok/s':>10} {'x bf16':>7}"]
     lines += [f"{r['bits']:>5} {r['batch']:>6} {r['tokens_per_s']:>10.1f} {r['ratio_to_bf16'] or 0:>7.2f}"
@@ -588,6 +670,12 @@ def summary(results: dict[str, list[dict]]) -> list[str]:
               f"gap {r['top2_gap_there']}" for r in results.get("agreement", [])]
     lines += ["diffusion"] + [f"  {r['sampler']:>6}: {r['tokens_per_s']:.1f} tok/s, {r['forward_passes']} passes, "
                               f"agreement {r['token_agreement_with_exact']:.3f}" for r in results.get("diffusion", [])]
+    lines += ["AR at the study's settings (sampled, fused, attention kernel)", f"{'bits':>5} {'draw':>10} "
+              f"{'tok/s':>10} {'x bf16':>7} {'first s':>8}"]
+    lines += [f"{r['bits']:>5} {r['draw']:>10} {r['tokens_per_s']:>10.1f} {r['ratio_to_bf16_same_draw'] or 0:>7.2f} "
+              f"{r['first_call_seconds']:>8.2f}" for r in results.get("sampling", []) if "draw" in r]
+    lines += [f"  draw alone, {r['rows']} rows: sort {r['sort_us']:.1f} us, histogram {r['histogram_us']:.1f} us, "
+              f"greedy {r['greedy_us']:.1f} us" for r in results.get("sampling", []) if "draw" not in r]
     lines += ["diffusion at every width (fast sampler, greedy)", f"{'bits':>5} {'batch':>6} {'variant':>20} "
               f"{'tok/s':>10} {'x bf16 same':>11} {'x bf16':>7}"]
     lines += [f"{r['bits']:>5} {r['batch']:>6} {r['variant']:>20} {r['tokens_per_s']:>10.1f} "
@@ -599,7 +687,8 @@ def summary(results: dict[str, list[dict]]) -> list[str]:
 PARTS = {"ar": (ar_throughput, "engine_ar.json"), "norms": (norm_kernels, "engine_norms.json"),
          "products": (products, "engine_products.json"), "variants": (variants, "engine_variants.json"),
          "agreement": (agreement, "engine_agreement.json"), "diffusion": (diffusion, "engine_diffusion.json"),
-         "diffusion-widths": (diffusion_widths, "engine_diffusion_widths.json")}
+         "diffusion-widths": (diffusion_widths, "engine_diffusion_widths.json"),
+         "sampling": (sampling, "engine_sampling.json")}
 
 
 def main() -> None:
@@ -613,7 +702,8 @@ def main() -> None:
                                        "(1024: the diffusion fast sampler's block of 32 at batch 32)")
     parser.add_argument("--variants", help="variants: the rewrites to time beside today's engine, comma-separated "
                                            "(default all: GPTQ layout, products write zeros, sums afterwards, "
-                                           "fused projections, 64-row programs; the last two also together)")
+                                           "fused projections, attention kernel (with fused projections), "
+                                           "64-row programs; the last also fused)")
     parser.add_argument("--tiling", help="variants: also the fastest tiling per width, rows and shape in these "
                                          "fragments_splits.py files, comma-separated (unfused and with fused "
                                          "projections)")

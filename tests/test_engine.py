@@ -44,6 +44,29 @@ def test_greedy_tokens_equal_transformers_generate_on_padded_batches(tiny_ar, hf
     assert sorted(g.batch_size for g in ours) == [2, 2, 3, 3, 3]
 
 
+def test_the_attention_kernel_decodes_left_padded_batches_to_the_same_tokens(small_ar):
+    """for_generation's one attention kernel per layer (models.decode.use_attention_kernel, where
+    Triton runs; here its interpreter): rows of different padding, each attending from its own first
+    slot at its own rotary position, decode the torch path's greedy tokens, through retiring and
+    compacting rows too."""
+    from qrobust import kernels
+    from qrobust.models.decode import use_attention_kernel
+
+    model = small_ar.model
+    if not kernels.supports(model.device):
+        pytest.skip("Triton cannot run here")
+    ids = [small_ar.tokenizer(p)["input_ids"] for p in PROMPTS]
+    eos = StopRule(frozenset([AREngine(model).generate(ids[:1], DecodeSettings(6), StopRule(frozenset()), 1)
+                              .tokens[0][-1]]))  # a token some row reaches: rows retire at different steps
+    before = AREngine(model, check_every=2).generate(ids, DecodeSettings(12), eos, batch_size=4).tokens
+    assert use_attention_kernel(model) == model.config.num_hidden_layers
+    try:
+        after = AREngine(model, check_every=2).generate(ids, DecodeSettings(12), eos, batch_size=4).tokens
+    finally:
+        use_attention_kernel(model, on=False)
+    assert after == before and len({len(t) for t in before}) > 1
+
+
 def test_rows_end_at_eos_and_stop_strings_but_not_before_min_new_tokens(small_ar):
     tok = small_ar.tokenizer
     ids = [tok(p)["input_ids"] for p in PROMPTS]
@@ -350,6 +373,8 @@ def test_on_cuda_only_the_ar_kind_is_fused_and_fusing_a_diffusion_model_keeps_it
     with monkeypatch.context() as m:
         m.setattr(ModelAdapter, "device", property(lambda self: torch.device("cuda")))
         assert (ar.for_generation(), diffusion.for_generation()) == (2 * ar.num_layers, 0)
+    assert all(b.self_attn.decode_attention is not None for b in ar.model.model.layers)  # Triton is installed
+    assert all(b.self_attn.decode_attention is None for b in diffusion.model.model.layers)
     samplers = (SamplerConfig(block_length=4), SamplerConfig(block_length=4, mode="fast", threshold=0.5))
 
     def responses() -> list[str]:

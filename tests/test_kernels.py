@@ -568,6 +568,47 @@ def test_decode_attention_normalizes_rotates_and_caches_the_new_token(position):
                          new=dataclasses.replace(new, k=k[:, :, :D]))
 
 
+def test_decode_attention_of_a_left_padded_batch_starts_each_row_at_its_first_key():
+    """The batched engine's step: rows padded on the left by different amounts share the slot
+    index, each rotated at its own position (slot − padding) and attending from its first real
+    key; the kernel gives what the torch path gives with the engine's mask, in one program and
+    split along the cache (a row whose padding fills whole splits)."""
+    from qrobust.kernels.decode_attention import NewToken, decode_attention
+    from qrobust.models.transformer import RMSNorm, RotaryEmbedding, apply_rotary
+
+    g = torch.Generator().manual_seed(5)
+    B, H, H_kv, L, D, slot = 3, 4, 2, 64, 16, 45
+    pad = torch.tensor([0, 7, 40], device=DEVICE)
+    q, k, v = (torch.randn(B, 1, n * D, generator=g).to(DEVICE) for n in (H, H_kv, H_kv))
+    k_cache, v_cache = (torch.randn(B, H_kv, L, D, generator=g).to(DEVICE) for _ in range(2))
+    q_norm, k_norm = RMSNorm(D, 1e-6).to(DEVICE), RMSNorm(D, 1e-6).to(DEVICE)
+    positions = (slot - pad)[:, None]
+    with torch.no_grad():
+        q_norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+        cos, sin = RotaryEmbedding(D, 10000.0).to(DEVICE)(positions, torch.float32)  # [B, 1, D]
+        qh = apply_rotary(q_norm(q.reshape(B, 1, H, D)).transpose(1, 2), cos, sin)
+        kh = apply_rotary(k_norm(k.reshape(B, 1, H_kv, D)).transpose(1, 2), cos, sin)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[:, :, slot], v_ref[:, :, slot] = kh[:, :, 0], v.reshape(B, H_kv, D)
+    keys = torch.arange(L, device=DEVICE)
+    mask = ((keys[None] >= pad[:, None]) & (keys[None] <= slot))[:, None, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(qh, k_ref, v_ref, attn_mask=mask, enable_gqa=True)
+    new = NewToken(k, v, q_norm.weight.detach(), k_norm.weight.detach(), 1e-6, cos.reshape(B, D), sin.reshape(B, D))
+    locks = torch.zeros(B * H_kv, dtype=torch.int32, device=DEVICE)
+    for splits, lock in ((1, None), (4, locks)):  # 4 splits of 16: the last row's padding fills two
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = decode_attention(q, kc, vc, torch.tensor([slot], device=DEVICE), lock, block_l=16, splits=splits,
+                               new=new, start=pad)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kc, k_ref, rtol=1e-5, atol=1e-5)
+        assert not locks.any()
+    with pytest.raises(ValueError, match="cos and sin"):
+        decode_attention(q, k_cache, v_cache, torch.tensor([slot], device=DEVICE),
+                         new=dataclasses.replace(new, cos=cos.reshape(B, D)[:2], sin=sin.reshape(B, D)[:2]))
+    with pytest.raises(ValueError, match="start"):
+        decode_attention(q, k_cache, v_cache, torch.tensor([slot], device=DEVICE), new=new, start=pad[:2])
+
+
 PDL_COMPILE = """
 import json, sys
 from qrobust.kernels import compile_gemv_for

@@ -68,8 +68,8 @@ def _norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, eps, d, D: tl.constexpr):
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, pm_ptr, pl_ptr, pacc_ptr, lock_ptr, qk_scale,
                              split_len, stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_yb, stride_yh,
-                             kn_ptr, vn_ptr, stride_nb, qw_ptr, kw_ptr, cos_ptr, sin_ptr, eps,
-                             REP: tl.constexpr, REP_P2: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                             kn_ptr, vn_ptr, stride_nb, qw_ptr, kw_ptr, cos_ptr, sin_ptr, stride_cb, eps, start_ptr,
+                             HAS_START: tl.constexpr, REP: tl.constexpr, REP_P2: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                              BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
                              PRECISION: tl.constexpr, PDL: tl.constexpr, PROLOGUE: tl.constexpr):
     """Query heads h·REP … h·REP + REP − 1 of sequence b against KV head h, keys from this
@@ -78,8 +78,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, pm_ptr, pl_ptr
     outputs are two tl.dot per block of keys, and Triton pipelines the loads that feed them.
     PROLOGUE: q holds the query heads before their RMSNorm and rotary embedding, kn and vn the
     new token's key and value heads [B, 1, H_kv·D] (row stride stride_nb) before theirs; the
-    kernel applies them (weights qw, kw, cos and sin of the position) and the program whose
-    split holds the position writes the new key and value into the caches first.
+    kernel applies them (weights qw, kw, cos and sin of each sequence's position, rows
+    stride_cb apart, 0 for one position) and the program whose split holds the position writes
+    the new key and value into the caches first.
+    HAS_START: sequence b's keys begin at slot start[b] (a left-padded batch: models.engine).
     PDL (programmatic dependent launch): everything it reads comes from the kernels before it, so
     it waits for them first, then lets the next kernel start (which reads its own weights while
     this one runs)."""
@@ -92,8 +94,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, pm_ptr, pl_ptr
     rmask = (r < REP)[:, None]
     heads = (h * REP + r)[:, None]
     length = tl.load(pos_ptr) + 1
+    first = tl.load(start_ptr + b).to(tl.int32) if HAS_START else 0
     kv = b * stride_kb + h * stride_kh
     if PROLOGUE:
+        cos_ptr += b * stride_cb
+        sin_ptr += b * stride_cb
         # every split computes the new key, so that its reads go out with q's, not after the position's
         new = b * stride_nb + h * D
         k_new = _norm_rope(kn_ptr + new + tl.zeros([1, 1], tl.int32), kw_ptr, cos_ptr, sin_ptr, eps, d, D)
@@ -110,9 +115,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, pm_ptr, pl_ptr
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
-    for start in range(split * split_len, tl.minimum(length, (split + 1) * split_len), BLOCK_L):
+    # from the block that holds the first key: a split wholly before it runs no block (m = −∞, weight 0)
+    for start in range(tl.maximum(split * split_len, first // BLOCK_L * BLOCK_L),
+                       tl.minimum(length, (split + 1) * split_len), BLOCK_L):
         pos = start + tl.arange(0, BLOCK_L)
-        valid = pos < length
+        valid = (pos < length) & (pos >= first)
         offs = kv + pos[:, None] * stride_kl + d[None, :]
         k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [ROWS, BLOCK_L], base 2
@@ -156,7 +163,8 @@ def attention_splits(cache_len: int, block_l: int) -> tuple[int, int]:
 class NewToken:
     """What decoding's attention does to the new token's projections before attending (the
     kernel's prologue): RMSNorm over each head (weights q_weight, k_weight; eps) and the rotary
-    embedding (cos and sin of the position, [D]); then the key and value go into the caches."""
+    embedding (cos and sin of the position, [D], or of each sequence's, [B, D]); then the key and
+    value go into the caches."""
     k: torch.Tensor  # [B, 1, H_kv·D], before its norm and rotation
     v: torch.Tensor  # [B, 1, H_kv·D]
     q_weight: torch.Tensor
@@ -169,7 +177,7 @@ class NewToken:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      locks: torch.Tensor | None = None, block_l: int = 64, splits: int | None = None,
                      num_warps: int = 4, num_stages: int = 3, pdl: bool = False,
-                     new: NewToken | None = None) -> torch.Tensor:
+                     new: NewToken | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of q [B, H, 1, D] over the cached keys and values [B, H_kv, L, D] at
     positions 0 … positions[0] (the new token's position, whose key the cache already holds),
     with the usual 1/√D scaling; H must be a multiple of H_kv and D a power of two. Returns
@@ -178,7 +186,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `pdl` launches it as a programmatic dependent launch (kernels.launch.pdl_supported).
     With `new`, q is the query heads [B, 1, H·D] before their norm and rotation, and the kernel
     also normalizes, rotates and caches the new key and value (NewToken): one kernel for what
-    the model otherwise does in several."""
+    the model otherwise does in several. `start` [B]: sequence b attends to positions start[b] …
+    positions[0] only (left padding before them)."""
     if new is not None:
         q = q.unflatten(-1, (-1, k_cache.shape[-1])).transpose(1, 2)  # [B, H, 1, D], heads D apart
     B, H, T, D = q.shape
@@ -192,6 +201,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                             or new.v.stride() != new.k.stride() or new.k.stride(-1) != 1):
         raise ValueError("decode_attention: the new token's q, k and v must be rows of contiguous heads, "
                          f"k and v of shape {(B, 1, H_kv * D)}")
+    if new is not None and not (new.cos.shape == new.sin.shape and new.cos.shape[-1] == D
+                                and new.cos.reshape(-1, D).shape[0] in (1, B) and new.cos.stride(-1) == 1):
+        raise ValueError(f"decode_attention: cos and sin must be [{D}] or [{B}, {D}], got {tuple(new.cos.shape)}")
+    if start is not None and start.shape != (B,):
+        raise ValueError(f"decode_attention: start must be [{B}], got {tuple(start.shape)}")
     if splits is None:
         splits, split_len = attention_splits(L, block_l) if locks is not None else (1, L)
     else:
@@ -206,12 +220,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     slots = B * H_kv * splits * rep_p2 if splits > 1 else 1
     pm, pl = (torch.empty(slots, device=q.device, dtype=torch.float32) for _ in range(2))
     pacc = torch.empty(slots * D if splits > 1 else 1, device=q.device, dtype=torch.float32)
-    prologue = (new.k, new.v, new.k.stride(0), new.q_weight, new.k_weight, new.cos, new.sin, new.eps) if new \
-        else (pm, pm, 0, pm, pm, pm, pm, 0.0)
+    if new is not None:
+        cos, sin = new.cos.reshape(-1, D), new.sin.reshape(-1, D)
+        prologue = (new.k, new.v, new.k.stride(0), new.q_weight, new.k_weight, cos, sin,
+                    cos.stride(0) if cos.shape[0] > 1 else 0, new.eps)
+    else:
+        prologue = (pm, pm, 0, pm, pm, pm, pm, 0, 0.0)
     _decode_attention_kernel[(B, H_kv, splits)](
         q, k_cache, v_cache, positions, y, pm, pl, pacc, locks if splits > 1 else pm, D ** -0.5 * LOG2E, split_len,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), y.stride(0), y.stride(1),
-        *prologue, REP=rep, REP_P2=rep_p2, ROWS=max(16, rep_p2), D=D, BLOCK_L=block_l, SPLITS=splits,
+        *prologue, start if start is not None else pm, HAS_START=start is not None, REP=rep, REP_P2=rep_p2,
+        ROWS=max(16, rep_p2), D=D, BLOCK_L=block_l, SPLITS=splits,
         SPLITS_P2=triton.next_power_of_2(splits), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PDL=pdl, PROLOGUE=new is not None, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl))
     return y
@@ -221,16 +240,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, positions: torch.Tensor, locks: torch.Tensor | None,
                         q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos: torch.Tensor,
-                        sin: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+                        sin: torch.Tensor, pdl: bool = False, start: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step's attention from the new token's projections q [B, 1, H·D], k and v
     [B, 1, H_kv·D] (decode_attention with NewToken), as one opaque call for torch.compile and
     CUDA graphs; writes the new key and value into the caches. `locks` is not listed as mutated:
     every call leaves it as it found it."""
     return decode_attention(q, k_cache, v_cache, positions, locks, pdl=pdl,
-                            new=NewToken(k, v, q_weight, k_weight, eps, cos, sin))
+                            new=NewToken(k, v, q_weight, k_weight, eps, cos, sin), start=start)
 
 
 @decode_attention_op.register_fake
-def _(q, k, v, k_cache, v_cache, positions, locks, q_weight, k_weight, eps, cos, sin, pdl=False):
+def _(q, k, v, k_cache, v_cache, positions, locks, q_weight, k_weight, eps, cos, sin, pdl=False, start=None):
     B, D = q.shape[0], k_cache.shape[-1]
     return q.new_empty(B, q.shape[-1] // D, 1, D)

@@ -130,7 +130,8 @@ def nucleus_draw(sorted_p: torch.Tensor, order: torch.Tensor, top_p: float,
     renormalized distribution q and the index drawn in it [N, 1]. No host sync (CUDA-graph safe)."""
     kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0) if top_p < 1.0 else sorted_p
     q = kept / kept.sum(-1, keepdim=True)
-    below = _quantile_index(q, uniform)
+    # where rounding leaves the cumulative mass short of the quantile, the least probable kept token
+    below = _quantile_index(q, uniform).minimum((q > 0).sum(-1, keepdim=True) - 1)
     return order.gather(-1, below), q, below
 
 

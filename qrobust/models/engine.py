@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from qrobust.models.decode import GraphedForward, capture, greedy_token, sync
-from qrobust.models.diffusion import SamplerConfig, diffusion_generate, nucleus_draw
+from qrobust.models.diffusion import SamplerConfig, diffusion_generate
+from qrobust.models.nucleus import nucleus_sample
 from qrobust.models.transformer import KVCache, TransformerLM
 
 
@@ -114,9 +115,8 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, uniform
     quantile uniform [B] of the nucleus (top_p) of softmax(logits / temperature), without a sync."""
     if temperature <= 0:
         return greedy_token(logits)
-    # the whole vocabulary sorted: diffusion.choose's shortcut through the top candidates needs a sync
-    sorted_p, order = torch.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)
-    return nucleus_draw(sorted_p, order, top_p, uniform)[0]
+    # not diffusion.choose's shortcut through the top candidates, which needs a sync
+    return nucleus_sample(logits, temperature, top_p, uniform)
 
 
 class AREngine:
@@ -150,7 +150,8 @@ class AREngine:
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     def _views(self, batch: int, length: int, positions: torch.Tensor) -> list[KVCache]:
-        return [KVCache(c.k[:batch, :, :length], c.v[:batch, :, :length], positions) for c in self.caches]
+        return [KVCache(c.k[:batch, :, :length], c.v[:batch, :, :length], positions, self.pad[:batch])
+                for c in self.caches]
 
     # ---- one step ---------------------------------------------------------------------------
     def _step(self, batch: int, length: int, temperature: float, top_p: float) -> Callable[[], torch.Tensor]:

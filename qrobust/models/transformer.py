@@ -136,8 +136,9 @@ class KVCache:
     tensor the decoder advances), so a decoding step has fixed shapes and can be replayed as a
     CUDA graph. Slots past the current position hold stale values; the attention mask hides them."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, start: torch.Tensor | None = None):
         self.k, self.v, self.positions = k, v, positions
+        self.start = start  # [B]: each row's first slot (left padding before it), where rows differ
         # arrival counters for a decode-attention kernel that splits the cache (kernels.decode_attention)
         self.locks = torch.zeros(k.shape[0] * k.shape[1], dtype=torch.int32, device=k.device)
 
@@ -195,8 +196,10 @@ class Attention(nn.Module):
         cos, sin = rope
         if cache is not None and T == 1 and self.decode_attention is not None:
             # one kernel normalizes, rotates and caches the new token's heads and attends
+            rows = cos.shape[0]  # one rotary position for all rows, or one per row
             y = self.decode_attention(q, k, v, cache.k, cache.v, cache.positions, cache.locks, self.q_norm.weight,
-                                      self.k_norm.weight, self.q_norm.eps, cos.reshape(-1), sin.reshape(-1))
+                                      self.k_norm.weight, self.q_norm.eps, cos.reshape(rows, -1), sin.reshape(rows, -1),
+                                      start=cache.start)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         q = self.q_norm(q.reshape(B, T, self.n_head, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.reshape(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)
