@@ -9,21 +9,15 @@ from qrobust.models.nucleus import histogram_draw, histogram_draw_applies, sorte
 SETTINGS = ((0.1, 0.9), (0.7, 0.95), (1.0, 1.0), (0.1, 0.5))
 
 
-def exact_nucleus(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor):
+def exact_draw(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
     """The draw in float64: a stable descending sort (ties in token-id order), tokens kept while
-    the mass before them is at most top_p, the first whose cumulative mass reaches the quantile.
-    Returns the tokens [N], the renormalized nucleus q [N, V] (sorted) and the drawn index [N, 1]."""
+    the mass before them is at most top_p, the first whose cumulative mass reaches the quantile."""
     p = torch.softmax(logits.double() / temperature, -1)
     sorted_p, order = p.sort(dim=-1, descending=True, stable=True)
     kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0) if top_p < 1 else sorted_p
     q = kept / kept.sum(-1, keepdim=True)
     index = (q.cumsum(-1) < uniform.double()[:, None]).sum(-1, keepdim=True)
-    index = index.minimum((q > 0).sum(-1, keepdim=True) - 1)
-    return order.gather(-1, index).squeeze(-1), q, index
-
-
-def exact_draw(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
-    return exact_nucleus(logits, temperature, top_p, uniform)[0]
+    return order.gather(-1, index.minimum((q > 0).sum(-1, keepdim=True) - 1)).squeeze(-1)
 
 
 def random_logits(rows: int, vocab: int, scale: float, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
@@ -66,29 +60,6 @@ def test_sample_token_takes_the_histogram_for_16_bit_logits_and_the_sort_otherwi
     assert histogram_draw_applies(logits.bfloat16()) and not histogram_draw_applies(logits)
     for x in (logits, logits.bfloat16(), logits.half()):
         assert sample_token(x, 0.7, 0.9, u).squeeze(-1).tolist() == exact_draw(x, 0.7, 0.9, u).tolist()
-
-
-@pytest.mark.parametrize("alg", ["confidence", "margin", "entropy"])
-def test_the_diffusion_choice_from_16_bit_logits_is_the_exact_draw_with_its_confidence(alg, monkeypatch):
-    """diffusion.choose on bf16 logits goes through the histogram, in chunks of rows: the exact
-    draw's tokens, their probabilities in the renormalized nucleus and each rule's confidence
-    (a row of one value everywhere: margin 0)."""
-    from qrobust.models import diffusion
-    from qrobust.models.diffusion import SamplerConfig, choose
-
-    monkeypatch.setattr(diffusion, "HISTOGRAM_CHUNK_ROWS", 5)
-    g = torch.Generator().manual_seed(4)
-    logits = torch.cat([random_logits(6, 3001, scale, torch.bfloat16, g) for scale in (0.3, 3.0)])
-    choice = choose(logits, SamplerConfig(temperature=0.7, top_p=0.9, alg=alg), torch.Generator().manual_seed(9))
-    u = torch.rand(12, generator=torch.Generator().manual_seed(9))
-    tokens, q, index = exact_nucleus(logits, 0.7, 0.9, u)
-    assert choice.tokens.tolist() == tokens.tolist()
-    torch.testing.assert_close(choice.prob.double(), q.gather(-1, index).squeeze(-1), rtol=1e-4, atol=1e-7)
-    expected = {"confidence": q.gather(-1, index).squeeze(-1), "margin": q[:, 0] - q[:, 1],
-                "entropy": (q * torch.log(q.clamp_min(1e-10))).sum(-1)}[alg]
-    torch.testing.assert_close(choice.confidence.double(), expected, rtol=1e-4, atol=1e-5)
-    if alg == "margin":
-        assert choice.confidence[[1, 7]].tolist() == [0, 0] and (choice.confidence > 0).sum() >= 6
 
 
 def test_a_short_cumulative_sum_draws_the_least_probable_kept_token_not_one_outside():

@@ -12,8 +12,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from qrobust.models.nucleus import histogram_draw_applies, histogram_nucleus
-
 Logits = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -103,10 +101,7 @@ class SamplerConfig:
 
 # Rows of logits turned into probabilities at once: bounds the float32 copy ([rows, vocabulary]).
 CHOOSE_CHUNK_ROWS = 2048
-# Rows of 16-bit logits whose nucleus is drawn from one histogram of logit values at once (models.nucleus):
-# its work arrays are [rows, 65,536] and [rows, vocabulary].
-HISTOGRAM_CHUNK_ROWS = 256
-# Other logits: the nucleus is looked for among each row's most probable tokens first; only rows whose nucleus is
+# The nucleus is looked for among each row's most probable tokens first; only rows whose nucleus is
 # larger than this fall back to a full sort (random-weight models do, trained ones at low temperature rarely).
 NUCLEUS_CANDIDATES = 64
 
@@ -160,36 +155,12 @@ def _confidence(q: torch.Tensor, prob: torch.Tensor, alg: str, random_conf: torc
     return random_conf
 
 
-def _joined(parts: list[Choice]) -> Choice:
-    """The choices of consecutive chunks of rows as one."""
-    if len(parts) == 1:
-        return parts[0]
-    return Choice(*(torch.cat([getattr(c, name) for c in parts]) for name in ("tokens", "prob", "confidence")))
-
-
-def _histogram_choice(logits: torch.Tensor, config: SamplerConfig, uniform: torch.Tensor,
-                      random_conf: torch.Tensor) -> Choice:
-    """The choice from 16-bit logits through models.nucleus (the draw of a stable sort), in chunks
-    of HISTOGRAM_CHUNK_ROWS: a row's histogram holds 65,536 bins, its token ranks the vocabulary."""
-    parts = []
-    for i in range(0, logits.shape[0], HISTOGRAM_CHUNK_ROWS):
-        rows = slice(i, i + HISTOGRAM_CHUNK_ROWS)
-        nucleus = histogram_nucleus(logits[rows], config.temperature, config.top_p, uniform[rows])
-        prob = nucleus.prob()
-        confidence = {"confidence": lambda: prob, "margin": nucleus.margin, "entropy": nucleus.neg_entropy,
-                      "random": lambda: random_conf[rows]}[config.alg]()
-        parts.append(Choice(nucleus.tokens.squeeze(-1), prob, confidence))
-    return _joined(parts)
-
-
 def _choose_chunk(logits: torch.Tensor, config: SamplerConfig, uniform: torch.Tensor,
                   random_conf: torch.Tensor) -> Choice:
     if config.temperature <= 0:
         probs = torch.softmax(logits.float(), dim=-1)
         prob, tokens = probs.max(-1)
         return Choice(tokens, prob, _confidence(probs, prob, config.alg, random_conf))
-    if config.top_p < 1.0 and histogram_draw_applies(logits):  # no sort, no sync: models.nucleus
-        return _histogram_choice(logits, config, uniform, random_conf)
     probs = torch.softmax(logits.float() / config.temperature, dim=-1)
     if config.top_p >= 1.0:  # no nucleus: draw from the whole distribution in vocabulary order
         below = _quantile_index(probs, uniform)
@@ -211,15 +182,15 @@ def choose(logits: torch.Tensor, config: SamplerConfig, generator: torch.Generat
     """Tokens for logits [N, V]: the argmax at temperature 0, else a draw from the nucleus (top_p) of
     softmax(logits / temperature) at a uniform quantile drawn on the CPU (so a seed gives the same
     draws on every device, and no [N, V] tensor leaves the device). Rows go in chunks of
-    CHOOSE_CHUNK_ROWS so that the float32 probabilities stay bounded. 16-bit logits find their
-    nucleus from a histogram of their values (models.nucleus: no sort, no host sync), others among
-    their top candidates first."""
+    CHOOSE_CHUNK_ROWS so that the float32 probabilities stay bounded."""
     N = logits.shape[0]
     uniform = torch.rand(N, generator=generator).to(logits.device)
     random_conf = torch.rand(N, generator=generator).to(logits.device) if config.alg == "random" else uniform
     parts = [_choose_chunk(logits[i:i + CHOOSE_CHUNK_ROWS], config, uniform[i:i + CHOOSE_CHUNK_ROWS],
                            random_conf[i:i + CHOOSE_CHUNK_ROWS]) for i in range(0, max(N, 1), CHOOSE_CHUNK_ROWS)]
-    return _joined(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return Choice(*(torch.cat([getattr(c, name) for c in parts]) for name in ("tokens", "prob", "confidence")))
 
 
 def _commit_schedule(n_masked: int, steps: int) -> list[int]:

@@ -17,8 +17,6 @@ ways' cumulative sums falls on different sides of top_p or of the quantile.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 VALUES = 1 << 16  # the values a 16-bit float takes
@@ -45,42 +43,9 @@ def _rank_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return bits.to(torch.int16).view(dtype).float()
 
 
-@dataclass
-class HistogramNucleus:
-    """histogram_nucleus's draw: the tokens and what the diffusion sampler's confidences need, per
-    bin of equal logits (a token's probability p before the nucleus, the tokens kept of it)."""
-
-    tokens: torch.Tensor  # [N, 1]
-    p: torch.Tensor  # [N, VALUES]
-    kept: torch.Tensor  # [N, VALUES], float
-    kept_mass: torch.Tensor  # [N, 1]
-    chosen: torch.Tensor  # [N, 1], the drawn token's bin
-
-    def prob(self) -> torch.Tensor:
-        """[N] the drawn token's probability in the renormalized nucleus."""
-        return (self.p.gather(-1, self.chosen) / self.kept_mass).squeeze(-1)
-
-    def neg_entropy(self) -> torch.Tensor:
-        """[N] Σ q log q over the renormalized nucleus q."""
-        q = self.p / self.kept_mass
-        return (self.kept * q * torch.log(q.clamp_min(1e-10))).sum(-1)
-
-    def margin(self) -> torch.Tensor:
-        """[N] the nucleus's two largest probabilities apart (0 where its top value is tied)."""
-        q = self.p / self.kept_mass
-        held = self.kept > 0
-        order = held.cumsum(-1, dtype=torch.int32)  # the kept bins, 1, 2, … from the most probable
-        top = (order == 1) & held
-        q1 = (q * top).sum(-1)
-        second = (order == 2) & held
-        q2 = torch.where((self.kept * top).sum(-1) >= 2, q1, (q * second).sum(-1))
-        return q1 - q2
-
-
-def histogram_nucleus(logits: torch.Tensor, temperature: float, top_p: float,
-                      uniform: torch.Tensor) -> HistogramNucleus:
-    """The draw at quantile uniform [N] from the nucleus (top_p) of softmax(logits [N, V] /
-    temperature), logits bf16 or fp16, temperature > 0. No host sync (CUDA-graph safe)."""
+def histogram_draw(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """Tokens [N, 1] drawn at quantile uniform [N] from the nucleus (top_p) of softmax(logits [N, V]
+    / temperature), logits bf16 or fp16, temperature > 0. No host sync (CUDA-graph safe)."""
     N = logits.shape[0]
     rank = _descending_rank(logits)
     counts = torch.zeros(N, VALUES, dtype=torch.int32, device=logits.device)
@@ -101,8 +66,7 @@ def histogram_nucleus(logits: torch.Tensor, temperature: float, top_p: float,
     else:
         kept = counts.float()
     cumulative = mass.cumsum(-1)
-    kept_mass = cumulative[:, -1:]
-    target = uniform[:, None] * kept_mass
+    target = uniform[:, None] * cumulative[:, -1:]
     last = torch.where(mass > 0, bins, -1).amax(-1, keepdim=True)  # rounding never reaches past it
     chosen = (cumulative < target).sum(-1, keepdim=True).clamp(max=last).maximum(first)
     # within the chosen bin: the first token whose cumulative mass reaches the target
@@ -112,12 +76,7 @@ def histogram_nucleus(logits: torch.Tensor, temperature: float, top_p: float,
     j = j.clamp(min=0).minimum(kept.gather(-1, chosen) - 1)
     # its token: the (j + 1)-th of that value in token-id order
     seen = (rank == chosen).cumsum(-1, dtype=torch.int32)
-    return HistogramNucleus((seen <= j).sum(-1, keepdim=True), p, kept, kept_mass, chosen)
-
-
-def histogram_draw(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
-    """Tokens [N, 1] of histogram_nucleus."""
-    return histogram_nucleus(logits, temperature, top_p, uniform).tokens
+    return (seen <= j).sum(-1, keepdim=True)
 
 
 def sorted_draw(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
