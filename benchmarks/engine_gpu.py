@@ -26,10 +26,10 @@ random-weight models of the real shapes in bfloat16. Parts (--parts, all by defa
   width, with today's layers and with fused q/k/v and gate/up, each against bf16 in the run;
 - sampling: the AR engine at the study's settings (batch 32, 192-token prompts, 768 forced tokens,
   temperature 0.1, top-p 0.9, the layers as `for_generation` readies them) for bf16 and every
-  width, drawing each token through today's histogram of logit values (models.nucleus) and
-  through a sort of the whole vocabulary (the draw before it), each against bf16 with the same
-  draw; the first call (which captures every graph) and the second apart; and each draw alone
-  on [rows, vocabulary] bf16 logits in a CUDA graph.
+  width, drawing each token through today's histogram of logit values (models.nucleus, in two
+  kernels on CUDA) and through a sort of the whole vocabulary (the draw before it), each against
+  bf16 with the same draw; the first call (which captures every graph) and the second apart; and
+  each draw alone (also the histogram's torch form) on [rows, vocabulary] bf16 logits in a CUDA graph.
 
 Rows go to $OUT (or --out) as JSON files as each part finishes (engine_<part>.json, engine_ar.json
 for ar); a summary table is printed.
@@ -600,7 +600,7 @@ DRAWS = {"histogram": contextlib.nullcontext, "sort": sorting_draw}
 
 def sampling(plan: Plan, device: str) -> list[dict]:
     """The AR engine as `qrobust sweep` runs it (see the module docstring), and each draw alone."""
-    from qrobust.models.nucleus import histogram_draw
+    from qrobust.models.nucleus import histogram_draw, histogram_draw_torch
 
     batch, prompt_len, tokens = (3, plan.prompt_len, plan.new_tokens) if plan.tiny else (32, 192, 768)
     settings = DecodeSettings(tokens, temperature=0.1, top_p=0.9, min_new_tokens=tokens)
@@ -641,6 +641,7 @@ def sampling(plan: Plan, device: str) -> list[dict]:
 
                 sort_s = graph_time(functools.partial(engine_module.nucleus_sample, logits, 0.1, 0.9, u))
             timed = {"sort": sort_s, "histogram": graph_time(functools.partial(histogram_draw, logits, 0.1, 0.9, u)),
+                     "histogram_torch": graph_time(functools.partial(histogram_draw_torch, logits, 0.1, 0.9, u)),
                      "greedy": graph_time(functools.partial(torch.argmax, logits, -1))}
             rows.append({"part": "draw alone", "rows": n, "vocab": vocab,
                          **{f"{k}_us": 1e6 * v for k, v in timed.items()}})
@@ -674,8 +675,9 @@ def summary(results: dict[str, list[dict]]) -> list[str]:
               f"{'tok/s':>10} {'x bf16':>7} {'first s':>8}"]
     lines += [f"{r['bits']:>5} {r['draw']:>10} {r['tokens_per_s']:>10.1f} {r['ratio_to_bf16_same_draw'] or 0:>7.2f} "
               f"{r['first_call_seconds']:>8.2f}" for r in results.get("sampling", []) if "draw" in r]
-    lines += [f"  draw alone, {r['rows']} rows: sort {r['sort_us']:.1f} us, histogram {r['histogram_us']:.1f} us, "
-              f"greedy {r['greedy_us']:.1f} us" for r in results.get("sampling", []) if "draw" not in r]
+    lines += [f"  draw alone, {r['rows']} rows: sort {r['sort_us']:.1f} us, histogram {r['histogram_us']:.1f} us "
+              f"(torch ops {r['histogram_torch_us']:.1f} us), greedy {r['greedy_us']:.1f} us"
+              for r in results.get("sampling", []) if "draw" not in r]
     lines += ["diffusion at every width (fast sampler, greedy)", f"{'bits':>5} {'batch':>6} {'variant':>20} "
               f"{'tok/s':>10} {'x bf16 same':>11} {'x bf16':>7}"]
     lines += [f"{r['bits']:>5} {r['batch']:>6} {r['variant']:>20} {r['tokens_per_s']:>10.1f} "

@@ -32,7 +32,7 @@ STUDY_METHODS, STUDY_BITS, STUDY_PROBLEMS = tuple(METHODS), (2, 3, 4), {"humanev
 # Each kind of random model stands for one registered model and takes its evaluation preset.
 STANDS_FOR = {"ar": "qwen3-1.7b", "diffusion": "coda-instruct"}
 STAGES = ("load", "hawq_analysis", "quantize", "likelihood", "warmup", "generate", "execute")
-# the warm-up generation's length: one fast-sampler block, and steps enough for every kernel of decoding
+# the diffusion kind's warm-up generation: one fast-sampler block, whose graphs every later block replays
 WARMUP_TOKENS = 32
 
 
@@ -124,9 +124,11 @@ def generate_and_execute(adapter, settings, sweep: SweepConfig, stages: Stages) 
     config = replace(eval_config_for(sweep, settings, sweep.seeds[0]), min_new_tokens=settings.max_new_tokens)
     # The first call of each kernel compiles it (Triton) and of each shape captures its graph: costs
     # that would land in whichever config first runs them (the bf16 baseline, which then looked
-    # slower than it is). One short generation of the first batch pays them first, as its own stage.
+    # slower than it is). A generation of the first batch pays them first, as its own stage: for
+    # diffusion one block; for AR the full length, since the AR engine captures a graph per
+    # cache-length bucket and compiles some kernels per bucket (attention's split count).
     first = get_task(sweep.benchmarks[0])
-    warm = min(WARMUP_TOKENS, settings.max_new_tokens)
+    warm = settings.max_new_tokens if adapter.kind == "ar" else min(WARMUP_TOKENS, settings.max_new_tokens)
     stages.run("warmup", generate_samples, adapter, first, first.problems(sweep.limit)[:sweep.batch_size],
                replace(config, max_new_tokens=warm, min_new_tokens=warm), first.check_style(settings.style), False)
     problems = tokens = 0

@@ -5,7 +5,8 @@ import torch
 
 from qrobust.models import load_model
 from qrobust.models.adapters import ARAdapter
-from qrobust.models.engine import AREngine, DecodeSettings, StopRule, batch_buckets, length_groups, sample_token
+from qrobust.models.engine import (AREngine, DecodeSettings, StopRule, batch_buckets, cache_slots, length_groups,
+                                   sample_token)
 from qrobust.models.loading import load_transformers_causal, resolve_source
 
 PROMPTS = ["def add(a, b):\n", 'import os\n\ndef list_files(path):\n    """Return the files."""\n',
@@ -97,6 +98,13 @@ def test_sample_token_draws_by_quantile_within_the_nucleus():
     pick = [int(sample_token(logits, 1.0, 0.7, torch.tensor([u]))) for u in (0.1, 0.7, 0.99)]
     assert pick == [0, 1, 1]  # top-p 0.7 keeps 0.5 and 0.3: quantile 0.7 of their 0.8 falls in the second
     assert int(sample_token(logits, 0.0, 1.0, torch.tensor([0.99]))) == 0
+
+
+def test_graphed_caches_hold_whole_groups_of_length_buckets():
+    """With graphs a cache holds a multiple of four 128-slot buckets, so a benchmark's batch and the
+    next one's (prompts some tokens longer) share it and its graphs; eager caches hold what is needed."""
+    assert [cache_slots(n, 128) for n in (1, 512, 958, 1000, 1025)] == [512, 512, 1024, 1024, 1536]
+    assert cache_slots(958, 1) == 958
 
 
 def test_batches_group_prompts_by_length_and_buckets_are_powers_of_two():

@@ -4,7 +4,7 @@ import torch
 
 from qrobust.models.diffusion import nucleus_draw
 from qrobust.models.engine import sample_token
-from qrobust.models.nucleus import histogram_draw, histogram_draw_applies, sorted_draw
+from qrobust.models.nucleus import histogram_draw, histogram_draw_applies, histogram_draw_torch, sorted_draw
 
 SETTINGS = ((0.1, 0.9), (0.7, 0.95), (1.0, 1.0), (0.1, 0.5))
 
@@ -40,6 +40,29 @@ def test_histogram_draw_is_the_exact_draw_on_16_bit_logits(dtype):
             drawn = histogram_draw(logits, temperature, top_p, u)
             assert drawn.shape == (12, 1)
             assert drawn.squeeze(-1).tolist() == exact_draw(logits, temperature, top_p, u).tolist(), (scale, temperature)
+
+
+def test_the_two_kernels_draw_the_torch_forms_tokens():
+    """kernels.nucleus (here under Triton's interpreter; on CUDA by default) walks the values in
+    blocks with carried sums where the torch form runs whole-row cumulative sums: the same tokens
+    on flat to peaked rows, ties, masked tokens, quantile 0, both 16-bit dtypes and no top-p."""
+    from qrobust import kernels
+    from qrobust.kernels.nucleus import nucleus_draw_kernel
+
+    if not kernels.supports("cpu") and not torch.cuda.is_available():
+        pytest.skip("Triton cannot run here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(6)
+    for (temperature, top_p), scale, dtype in zip(SETTINGS, (0.02, 2.0, 0.3, 8.0), (torch.bfloat16, torch.float16) * 2):
+        logits = random_logits(5, 5003, scale, dtype, g)
+        u = torch.rand(5, generator=g) * 0.9999
+        u[2] = 0.0
+        drawn = nucleus_draw_kernel(logits.to(device), temperature, top_p, u.to(device)).cpu()
+        assert drawn.dtype == torch.int64 and drawn.shape == (5, 1)
+        assert drawn.squeeze(-1).tolist() == exact_draw(logits, temperature, top_p, u).tolist()
+        assert torch.equal(drawn, histogram_draw_torch(logits, temperature, top_p, u))
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        nucleus_draw_kernel(torch.zeros(2, 8), 1.0, 0.9, torch.zeros(2))
 
 
 def test_float32_sorting_over_a_wide_nucleus_drifts_where_the_histogram_does_not():

@@ -228,3 +228,30 @@ def test_runs_of_separate_kinds_merge_into_one_projection(tmp_path, capsys):
     assert models["diffusion"]["generation_scale_to_preset"] == pytest.approx(768)
     assert main(["bench", "study", "--merge", f"{tmp_path / 'ar.json'},{tmp_path / 'ar.json'}"]) != 0
     assert "merge runs of different kinds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind,warm_tokens", [("ar", 40), ("diffusion", 32)])
+def test_the_rehearsal_warms_the_ar_engine_up_at_full_length(kind, warm_tokens, monkeypatch):
+    """The warm-up stage generates the first batch before the timed ones: for AR at the full length
+    (a graph per cache-length bucket), for diffusion one 32-token block; then every benchmark's
+    problems at the full length, forced."""
+    import importlib
+
+    from qrobust.bench_study import Stages, generate_and_execute
+
+    evaluate, execute = (importlib.import_module(f"harness.{m}") for m in ("evaluate", "execute"))
+
+    calls = []
+
+    def fake_generate(adapter, task, problems, config, style, progress):
+        calls.append((task.name, len(problems), config.max_new_tokens, config.min_new_tokens))
+        return [], {"tokens": len(problems) * config.max_new_tokens}
+
+    monkeypatch.setattr(evaluate, "generate_samples", fake_generate)
+    monkeypatch.setattr(evaluate, "sanitize_samples", lambda samples, *args: samples)
+    monkeypatch.setattr(execute, "execute_samples", lambda *args: None)
+    sweep = SweepConfig(benchmarks=("humaneval", "mbpp"), limit=3, batch_size=2)
+    out = generate_and_execute(types.SimpleNamespace(kind=kind), with_overrides(DEFAULT_PRESET, {"max_new_tokens": 40}),
+                               sweep, Stages(torch.device("cpu")))
+    assert calls == [("humaneval", 2, warm_tokens, warm_tokens), ("humaneval", 3, 40, 40), ("mbpp", 3, 40, 40)]
+    assert out == {"problems": 6, "tokens": 240}

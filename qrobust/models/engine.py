@@ -103,6 +103,15 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+def cache_slots(needed: int, quantum: int) -> int:
+    """The slots a cache holds for `needed`: with graphs (quantum > 1, the length buckets) a
+    multiple of four buckets, so that calls whose prompts differ somewhat in length (one
+    benchmark's batch, then the next's) share one cache and, with it, the graphs captured on it."""
+    if quantum <= 1:
+        return needed
+    return -(-needed // (4 * quantum)) * 4 * quantum
+
+
 def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Prompt indices in batches of at most batch_size, longest prompts first, so that rows of a
     batch need little padding (a stable sort: equal lengths keep their order)."""
@@ -137,7 +146,8 @@ class AREngine:
     def _allocate(self, batch: int, max_len: int) -> None:
         if batch <= self.max_batch and max_len <= self.max_len:
             return
-        self.max_batch, self.max_len = max(batch, self.max_batch), max(max_len, self.max_len)
+        self.max_batch = max(batch, self.max_batch)
+        self.max_len = max(cache_slots(max_len, self.length_quantum), self.max_len)
         self._steps.clear()  # graphs read the old buffers
         device = self.device
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the slot every row writes next

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from qrobust.kernels import kernels_enabled
+
 VALUES = 1 << 16  # the values a 16-bit float takes
 
 
@@ -45,7 +47,17 @@ def _rank_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def histogram_draw(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
     """Tokens [N, 1] drawn at quantile uniform [N] from the nucleus (top_p) of softmax(logits [N, V]
-    / temperature), logits bf16 or fp16, temperature > 0. No host sync (CUDA-graph safe)."""
+    / temperature), logits bf16 or fp16, temperature > 0. No host sync (CUDA-graph safe). Where
+    the Triton kernels run by default, in two kernels (kernels.nucleus); else these torch ops."""
+    if kernels_enabled(logits.device):
+        from qrobust.kernels.nucleus import nucleus_draw_kernel
+
+        return nucleus_draw_kernel(logits, temperature, top_p, uniform)
+    return histogram_draw_torch(logits, temperature, top_p, uniform)
+
+
+def histogram_draw_torch(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """histogram_draw in torch ops: a scatter-add of ones, then cumulative sums over the values."""
     N = logits.shape[0]
     rank = _descending_rank(logits)
     counts = torch.zeros(N, VALUES, dtype=torch.int32, device=logits.device)
