@@ -97,20 +97,21 @@ def _draw_kernel(bits_ptr, counts_ptr, best_ptr, u_ptr, out_ptr, V, stride, temp
     start_c = 0.0
     for start in range(0, 65536, BINS):
         c, w, b = _bin_weights(counts_ptr, row, start, z_max, temperature, IS_BF16, BINS)
-        p = w / total
-        mass = c * p
-        before = carry + tl.cumsum(mass, axis=0) - mass
-        kept = _kept(c, p, before, top_p, HAS_TOP_P)
-        km = kept * p
-        last_here = tl.max(tl.where(km > 0, b, -1), axis=0)
-        if last_here >= 0:
-            at = b == last_here
-            chosen = last_here
-            p_c = tl.sum(tl.where(at, p, 0.0), axis=0)
-            kept_c = tl.sum(tl.where(at, kept, 0.0), axis=0)
-            start_c = kept_mass + tl.sum(tl.where(b < last_here, km, 0.0), axis=0)
-        kept_mass += tl.sum(km, axis=0)
-        carry += tl.sum(mass, axis=0)
+        if tl.max(c, axis=0) > 0:  # most blocks of values hold no token: nothing to add
+            p = w / total
+            mass = c * p
+            before = carry + tl.cumsum(mass, axis=0) - mass
+            kept = _kept(c, p, before, top_p, HAS_TOP_P)
+            km = kept * p
+            last_here = tl.max(tl.where(km > 0, b, -1), axis=0)
+            if last_here >= 0:
+                at = b == last_here
+                chosen = last_here
+                p_c = tl.sum(tl.where(at, p, 0.0), axis=0)
+                kept_c = tl.sum(tl.where(at, kept, 0.0), axis=0)
+                start_c = kept_mass + tl.sum(tl.where(b < last_here, km, 0.0), axis=0)
+            kept_mass += tl.sum(km, axis=0)
+            carry += tl.sum(mass, axis=0)
     target = tl.load(u_ptr + row) * kept_mass
     # the first kept bin whose cumulative kept mass reaches the target, if rounding leaves one
     carry = 0.0
@@ -118,22 +119,23 @@ def _draw_kernel(bits_ptr, counts_ptr, best_ptr, u_ptr, out_ptr, V, stride, temp
     found = 0
     for start in range(0, 65536, BINS):
         c, w, b = _bin_weights(counts_ptr, row, start, z_max, temperature, IS_BF16, BINS)
-        p = w / total
-        mass = c * p
-        before = carry + tl.cumsum(mass, axis=0) - mass
-        kept = _kept(c, p, before, top_p, HAS_TOP_P)
-        km = kept * p
-        reached = (carry_kept + tl.cumsum(km, axis=0) >= target) & (km > 0)
-        first_here = tl.min(tl.where(reached, b, 65536), axis=0)
-        if (found == 0) & (first_here < 65536):
-            at = b == first_here
-            chosen = first_here
-            p_c = tl.sum(tl.where(at, p, 0.0), axis=0)
-            kept_c = tl.sum(tl.where(at, kept, 0.0), axis=0)
-            start_c = carry_kept + tl.sum(tl.where(b < first_here, km, 0.0), axis=0)
-            found = 1
-        carry += tl.sum(mass, axis=0)
-        carry_kept += tl.sum(km, axis=0)
+        if (found == 0) & (tl.max(c, axis=0) > 0):
+            p = w / total
+            mass = c * p
+            before = carry + tl.cumsum(mass, axis=0) - mass
+            kept = _kept(c, p, before, top_p, HAS_TOP_P)
+            km = kept * p
+            reached = (carry_kept + tl.cumsum(km, axis=0) >= target) & (km > 0)
+            first_here = tl.min(tl.where(reached, b, 65536), axis=0)
+            if first_here < 65536:
+                at = b == first_here
+                chosen = first_here
+                p_c = tl.sum(tl.where(at, p, 0.0), axis=0)
+                kept_c = tl.sum(tl.where(at, kept, 0.0), axis=0)
+                start_c = carry_kept + tl.sum(tl.where(b < first_here, km, 0.0), axis=0)
+                found = 1
+            carry += tl.sum(mass, axis=0)
+            carry_kept += tl.sum(km, axis=0)
     j = tl.ceil((target - start_c) / tl.maximum(p_c, 1.1754943508222875e-38)) - 1
     j = tl.minimum(tl.maximum(j, 0.0), kept_c - 1).to(tl.int32)
     # its token: the (j + 1)-th of that value in token-id order
@@ -143,10 +145,12 @@ def _draw_kernel(bits_ptr, counts_ptr, best_ptr, u_ptr, out_ptr, V, stride, temp
         offs = start + tl.arange(0, BINS)
         inside = offs < V
         bits = tl.load(bits_ptr + row * stride + offs, mask=inside, other=0).to(tl.int32) & 0xFFFF
-        eq = (_descending_rank(bits) == chosen) & inside
-        count = seen + tl.cumsum(eq.to(tl.int32), axis=0)
-        token = tl.minimum(token, tl.min(tl.where(eq & (count == j + 1), offs, V), axis=0))
-        seen += tl.sum(eq.to(tl.int32), axis=0)
+        eq = ((_descending_rank(bits) == chosen) & inside).to(tl.int32)
+        here = tl.sum(eq, axis=0)
+        if (token == V) & (seen + here > j):  # the block that holds it
+            count = seen + tl.cumsum(eq, axis=0)
+            token = tl.min(tl.where((eq > 0) & (count == j + 1), offs, V), axis=0)
+        seen += here
     tl.store(out_ptr + row, token.to(tl.int64))
 
 
