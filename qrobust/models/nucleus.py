@@ -13,7 +13,11 @@ among the tokens of its value, in token-id order: the order a stable descending 
 The draw is the one `models.diffusion.nucleus_draw` makes from the sorted distribution: keep a token
 while the mass before it is at most top_p, and take the first whose cumulative mass reaches the
 quantile `uniform` of the kept mass. The two can disagree only where float32 rounding of the two
-ways' cumulative sums falls on different sides of top_p or of the quantile.
+ways' cumulative sums falls on different sides of top_p or of the quantile; over a nucleus of
+100k tokens the sort's sums drift by a token now and then where these stay on a float64 sort's.
+
+On CUDA the draw runs as two Triton kernels (kernels.nucleus); these torch ops are the CPU path
+and the reference.
 """
 from __future__ import annotations
 
