@@ -15,7 +15,8 @@ random-weight models of the real shapes in bfloat16. Parts (--parts, all by defa
   fragments_splits.py file found), each against bf16 in the run,
   and at bf16 with every block's product replaced by one kernel that writes zeros: the ceiling on
   what any quantized product could gain over bf16 in this engine;
-- agreement: greedy agreement of the engine with transformers' generate on the same random
+- agreement: greedy agreement of the engine (on CUDA with its layers as `for_generation` readies
+  them: fused projections, the attention kernel) with transformers' generate on the same random
   Qwen3-1.7B model, in two calls of one engine (the second replays the graphs the first
   captured): per call and row the first position where the tokens differ and, there, the gap
   between the two largest logits of transformers' model (random weights give near-ties early; a
@@ -466,6 +467,9 @@ def agreement(plan: Plan, device: str) -> list[dict]:
     for dtype in dtypes:
         model = build(plan, "ar", 16, device, dtype)
         twin = transformers_twin(model)
+        if torch.device(device).type == "cuda":  # the layers `eval` and `sweep` generate with (for_generation)
+            fuse_projections(model)
+            use_attention_kernel(model)
         lengths = [max(1, plan.prompt_len - 2 * i) for i in range(plan.agreement_rows)]  # a padded batch
         prompts = [p[:n] for p, n in zip(random_prompts(plan.agreement_rows, plan.prompt_len,
                                                          model.config.vocab_size, seed=1), lengths)]

@@ -15,7 +15,7 @@ OUT=${OUT:-runs/gpu_tests}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 timeout "${TESTS_S:-450}" python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=120 --durations=10 \
-  tests/test_decode.py tests/test_engine.py \
+  tests/test_decode.py tests/test_engine.py tests/test_nucleus.py \
   tests/test_fragments.py tests/test_kernels.py tests/test_packed_matmul.py >"$OUT/gpu_tests.log" 2>&1
 rc=$?
 (cd benchmarks && timeout 60 python3 engine_determinism.py) >"$OUT/determinism.log" 2>&1 || rc=1
