@@ -53,12 +53,11 @@ def profile_steps(plan: Plan, bits: int, batch: int, tokens: int, study: bool = 
     as for_generation readies them: fused projections, one attention kernel per layer)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from qrobust.models.decode import fuse_projections, use_attention_kernel
+    from qrobust.models.decode import generation_layers
 
     model = build(plan, "ar", bits, "cuda")
     if study:
-        fuse_projections(model)
-        use_attention_kernel(model)
+        generation_layers(model)
     engine = AREngine(model)
     rule = StopRule(frozenset([model.config.eos_token_id]), min_new_tokens=tokens)
     settings = DecodeSettings(tokens, temperature=0.1 if study else 0.0, top_p=0.9 if study else 1.0,

@@ -58,7 +58,7 @@ from qrobust.bench_generate import model_bytes, quantize_blocks_rtn
 from qrobust.kernels import fragments, tinygemm
 from qrobust.kernels.packed_matmul import packed_matmul
 from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
-from qrobust.models.decode import fuse_projections, sync, use_attention_kernel
+from qrobust.models.decode import fuse_projections, generation_layers, sync, use_attention_kernel
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
 from qrobust.models.transformer import RMSNorm, TransformerConfig, TransformerLM
 from qrobust.quant.grid import QuantSpec, rtn
@@ -467,9 +467,8 @@ def agreement(plan: Plan, device: str) -> list[dict]:
     for dtype in dtypes:
         model = build(plan, "ar", 16, device, dtype)
         twin = transformers_twin(model)
-        if torch.device(device).type == "cuda":  # the layers `eval` and `sweep` generate with (for_generation)
-            fuse_projections(model)
-            use_attention_kernel(model)
+        if torch.device(device).type == "cuda":
+            generation_layers(model)
         lengths = [max(1, plan.prompt_len - 2 * i) for i in range(plan.agreement_rows)]  # a padded batch
         prompts = [p[:n] for p, n in zip(random_prompts(plan.agreement_rows, plan.prompt_len,
                                                          model.config.vocab_size, seed=1), lengths)]
@@ -582,20 +581,23 @@ def diffusion_widths(plan: Plan, device: str) -> list[dict]:
 
 
 # ---- (d) sampling at the study's settings -----------------------------------------------------------
+def full_sort_draw(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """The engine's draw as it was before models.nucleus: every row's whole distribution sorted
+    (unstably, as it was; models.nucleus.sorted_draw sorts stably), then nucleus_draw."""
+    from qrobust.models.diffusion import nucleus_draw
+
+    sorted_p, order = torch.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)
+    return nucleus_draw(sorted_p, order, top_p, uniform)[0]
+
+
 @contextlib.contextmanager
 def sorting_draw():
-    """The engine's draw as it was before models.nucleus: each step sorts every row's whole
-    distribution (then nucleus_draw), which needs no host sync either."""
+    """The engine drawing through full_sort_draw, which needs no host sync either."""
     from unittest import mock
 
     import qrobust.models.engine as engine_module
-    from qrobust.models.diffusion import nucleus_draw
 
-    def full_sort(logits, temperature, top_p, uniform):
-        sorted_p, order = torch.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)
-        return nucleus_draw(sorted_p, order, top_p, uniform)[0]
-
-    with mock.patch.object(engine_module, "nucleus_sample", full_sort):
+    with mock.patch.object(engine_module, "nucleus_sample", full_sort_draw):
         yield
 
 
@@ -611,9 +613,7 @@ def sampling(plan: Plan, device: str) -> list[dict]:
     rows = []
     for bits in plan.bits:
         model = build(plan, "ar", bits, device)
-        fuse_projections(model)
-        if torch.device(device).type == "cuda":
-            use_attention_kernel(model)
+        generation_layers(model)
         rule = StopRule(frozenset([model.config.eos_token_id]), min_new_tokens=tokens)
         prompts = random_prompts(batch, prompt_len, model.config.vocab_size, seed=3)
         for draw, context in DRAWS.items():
@@ -640,11 +640,7 @@ def sampling(plan: Plan, device: str) -> list[dict]:
         for n in (32, 64):
             logits = torch.randn(n, vocab, device=device).mul(2).bfloat16()
             u = torch.rand(n, device=device)
-            with sorting_draw():
-                import qrobust.models.engine as engine_module
-
-                sort_s = graph_time(functools.partial(engine_module.nucleus_sample, logits, 0.1, 0.9, u))
-            timed = {"sort": sort_s, "histogram": graph_time(functools.partial(histogram_draw, logits, 0.1, 0.9, u)),
+            timed = {"sort": graph_time(functools.partial(full_sort_draw, logits, 0.1, 0.9, u)), "histogram": graph_time(functools.partial(histogram_draw, logits, 0.1, 0.9, u)),
                      "histogram_torch": graph_time(functools.partial(histogram_draw_torch, logits, 0.1, 0.9, u)),
                      "greedy": graph_time(functools.partial(torch.argmax, logits, -1))}
             rows.append({"part": "draw alone", "rows": n, "vocab": vocab,

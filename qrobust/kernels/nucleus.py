@@ -77,6 +77,25 @@ def _kept(c, p, before, top_p, HAS_TOP_P: tl.constexpr):
 
 
 @triton.jit
+def _block_nucleus(c, w, total, carry, top_p, HAS_TOP_P: tl.constexpr):
+    """A block of bins after `carry` of more probable mass: its tokens' probability per bin, the
+    bins' mass, the tokens each keeps in the nucleus and their kept mass."""
+    p = w / total
+    mass = c * p
+    kept = _kept(c, p, carry + tl.cumsum(mass, axis=0) - mass, top_p, HAS_TOP_P)
+    return p, mass, kept, kept * p
+
+
+@triton.jit
+def _bin_at(b, bin, p, kept, km, kept_before):
+    """Bin `bin` of a block: its tokens' probability, how many it keeps and where its kept mass
+    starts (kept_before: the kept mass of the blocks before)."""
+    at = b == bin
+    return (tl.sum(tl.where(at, p, 0.0), axis=0), tl.sum(tl.where(at, kept, 0.0), axis=0),
+            kept_before + tl.sum(tl.where(b < bin, km, 0.0), axis=0))
+
+
+@triton.jit
 def _draw_kernel(bits_ptr, counts_ptr, best_ptr, u_ptr, out_ptr, V, stride, temperature, top_p,
                  IS_BF16: tl.constexpr, HAS_TOP_P: tl.constexpr, BINS: tl.constexpr):
     row = tl.program_id(0)
@@ -98,18 +117,11 @@ def _draw_kernel(bits_ptr, counts_ptr, best_ptr, u_ptr, out_ptr, V, stride, temp
     for start in range(0, 65536, BINS):
         c, w, b = _bin_weights(counts_ptr, row, start, z_max, temperature, IS_BF16, BINS)
         if tl.max(c, axis=0) > 0:  # most blocks of values hold no token: nothing to add
-            p = w / total
-            mass = c * p
-            before = carry + tl.cumsum(mass, axis=0) - mass
-            kept = _kept(c, p, before, top_p, HAS_TOP_P)
-            km = kept * p
+            p, mass, kept, km = _block_nucleus(c, w, total, carry, top_p, HAS_TOP_P)
             last_here = tl.max(tl.where(km > 0, b, -1), axis=0)
             if last_here >= 0:
-                at = b == last_here
                 chosen = last_here
-                p_c = tl.sum(tl.where(at, p, 0.0), axis=0)
-                kept_c = tl.sum(tl.where(at, kept, 0.0), axis=0)
-                start_c = kept_mass + tl.sum(tl.where(b < last_here, km, 0.0), axis=0)
+                p_c, kept_c, start_c = _bin_at(b, last_here, p, kept, km, kept_mass)
             kept_mass += tl.sum(km, axis=0)
             carry += tl.sum(mass, axis=0)
     target = tl.load(u_ptr + row) * kept_mass
@@ -120,19 +132,12 @@ def _draw_kernel(bits_ptr, counts_ptr, best_ptr, u_ptr, out_ptr, V, stride, temp
     for start in range(0, 65536, BINS):
         c, w, b = _bin_weights(counts_ptr, row, start, z_max, temperature, IS_BF16, BINS)
         if (found == 0) & (tl.max(c, axis=0) > 0):
-            p = w / total
-            mass = c * p
-            before = carry + tl.cumsum(mass, axis=0) - mass
-            kept = _kept(c, p, before, top_p, HAS_TOP_P)
-            km = kept * p
+            p, mass, kept, km = _block_nucleus(c, w, total, carry, top_p, HAS_TOP_P)
             reached = (carry_kept + tl.cumsum(km, axis=0) >= target) & (km > 0)
             first_here = tl.min(tl.where(reached, b, 65536), axis=0)
             if first_here < 65536:
-                at = b == first_here
                 chosen = first_here
-                p_c = tl.sum(tl.where(at, p, 0.0), axis=0)
-                kept_c = tl.sum(tl.where(at, kept, 0.0), axis=0)
-                start_c = carry_kept + tl.sum(tl.where(b < first_here, km, 0.0), axis=0)
+                p_c, kept_c, start_c = _bin_at(b, first_here, p, kept, km, carry_kept)
                 found = 1
             carry += tl.sum(mass, axis=0)
             carry_kept += tl.sum(km, axis=0)

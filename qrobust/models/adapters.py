@@ -77,24 +77,20 @@ class ModelAdapter(ABC):
     def for_generation(self, fuse: bool | None = None) -> int:
         """Readies a native model for generation and forward passes alone (a config's evaluation
         after its quantization): q/k/v become one layer and gate/up one SwiGLU layer wherever their
-        kinds and specs match (models.decode.fuse_projections), four products a block instead of
-        seven; causal models where the kernels run also decode each layer's attention in one kernel
-        (models.decode.use_attention_kernel: the new token's q/k norms, rotation and cache writes,
-        and its attention over its row's slots). This changes the model's layers, so quantize,
+        kinds and specs match, four products a block instead of seven; causal models where the
+        kernels run also decode each layer's attention in one kernel (the new token's q/k norms,
+        rotation and cache writes, and its attention over its row's slots): models.decode.generation_layers. This changes the model's layers, so quantize,
         plan, save and attribute before. fuse: apply it (default: on CUDA for the kinds whose
         engine it was measured to speed up, `fused_for_generation`). Returns how many layer groups
         were fused (0 for other models)."""
-        from qrobust import kernels
-        from qrobust.models.decode import fuse_projections, use_attention_kernel
+        from qrobust.models.decode import generation_layers
 
         if fuse is None:
             fuse = self.device.type == "cuda" and self.fused_for_generation
         if not (fuse and self.native):
             return 0
         self._layers = self._engine = None  # both hold the layers as they were (an engine's graphs replay them)
-        if self.model.config.causal and kernels.supports(self.device):
-            use_attention_kernel(self.model)
-        return fuse_projections(self.model)
+        return generation_layers(self.model)
 
     # ---- structure -------------------------------------------------------------------------
     @property

@@ -108,6 +108,17 @@ def use_attention_kernel(model: TransformerLM, on: bool = True) -> int:
     return len(model.model.layers)
 
 
+def generation_layers(model: TransformerLM) -> int:
+    """The layers `eval` and `sweep` generate with (ModelAdapter.for_generation): fused projections
+    (fuse_projections) and, for causal models where the kernels run, one attention kernel per
+    layer (use_attention_kernel). Returns how many groups were fused."""
+    from qrobust import kernels
+
+    if model.config.causal and kernels.supports(model.device):
+        use_attention_kernel(model)
+    return fuse_projections(model)
+
+
 def use_pdl(model: TransformerLM, on: bool = True) -> int:
     """For inference on Hopper or later GPUs: the packed layers' GEMVs and the attention kernel
     launch as programmatic dependent launches, so each may start while the kernel before it

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from qrobust.kernels import kernels_enabled
+from qrobust.models.diffusion import nucleus_draw
 
 VALUES = 1 << 16  # the values a 16-bit float takes
 
@@ -98,8 +99,6 @@ def histogram_draw_torch(logits: torch.Tensor, temperature: float, top_p: float,
 def sorted_draw(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
     """histogram_draw's tokens for logits of any float dtype, through a stable sort of each row's
     whole distribution (ties in token-id order). No host sync."""
-    from qrobust.models.diffusion import nucleus_draw
-
     sorted_p, order = torch.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True, stable=True)
     return nucleus_draw(sorted_p, order, top_p, uniform)[0]
 
