@@ -11,7 +11,8 @@ random-weight models of the real shapes in bfloat16. Parts (--parts, all by defa
   GPTQModel's Marlin at 4 and 8 bits;
 - variants: the engine's throughput with the rewrites that could become its defaults (K-splits
   added up afterwards, fused q/k/v and gate/up, tinygemm at 4 bits, one fragments program for all
-  of a call's 33-64 rows; --variants picks some; --tiling FILE adds the fastest tilings a
+  of a call's 33-64 rows, the residual adds and SwiGLU in torch ops instead of their kernels
+  ("torch element-wise"); --variants picks some; --tiling FILE adds the fastest tilings a
   fragments_splits.py file found), each against bf16 in the run,
   and at bf16 with every block's product replaced by one kernel that writes zeros: the ceiling on
   what any quantized product could gain over bf16 in this engine;
@@ -47,6 +48,7 @@ import functools
 import gc
 import os
 import time
+from unittest import mock
 from dataclasses import dataclass, replace
 
 import torch
@@ -60,7 +62,8 @@ from qrobust.kernels.packed_matmul import packed_matmul
 from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
 from qrobust.models.decode import fuse_projections, generation_layers, sync, use_attention_kernel
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
-from qrobust.models.transformer import RMSNorm, TransformerConfig, TransformerLM
+from qrobust.models.transformer import RMSNorm, TransformerConfig, TransformerLM, residual_sum
+from qrobust.quant import qlinear
 from qrobust.quant.grid import QuantSpec, rtn
 from qrobust.quant.qlinear import FORMAT_OFFSET, QuantLinear
 
@@ -366,6 +369,19 @@ def zero_products(model: TransformerLM) -> int:
     return swapped
 
 
+@contextlib.contextmanager
+def torch_elementwise():
+    """The residual adds and SwiGLU as before their kernels (kernels.rms_norm.add_rms_norm,
+    kernels.swiglu): torch's add, then the norm; silu and the product apart."""
+    def add_then_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
+        h = residual_sum(x, residual)
+        return norm(h), h
+
+    with mock.patch.object(RMSNorm, "forward_add", add_then_norm), \
+            mock.patch.object(qlinear, "interleaved_swiglu", qlinear.interleaved_swiglu_torch):
+        yield
+
+
 def variants(plan: Plan, device: str) -> list[dict]:
     """The engine's throughput per width with today's layers, and with the rewrites that could
     become its defaults: the fused matmul's K-splits added up afterwards (as before its arrival
@@ -420,6 +436,10 @@ def variants(plan: Plan, device: str) -> list[dict]:
             if wanted("attention kernel"):
                 use_attention_kernel(model)
                 rows += engine_rows(model, short, bits, variant="fused projections, attention kernel")
+                if wanted("torch element-wise"):
+                    with torch_elementwise():
+                        rows += engine_rows(model, short, bits,
+                                            variant="fused projections, attention kernel, torch element-wise")
                 use_attention_kernel(model, on=False)
             if bits != 16:
                 rows += rewritten_rows(model, bits, prefix="fused projections, ")
@@ -593,8 +613,6 @@ def full_sort_draw(logits: torch.Tensor, temperature: float, top_p: float, unifo
 @contextlib.contextmanager
 def sorting_draw():
     """The engine drawing through full_sort_draw, which needs no host sync either."""
-    from unittest import mock
-
     import qrobust.models.engine as engine_module
 
     with mock.patch.object(engine_module, "nucleus_sample", full_sort_draw):

@@ -68,6 +68,37 @@ def test_the_attention_kernel_decodes_left_padded_batches_to_the_same_tokens(sma
     assert after == before and len({len(t) for t in before}) > 1
 
 
+def test_the_fused_residual_norm_and_swiglu_kernels_decode_to_the_same_tokens(small_ar, monkeypatch):
+    """Where the kernels run (here Triton's interpreter), each residual add runs inside the norm
+    after it (kernels.rms_norm.add_rms_norm) and SwiGLU over fused gate/up in one kernel
+    (kernels.swiglu): float32 greedy tokens equal the torch path's, and both kernels ran."""
+    import copy
+
+    from qrobust import kernels
+    import qrobust.kernels.rms_norm as rms_norm_module
+    import qrobust.kernels.swiglu as swiglu_module
+    import qrobust.models.transformer as transformer
+    import qrobust.quant.qlinear as qlinear
+    from qrobust.models.decode import fuse_projections
+
+    if not kernels.supports(small_ar.model.device):
+        pytest.skip("Triton cannot run here")
+    model = copy.deepcopy(small_ar.model)
+    fuse_projections(model)
+    ids = [small_ar.tokenizer(p)["input_ids"] for p in PROMPTS]
+    rule = StopRule(frozenset())
+    before = AREngine(model).generate(ids, DecodeSettings(8), rule, batch_size=3).tokens
+    calls = []
+    for module, name in ((rms_norm_module, "add_rms_norm"), (swiglu_module, "swiglu")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
+    for module in (transformer, qlinear):
+        monkeypatch.setattr(module, "kernels_enabled", kernels.supports)
+    after = AREngine(model).generate(ids, DecodeSettings(8), rule, batch_size=3).tokens
+    assert after == before
+    assert {"add_rms_norm", "swiglu"} <= set(calls)
+
+
 def test_rows_end_at_eos_and_stop_strings_but_not_before_min_new_tokens(small_ar):
     tok = small_ar.tokenizer
     ids = [tok(p)["input_ids"] for p in PROMPTS]

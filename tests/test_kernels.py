@@ -754,3 +754,46 @@ def test_rms_norm_keeps_the_torch_form_where_gradients_flow(monkeypatch):
     (grad,) = torch.autograd.grad(y.sum(), x)
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(y.detach(), y_kernel, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_kernel_adds_the_residual_and_normalizes_as_the_torch_form(dtype):
+    """The residual add and the norm after it in one kernel: the stream h = residual + x as
+    torch's add gives it, and RMSNorm(h) as the torch form gives it."""
+    from qrobust.kernels.rms_norm import add_rms_norm
+    from qrobust.models.transformer import RMSNorm
+
+    g = torch.Generator().manual_seed(1)
+    x, residual = ((torch.randn(3, 5, 2048, generator=g) * 3).to(DEVICE, dtype) for _ in range(2))
+    norm = RMSNorm(2048, 1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(2048, generator=g) + 0.5)
+        norm.kernel = False
+        h_ref = residual + x
+        ref = norm(h_ref)
+    normed, h = add_rms_norm(x, residual, norm.weight, norm.eps)
+    assert normed.shape == h.shape == x.shape and normed.dtype == h.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -5
+    torch.testing.assert_close(h.float(), h_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(normed.float(), ref.float(), rtol=tol, atol=tol)
+    if dtype == torch.float32 or DEVICE == "cuda":  # (the interpreter truncates to bfloat16, a GPU rounds)
+        assert torch.equal(h, h_ref)
+    with pytest.raises(ValueError, match="does not match"):
+        add_rms_norm(x, residual[:, :1], norm.weight, norm.eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel_matches_the_interleaved_torch_form(dtype):
+    """silu(gate)·up over (gate, up) pairs in one kernel: the torch form's values, shape [..., I]."""
+    from qrobust.kernels.swiglu import swiglu
+    from qrobust.quant.qlinear import interleaved_swiglu_torch
+
+    g = torch.Generator().manual_seed(2)
+    y = (torch.randn(2, 3, 2 * 1500, generator=g) * 4).to(DEVICE, dtype)  # not a multiple of the block
+    out = swiglu(y)
+    ref = interleaved_swiglu_torch(y)
+    assert out.shape == (2, 3, 1500) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="pairs"):
+        swiglu(y[..., :-1])

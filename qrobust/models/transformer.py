@@ -80,6 +80,19 @@ class RMSNorm(nn.Module):
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
 
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(h), h) for the residual stream h = residual + x (x where residual is None; x may be
+        split sums, residual_sum). Where forward would use the kernel and x is one tensor of the
+        stream's shape, one kernel adds and normalizes (kernels.rms_norm.add_rms_norm)."""
+        if residual is not None and x.shape == residual.shape and self.kernel and kernels_enabled(x.device) \
+                and x.dtype == residual.dtype == self.weight.dtype and not torch.compiler.is_compiling() \
+                and not (self._needs_grad(x) or self._needs_grad(residual)):
+            from qrobust.kernels.rms_norm import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        h = residual_sum(x, residual)
+        return self(h), h
+
 
 def residual_sum(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """residual + x (x where residual is None). x may be a product's split sums, one dimension
@@ -103,8 +116,8 @@ def add_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNor
     fused = getattr(linear, "forward_add_norm", None)
     out = None if fused is None else fused(x, residual, norm)
     if out is None:
-        h = residual_sum(x, residual)
-        out = linear(norm(h)), h
+        normed, h = norm.forward_add(x, residual)
+        out = linear(normed), h
     return out
 
 
@@ -183,8 +196,8 @@ class Attention(nn.Module):
                          cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(norm(h)), h) for the residual stream h = residual + x (add_norm_linear)."""
         if self.qkv_proj is None:
-            h = residual_sum(x, residual)
-            return self(norm(h), rope, mask, cache), h
+            normed, h = norm.forward_add(x, residual)
+            return self(normed, rope, mask, cache), h
         qkv, h = add_norm_linear(x, residual, norm, self.qkv_proj)
         return self.attend(*self._split_qkv(qkv), rope, mask, cache), h
 
@@ -235,8 +248,8 @@ class MLP(nn.Module):
                          norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(norm(h)), h) for the residual stream h = residual + x (add_norm_linear)."""
         if self.swiglu is None:
-            h = residual_sum(x, residual)
-            return self(norm(h)), h
+            normed, h = norm.forward_add(x, residual)
+            return self(normed), h
         gated, h = add_norm_linear(x, residual, norm, self.swiglu)
         split_sums = getattr(self.down_proj, "forward_split_sums", None)
         out = None if split_sums is None else split_sums(gated)
@@ -350,8 +363,9 @@ class TransformerLM(nn.Module):
         residual = None
         for block, cache in zip(self.model.layers, caches):
             x, residual = block.forward_deferred(x, residual, rope, mask, cache)
-        h = residual_sum(x, residual)
-        return self.lm_head(self.model.norm(h[:, -1:] if last_only else h[:, logits_from:]))
+        first = x.shape[-2] - 1 if last_only else logits_from  # (x may be split sums: one dimension more)
+        normed, _ = self.model.norm.forward_add(x[..., first:, :], None if residual is None else residual[:, first:])
+        return self.lm_head(normed)
 
     def new_caches(self, batch: int, max_len: int, positions: torch.Tensor) -> list[KVCache]:
         c = self.config

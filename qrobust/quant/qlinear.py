@@ -375,7 +375,17 @@ def join_outputs(tensors: list[torch.Tensor], dim: int, interleave: bool) -> tor
 
 
 def interleaved_swiglu(y: torch.Tensor) -> torch.Tensor:
-    """silu(gate)·up of outputs interleaved as (gate, up) pairs: [..., 2·I] → [..., I]."""
+    """silu(gate)·up of outputs interleaved as (gate, up) pairs: [..., 2·I] → [..., I]; in one
+    kernel (kernels.swiglu) where the kernels run, outside torch.compile and without gradients."""
+    if kernels_enabled(y.device) and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and y.requires_grad):
+        from qrobust.kernels.swiglu import swiglu
+
+        return swiglu(y)
+    return interleaved_swiglu_torch(y)
+
+
+def interleaved_swiglu_torch(y: torch.Tensor) -> torch.Tensor:
+    """interleaved_swiglu's torch form: the CPU path and the kernel's reference."""
     return F.silu(y[..., 0::2]) * y[..., 1::2]
 
 
