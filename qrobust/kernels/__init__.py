@@ -11,7 +11,8 @@ forms), dequant (dequantize; the fused matmul), launch (PDL, arrival counters, t
 ops (their torch custom ops); packed_matmul (split-K products for batched decoding); fragments
 and fragments_matmul (2-, 3-, 4- and 8-bit weights in wgmma's register layout, Hopper's batched product, in
 Gluon). Besides:
-decode_attention, rms_norm (RMSNorm in one kernel), nucleus (the top-p draw from 16-bit logits),
+decode_attention, rms_norm (RMSNorm in one kernel, and with the residual add before it), swiglu
+(silu(gate)·up of fused gate/up outputs), nucleus (the top-p draw from 16-bit logits),
 gptq_block (GPTQ's column loop), tinygemm,
 and availability (where the kernels run).
 """

@@ -18,8 +18,8 @@ BLOCK = 1024  # outputs (pairs) per program
 def _swiglu_kernel(y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = at < n
-    gate = tl.load(y_ptr + 2 * at, mask=inside, other=0.0)
-    up = tl.load(y_ptr + 2 * at + 1, mask=inside, other=0.0)
+    pair = 2 * at[:, None] + tl.arange(0, 2)[None, :]  # each pair read as one vector, then split
+    gate, up = tl.split(tl.load(y_ptr + pair, mask=inside[:, None], other=0.0))
     g = gate.to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + at, (act.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=inside)
