@@ -67,8 +67,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel and kernels_enabled(x.device) and x.dtype == self.weight.dtype and \
-                not torch.compiler.is_compiling() and not self._needs_grad(x):
+        if self._uses_kernel(x):
             from qrobust.kernels.rms_norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
@@ -77,16 +76,19 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
-    def _needs_grad(self, x: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+    def _uses_kernel(self, *tensors: torch.Tensor) -> bool:
+        """Whether the kernels take these inputs: on, where they run, of the weight's dtype, outside
+        torch.compile and with no gradient to flow through them or the weight."""
+        x = tensors[0]
+        return self.kernel and kernels_enabled(x.device) and all(t.dtype == self.weight.dtype for t in tensors) \
+            and not torch.compiler.is_compiling() \
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, self.weight)))
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(h), h) for the residual stream h = residual + x (x where residual is None; x may be
         split sums, residual_sum). Where forward would use the kernel and x is one tensor of the
         stream's shape, one kernel adds and normalizes (kernels.rms_norm.add_rms_norm)."""
-        if residual is not None and x.shape == residual.shape and self.kernel and kernels_enabled(x.device) \
-                and x.dtype == residual.dtype == self.weight.dtype and not torch.compiler.is_compiling() \
-                and not (self._needs_grad(x) or self._needs_grad(residual)):
+        if residual is not None and x.shape == residual.shape and self._uses_kernel(x, residual):
             from qrobust.kernels.rms_norm import add_rms_norm
 
             return add_rms_norm(x, residual, self.weight, self.eps)
