@@ -75,7 +75,7 @@ def prefill_runs() -> None:
 def no_k_splits():
     """fragments_matmul without K-splits (no partial sums, no arrival counters)."""
     saved = fragments_matmul_module.fragments_tiling
-    fragments_matmul_module.fragments_tiling = lambda M, N, K: (saved(M, N, K)[0], 1)
+    fragments_matmul_module.fragments_tiling = lambda M, N, K: (saved(M, N, K)[0], 1, saved(M, N, K)[2])
     try:
         yield
     finally:

@@ -227,8 +227,8 @@ def whole_row_programs():
 
 
 def fastest_tilings(paths: list[str]) -> dict:
-    """(bits, rows, N, K) -> (split, rows per program) of the fastest fragments product in
-    fragments_splits.py files (one per width, say)."""
+    """(bits, rows, N, K) -> (split, rows per program, warpgroups) of the fastest fragments product
+    in fragments_splits.py files (one per width, say; rows without warpgroups had one)."""
     import json
 
     rows = []
@@ -240,17 +240,17 @@ def fastest_tilings(paths: list[str]) -> dict:
         key = (r["bits"], r["rows"], r["N"], r["K"])
         if key not in best or r["us_fragments"] < best[key]["us_fragments"]:
             best[key] = r
-    return {key: (r["split_k"], r["rows_per_program"]) for key, r in best.items()}
+    return {key: (r["split_k"], r["rows_per_program"], r.get("warpgroups", 1)) for key, r in best.items()}
 
 
 def measured_tiling(tilings: dict):
-    """fragments_matmul at the split and program rows of `tilings` (fastest_tilings) for its
-    width, rows and shape (the chosen tiling elsewhere)."""
+    """fragments_matmul at the split, program rows and warpgroups of `tilings` (fastest_tilings)
+    for its width, rows and shape (the chosen tiling elsewhere)."""
     def wrap(saved):
         def tiled(x, qweight, scales, qzeros, bits, *args, **kwargs):
-            split, per_program = tilings.get((bits, x.shape[0], qweight.shape[1], x.shape[1]), (None, None))
+            split, per_program, wg = tilings.get((bits, x.shape[0], qweight.shape[1], x.shape[1]), (None,) * 3)
             return saved(x, qweight, scales, qzeros, bits, *args, split_k=split, rows_per_program=per_program,
-                         **kwargs)
+                         warpgroups=wg, **kwargs)
         return tiled
     return fragments_product(wrap)
 
@@ -388,7 +388,9 @@ def variants(plan: Plan, device: str) -> list[dict]:
     counters), one fragments program for 64 rows instead of two of 32 (whole_row_programs),
     q/k/v and gate/up fused into one product each (models.decode.fuse_projections),
     and at 4 bits those on tinygemm (kernels.tinygemm.repack_int4); each against bf16 with the
-    same rewrite, in the same run; and bf16 with zero_products, the ceiling."""
+    same rewrite, in the same run; and bf16 with zero_products, the ceiling. The fragments
+    product's rewrites (64-row programs, --tiling) run on the most rewritten layers asked for:
+    fused, with the attention kernel where that is asked for too."""
     if 16 not in plan.bits:
         raise SystemExit("engine_gpu.py: variants compares with bf16: include 16 in --bits")
     short = replace(plan, new_tokens=min(plan.new_tokens, 256), batches=(64, 32) if not plan.tiny else (3,))
@@ -414,7 +416,8 @@ def variants(plan: Plan, device: str) -> list[dict]:
         model = build(short, "ar", bits, device)
         rows += engine_rows(model, short, bits, variant="today")
         if any(m.layout == "fragments" for m in model.modules() if isinstance(m, QuantLinear)):
-            rows += rewritten_rows(model, bits)
+            if not wanted("fused projections"):  # else they are timed on the fused layers (below)
+                rows += rewritten_rows(model, bits)
             if wanted("GPTQ layout"):
                 with gptq_layout():
                     before = build(short, "ar", bits, device)
@@ -436,12 +439,14 @@ def variants(plan: Plan, device: str) -> list[dict]:
             if wanted("attention kernel"):
                 use_attention_kernel(model)
                 rows += engine_rows(model, short, bits, variant="fused projections, attention kernel")
+                if bits != 16:
+                    rows += rewritten_rows(model, bits, prefix="fused projections, attention kernel, ")
                 if wanted("torch element-wise"):
                     with torch_elementwise():
                         rows += engine_rows(model, short, bits,
                                             variant="fused projections, attention kernel, torch element-wise")
                 use_attention_kernel(model, on=False)
-            if bits != 16:
+            elif bits != 16:
                 rows += rewritten_rows(model, bits, prefix="fused projections, ")
             if bits == 4 and torch.device(device).type == "cuda":
                 repack_int4(model)

@@ -344,8 +344,8 @@ def test_ar_and_diffusion_samplers_draw_the_same_token_at_the_same_quantile():
 
 def test_the_measured_tiling_variant_calls_each_product_at_its_fastest_tiling(monkeypatch, tmp_path):
     """benchmarks/engine_gpu.py --tiling: each fragments product of a width, row count and shape
-    in the fragments_splits.py files runs at the fastest split and program rows they hold; others
-    keep the chosen tiling (None, None)."""
+    in the fragments_splits.py files runs at the fastest split, program rows and warpgroups they
+    hold (one where a file has no warpgroups); others keep the chosen tiling (None)."""
     import json
     from pathlib import Path
 
@@ -354,24 +354,24 @@ def test_the_measured_tiling_variant_calls_each_product_at_its_fastest_tiling(mo
     from engine_gpu import fastest_tilings, measured_tiling
     from qrobust.kernels import fragments_matmul as module
 
-    def row(split, per_program, us, N=2048, bits=8):
+    def row(split, per_program, us, N=2048, bits=8, **warpgroups):
         return {"bits": bits, "rows": 64, "N": N, "K": 2048, "split_k": split, "rows_per_program": per_program,
-                "us_fragments": us}
+                "us_fragments": us, **warpgroups}
 
     eight, four = tmp_path / "splits_8.json", tmp_path / "splits_4.json"
     eight.write_text(json.dumps({"rows": [row(4, 32, 8.45), row(4, 64, 8.06), row(1, 64, 13.3, N=6144),
                                           row(2, 32, 15.2, N=6144)]}))
-    four.write_text(json.dumps({"rows": [row(2, 64, 6.1, bits=4), row(8, 32, 5.9, bits=4)]}))
+    four.write_text(json.dumps({"rows": [row(2, 64, 6.1, bits=4, warpgroups=1), row(8, 32, 5.9, bits=4, warpgroups=2)]}))
     calls = []
 
     def product(x, qweight, *args, **kwargs):
-        calls.append((x.shape[0], qweight.shape[1], kwargs["split_k"], kwargs["rows_per_program"]))
+        calls.append((x.shape[0], qweight.shape[1], kwargs["split_k"], kwargs["rows_per_program"], kwargs["warpgroups"]))
 
     monkeypatch.setattr(module, "fragments_matmul", product)
     with measured_tiling(fastest_tilings([str(eight), str(four)])):
         for M, N, bits in ((64, 2048, 8), (64, 6144, 8), (32, 2048, 8), (64, 2048, 4)):
             module.fragments_matmul(torch.zeros(M, 2048), torch.zeros(2048 * bits // 32, N), None, None, bits, 1)
-    assert calls == [(64, 2048, 4, 64), (64, 6144, 1, 64), (32, 2048, None, None), (64, 2048, 8, 32)]
+    assert calls == [(64, 2048, 4, 64, 1), (64, 6144, 1, 64, 1), (32, 2048, None, None, None), (64, 2048, 8, 32, 2)]
     assert module.fragments_matmul is product  # given back on leaving
 
 

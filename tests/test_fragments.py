@@ -139,12 +139,23 @@ def test_layers_set_up_for_the_batch_1_decoder_keep_the_gptq_layout(monkeypatch)
     assert decoder_layer.layout == "gptq" and decoder_layer.packed_kernel(3, x.device) == "gemv"
 
 
+def test_programs_of_warpgroups_that_do_not_tile_the_outputs_are_refused():
+    pytest.importorskip("triton.experimental.gluon")
+    from qrobust.kernels.fragments_matmul import fragments_matmul
+
+    x, qweight = torch.zeros(8, 128, dtype=torch.bfloat16), torch.zeros(16, 192, dtype=torch.int32)
+    for warpgroups in (2, 3):  # 192 outputs are three tiles of 64: not two programs of 128, no program of 3 warpgroups
+        with pytest.raises(ValueError, match="do not tile 192 outputs"):
+            fragments_matmul(x, qweight, None, None, 4, 1, warpgroups=warpgroups)
+
+
 def test_the_tiling_fills_the_gpu_keeps_whole_steps_and_reads_large_layers_once_for_64_rows():
     from qrobust.kernels.fragments_matmul import MAX_SPLIT, fragments_tiling
 
     for M in (1, 8, 32, 33, 64):
         for N, K in ((2048, 2048), (1024, 2048), (6144, 2048), (2048, 6144), (12288, 2048), (64, 128)):
-            rows, split = fragments_tiling(M, N, K)
+            rows, split, warpgroups = fragments_tiling(M, N, K)
+            assert warpgroups == 1
             steps, tiles = K // 128, N // 64
             assert steps % split == 0 and split <= MAX_SPLIT
             if rows == 64:  # one program for all the rows: only where it still fills the GPU
@@ -159,32 +170,37 @@ def test_the_tiling_fills_the_gpu_keeps_whole_steps_and_reads_large_layers_once_
                     or steps // (2 * split) < min_steps)
     # the measured best (results/engine/fragments_splits*.json): k_proj at 64 and 8 rows, and at 64
     # rows one program for the fused gate/up and down_proj, two of 32 for q_proj and q/k/v
-    assert fragments_tiling(64, 1024, 2048) == (32, 4) and fragments_tiling(8, 1024, 2048) == (8, 8)
-    assert fragments_tiling(64, 12288, 2048) == (64, 1) and fragments_tiling(64, 2048, 6144) == (64, 4)
-    assert fragments_tiling(64, 2048, 2048) == (32, 4) and fragments_tiling(64, 4096, 2048) == (32, 2)
+    assert fragments_tiling(64, 1024, 2048)[:2] == (32, 4) and fragments_tiling(8, 1024, 2048)[:2] == (8, 8)
+    assert fragments_tiling(64, 12288, 2048)[:2] == (64, 1) and fragments_tiling(64, 2048, 6144)[:2] == (64, 4)
+    assert fragments_tiling(64, 2048, 2048)[:2] == (32, 4) and fragments_tiling(64, 4096, 2048)[:2] == (32, 2)
     with pytest.raises(ValueError, match="1 to 64 rows"):
         fragments_tiling(65, 2048, 2048)
 
 
-@pytest.mark.parametrize("shape, steps", [((64, 2048, 2048), 4), ((64, 12288, 2048), 16)])  # 32-row programs; one of 64
+# 32-row programs; one of 64; one of 64 rows and 128 outputs (two warpgroups)
+@pytest.mark.parametrize("shape, warpgroups, steps", [((64, 2048, 2048), 1, 4), ((64, 12288, 2048), 1, 16),
+                                                      ((64, 12288, 2048), 2, 16)])
 @pytest.mark.parametrize("bits", [4, 2, 8, 3])
-def test_the_product_compiles_to_wgmma_from_registers_without_weight_stores(bits, shape, steps):
+def test_the_product_compiles_to_wgmma_from_registers_without_weight_stores(bits, shape, warpgroups, steps):
     """kernels.fragments_matmul compiled for sm_90 without a GPU, as it runs q_proj's and the fused
     gate/up's 64 rows: 8 wgmma instructions per 128-input step, x's tiles by asynchronous copies,
     no weight tile stored to shared memory (one store: the arrival counter's answer shared by the
-    program's threads), no spills; a thread's words of a step in as few loads as its bytes need."""
+    program's threads), no spills; a thread's words of a step in as few loads as its bytes need,
+    whatever the program's warpgroups."""
     pytest.importorskip("triton.experimental.gluon")
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
     code = ("import sys; from qrobust.kernels.fragments_matmul import compile_fragments_matmul_for, fragments_tiling;"
             "from kernel_asm import sass_facts;"
-            f"M, N, K = {shape}; cubin = compile_fragments_matmul_for(M, N, K, bits={bits}).asm['cubin'];"
+            f"M, N, K = {shape}; cubin = compile_fragments_matmul_for(M, N, K, bits={bits}, warpgroups={warpgroups})"
+            ".asm['cubin'];"
             "ops, res = sass_facts(cubin); loads = sass_facts(cubin, modifiers=True)[0];"
             "print({**res, **ops, 'steps': K // 128 // fragments_tiling(M, N, K)[1],"
             "       'loads_128': loads['LDG.E.EF.128'], 'loads_64': loads.get('LDG.E.EF.64', 0)})")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     facts = ast.literal_eval(out.strip().splitlines()[-1])
     assert facts.get("STS", 0) <= 1 and facts["local"] == 0 and facts["LDGSTS"] > 0 and facts["steps"] == steps
+    assert warpgroups == 1 or facts["stack"] == 0  # 128 outputs: a thread's share as with 64, no spills
     if bits in (3, 8) and shape[1] > 4096:
         # one 64-row program at 3 and 8 bits needs 255 and 242 registers, and its loop is left partly
         # rolled: fewer instructions in the code than it runs, so only spills and stores are checked
@@ -201,7 +217,8 @@ def test_the_product_compiles_to_wgmma_from_registers_without_weight_stores(bits
 def test_the_hopper_product_matches_the_dequantized_weight(dtype, rows, bits):
     """Every split (added up inside by the tile's last program, or afterwards), with a bias and
     with rows short of wgmma's tile: within half-precision rounding of x Ŵᵀ, the counters left at
-    zero; QuantLinear on the GPU repacks and runs it."""
+    zero; in programs of one, two and four warpgroups (64, 128 and 256 outputs); QuantLinear on the
+    GPU repacks and runs it."""
     from qrobust.kernels.fragments import to_fragments
     from qrobust.kernels.fragments_matmul import fragments_locks, fragments_matmul
 
@@ -214,9 +231,9 @@ def test_the_hopper_product_matches_the_dequantized_weight(dtype, rows, bits):
     locks = fragments_locks(256, "cuda")
     for split in (1, 2, 3, 6):
         for lk in (locks, None):
-            for per_program in (None, 8, 64):
+            for per_program, warpgroups in ((None, None), (8, 1), (64, 1), (None, 2), (64, 4)):
                 y = fragments_matmul(x, words, scales, qzeros, bits, FORMAT_OFFSET[layer.format], bias, lk,
-                                     split_k=split,
+                                     split_k=split, warpgroups=warpgroups,
                                      rows_per_program=per_program and max(per_program, 8 if rows <= 8 else 16))
                 assert y.dtype == dtype and (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
     assert not locks.any()

@@ -34,8 +34,9 @@ from qrobust.kernels.layouts import _pair_asm, pair_arithmetic, pair_magic
 MAX_ROWS = 64  # the most rows a call takes (quant.kernel_choice)
 ROW_BLOCK = 32  # the most rows a program of a small layer takes (fragments_tiling)
 MAX_SPLIT = 8  # the most K-splits measured (benchmarks/fragments_splits.py)
+WARPGROUPS = (1, 2, 4)  # warpgroups a program may have: 64, 128 or 256 outputs sharing x's tiles
 LOAD_AHEAD = 3  # steps between the loads of a step's words and its dequantization (benchmarks/fragments_splits.py)
-OUTPUTS = gl.constexpr(TILE_N)
+TILE_OUTPUTS = gl.constexpr(TILE_N)  # one warpgroup's outputs: a tile of the layout
 BLOCK_K = gl.constexpr(TILE_K)
 X_STAGES = gl.constexpr(3)  # x's tiles in flight or in use
 _barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier  # renamed after Triton 3.6
@@ -93,10 +94,12 @@ def _pair_weights(words, high, zn, s_hi, s_lo, J: gl.constexpr, BITS: gl.constex
 
 
 @gluon.jit
-def _load_group(s_ptr, qz_ptr, group, n0, N, j0: gl.constexpr, BITS: gl.constexpr, w_layout: gl.constexpr):
-    """The scales [32] of rows 16w + 8·j0 + g of the tile (row 8w + g of the words) and the word
-    holding each one's zero point, with the next word (zx) where a 3-bit zero point may reach into it."""
-    r = gl.arange(0, 32, layout=gl.SliceLayout(1, w_layout))
+def _load_group(s_ptr, qz_ptr, group, n0, N, j0: gl.constexpr, BITS: gl.constexpr, WG: gl.constexpr,
+                w_layout: gl.constexpr):
+    """The scales [32·WG] of rows 16w + 8·j0 + g of the program's outputs (row 8w + g of the words,
+    w the warp) and the word holding each one's zero point, with the next word (zx) where a 3-bit
+    zero point may reach into it."""
+    r = gl.arange(0, 32 * WG, layout=gl.SliceLayout(1, w_layout))
     n = n0 + 16 * (r // 8) + 8 * j0 + r % 8
     row = qz_ptr + group * (N * BITS // 32)  # a bit stream of zero points, as kernels.layouts' _unpack_at
     zw = gl.load(row + n * BITS // 32).to(gl.uint32, bitcast=True)
@@ -110,11 +113,11 @@ def _load_group(s_ptr, qz_ptr, group, n0, N, j0: gl.constexpr, BITS: gl.constexp
 
 @gluon.jit
 def _group_pairs(s, zw, zx, n0, j0: gl.constexpr, BITS: gl.constexpr, OFFSET: gl.constexpr, DTYPE: gl.constexpr,
-                 w_layout: gl.constexpr):
-    """What _pair_weights takes of a group for rows 16w + 8·j0 + g, as [32, 1, 2] pairs: bf16 takes
+                 WG: gl.constexpr, w_layout: gl.constexpr):
+    """What _pair_weights takes of a group for rows 16w + 8·j0 + g, as [32·WG, 1, 2] pairs: bf16 takes
     s_hi = bf16(s), s_lo = s − s_hi and −128 − z; fp16 s twice and −1024 − z; 8 bits in bf16
     −(2²³ + z) and s in float32 (s_lo, in bf16, only gives the weights' type)."""
-    r = gl.arange(0, 32, layout=gl.SliceLayout(1, w_layout))
+    r = gl.arange(0, 32 * WG, layout=gl.SliceLayout(1, w_layout))
     n = n0 + 16 * (r // 8) + 8 * j0 + r % 8
     maxq: gl.constexpr = (1 << BITS) - 1
     shift = ((n * BITS) % 32).to(gl.uint32)
@@ -140,87 +143,101 @@ def _group_pairs(s, zw, zx, n0, j0: gl.constexpr, BITS: gl.constexpr, OFFSET: gl
 
 
 @gluon.jit
-def _load_step(qw_ptr, s_ptr, qz_ptr, tile, step, N, K, BITS: gl.constexpr, load_layout: gl.constexpr,
-               high_layout: gl.constexpr, w_layout: gl.constexpr):
-    """A step's words [32 (8w + g), 8b (8c + ·)] of its first plane (kernels.fragments.planes: b =
-    BITS, or 2 at 3 bits), at 3 bits its high bits' words [32, 8], and its group's scales and zero
-    points for the two halves of the rows: loads only, used steps later (arithmetic on them here
-    would wait for them)."""
+def _tile_rows(qw_ptr, tile, step, K, BITS: gl.constexpr, WG: gl.constexpr, layout: gl.constexpr):
+    """Pointers to the start of each row [32·WG] of a step's words: warpgroup r div 32 reads the
+    layout's 64-output tile WG·tile + r div 32 (tiles follow each other, steps within a tile), row r mod 32."""
+    r = gl.arange(0, 32 * WG, layout=gl.SliceLayout(1, layout))
+    return qw_ptr + ((WG * tile + r // 32) * (K // BLOCK_K) + step) * (256 * BITS), r % 32
+
+
+@gluon.jit
+def _load_step(qw_ptr, s_ptr, qz_ptr, tile, step, N, K, BITS: gl.constexpr, WG: gl.constexpr,
+               load_layout: gl.constexpr, high_layout: gl.constexpr, w_layout: gl.constexpr):
+    """A step's words [32·WG (8w + g), 8b (8c + ·)] of its first plane (kernels.fragments.planes: b =
+    BITS, or 2 at 3 bits), at 3 bits its high bits' words [32·WG, 8], and its group's scales and zero
+    points for the two halves of each warp's rows: loads only, used steps later (arithmetic on them
+    here would wait for them)."""
     width: gl.constexpr = first_plane_width(BITS)
     per_row: gl.constexpr = 8 * width
-    tile_ptr = qw_ptr + (tile * (K // BLOCK_K) + step) * (256 * BITS)
-    r = gl.arange(0, 32, layout=gl.SliceLayout(1, load_layout))
+    tile_ptr, r = _tile_rows(qw_ptr, tile, step, K, BITS, WG, load_layout)
     col = gl.arange(0, per_row, layout=gl.SliceLayout(0, load_layout))
-    words = gl.load(tile_ptr + r[:, None] * per_row + col[None, :], eviction_policy="evict_first")
+    words = gl.load((tile_ptr + r * per_row)[:, None] + col[None, :], eviction_policy="evict_first")
     words = words.to(gl.uint32, bitcast=True)
     if BITS == 3:
-        r = gl.arange(0, 32, layout=gl.SliceLayout(1, high_layout))
+        tile_ptr, r = _tile_rows(qw_ptr, tile, step, K, BITS, WG, high_layout)
         high_row: gl.constexpr = 8 * (BITS - width)
         col = gl.arange(0, high_row, layout=gl.SliceLayout(0, high_layout))
-        high = gl.load(tile_ptr + 256 * width + r[:, None] * high_row + col[None, :], eviction_policy="evict_first")
+        high = gl.load((tile_ptr + 256 * width + r * high_row)[:, None] + col[None, :], eviction_policy="evict_first")
         high = high.to(gl.uint32, bitcast=True)
     else:
         high = words
-    s0, zw0, zx0 = _load_group(s_ptr, qz_ptr, step, tile * OUTPUTS, N, 0, BITS, w_layout)
-    s1, zw1, zx1 = _load_group(s_ptr, qz_ptr, step, tile * OUTPUTS, N, 1, BITS, w_layout)
+    n0 = tile * (TILE_OUTPUTS * WG)
+    s0, zw0, zx0 = _load_group(s_ptr, qz_ptr, step, n0, N, 0, BITS, WG, w_layout)
+    s1, zw1, zx1 = _load_group(s_ptr, qz_ptr, step, n0, N, 1, BITS, WG, w_layout)
     return words, high, s0, zw0, zx0, s1, zw1, zx1
 
 
 @gluon.jit
-def _weights(loaded, tile, BITS: gl.constexpr, OFFSET: gl.constexpr, DTYPE: gl.constexpr, w_layout: gl.constexpr,
-             a_layout: gl.constexpr):
-    """A step's weights [64 outputs, 128 inputs] in wgmma's A register layout, without moving data:
+def _weights(loaded, tile, BITS: gl.constexpr, OFFSET: gl.constexpr, DTYPE: gl.constexpr, WG: gl.constexpr,
+             w_layout: gl.constexpr, a_layout: gl.constexpr):
+    """A step's weights [64·WG outputs, 128 inputs] in wgmma's A register layout, without moving data:
     [8w + g, 8c + t, h, J & 1, J >> 1] is output 16w + 8(J & 1) + g, input 16t + 8(J >> 1) + 2c + h.
     The words are first made one per step (and per two pairs: `first` for J < 2, `second`), in the
     thread that loaded them: a 2-bit word holds steps 2u and 2u + 1 (the second 8 bits up), a
     high bits' word four (4 bits apart), 8-bit steps take two words each."""
     words, high, s0, zw0, zx0, s1, zw1, zx1 = loaded
+    rows: gl.constexpr = 32 * WG
     if BITS == 2 or BITS == 3:
-        words = gl.convert_layout(gl.reshape(gl.join(words, words >> 8), (32, 32)), w_layout, assert_trivial=True)
+        words = gl.convert_layout(gl.reshape(gl.join(words, words >> 8), (rows, 32)), w_layout, assert_trivial=True)
     if BITS == 3:
-        high = gl.reshape(gl.join(gl.join(high, high >> 8), gl.join(high >> 4, high >> 12)), (32, 32))
+        high = gl.reshape(gl.join(gl.join(high, high >> 8), gl.join(high >> 4, high >> 12)), (rows, 32))
         high = gl.convert_layout(high, w_layout, assert_trivial=True)
     if BITS == 8:
-        first, second = gl.split(gl.reshape(words, (32, 32, 2)))
+        first, second = gl.split(gl.reshape(words, (rows, 32, 2)))
         first = gl.convert_layout(first, w_layout, assert_trivial=True)
         second = gl.convert_layout(second, w_layout, assert_trivial=True)
     else:
         first = words
         second = words
-    zn0, shi0, slo0 = _group_pairs(s0, zw0, zx0, tile * OUTPUTS, 0, BITS, OFFSET, DTYPE, w_layout)
-    zn1, shi1, slo1 = _group_pairs(s1, zw1, zx1, tile * OUTPUTS, 1, BITS, OFFSET, DTYPE, w_layout)
+    n0 = tile * (TILE_OUTPUTS * WG)
+    zn0, shi0, slo0 = _group_pairs(s0, zw0, zx0, n0, 0, BITS, OFFSET, DTYPE, WG, w_layout)
+    zn1, shi1, slo1 = _group_pairs(s1, zw1, zx1, n0, 1, BITS, OFFSET, DTYPE, WG, w_layout)
     c = gl.join(gl.join(_pair_weights(first, high, zn0, shi0, slo0, 0, BITS, DTYPE),
                         _pair_weights(first, high, zn1, shi1, slo1, 1, BITS, DTYPE)),
                 gl.join(_pair_weights(second, high, zn0, shi0, slo0, 2, BITS, DTYPE),
                         _pair_weights(second, high, zn1, shi1, slo1, 3, BITS, DTYPE)))
-    c = gl.permute(gl.reshape(c, (4, 8, 4, 8, 2, 2, 2)), (0, 5, 1, 3, 6, 2, 4))
-    return gl.convert_layout(gl.reshape(c, (OUTPUTS, BLOCK_K)), a_layout, assert_trivial=True)
+    c = gl.permute(gl.reshape(c, (4 * WG, 8, 4, 8, 2, 2, 2)), (0, 5, 1, 3, 6, 2, 4))
+    return gl.convert_layout(gl.reshape(c, (TILE_OUTPUTS * WG, BLOCK_K)), a_layout, assert_trivial=True)
 
 
 @gluon.jit
 def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, stride_x,
                              BITS: gl.constexpr, OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
-                             ITERS: gl.constexpr, SPLIT: gl.constexpr, LAST_SUMS: gl.constexpr, AHEAD: gl.constexpr):
-    """y = x Ŵᵀ + bias for the 64 outputs of program_id(0) and the BM rows of program_id(2) over
-    ITERS 128-input steps from program_id(1)·ITERS; with SPLIT > 1 the partial sums p[split],
-    which with LAST_SUMS the tile's last program adds up in split order (lock_ptr: one counter per
-    tile of outputs and rows, left at zero)."""
+                             ITERS: gl.constexpr, SPLIT: gl.constexpr, LAST_SUMS: gl.constexpr, AHEAD: gl.constexpr,
+                             WG: gl.constexpr):
+    """y = x Ŵᵀ + bias for the 64·WG outputs of program_id(0) (WG warpgroups, each the layout's
+    64-output tile of its own, sharing x's tiles) and the BM rows of program_id(2) over ITERS
+    128-input steps from program_id(1)·ITERS; with SPLIT > 1 the partial sums p[split], which
+    with LAST_SUMS the tile's last program adds up in split order (lock_ptr: one counter per tile
+    of outputs and rows, left at zero)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+    OUTPUTS: gl.constexpr = TILE_OUTPUTS * WG
+    warps: gl.constexpr = 4 * WG
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
                                                          instr_shape=[16, BM, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     # a thread's eight words of a step: row 8w + g, columns 8c … 8c + 7 (lane 4g + c)
-    w_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[8, 4], warps_per_cta=[4, 1],
-                                              order=[1, 0])
+    w_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[8, 4],
+                                              warps_per_cta=[warps, 1], order=[1, 0])
     # as loaded: a thread's 2b words of a step's first plane (at 2 bits each holds two steps), and
     # at 3 bits its two words of high bits
     width: gl.constexpr = first_plane_width(BITS)
     load_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2 * width], threads_per_warp=[8, 4],
-                                                 warps_per_cta=[4, 1], order=[1, 0])
+                                                 warps_per_cta=[warps, 1], order=[1, 0])
     high_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2], threads_per_warp=[8, 4],
-                                                 warps_per_cta=[4, 1], order=[1, 0])
-    x_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
-                                              order=[1, 0])
+                                                 warps_per_cta=[warps, 1], order=[1, 0])
+    x_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
+                                              warps_per_cta=[warps, 1], order=[1, 0])
     x_smem = gl.allocate_shared_memory(dtype, [X_STAGES, BM, BLOCK_K],
                                        gl.NVMMASharedLayout.get_default_for([BM, BLOCK_K], dtype))
     tile = gl.program_id(0)
@@ -240,9 +257,9 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
     loaded = ()
     for j in gl.static_range(AHEAD + 1):
         if j < ITERS:
-            loaded = loaded + (_load_step(qw_ptr, s_ptr, qz_ptr, tile, first + j, N, K, BITS, load_layout,
+            loaded = loaded + (_load_step(qw_ptr, s_ptr, qz_ptr, tile, first + j, N, K, BITS, WG, load_layout,
                                           high_layout, w_layout),)
-    a = _weights(loaded[0], tile, BITS, OFFSET, dtype, w_layout, a_layout)
+    a = _weights(loaded[0], tile, BITS, OFFSET, dtype, WG, w_layout, a_layout)
     acc = gl.zeros([OUTPUTS, BM], gl.float32, acc_layout)
     for i in gl.static_range(ITERS):
         async_copy.wait_group(X_STAGES - 2)  # x's tile of step i has landed
@@ -250,9 +267,9 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
         _barrier()
         acc = warpgroup_mma(a, x_smem.index(i % X_STAGES).permute((1, 0)), acc, is_async=True)
         if i + 1 < ITERS:
-            a_next = _weights(loaded[i + 1], tile, BITS, OFFSET, dtype, w_layout, a_layout)  # while step i's wgmma runs
+            a_next = _weights(loaded[i + 1], tile, BITS, OFFSET, dtype, WG, w_layout, a_layout)  # while step i's wgmma runs
             if i + AHEAD + 1 < ITERS:
-                loaded = loaded + (_load_step(qw_ptr, s_ptr, qz_ptr, tile, first + i + AHEAD + 1, N, K, BITS,
+                loaded = loaded + (_load_step(qw_ptr, s_ptr, qz_ptr, tile, first + i + AHEAD + 1, N, K, BITS, WG,
                                               load_layout, high_layout, w_layout),)
         acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         if i + X_STAGES - 1 < ITERS:  # into the buffer step i - 1 read
@@ -284,8 +301,8 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
         gl.store(y_ptr + at, acc.to(dtype), mask=mask)
 
 
-def fragments_tiling(M: int, N: int, K: int) -> tuple[int, int]:
-    """(rows per program, K-splits) for M rows of an N × K layer.
+def fragments_tiling(M: int, N: int, K: int) -> tuple[int, int, int]:
+    """(rows per program, K-splits, warpgroups per program) for M rows of an N × K layer.
 
     Up to 32 rows, a program takes them all as wgmma's N (8, 16 or 32), and K-splits (1-8) are
     doubled while the layer has fewer than 256 programs (512 for 8 rows or fewer) and each split
@@ -305,10 +322,10 @@ def fragments_tiling(M: int, N: int, K: int) -> tuple[int, int]:
     if M > ROW_BLOCK:
         split = _k_split(tiles, steps, target=128, min_steps=12)
         if tiles * split >= 96:
-            return MAX_ROWS, split
+            return MAX_ROWS, split, 1
     rows = min(ROW_BLOCK, max(8, triton.next_power_of_2(M)))
     target, min_steps = (512, 2) if M <= 8 else (256, 4)
-    return rows, _k_split(tiles * triton.cdiv(M, rows), steps, target, min_steps)
+    return rows, _k_split(tiles * triton.cdiv(M, rows), steps, target, min_steps), 1
 
 
 def _k_split(programs: int, steps: int, target: int, min_steps: int) -> int:
@@ -330,10 +347,11 @@ def fragments_locks(N: int, device: torch.device | str) -> torch.Tensor:
 def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                      bits: int, zero_offset: int, bias: torch.Tensor | None = None, locks: torch.Tensor | None = None,
                      split_k: int | None = None, rows_per_program: int | None = None,
-                     load_ahead: int = LOAD_AHEAD) -> torch.Tensor:
+                     load_ahead: int = LOAD_AHEAD, warpgroups: int | None = None) -> torch.Tensor:
     """x [M ≤ 64, K] (bf16 or fp16) times a 2-, 3-, 4- or 8-bit qweight in the fragments layout (groups of 128):
     [M, N] in x's dtype. With `locks` (fragments_locks) K-splits are added up inside the kernel, else afterwards.
-    The loads of a step's words are issued `load_ahead` steps before they are dequantized."""
+    The loads of a step's words are issued `load_ahead` steps before they are dequantized; split_k,
+    rows_per_program and warpgroups override fragments_tiling's choice."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fragments_matmul takes bf16 or fp16 activations, got {x.dtype}")
     M, K = x.shape
@@ -344,23 +362,26 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                          f"got {qweight.shape[0]}")
     if x.stride(1) != 1 or x.stride(0) % 8:
         x = x.contiguous()
-    rows, split = fragments_tiling(M, N, K)
-    split, bm = split_k or split, rows_per_program or rows
+    rows, split, wg = fragments_tiling(M, N, K)
+    split, bm, wg = split_k or split, rows_per_program or rows, warpgroups or wg
     steps = K // TILE_K
     if steps % split:
         raise ValueError(f"fragments_matmul: {split} K-splits of {steps} 128-input steps")
+    if wg not in WARPGROUPS or N % (TILE_N * wg):
+        raise ValueError(f"fragments_matmul: programs of {wg} warpgroups (one of {WARPGROUPS}, {TILE_N} outputs "
+                         f"each) do not tile {N} outputs")
     inside = split > 1 and locks is not None
-    programs = (N // TILE_N) * triton.cdiv(M, bm)
+    programs = (N // (TILE_N * wg)) * triton.cdiv(M, bm)
     if inside and locks.numel() < programs:
         raise ValueError(f"fragments_matmul needs {programs} locks for {M} rows in programs of {bm}, "
                          f"got {locks.numel()}")
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     partial = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
     fuse_bias = bias is not None and (split == 1 or inside)
-    _fragments_matmul_kernel[(N // TILE_N, split, triton.cdiv(M, bm))](
+    _fragments_matmul_kernel[(N // (TILE_N * wg), split, triton.cdiv(M, bm))](
         x, qweight, scales, qzeros, bias if fuse_bias else y, partial, y, locks if inside else y, M, N, K, x.stride(0),
         BITS=bits, OFFSET=zero_offset, HAS_BIAS=fuse_bias, BM=bm, ITERS=steps // split,
-        SPLIT=split, LAST_SUMS=inside, AHEAD=load_ahead, num_warps=4)
+        SPLIT=split, LAST_SUMS=inside, AHEAD=load_ahead, WG=wg, num_warps=4 * wg)
     if split == 1 or inside:
         return y
     y = partial.sum(0) if bias is None else partial.sum(0) + bias.float()
@@ -368,9 +389,10 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 
 def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", arch: int = 90,
-                                 load_ahead: int = LOAD_AHEAD, bits: int = 4):
-    """_fragments_matmul_kernel as fragments_matmul launches it (K-splits added up inside, no bias),
-    compiled for sm_<arch> without a GPU (benchmarks/kernel_asm.py and the tests read its SASS)."""
+                                 load_ahead: int = LOAD_AHEAD, bits: int = 4, warpgroups: int | None = None):
+    """_fragments_matmul_kernel as fragments_matmul launches it (K-splits added up inside, no bias;
+    `warpgroups` overrides the tiling's), compiled for sm_<arch> without a GPU
+    (benchmarks/kernel_asm.py and the tests read its SASS)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from qrobust.kernels.launch import compile_for
@@ -379,11 +401,12 @@ def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", ar
     pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "b_ptr": act, "p_ptr": "*fp32",
                 "y_ptr": act, "lock_ptr": "*i32"}
     scalars = {"M": "i32", "N": "i32", "K": "i32", "stride_x": "i32"}
-    rows, split = fragments_tiling(M, N, K)
+    rows, split, wg = fragments_tiling(M, N, K)
+    wg = warpgroups or wg
     constants = dict(BITS=bits, OFFSET=1, HAS_BIAS=False, BM=rows, ITERS=K // TILE_K // split, SPLIT=split,
-                     LAST_SUMS=split > 1, AHEAD=load_ahead)
+                     LAST_SUMS=split > 1, AHEAD=load_ahead, WG=wg)
     return compile_for(_fragments_matmul_kernel, arch, pointers, scalars, constants, source_type=GluonASTSource,
-                       num_warps=4)
+                       num_warps=4 * wg)
 
 
 # A custom op, as the other products (kernels.ops): torch.compile treats it as one call; the locks
