@@ -9,6 +9,7 @@ from typing import Callable
 from qrobust.errors import USER_ERRORS, QrobustError
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
+STUDY_METHODS = "gptq,rtn,hawq"  # what sweep and bench study run by default
 DTYPE_HELP = "float32, bfloat16 or float16 (default: bfloat16 on CUDA and CPUs with native bf16, else float32)"
 
 
@@ -472,7 +473,7 @@ def _degradation_args(p: argparse.ArgumentParser) -> None:
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="tiny-ar,tiny-dllm", help="comma-separated names, hub ids or directories")
     p.add_argument("--bits", default="2,3,4")
-    p.add_argument("--methods", default="gptq,rtn,hawq")
+    p.add_argument("--methods", default=STUDY_METHODS)
     p.add_argument("--benchmarks", default="humaneval,mbpp",
                    help="comma-separated, or 'none' for the held-out loss only")
     p.add_argument("--seeds", default="0,1,2")
@@ -589,7 +590,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("study", help="rehearse the whole study on a random-weight pair: time per stage, projection")
     s.add_argument("--shape", default="qwen3-1.7b", help="qwen3-1.7b, qwen3-0.6b or tiny (tests, CPU)")
     s.add_argument("--kinds", default="ar,diffusion")
-    s.add_argument("--methods", default="gptq,rtn,hawq")
+    s.add_argument("--methods", default=STUDY_METHODS)
     s.add_argument("--bits", default="2,3,4")
     s.add_argument("--benchmarks", default="humaneval,mbpp")
     s.add_argument("--limit", type=positive_int, default=8, help="problems per benchmark")
