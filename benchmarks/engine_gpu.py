@@ -226,6 +226,19 @@ def whole_row_programs():
     return fragments_product(wrap)
 
 
+def swiglu_afterwards():
+    """fragments_matmul writing the fused gate/up layer's outputs and SwiGLU as a kernel after it
+    (kernels.swiglu), as before SwiGLU was applied in its epilogue."""
+    from qrobust.kernels.swiglu import swiglu as interleaved_swiglu
+
+    def wrap(saved):
+        def afterwards(*args, swiglu=False, **kwargs):
+            y = saved(*args, **kwargs)
+            return interleaved_swiglu(y) if swiglu else y
+        return afterwards
+    return fragments_product(wrap)
+
+
 def fastest_tilings(paths: list[str]) -> dict:
     """(bits, rows, N, K) -> (split, rows per program, warpgroups) of the fastest fragments product
     in fragments_splits.py files (one per width, say; rows without warpgroups had one)."""
@@ -390,7 +403,8 @@ def variants(plan: Plan, device: str) -> list[dict]:
     and at 4 bits those on tinygemm (kernels.tinygemm.repack_int4); each against bf16 with the
     same rewrite, in the same run; and bf16 with zero_products, the ceiling. The fragments
     product's rewrites (64-row programs, --tiling) run on the most rewritten layers asked for:
-    fused, with the attention kernel where that is asked for too."""
+    fused, with the attention kernel where that is asked for too; "SwiGLU afterwards" stores the
+    fused gate/up outputs and runs SwiGLU as a kernel after the product."""
     if 16 not in plan.bits:
         raise SystemExit("engine_gpu.py: variants compares with bf16: include 16 in --bits")
     short = replace(plan, new_tokens=min(plan.new_tokens, 256), batches=(64, 32) if not plan.tiny else (3,))
@@ -400,6 +414,8 @@ def variants(plan: Plan, device: str) -> list[dict]:
 
     # the fragments product's own rewrites, timed on the layers as they are and again fused
     kernel_rewrites = [("64-row programs", whole_row_programs)] if wanted("64-row programs") else []
+    if wanted("SwiGLU afterwards"):
+        kernel_rewrites.append(("SwiGLU afterwards", swiglu_afterwards))
     if plan.tiling:
         tilings = fastest_tilings(plan.tiling)
         kernel_rewrites.append(("measured tiling", lambda: measured_tiling(tilings)))

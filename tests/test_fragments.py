@@ -217,8 +217,8 @@ def test_the_product_compiles_to_wgmma_from_registers_without_weight_stores(bits
 def test_the_hopper_product_matches_the_dequantized_weight(dtype, rows, bits):
     """Every split (added up inside by the tile's last program, or afterwards), with a bias and
     with rows short of wgmma's tile: within half-precision rounding of x Ŵᵀ, the counters left at
-    zero; in programs of one, two and four warpgroups (64, 128 and 256 outputs); QuantLinear on the
-    GPU repacks and runs it."""
+    zero; in programs of one, two and four warpgroups (64, 128 and 256 outputs); with SwiGLU applied
+    as the outputs are stored, the swiglu kernel's values; QuantLinear on the GPU repacks and runs it."""
     from qrobust.kernels.fragments import to_fragments
     from qrobust.kernels.fragments_matmul import fragments_locks, fragments_matmul
 
@@ -236,6 +236,14 @@ def test_the_hopper_product_matches_the_dequantized_weight(dtype, rows, bits):
                                      split_k=split, warpgroups=warpgroups,
                                      rows_per_program=per_program and max(per_program, 8 if rows <= 8 else 16))
                 assert y.dtype == dtype and (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    assert not locks.any()
+    from qrobust.kernels.swiglu import swiglu
+
+    for split, lk, warpgroups in ((1, locks, None), (2, locks, None), (3, None, None), (2, locks, 2)):
+        # SwiGLU as the outputs are stored: the swiglu kernel's values on the same sums, rounded alike
+        args = (x, words, scales, qzeros, bits, FORMAT_OFFSET[layer.format], bias, lk)
+        y = fragments_matmul(*args, split_k=split, warpgroups=warpgroups, swiglu=True)
+        assert torch.equal(y, swiglu(fragments_matmul(*args, split_k=split, warpgroups=warpgroups)))
     assert not locks.any()
     cuda_layer = layer.to("cuda")
     y = cuda_layer(x)

@@ -214,12 +214,13 @@ def _weights(loaded, tile, BITS: gl.constexpr, OFFSET: gl.constexpr, DTYPE: gl.c
 def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, stride_x,
                              BITS: gl.constexpr, OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
                              ITERS: gl.constexpr, SPLIT: gl.constexpr, LAST_SUMS: gl.constexpr, AHEAD: gl.constexpr,
-                             WG: gl.constexpr):
+                             WG: gl.constexpr, SWIGLU: gl.constexpr):
     """y = x Ŵᵀ + bias for the 64·WG outputs of program_id(0) (WG warpgroups, each the layout's
     64-output tile of its own, sharing x's tiles) and the BM rows of program_id(2) over ITERS
     128-input steps from program_id(1)·ITERS; with SPLIT > 1 the partial sums p[split], which
     with LAST_SUMS the tile's last program adds up in split order (lock_ptr: one counter per tile
-    of outputs and rows, left at zero)."""
+    of outputs and rows, left at zero); with SWIGLU, y = silu(gate)·up of outputs interleaved as
+    (gate, up) pairs, [M, N/2]."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     OUTPUTS: gl.constexpr = TILE_OUTPUTS * WG
     warps: gl.constexpr = 4 * WG
@@ -284,21 +285,67 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
     mask = (m < M)[None, :]
     if SPLIT > 1:
         gl.store(p_ptr + split * M * N + at, acc, mask=mask)
+    # with SWIGLU the outputs are added up, biased and rounded in pair_layout, where a thread holds
+    # both of a (gate, up) pair
+    pair_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[2, 1], threads_per_warp=[16, 2],
+                                                 warps_per_cta=[1, warps], order=[0, 1])
+    out_layout: gl.constexpr = pair_layout if SWIGLU else acc_layout
     if LAST_SUMS:
         _barrier()  # every thread's partial sums precede the count
         lock = lock_ptr + gl.program_id(2) * gl.num_programs(0) + tile
         if gl.atomic_add(lock, 1, sem="acq_rel") == SPLIT - 1:
-            acc = gl.zeros([OUTPUTS, BM], gl.float32, acc_layout)
-            for s in gl.static_range(SPLIT):  # in split order: the same sums whoever arrives last
-                acc += gl.load(p_ptr + s * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += gl.load(b_ptr + n).to(gl.float32)[:, None]
-            gl.store(y_ptr + at, acc.to(dtype), mask=mask)
+            _add_up_and_store(p_ptr, y_ptr, b_ptr, tile * OUTPUTS, m0, M, N, OUTPUTS, BM, SPLIT, HAS_BIAS, SWIGLU,
+                              out_layout)
             gl.atomic_xchg(lock, 0)
     if SPLIT == 1:
-        if HAS_BIAS:
-            acc += gl.load(b_ptr + n).to(gl.float32)[:, None]
-        gl.store(y_ptr + at, acc.to(dtype), mask=mask)
+        if SWIGLU:
+            acc = gl.convert_layout(acc, pair_layout)
+            n = tile * OUTPUTS + gl.arange(0, OUTPUTS, layout=gl.SliceLayout(1, pair_layout))
+            m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, pair_layout))
+        _store_outputs(acc, n, m, y_ptr, b_ptr, M, N, HAS_BIAS, SWIGLU)
+
+
+@gluon.jit
+def _add_up_and_store(p_ptr, y_ptr, b_ptr, n0, m0, M, N, OUTPUTS: gl.constexpr, BM: gl.constexpr,
+                      SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, SWIGLU: gl.constexpr, layout: gl.constexpr):
+    """The partial sums p [SPLIT, M, N] of outputs n0 … and rows m0 … added up in split order (the
+    same sums whoever arrives last), read in `layout`, and stored (_store_outputs)."""
+    n = n0 + gl.arange(0, OUTPUTS, layout=gl.SliceLayout(1, layout))
+    m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, layout))
+    at = m[None, :] * N + n[:, None]
+    mask = (m < M)[None, :]
+    acc = gl.zeros([OUTPUTS, BM], gl.float32, layout)
+    for s in gl.static_range(SPLIT):
+        acc += gl.load(p_ptr + s * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
+    _store_outputs(acc, n, m, y_ptr, b_ptr, M, N, HAS_BIAS, SWIGLU)
+
+
+@gluon.jit
+def _pairs(t, OUTPUTS: gl.constexpr, BM: gl.constexpr):
+    """[OUTPUTS, BM] → its even and its odd rows, [OUTPUTS/2, BM] each (a thread's own two values)."""
+    return gl.split(gl.permute(gl.reshape(t, [OUTPUTS // 2, 2, BM]), (0, 2, 1)))
+
+
+@gluon.jit
+def _store_outputs(acc, n, m, y_ptr, b_ptr, M, N, HAS_BIAS: gl.constexpr, SWIGLU: gl.constexpr):
+    """acc [outputs n, rows m] (float32 sums) plus the bias, rounded to y's dtype, into y [M, N];
+    with SWIGLU silu(gate)·up of the interleaved (gate, up) outputs into y [M, N/2], rounded as
+    quant.qlinear.interleaved_swiglu's torch form rounds them."""
+    dtype: gl.constexpr = y_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc += gl.load(b_ptr + n).to(gl.float32)[:, None]
+    y = acc.to(dtype)
+    if SWIGLU:
+        OUTPUTS: gl.constexpr = acc.shape[0]
+        BM: gl.constexpr = acc.shape[1]
+        at, _ = _pairs(m[None, :] * (N // 2) + n[:, None] // 2, OUTPUTS, BM)
+        inside, _ = _pairs((m[None, :] < M) & (n[:, None] >= 0), OUTPUTS, BM)
+        gate, up = _pairs(y, OUTPUTS, BM)
+        g = gate.to(gl.float32)
+        act = (g / (1.0 + gl.exp(-g))).to(dtype)
+        gl.store(y_ptr + at, (act.to(gl.float32) * up.to(gl.float32)).to(dtype), mask=inside)
+    else:
+        gl.store(y_ptr + m[None, :] * N + n[:, None], y, mask=(m < M)[None, :])
 
 
 def fragments_tiling(M: int, N: int, K: int) -> tuple[int, int, int]:
@@ -347,9 +394,10 @@ def fragments_locks(N: int, device: torch.device | str) -> torch.Tensor:
 def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                      bits: int, zero_offset: int, bias: torch.Tensor | None = None, locks: torch.Tensor | None = None,
                      split_k: int | None = None, rows_per_program: int | None = None,
-                     load_ahead: int = LOAD_AHEAD, warpgroups: int | None = None) -> torch.Tensor:
+                     load_ahead: int = LOAD_AHEAD, warpgroups: int | None = None, swiglu: bool = False) -> torch.Tensor:
     """x [M ≤ 64, K] (bf16 or fp16) times a 2-, 3-, 4- or 8-bit qweight in the fragments layout (groups of 128):
-    [M, N] in x's dtype. With `locks` (fragments_locks) K-splits are added up inside the kernel, else afterwards.
+    [M, N] in x's dtype; with `swiglu`, silu(gate)·up of outputs interleaved as (gate, up) pairs, [M, N/2],
+    applied as the outputs are stored. With `locks` (fragments_locks) K-splits are added up inside the kernel, else afterwards.
     The loads of a step's words are issued `load_ahead` steps before they are dequantized; split_k,
     rows_per_program and warpgroups override fragments_tiling's choice."""
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -375,21 +423,27 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if inside and locks.numel() < programs:
         raise ValueError(f"fragments_matmul needs {programs} locks for {M} rows in programs of {bm}, "
                          f"got {locks.numel()}")
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    finished = split == 1 or inside  # the kernel writes the outputs
+    y = torch.empty(M, N // 2 if swiglu and finished else N, device=x.device, dtype=x.dtype)
     partial = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
-    fuse_bias = bias is not None and (split == 1 or inside)
+    fuse_bias = bias is not None and finished
     _fragments_matmul_kernel[(N // (TILE_N * wg), split, triton.cdiv(M, bm))](
         x, qweight, scales, qzeros, bias if fuse_bias else y, partial, y, locks if inside else y, M, N, K, x.stride(0),
         BITS=bits, OFFSET=zero_offset, HAS_BIAS=fuse_bias, BM=bm, ITERS=steps // split,
-        SPLIT=split, LAST_SUMS=inside, AHEAD=load_ahead, WG=wg, num_warps=4 * wg)
-    if split == 1 or inside:
+        SPLIT=split, LAST_SUMS=inside, AHEAD=load_ahead, WG=wg, SWIGLU=swiglu and finished, num_warps=4 * wg)
+    if finished:
         return y
-    y = partial.sum(0) if bias is None else partial.sum(0) + bias.float()
-    return y.to(x.dtype)
+    y = (partial.sum(0) if bias is None else partial.sum(0) + bias.float()).to(x.dtype)
+    if swiglu:
+        from qrobust.kernels.swiglu import swiglu as interleaved_swiglu
+
+        return interleaved_swiglu(y)
+    return y
 
 
 def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", arch: int = 90,
-                                 load_ahead: int = LOAD_AHEAD, bits: int = 4, warpgroups: int | None = None):
+                                 load_ahead: int = LOAD_AHEAD, bits: int = 4, warpgroups: int | None = None,
+                                 swiglu: bool = False):
     """_fragments_matmul_kernel as fragments_matmul launches it (K-splits added up inside, no bias;
     `warpgroups` overrides the tiling's), compiled for sm_<arch> without a GPU
     (benchmarks/kernel_asm.py and the tests read its SASS)."""
@@ -404,7 +458,7 @@ def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", ar
     rows, split, wg = fragments_tiling(M, N, K)
     wg = warpgroups or wg
     constants = dict(BITS=bits, OFFSET=1, HAS_BIAS=False, BM=rows, ITERS=K // TILE_K // split, SPLIT=split,
-                     LAST_SUMS=split > 1, AHEAD=load_ahead, WG=wg)
+                     LAST_SUMS=split > 1, AHEAD=load_ahead, WG=wg, SWIGLU=swiglu)
     return compile_for(_fragments_matmul_kernel, arch, pointers, scalars, constants, source_type=GluonASTSource,
                        num_warps=4 * wg)
 
@@ -414,10 +468,10 @@ def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", ar
 @torch.library.custom_op("qrobust::fragments_matmul", mutates_args=())
 def fragments_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                         bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int,
-                        zero_offset: int) -> torch.Tensor:
-    return fragments_matmul(x, qweight, scales, qzeros, bits, zero_offset, bias, locks)
+                        zero_offset: int, swiglu: bool = False) -> torch.Tensor:
+    return fragments_matmul(x, qweight, scales, qzeros, bits, zero_offset, bias, locks, swiglu=swiglu)
 
 
 @fragments_matmul_op.register_fake
-def _(x, qweight, scales, qzeros, bias, locks, bits, zero_offset):
-    return x.new_empty(x.shape[0], qweight.shape[1])
+def _(x, qweight, scales, qzeros, bias, locks, bits, zero_offset, swiglu=False):
+    return x.new_empty(x.shape[0], qweight.shape[1] // (2 if swiglu else 1))

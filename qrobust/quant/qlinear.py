@@ -283,9 +283,9 @@ class QuantLinear(nn.Module):
         from qrobust.kernels.fragments_matmul import fragments_matmul_op
 
         bias = None if self.bias is None else self.bias.to(rows.dtype)
-        y = fragments_matmul_op(rows, self.qweight, self.scales, self.qzeros, bias, self._kernel_args.matmul_locks,
-                                self.spec.bits, FORMAT_OFFSET[self.format])
-        return interleaved_swiglu(y) if swiglu else y
+        # with swiglu the kernel applies it as it stores the outputs: no [rows, 2·I] intermediate
+        return fragments_matmul_op(rows, self.qweight, self.scales, self.qzeros, bias, self._kernel_args.matmul_locks,
+                                   self.spec.bits, FORMAT_OFFSET[self.format], swiglu)
 
     def _dequant_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
         from qrobust.kernels import dequantize_op
