@@ -226,17 +226,18 @@ def whole_row_programs():
     return fragments_product(wrap)
 
 
-def swiglu_afterwards():
-    """fragments_matmul writing the fused gate/up layer's outputs and SwiGLU as a kernel after it
-    (kernels.swiglu), as before SwiGLU was applied in its epilogue."""
-    from qrobust.kernels.swiglu import swiglu as interleaved_swiglu
-
-    def wrap(saved):
-        def afterwards(*args, swiglu=False, **kwargs):
-            y = saved(*args, **kwargs)
-            return interleaved_swiglu(y) if swiglu else y
-        return afterwards
-    return fragments_product(wrap)
+@contextlib.contextmanager
+def swiglu_epilogue(model: nn.Module):
+    """The fused gate/up layers' fragments product applying SwiGLU as it stores the outputs
+    (QuantLinear.swiglu_epilogue) instead of a kernel after it; switched back on leaving."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        for m in layers:
+            m.swiglu_epilogue = True
+        yield
+    finally:
+        for m in layers:
+            m.swiglu_epilogue = False
 
 
 def fastest_tilings(paths: list[str]) -> dict:
@@ -403,8 +404,8 @@ def variants(plan: Plan, device: str) -> list[dict]:
     and at 4 bits those on tinygemm (kernels.tinygemm.repack_int4); each against bf16 with the
     same rewrite, in the same run; and bf16 with zero_products, the ceiling. The fragments
     product's rewrites (64-row programs, --tiling) run on the most rewritten layers asked for:
-    fused, with the attention kernel where that is asked for too; "SwiGLU afterwards" stores the
-    fused gate/up outputs and runs SwiGLU as a kernel after the product."""
+    fused, with the attention kernel where that is asked for too, as does "SwiGLU epilogue"
+    (QuantLinear.swiglu_epilogue on)."""
     if 16 not in plan.bits:
         raise SystemExit("engine_gpu.py: variants compares with bf16: include 16 in --bits")
     short = replace(plan, new_tokens=min(plan.new_tokens, 256), batches=(64, 32) if not plan.tiny else (3,))
@@ -414,8 +415,7 @@ def variants(plan: Plan, device: str) -> list[dict]:
 
     # the fragments product's own rewrites, timed on the layers as they are and again fused
     kernel_rewrites = [("64-row programs", whole_row_programs)] if wanted("64-row programs") else []
-    if wanted("SwiGLU afterwards"):
-        kernel_rewrites.append(("SwiGLU afterwards", swiglu_afterwards))
+
     if plan.tiling:
         tilings = fastest_tilings(plan.tiling)
         kernel_rewrites.append(("measured tiling", lambda: measured_tiling(tilings)))
@@ -425,6 +425,9 @@ def variants(plan: Plan, device: str) -> list[dict]:
         for name, rewrite in kernel_rewrites:
             with rewrite():
                 out += engine_rows(model, short, bits, variant=prefix + name)
+        if wanted("SwiGLU epilogue"):
+            with swiglu_epilogue(model):
+                out += engine_rows(model, short, bits, variant=prefix + "SwiGLU epilogue")
         return out
 
     rows = []
@@ -472,7 +475,7 @@ def variants(plan: Plan, device: str) -> list[dict]:
     base = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in rows if r["bits"] == 16}
     for r in rows:
         rewrite = r["variant"]
-        for addition in ["tinygemm"] + [name for name, _ in kernel_rewrites]:
+        for addition in ["tinygemm", "SwiGLU epilogue"] + [name for name, _ in kernel_rewrites]:
             rewrite = rewrite.replace(", " + addition, "")
         same = base.get((r["batch"], rewrite), base[r["batch"], "today"])
         r["ratio_to_bf16_same_rewrite"] = r["tokens_per_s"] / same

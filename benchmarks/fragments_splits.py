@@ -13,6 +13,7 @@ as a CUDA graph of 20 calls (its weights partly stay in L2; the engine reads the
     cd benchmarks && PYTHONPATH=..:. python3 fragments_splits.py --rows 64,32 --load-ahead 1,2,3 --out "$OUT"
     cd benchmarks && PYTHONPATH=..:. python3 fragments_splits.py --rows 64,32 --warpgroups 1,2,4 --out "$OUT"
     cd benchmarks && PYTHONPATH=..:. python3 fragments_splits.py --compile-only   # its SASS, no GPU
+    cd benchmarks && PYTHONPATH=..:. python3 fragments_splits.py --compile-only --warpgroups 1,2,4 --swiglu
 """
 from __future__ import annotations
 
@@ -91,23 +92,28 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
     return out
 
 
-def compile_only(bits_list: tuple[int, ...], rows_list: tuple[int, ...]) -> None:
-    """The chosen kernel of each width, shape and row count compiled for sm_90: registers, spills,
-    wgmma and the instructions that move data."""
+def compile_only(bits_list: tuple[int, ...], rows_list: tuple[int, ...], warpgroups: tuple[int | None, ...] = (None,),
+                 swiglu: bool = False) -> None:
+    """The chosen kernel of each width, shape and row count (in programs of each of `warpgroups`,
+    None: the chosen; with `swiglu` as the fused gate/up layer runs it) compiled for sm_90:
+    registers, spills, wgmma and the instructions that move data."""
     from kernel_asm import sass_facts
 
-    for bits, (name, (K, N)) in itertools.product(bits_list, layer_shapes(config(Plan(), "ar")).items()):
+    for bits, (name, (K, N)), wg in itertools.product(bits_list, layer_shapes(config(Plan(), "ar")).items(), warpgroups):
         for m in rows_list:
-            ops, resources = sass_facts(compile_fragments_matmul_for(m, N, K, bits=bits).asm["cubin"])
-            print({"layer": name, "bits": bits, "rows": m, "split_k": fragments_tiling(m, N, K)[1], **resources,
+            cubin = compile_fragments_matmul_for(m, N, K, bits=bits, warpgroups=wg,
+                                                 swiglu=swiglu and name == "gate_up_proj").asm["cubin"]
+            ops, resources = sass_facts(cubin)
+            print({"layer": name, "bits": bits, "rows": m, "split_k": fragments_tiling(m, N, K)[1],
+                   "warpgroups": wg or fragments_tiling(m, N, K)[2], **resources,
                    **{op: ops.get(op, 0) for op in ("HGMMA", "LDGSTS", "LDG", "STS", "STG")}}, flush=True)
 
 
 def main() -> None:
     args = probe_arguments(__doc__.splitlines()[0], bits="4", rows="64,32,8,4,1", splits="1,2,4,8",
-                           load_ahead=str(LOAD_AHEAD), warpgroups="1")
+                           load_ahead=str(LOAD_AHEAD), warpgroups="1", flags=("swiglu",))
     if args.compile_only:
-        compile_only(args.bits, args.rows)
+        compile_only(args.bits, args.rows, args.warpgroups, args.swiglu)
         return
     run_probe(args, "fragments_splits", functools.partial(measure, load_ahead=args.load_ahead,
                                                          warpgroups=args.warpgroups))

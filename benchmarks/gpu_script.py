@@ -64,16 +64,19 @@ def write_rows(path: str | None, rows: list[dict], **fields) -> None:
                       indent=2)
 
 
-def probe_arguments(description: str, bits: str, rows: str, splits: str = "1,2,4,8",
+def probe_arguments(description: str, bits: str, rows: str, splits: str = "1,2,4,8", flags: tuple[str, ...] = (),
                     **more_lists: str) -> argparse.Namespace:
     """The kernel probes' command line: --out (default $OUT), --bits, --rows, --splits and any
-    more_lists (name=default; each comma-separated, parsed into tuples of ints) and --compile-only."""
+    more_lists (name=default; each comma-separated, parsed into tuples of ints), --compile-only and
+    any `flags` (switches, off by default)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     lists = {"bits": bits, "rows": rows, "splits": splits, **more_lists}
     for name, default in lists.items():
         parser.add_argument("--" + name.replace("_", "-"), default=default)
     parser.add_argument("--compile-only", action="store_true", help="print what it compiles to for sm_90 (no GPU)")
+    for flag in flags:
+        parser.add_argument("--" + flag.replace("_", "-"), action="store_true")
     args = parser.parse_args()
     for name in lists:
         setattr(args, name, tuple(int(v) for v in getattr(args, name).split(",")))

@@ -375,6 +375,20 @@ def test_the_measured_tiling_variant_calls_each_product_at_its_fastest_tiling(mo
     assert module.fragments_matmul is product  # given back on leaving
 
 
+def test_the_swiglu_epilogue_variant_switches_every_packed_layer_on_and_back(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from engine_gpu import swiglu_epilogue
+    from qrobust.quant import QuantSpec
+    from qrobust.quant.qlinear import QuantLinear
+
+    model = torch.nn.Sequential(*(QuantLinear(128, 64, QuantSpec(bits=4, group_size=128), False) for _ in range(2)))
+    with swiglu_epilogue(model):
+        assert all(m.swiglu_epilogue for m in model)
+    assert not any(m.swiglu_epilogue for m in model)
+
+
 def test_the_ceiling_variant_replaces_every_block_product_and_still_generates(monkeypatch):
     """benchmarks/engine_gpu.py's ceiling: every linear layer inside the blocks (bf16 or packed)
     becomes one zero-writing module, lm_head stays, and the engine still runs every row to length."""

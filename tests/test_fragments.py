@@ -248,3 +248,5 @@ def test_the_hopper_product_matches_the_dequantized_weight(dtype, rows, bits):
     cuda_layer = layer.to("cuda")
     y = cuda_layer(x)
     assert cuda_layer.layout == "fragments" and (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    cuda_layer.swiglu_epilogue = True  # its 256 outputs read as 128 interleaved (gate, up) pairs
+    assert torch.equal(cuda_layer.forward_swiglu(x), swiglu(cuda_layer(x)))

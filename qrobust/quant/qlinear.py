@@ -68,6 +68,9 @@ class QuantLinear(nn.Module):
         self.split_sums = False
         # GEMV sums codes two at a time in float16 where it can (takes_half2; models.decode.use_half2)
         self._half2 = False
+        # forward_swiglu on the fragments product applies SwiGLU as it stores the outputs
+        # (kernels.fragments_matmul swiglu=True); off until measured on a GPU (benchmarks/engine_gpu.py)
+        self.swiglu_epilogue = False
         # how qweight packs codes: "gptq", "pairs" for 3-bit half2 layers (the half2 setter; quant.pack),
         # "fragments" where kernels.fragments_matmul runs (uses_kernels; kernels.fragments)
         self.layout = "gptq"
@@ -283,9 +286,11 @@ class QuantLinear(nn.Module):
         from qrobust.kernels.fragments_matmul import fragments_matmul_op
 
         bias = None if self.bias is None else self.bias.to(rows.dtype)
-        # with swiglu the kernel applies it as it stores the outputs: no [rows, 2·I] intermediate
-        return fragments_matmul_op(rows, self.qweight, self.scales, self.qzeros, bias, self._kernel_args.matmul_locks,
-                                   self.spec.bits, FORMAT_OFFSET[self.format], swiglu)
+        # in the epilogue, the [rows, 2·I] outputs are neither written nor read again
+        epilogue = swiglu and self.swiglu_epilogue
+        y = fragments_matmul_op(rows, self.qweight, self.scales, self.qzeros, bias, self._kernel_args.matmul_locks,
+                                self.spec.bits, FORMAT_OFFSET[self.format], epilogue)
+        return interleaved_swiglu(y) if swiglu and not epilogue else y
 
     def _dequant_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
         from qrobust.kernels import dequantize_op
