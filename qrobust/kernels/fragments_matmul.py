@@ -4,7 +4,7 @@ language).
 
 kernels.packed_matmul dequantizes each weight tile into shared memory for the tensor cores:
 about 7.6 instructions per weight and thread at 64 rows, a barrier per step, and programs whose
-serial chain keeps DRAM 3-12% busy. Here one program is one warpgroup and 64 outputs:
+serial chain keeps DRAM 3-12% busy. Here one program is a warpgroup and 64 outputs (or more, below):
 
 - each thread loads its words (kernels.fragments: the eight codes of its A fragment per 16-input
   step, 4·b contiguous bytes per 128 inputs at b bits, in two planes at 3 bits) LOAD_AHEAD steps
@@ -17,7 +17,11 @@ serial chain keeps DRAM 3-12% busy. Here one program is one warpgroup and 64 out
 - x's 128-input tiles arrive by asynchronous copies in a ring of three, and each step's wgmma
   (all rows, up to 64, as wgmma's N) runs while the next step's weights are dequantized;
 - rows per program and K-splits follow fragments_tiling; of a K-split tile, the last program to
-  finish adds the partial sums up in split order (an arrival counter per tile, as kernels.packed_matmul).
+  finish adds the partial sums up in split order (an arrival counter per tile, as kernels.packed_matmul);
+- a program may have 2 or 4 warpgroups (warpgroups=), each its own 64-output tile, sharing x's
+  tiles, which L2 then serves N/128 or N/256 times instead of N/64;
+- with swiglu=True the fused gate/up layer's outputs leave as silu(gate)·up: the sums move to a
+  layout where a thread holds each (gate, up) pair, since the accumulator's lanes split them.
 """
 from __future__ import annotations
 
