@@ -75,7 +75,12 @@ def prefill_runs() -> None:
 def no_k_splits():
     """fragments_matmul without K-splits (no partial sums, no arrival counters)."""
     saved = fragments_matmul_module.fragments_tiling
-    fragments_matmul_module.fragments_tiling = lambda M, N, K: (saved(M, N, K)[0], 1, saved(M, N, K)[2])
+
+    def unsplit(M: int, N: int, K: int) -> tuple[int, int, int]:
+        rows, _, warpgroups = saved(M, N, K)
+        return rows, 1, warpgroups
+
+    fragments_matmul_module.fragments_tiling = unsplit
     try:
         yield
     finally:

@@ -104,8 +104,8 @@ def compile_only(bits_list: tuple[int, ...], rows_list: tuple[int, ...], warpgro
             cubin = compile_fragments_matmul_for(m, N, K, bits=bits, warpgroups=wg,
                                                  swiglu=swiglu and name == "gate_up_proj").asm["cubin"]
             ops, resources = sass_facts(cubin)
-            print({"layer": name, "bits": bits, "rows": m, "split_k": fragments_tiling(m, N, K)[1],
-                   "warpgroups": wg or fragments_tiling(m, N, K)[2], **resources,
+            _, split, chosen_wg = fragments_tiling(m, N, K)
+            print({"layer": name, "bits": bits, "rows": m, "split_k": split, "warpgroups": wg or chosen_wg, **resources,
                    **{op: ops.get(op, 0) for op in ("HGMMA", "LDGSTS", "LDG", "STS", "STG")}}, flush=True)
 
 

@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from qrobust.kernels.fragments import TILE_K, TILE_N, first_plane_width, planes
 from qrobust.kernels.layouts import _pair_asm, pair_arithmetic, pair_magic
+from qrobust.kernels.swiglu import swiglu as interleaved_swiglu
 
 MAX_ROWS = 64  # the most rows a call takes (quant.kernel_choice)
 ROW_BLOCK = 32  # the most rows a program of a small layer takes (fragments_tiling)
@@ -343,7 +344,7 @@ def _store_outputs(acc, n, m, y_ptr, b_ptr, M, N, HAS_BIAS: gl.constexpr, SWIGLU
         OUTPUTS: gl.constexpr = acc.shape[0]
         BM: gl.constexpr = acc.shape[1]
         at, _ = _pairs(m[None, :] * (N // 2) + n[:, None] // 2, OUTPUTS, BM)
-        inside, _ = _pairs((m[None, :] < M) & (n[:, None] >= 0), OUTPUTS, BM)
+        inside, _ = _pairs((m[None, :] < M) & (n[:, None] >= 0), OUTPUTS, BM)  # the row mask over the whole tile
         gate, up = _pairs(y, OUTPUTS, BM)
         g = gate.to(gl.float32)
         act = (g / (1.0 + gl.exp(-g))).to(dtype)
@@ -438,11 +439,7 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if finished:
         return y
     y = (partial.sum(0) if bias is None else partial.sum(0) + bias.float()).to(x.dtype)
-    if swiglu:
-        from qrobust.kernels.swiglu import swiglu as interleaved_swiglu
-
-        return interleaved_swiglu(y)
-    return y
+    return interleaved_swiglu(y) if swiglu else y
 
 
 def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", arch: int = 90,
