@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import Iterator
 
 import torch
 
@@ -41,8 +42,7 @@ def effective_ahead(ahead: int, steps: int) -> int:
 
 
 def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tuple[int, ...],
-            load_ahead: tuple[int, ...] = (LOAD_AHEAD,), warpgroups: tuple[int, ...] = (1,)) -> list[dict]:
-    out = []
+            load_ahead: tuple[int, ...] = (LOAD_AHEAD,), warpgroups: tuple[int, ...] = (1,)) -> Iterator[dict]:
     for bits, (name, (K, N)) in itertools.product(bits_list, layer_shapes(config(Plan(), "ar")).items()):
         dense = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
         layer = packed_like(dense, bits, 128)
@@ -79,17 +79,17 @@ def measure(bits_list: tuple[int, ...], rows_list: tuple[int, ...], splits: tupl
                     us = 1e6 * graph_time(fn)
                     chosen = (split, per_program, ahead, wg) == (chosen_split, rows, effective_ahead(LOAD_AHEAD, steps),
                                                                  chosen_wg)
-                    out.append({"layer": name, "K": K, "N": N, "bits": bits, "rows": m, "split_k": split,
+                    row = {"layer": name, "K": K, "N": N, "bits": bits, "rows": m, "split_k": split,
                                 "rows_per_program": per_program, "warpgroups": wg, "load_ahead": ahead,
                                 "chosen": chosen, "max_rel_error": err, "us_fragments": us, "us_bf16": us_bf16,
-                                "us_gptq_layout": us_gptq})
+                                "us_gptq_layout": us_gptq}
                     print(f"{name:>12} {bits} bits {m:>3} rows ({per_program:>2} a program, {wg} warpgroups) split "
                           f"{split:>2} ahead {ahead}{'*' if chosen else ' '}: fragments {us:6.2f} us ({us_bf16 / us:.2f}x "
                           f"bf16), bf16 {us_bf16:6.2f}, GPTQ layout {us_gptq:6.2f} ({us_bf16 / us_gptq:.2f}x), "
                           f"error {err:.1e}",
                           flush=True)
+                    yield row
         del layer, words, w, dense
-    return out
 
 
 def compile_only(bits_list: tuple[int, ...], rows_list: tuple[int, ...], warpgroups: tuple[int | None, ...] = (None,),

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -83,8 +84,19 @@ def probe_arguments(description: str, bits: str, rows: str, splits: str = "1,2,4
     return args
 
 
-def run_probe(args: argparse.Namespace, name: str, measure: Callable[..., list[dict]]) -> None:
-    """A kernel probe's GPU part: measure(bits, rows, splits) → $OUT/<name>.json."""
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run_probe(args: argparse.Namespace, name: str, measure: Callable[..., Iterable[dict]]) -> None:
+    """A kernel probe's GPU part: the rows of measure(bits, rows, splits) → $OUT/<name>.json, also
+    those measured before a `timeout` (SIGTERM) or an error stopped it."""
     require_cuda(name + ".py")
     os.makedirs(args.out, exist_ok=True)
-    write_rows(os.path.join(args.out, name + ".json"), measure(args.bits, args.rows, args.splits), part=name)
+    rows: list[dict] = []
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        for row in measure(args.bits, args.rows, args.splits):
+            rows.append(row)
+    finally:
+        write_rows(os.path.join(args.out, name + ".json"), rows, part=name)

@@ -201,3 +201,30 @@ def test_product_profile_reads_ncu_raw_csv(tmp_path, monkeypatch):
     (row,) = product_profile.summarize(str(raw))
     assert row["kernel"] == "_split_matmul_kernel" and row["us"] == 8.8 and row["programs"] == 256
     assert row["stall_long_scoreboard"] == 3.5 and row["occupancy_pct"] is None
+
+
+def test_a_kernel_probe_stopped_midway_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """benchmarks/gpu_script.run_probe: rows measured before an error (or a `timeout`'s SIGTERM,
+    which it turns into SystemExit) are written to the probe's JSON file all the same."""
+    import argparse
+    import signal
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_script
+
+    monkeypatch.setattr(gpu_script, "require_cuda", lambda script: None)
+    monkeypatch.setattr(gpu_script.torch.cuda, "get_device_name", lambda: "test GPU")
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)
+
+    def measure(bits, rows, splits):
+        yield {"bits": bits[0], "rows": rows[0]}
+        yield {"bits": bits[0], "rows": rows[1]}
+        gpu_script._exit_on_sigterm(signal.SIGTERM, None)  # what timeout's signal does mid-sweep
+
+    args = argparse.Namespace(out=str(tmp_path), bits=(4,), rows=(64, 32), splits=(1,))
+    with pytest.raises(SystemExit) as stopped:
+        gpu_script.run_probe(args, "probe", measure)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    written = json.loads((tmp_path / "probe.json").read_text())
+    assert written["rows"] == [{"bits": 4, "rows": 64}, {"bits": 4, "rows": 32}] and written["gpu"] == "test GPU"
