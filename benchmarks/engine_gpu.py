@@ -12,7 +12,9 @@ random-weight models of the real shapes in bfloat16. Parts (--parts, all by defa
 - variants: the engine's throughput with the rewrites that could become its defaults (K-splits
   added up afterwards, fused q/k/v and gate/up, tinygemm at 4 bits, one fragments program for all
   of a call's 33-64 rows, the residual adds and SwiGLU in torch ops instead of their kernels
-  ("torch element-wise"); --variants picks some; --tiling FILE adds the fastest tilings a
+  ("torch element-wise"), SwiGLU in the fragments product's epilogue, the fragments products and
+  the attention kernel as programmatic dependent launches ("dependent launches", every width);
+  --variants picks some; --tiling FILE adds the fastest tilings a
   fragments_splits.py file found), each against bf16 in the run,
   and at bf16 with every block's product replaced by one kernel that writes zeros: the ceiling on
   what any quantized product could gain over bf16 in this engine;
@@ -60,7 +62,7 @@ from qrobust.bench_generate import model_bytes, quantize_blocks_rtn
 from qrobust.kernels import fragments, tinygemm
 from qrobust.kernels.packed_matmul import packed_matmul
 from qrobust.kernels.tinygemm import TinyGemmLinear, repack_int4
-from qrobust.models.decode import fuse_projections, generation_layers, sync, use_attention_kernel
+from qrobust.models.decode import fuse_projections, generation_layers, sync, use_attention_kernel, use_engine_pdl
 from qrobust.models.engine import AREngine, DecodeSettings, StopRule
 from qrobust.models.transformer import RMSNorm, TransformerConfig, TransformerLM, residual_sum
 from qrobust.quant import qlinear
@@ -405,7 +407,8 @@ def variants(plan: Plan, device: str) -> list[dict]:
     same rewrite, in the same run; and bf16 with zero_products, the ceiling. The fragments
     product's rewrites (64-row programs, --tiling) run on the most rewritten layers asked for:
     fused, with the attention kernel where that is asked for too, as does "SwiGLU epilogue"
-    (QuantLinear.swiglu_epilogue on)."""
+    (QuantLinear.swiglu_epilogue on); "dependent launches" (models.decode.use_engine_pdl) runs on
+    those layers at every width."""
     if 16 not in plan.bits:
         raise SystemExit("engine_gpu.py: variants compares with bf16: include 16 in --bits")
     short = replace(plan, new_tokens=min(plan.new_tokens, 256), batches=(64, 32) if not plan.tiny else (3,))
@@ -457,6 +460,11 @@ def variants(plan: Plan, device: str) -> list[dict]:
             if wanted("attention kernel"):
                 use_attention_kernel(model)
                 rows += engine_rows(model, short, bits, variant="fused projections, attention kernel")
+                if wanted("dependent launches"):  # bf16's attention kernel too, the same rewrite
+                    use_engine_pdl(model)
+                    rows += engine_rows(model, short, bits, variant="fused projections, attention kernel, "
+                                                                    "dependent launches")
+                    use_engine_pdl(model, on=False)
                 if bits != 16:
                     rows += rewritten_rows(model, bits, prefix="fused projections, attention kernel, ")
                 if wanted("torch element-wise"):
@@ -746,7 +754,8 @@ def main() -> None:
     parser.add_argument("--variants", help="variants: the rewrites to time beside today's engine, comma-separated "
                                            "(default all: GPTQ layout, products write zeros, sums afterwards, "
                                            "fused projections, attention kernel (with fused projections), "
-                                           "64-row programs; the last also fused)")
+                                           "64-row programs, SwiGLU epilogue, dependent launches (with the "
+                                           "attention kernel); the last three also fused)")
     parser.add_argument("--tiling", help="variants: also the fastest tiling per width, rows and shape in these "
                                          "fragments_splits.py files, comma-separated (unfused and with fused "
                                          "projections)")

@@ -419,6 +419,7 @@ def test_on_cuda_only_the_ar_kind_is_fused_and_fusing_a_diffusion_model_keeps_it
     """for_generation fuses by default on CUDA where it measured faster, the AR kind's engine; the
     diffusion kind's fast sampler ran slower fused, so it is left alone. Fused when asked, the
     exact and the fast sampler give the unfused model's responses (greedy, float32)."""
+    from qrobust import kernels
     from qrobust.models.adapters import ModelAdapter
     from qrobust.models.diffusion import SamplerConfig
 
@@ -426,7 +427,10 @@ def test_on_cuda_only_the_ar_kind_is_fused_and_fusing_a_diffusion_model_keeps_it
     with monkeypatch.context() as m:
         m.setattr(ModelAdapter, "device", property(lambda self: torch.device("cuda")))
         assert (ar.for_generation(), diffusion.for_generation()) == (2 * ar.num_layers, 0)
-    assert all(b.self_attn.decode_attention is not None for b in ar.model.model.layers)  # Triton is installed
+    # the attention kernel goes where the kernels run on the model's own (CPU) tensors: in Triton's
+    # interpreter on CPU machines, nowhere on a GPU machine, where Triton runs CUDA tensors only
+    attention = kernels.supports(ar.model.device)
+    assert all((b.self_attn.decode_attention is not None) == attention for b in ar.model.model.layers)
     assert all(b.self_attn.decode_attention is None for b in diffusion.model.model.layers)
     samplers = (SamplerConfig(block_length=4), SamplerConfig(block_length=4, mode="fast", threshold=0.5))
 
@@ -469,3 +473,59 @@ def test_readying_for_generation_drops_the_engine_built_on_the_unfused_layers(ti
     assert adapter.quantizable_layers() and adapter.for_generation(fuse=True) == 2 * 2
     assert adapter._engine_of(AREngine) is not old_engine
     assert adapter.for_generation() == 0  # on CPU nothing is fused by default
+
+
+def test_engine_pdl_launches_the_fragments_products_and_the_attention_kernel_dependently(monkeypatch):
+    """models.decode.use_engine_pdl: where dependent launches exist (faked here), every packed layer's
+    fragments product is called with pdl and each layer's attention kernel launches with it; the
+    layers keep their layout (unlike use_pdl, which the GEMV needs); off, both go back. Where they
+    do not exist (this CPU), nothing changes."""
+    import functools
+
+    from qrobust.bench_generate import small_decoder
+    from qrobust import kernels
+    from qrobust.kernels import fragments_matmul as fm, launch
+    from qrobust.kernels.decode_attention import decode_attention_op
+    from qrobust.models.decode import fuse_projections, use_attention_kernel, use_engine_pdl
+    from qrobust.quant import qlinear
+    from qrobust.quant.qlinear import QuantLinear
+
+    model = small_decoder(4, "cpu")
+    fuse_projections(model)
+    use_attention_kernel(model)
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert use_engine_pdl(model) == 0 and not any(m.fragments_pdl for m in packed)
+    monkeypatch.setattr(launch, "pdl_supported", lambda device: True)
+    assert use_engine_pdl(model) == len(packed) + len(model.model.layers)
+    attention = [b.self_attn.decode_attention for b in model.model.layers]
+    assert all(isinstance(a, functools.partial) and a.keywords == {"pdl": True} for a in attention)
+    calls = []
+    monkeypatch.setattr(fm, "fragments_matmul_op", lambda *args: calls.append(args) or args[0].new_zeros(
+        args[0].shape[0], args[1].shape[1]))
+    monkeypatch.setattr(qlinear, "kernels_enabled", kernels.supports)  # the interpreter's kernels
+    layer = packed[0]
+    assert layer.uses_kernels(torch.device("cpu")) and layer.layout == "gptq"
+    layer._fragments_matmul_product(torch.zeros(2, layer.in_features, dtype=torch.bfloat16), False)
+    assert calls[-1][-1] is True  # the op's pdl argument
+    use_engine_pdl(model, on=False)
+    assert not any(m.fragments_pdl for m in packed)
+    assert all(b.self_attn.decode_attention is decode_attention_op for b in model.model.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="dependent launches run on a GPU")
+def test_dependent_launches_give_the_graphed_engine_the_same_tokens():
+    """use_engine_pdl changes when the kernels start, not what they compute: the graphed engine's
+    greedy tokens at 4 bits (fused, the attention kernel) are the same with and without it, on
+    Hopper in the fragments layout with K-splits added up inside."""
+    from qrobust.bench_generate import small_decoder
+    from qrobust.models.decode import fuse_projections, use_attention_kernel, use_engine_pdl
+
+    model = small_decoder(4)
+    fuse_projections(model)
+    use_attention_kernel(model)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (8,), generator=g)]
+    settings, rule = DecodeSettings(40), StopRule(frozenset())
+    expected = AREngine(model).generate(prompts, settings, rule, 8).tokens
+    use_engine_pdl(model)
+    assert AREngine(model).generate(prompts, settings, rule, 8).tokens == expected

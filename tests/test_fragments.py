@@ -210,6 +210,27 @@ def test_the_product_compiles_to_wgmma_from_registers_without_weight_stores(bits
     assert (facts["loads_128"], facts["loads_64"]) == (facts["steps"] * max(1, bits // 2), facts["steps"] * (bits == 3))
 
 
+@pytest.mark.parametrize("bits, shape", [(4, (64, 2048, 2048)), (3, (32, 12288, 2048))])
+def test_as_a_dependent_launch_the_product_reads_only_weights_before_it_waits(bits, shape):
+    """kernels.fragments_matmul with pdl, compiled for sm_90 without a GPU: one wait, then the
+    launch of the next kernel; before the wait only the packed words, scales and zero points are
+    loaded (the first steps' worth), never x (its asynchronous copies) and nothing is written,
+    as the kernel before may still write x or read memory this one writes."""
+    import re
+
+    pytest.importorskip("triton.experimental.gluon")
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONPATH": str(ROOT)}
+    code = ("from qrobust.kernels.fragments_matmul import compile_fragments_matmul_for;"
+            f"print(compile_fragments_matmul_for(*{shape}, bits={bits}, pdl=True).asm['ptx'])")
+    ptx = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert ptx.count("griddepcontrol.wait") == 1 and ptx.count("griddepcontrol.launch_dependents") == 1
+    before, after = ptx.split("griddepcontrol.wait")
+    assert "griddepcontrol.launch_dependents" in after
+    loads = re.findall(r"ld\.global\S*", before)
+    assert loads and not re.search(r"cp\.async|st\.global|atom\.|red\.", before)
+    assert "cp.async" in after and "st.global" in after
+
+
 @pytest.mark.skipif(not _hopper(), reason="kernels.fragments_matmul runs on Hopper GPUs")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 20, 64])  # programs of 8 rows; of 32 (or 16); two of 32 (or one of 64)
@@ -244,6 +265,11 @@ def test_the_hopper_product_matches_the_dequantized_weight(dtype, rows, bits):
         args = (x, words, scales, qzeros, bits, FORMAT_OFFSET[layer.format], bias, lk)
         y = fragments_matmul(*args, split_k=split, warpgroups=warpgroups, swiglu=True)
         assert torch.equal(y, swiglu(fragments_matmul(*args, split_k=split, warpgroups=warpgroups)))
+    assert not locks.any()
+    for split in (1, 2):  # a programmatic dependent launch computes the same, launched after a kernel
+        args = (x, words, scales, qzeros, bits, FORMAT_OFFSET[layer.format], bias, locks)
+        expected = fragments_matmul(*args, split_k=split)
+        assert torch.equal(fragments_matmul(*args, split_k=split, pdl=True), expected)
     assert not locks.any()
     cuda_layer = layer.to("cuda")
     y = cuda_layer(x)

@@ -33,6 +33,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from qrobust.kernels.fragments import TILE_K, TILE_N, first_plane_width, planes
+from qrobust.kernels.launch import compile_for, launch_options
 from qrobust.kernels.layouts import _pair_asm, pair_arithmetic, pair_magic
 from qrobust.kernels.swiglu import swiglu as interleaved_swiglu
 
@@ -216,16 +217,36 @@ def _weights(loaded, tile, BITS: gl.constexpr, OFFSET: gl.constexpr, DTYPE: gl.c
 
 
 @gluon.jit
+def _first_x_tiles(x_smem, x_ptrs, x_mask, ITERS: gl.constexpr):
+    """x's first tiles on their way, one copy group each."""
+    for i in gl.static_range(X_STAGES - 1):
+        if i < ITERS:
+            async_copy.async_copy_global_to_shared(x_smem.index(i), x_ptrs + i * BLOCK_K, mask=x_mask)
+        async_copy.commit_group()
+
+
+@gluon.jit
+def _grid_dependency_wait():
+    """griddepcontrol: wait until the kernel before has finished and its writes are visible, then
+    let the kernel after launch (its blocks wait likewise before they read what this one writes)."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
 def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, stride_x,
                              BITS: gl.constexpr, OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
                              ITERS: gl.constexpr, SPLIT: gl.constexpr, LAST_SUMS: gl.constexpr, AHEAD: gl.constexpr,
-                             WG: gl.constexpr, SWIGLU: gl.constexpr):
+                             WG: gl.constexpr, SWIGLU: gl.constexpr, PDL: gl.constexpr):
     """y = x Ŵᵀ + bias for the 64·WG outputs of program_id(0) (WG warpgroups, each the layout's
     64-output tile of its own, sharing x's tiles) and the BM rows of program_id(2) over ITERS
     128-input steps from program_id(1)·ITERS; with SPLIT > 1 the partial sums p[split], which
     with LAST_SUMS the tile's last program adds up in split order (lock_ptr: one counter per tile
     of outputs and rows, left at zero); with SWIGLU, y = silu(gate)·up of outputs interleaved as
-    (gate, up) pairs, [M, N/2]."""
+    (gate, up) pairs, [M, N/2]. With PDL (a programmatic dependent launch) it loads its first
+    steps' weights and dequantizes the first before it waits for the kernel before it (which may
+    still be writing x, or reading memory y reuses), then lets the next kernel launch."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     OUTPUTS: gl.constexpr = TILE_OUTPUTS * WG
     warps: gl.constexpr = 4 * WG
@@ -254,10 +275,8 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
     k_x = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
     x_ptrs = x_ptr + m_x[:, None] * stride_x + first * BLOCK_K + k_x[None, :]
     x_mask = (m_x < M)[:, None]
-    for i in gl.static_range(X_STAGES - 1):  # x's first tiles on their way
-        if i < ITERS:
-            async_copy.async_copy_global_to_shared(x_smem.index(i), x_ptrs + i * BLOCK_K, mask=x_mask)
-        async_copy.commit_group()
+    if not PDL:
+        _first_x_tiles(x_smem, x_ptrs, x_mask, ITERS)
     # the loop is unrolled, so `loaded` (step j's loads at index j) is a list at compile time:
     # each step's words are asked for AHEAD steps before they are dequantized
     loaded = ()
@@ -267,6 +286,9 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
                                           high_layout, w_layout),)
     a = _weights(loaded[0], tile, BITS, OFFSET, dtype, WG, w_layout, a_layout)
     acc = gl.zeros([OUTPUTS, BM], gl.float32, acc_layout)
+    if PDL:  # the weights are constants: only x and what this kernel writes wait
+        _grid_dependency_wait()
+        _first_x_tiles(x_smem, x_ptrs, x_mask, ITERS)
     for i in gl.static_range(ITERS):
         async_copy.wait_group(X_STAGES - 2)  # x's tile of step i has landed
         fence_async_shared()
@@ -399,12 +421,14 @@ def fragments_locks(N: int, device: torch.device | str) -> torch.Tensor:
 def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                      bits: int, zero_offset: int, bias: torch.Tensor | None = None, locks: torch.Tensor | None = None,
                      split_k: int | None = None, rows_per_program: int | None = None,
-                     load_ahead: int = LOAD_AHEAD, warpgroups: int | None = None, swiglu: bool = False) -> torch.Tensor:
+                     load_ahead: int = LOAD_AHEAD, warpgroups: int | None = None, swiglu: bool = False,
+                     pdl: bool = False) -> torch.Tensor:
     """x [M ≤ 64, K] (bf16 or fp16) times a 2-, 3-, 4- or 8-bit qweight in the fragments layout (groups of 128):
     [M, N] in x's dtype; with `swiglu`, silu(gate)·up of outputs interleaved as (gate, up) pairs, [M, N/2],
     applied as the outputs are stored. With `locks` (fragments_locks) K-splits are added up inside the kernel, else afterwards.
     The loads of a step's words are issued `load_ahead` steps before they are dequantized; split_k,
-    rows_per_program and warpgroups override fragments_tiling's choice."""
+    rows_per_program and warpgroups override fragments_tiling's choice. `pdl` launches it as a
+    programmatic dependent launch (kernels.launch.pdl_supported), its weights read before it waits."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fragments_matmul takes bf16 or fp16 activations, got {x.dtype}")
     M, K = x.shape
@@ -435,7 +459,8 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     _fragments_matmul_kernel[(N // (TILE_N * wg), split, triton.cdiv(M, bm))](
         x, qweight, scales, qzeros, bias if fuse_bias else y, partial, y, locks if inside else y, M, N, K, x.stride(0),
         BITS=bits, OFFSET=zero_offset, HAS_BIAS=fuse_bias, BM=bm, ITERS=steps // split,
-        SPLIT=split, LAST_SUMS=inside, AHEAD=load_ahead, WG=wg, SWIGLU=swiglu and finished, num_warps=4 * wg)
+        SPLIT=split, LAST_SUMS=inside, AHEAD=load_ahead, WG=wg, SWIGLU=swiglu and finished, PDL=pdl, num_warps=4 * wg,
+        **launch_options(pdl))
     if finished:
         return y
     y = (partial.sum(0) if bias is None else partial.sum(0) + bias.float()).to(x.dtype)
@@ -444,13 +469,11 @@ def fragments_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", arch: int = 90,
                                  load_ahead: int = LOAD_AHEAD, bits: int = 4, warpgroups: int | None = None,
-                                 swiglu: bool = False):
+                                 swiglu: bool = False, pdl: bool = False):
     """_fragments_matmul_kernel as fragments_matmul launches it (K-splits added up inside, no bias;
     `warpgroups` overrides the tiling's), compiled for sm_<arch> without a GPU
     (benchmarks/kernel_asm.py and the tests read its SASS)."""
     from triton.experimental.gluon._runtime import GluonASTSource
-
-    from qrobust.kernels.launch import compile_for
 
     act = "*" + dtype
     pointers = {"x_ptr": act, "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "b_ptr": act, "p_ptr": "*fp32",
@@ -459,9 +482,9 @@ def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", ar
     rows, split, wg = fragments_tiling(M, N, K)
     wg = warpgroups or wg
     constants = dict(BITS=bits, OFFSET=1, HAS_BIAS=False, BM=rows, ITERS=K // TILE_K // split, SPLIT=split,
-                     LAST_SUMS=split > 1, AHEAD=load_ahead, WG=wg, SWIGLU=swiglu)
+                     LAST_SUMS=split > 1, AHEAD=load_ahead, WG=wg, SWIGLU=swiglu, PDL=pdl)
     return compile_for(_fragments_matmul_kernel, arch, pointers, scalars, constants, source_type=GluonASTSource,
-                       num_warps=4 * wg)
+                       num_warps=4 * wg, **launch_options(pdl))
 
 
 # A custom op, as the other products (kernels.ops): torch.compile treats it as one call; the locks
@@ -469,10 +492,10 @@ def compile_fragments_matmul_for(M: int, N: int, K: int, dtype: str = "bf16", ar
 @torch.library.custom_op("qrobust::fragments_matmul", mutates_args=())
 def fragments_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                         bias: torch.Tensor | None, locks: torch.Tensor | None, bits: int,
-                        zero_offset: int, swiglu: bool = False) -> torch.Tensor:
-    return fragments_matmul(x, qweight, scales, qzeros, bits, zero_offset, bias, locks, swiglu=swiglu)
+                        zero_offset: int, swiglu: bool = False, pdl: bool = False) -> torch.Tensor:
+    return fragments_matmul(x, qweight, scales, qzeros, bits, zero_offset, bias, locks, swiglu=swiglu, pdl=pdl)
 
 
 @fragments_matmul_op.register_fake
-def _(x, qweight, scales, qzeros, bias, locks, bits, zero_offset, swiglu=False):
+def _(x, qweight, scales, qzeros, bias, locks, bits, zero_offset, swiglu=False, pdl=False):
     return x.new_empty(x.shape[0], qweight.shape[1] // (2 if swiglu else 1))

@@ -125,18 +125,7 @@ def use_pdl(model: TransformerLM, on: bool = True) -> int:
     finishes, reading its weights before it waits for that kernel's outputs (kernels.gemv).
     Only for decoding, where nothing rewrites the weights between steps. Elsewhere nothing
     changes; on=False goes back. Returns how many layers changed."""
-    from qrobust.kernels.decode_attention import decode_attention_op
-    from qrobust.kernels import pdl_supported
-
-    if not pdl_supported(model.device):
-        return 0
-    changed = _set_packed(model, "pdl", on)
-    for block in model.model.layers:
-        if block.self_attn.decode_attention is not None:
-            block.self_attn.decode_attention = functools.partial(decode_attention_op, pdl=True) if on \
-                else decode_attention_op
-            changed += 1
-    return changed
+    return _dependent_launches(model, "pdl", on)
 
 
 def use_half2(model: TransformerLM, on: bool = True) -> int:
@@ -148,8 +137,32 @@ def use_half2(model: TransformerLM, on: bool = True) -> int:
     return _set_packed(model, "half2", on)
 
 
+def use_engine_pdl(model: TransformerLM, on: bool = True) -> int:
+    """For the batched engine on Hopper or later: the fragments products (QuantLinear.fragments_pdl)
+    and the attention kernel launch as programmatic dependent launches, so each loads its weights
+    and launches while the kernel before it finishes. Unlike use_pdl, the layers keep the
+    fragments layout. Elsewhere nothing changes; on=False goes back. Returns how many layers changed."""
+    return _dependent_launches(model, "fragments_pdl", on)
+
+
+def _dependent_launches(model: TransformerLM, switch: str, on: bool) -> int:
+    """use_pdl and use_engine_pdl: the packed layers' `switch` and the attention kernel's PDL."""
+    from qrobust.kernels.decode_attention import decode_attention_op
+    from qrobust.kernels import pdl_supported
+
+    if not pdl_supported(model.device):
+        return 0
+    changed = _set_packed(model, switch, on)
+    for block in model.model.layers:
+        if block.self_attn.decode_attention is not None:
+            block.self_attn.decode_attention = functools.partial(decode_attention_op, pdl=True) if on \
+                else decode_attention_op
+            changed += 1
+    return changed
+
+
 def _set_packed(model: TransformerLM, switch: str, on: bool) -> int:
-    """Sets the QuantLinear switch `switch` (pdl, half2) of every packed layer; returns how many."""
+    """Sets the QuantLinear switch `switch` (pdl, fragments_pdl, half2) of every packed layer; returns how many."""
     from qrobust.quant.qlinear import QuantLinear
 
     packed = [m for m in model.modules() if isinstance(m, QuantLinear)]

@@ -71,6 +71,8 @@ class QuantLinear(nn.Module):
         # forward_swiglu on the fragments product applies SwiGLU as it stores the outputs
         # (kernels.fragments_matmul swiglu=True); off until measured on a GPU (benchmarks/engine_gpu.py)
         self.swiglu_epilogue = False
+        # the fragments product as a programmatic dependent launch (models.decode.use_engine_pdl)
+        self.fragments_pdl = False
         # how qweight packs codes: "gptq", "pairs" for 3-bit half2 layers (the half2 setter; quant.pack),
         # "fragments" where kernels.fragments_matmul runs (uses_kernels; kernels.fragments)
         self.layout = "gptq"
@@ -289,7 +291,7 @@ class QuantLinear(nn.Module):
         # in the epilogue, the [rows, 2·I] outputs are neither written nor read again
         epilogue = swiglu and self.swiglu_epilogue
         y = fragments_matmul_op(rows, self.qweight, self.scales, self.qzeros, bias, self._kernel_args.matmul_locks,
-                                self.spec.bits, FORMAT_OFFSET[self.format], epilogue)
+                                self.spec.bits, FORMAT_OFFSET[self.format], epilogue, self.fragments_pdl)
         return interleaved_swiglu(y) if swiglu and not epilogue else y
 
     def _dequant_matmul_product(self, rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
