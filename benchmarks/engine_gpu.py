@@ -13,7 +13,8 @@ random-weight models of the real shapes in bfloat16. Parts (--parts, all by defa
   added up afterwards, fused q/k/v and gate/up, tinygemm at 4 bits, one fragments program for all
   of a call's 33-64 rows, the residual adds and SwiGLU in torch ops instead of their kernels
   ("torch element-wise"), SwiGLU in the fragments product's epilogue, the fragments products and
-  the attention kernel as programmatic dependent launches ("dependent launches", every width);
+  the attention and norm kernels as programmatic dependent launches ("dependent launches", every
+  width; "dependent launches but norms");
   --variants picks some; --tiling FILE adds the fastest tilings a
   fragments_splits.py file found), each against bf16 in the run,
   and at bf16 with every block's product replaced by one kernel that writes zeros: the ceiling on
@@ -407,8 +408,8 @@ def variants(plan: Plan, device: str) -> list[dict]:
     same rewrite, in the same run; and bf16 with zero_products, the ceiling. The fragments
     product's rewrites (64-row programs, --tiling) run on the most rewritten layers asked for:
     fused, with the attention kernel where that is asked for too, as does "SwiGLU epilogue"
-    (QuantLinear.swiglu_epilogue on); "dependent launches" (models.decode.use_engine_pdl) runs on
-    those layers at every width."""
+    (QuantLinear.swiglu_epilogue on); "dependent launches" (models.decode.use_engine_pdl) and
+    "dependent launches but norms" run on those layers at every width."""
     if 16 not in plan.bits:
         raise SystemExit("engine_gpu.py: variants compares with bf16: include 16 in --bits")
     short = replace(plan, new_tokens=min(plan.new_tokens, 256), batches=(64, 32) if not plan.tiny else (3,))
@@ -460,11 +461,12 @@ def variants(plan: Plan, device: str) -> list[dict]:
             if wanted("attention kernel"):
                 use_attention_kernel(model)
                 rows += engine_rows(model, short, bits, variant="fused projections, attention kernel")
-                if wanted("dependent launches"):  # bf16's attention kernel too, the same rewrite
-                    use_engine_pdl(model)
-                    rows += engine_rows(model, short, bits, variant="fused projections, attention kernel, "
-                                                                    "dependent launches")
-                    use_engine_pdl(model, on=False)
+                for variant, norms in (("dependent launches", True), ("dependent launches but norms", False)):
+                    if wanted(variant):  # bf16's attention and norm kernels too, the same rewrite
+                        use_engine_pdl(model, norms=norms)
+                        rows += engine_rows(model, short, bits, variant="fused projections, attention kernel, "
+                                                                        + variant)
+                        use_engine_pdl(model, on=False)
                 if bits != 16:
                     rows += rewritten_rows(model, bits, prefix="fused projections, attention kernel, ")
                 if wanted("torch element-wise"):
@@ -754,8 +756,8 @@ def main() -> None:
     parser.add_argument("--variants", help="variants: the rewrites to time beside today's engine, comma-separated "
                                            "(default all: GPTQ layout, products write zeros, sums afterwards, "
                                            "fused projections, attention kernel (with fused projections), "
-                                           "64-row programs, SwiGLU epilogue, dependent launches (with the "
-                                           "attention kernel); the last three also fused)")
+                                           "64-row programs, SwiGLU epilogue, dependent launches (but norms; with "
+                                           "the attention kernel); the last three also fused)")
     parser.add_argument("--tiling", help="variants: also the fastest tiling per width, rows and shape in these "
                                          "fragments_splits.py files, comma-separated (unfused and with fused "
                                          "projections)")

@@ -477,15 +477,17 @@ def test_readying_for_generation_drops_the_engine_built_on_the_unfused_layers(ti
 
 def test_engine_pdl_launches_the_fragments_products_and_the_attention_kernel_dependently(monkeypatch):
     """models.decode.use_engine_pdl: where dependent launches exist (faked here), every packed layer's
-    fragments product is called with pdl and each layer's attention kernel launches with it; the
-    layers keep their layout (unlike use_pdl, which the GEMV needs); off, both go back. Where they
-    do not exist (this CPU), nothing changes."""
+    fragments product is called with pdl, each layer's attention kernel launches with it and so
+    does every norm's kernel (unless norms=False); the layers keep their layout (unlike use_pdl,
+    which the GEMV needs); off, all go back. Where they do not exist (this CPU), nothing changes."""
     import functools
 
     from qrobust.bench_generate import small_decoder
     from qrobust import kernels
-    from qrobust.kernels import fragments_matmul as fm, launch
+    from qrobust.kernels import fragments_matmul as fm, launch, rms_norm as rms_norm_module
     from qrobust.kernels.decode_attention import decode_attention_op
+    from qrobust.models import transformer
+    from qrobust.models.transformer import RMSNorm
     from qrobust.models.decode import fuse_projections, use_attention_kernel, use_engine_pdl
     from qrobust.quant import qlinear
     from qrobust.quant.qlinear import QuantLinear
@@ -495,8 +497,19 @@ def test_engine_pdl_launches_the_fragments_products_and_the_attention_kernel_dep
     use_attention_kernel(model)
     packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert use_engine_pdl(model) == 0 and not any(m.fragments_pdl for m in packed)
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     monkeypatch.setattr(launch, "pdl_supported", lambda device: True)
-    assert use_engine_pdl(model) == len(packed) + len(model.model.layers)
+    assert use_engine_pdl(model, norms=False) == len(packed) + len(model.model.layers)
+    assert not any(n.pdl for n in norms)
+    assert use_engine_pdl(model) == len(packed) + len(model.model.layers) + len(norms)
+    assert norms and all(n.pdl for n in norms)
+    launched = []
+    monkeypatch.setattr(rms_norm_module, "_launch", lambda *args: launched.append(args[-1]) or (args[0], args[0]))
+    monkeypatch.setattr(transformer, "kernels_enabled", lambda device: True)
+    x = torch.zeros(2, norms[0].weight.shape[0], dtype=norms[0].weight.dtype)
+    with torch.no_grad():
+        norms[0](x), norms[0].forward_add(x, x)
+    assert launched == [True, True]  # rms_norm's and add_rms_norm's pdl
     attention = [b.self_attn.decode_attention for b in model.model.layers]
     assert all(isinstance(a, functools.partial) and a.keywords == {"pdl": True} for a in attention)
     calls = []
@@ -508,7 +521,7 @@ def test_engine_pdl_launches_the_fragments_products_and_the_attention_kernel_dep
     layer._fragments_matmul_product(torch.zeros(2, layer.in_features, dtype=torch.bfloat16), False)
     assert calls[-1][-1] is True  # the op's pdl argument
     use_engine_pdl(model, on=False)
-    assert not any(m.fragments_pdl for m in packed)
+    assert not any(m.fragments_pdl for m in packed) and not any(n.pdl for n in norms)
     assert all(b.self_attn.decode_attention is decode_attention_op for b in model.model.layers)
 
 

@@ -730,6 +730,39 @@ def test_rms_norm_kernel_matches_the_torch_form(dtype, shape, transposed):
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
     if dtype == torch.bfloat16 and DEVICE == "cuda":  # (Triton's interpreter truncates to bfloat16, a GPU rounds)
         assert (out == ref).float().mean() > 0.9  # the roundings are the torch form's: most elements bit for bit
+    if kernels.pdl_supported(DEVICE):  # as a programmatic dependent launch, the same
+        assert torch.equal(rms_norm(x, norm.weight, norm.eps, pdl=True), out)
+
+
+NORM_PDL_COMPILE = """
+from qrobust.kernels.launch import compile_for
+from qrobust.kernels.rms_norm import _rms_norm_kernel
+pointers = {name: "*bf16" for name in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "h_ptr")}
+print(compile_for(_rms_norm_kernel, 90, pointers, {"n_rows": "i32", "n_cols": "i32", "eps": "fp32"},
+                  dict(ROWS=2, BLOCK=2048, HAS_RESIDUAL=True, PDL=True), num_warps=8, launch_pdl=True).asm["ttir"])
+"""
+
+
+def test_as_a_dependent_launch_the_norm_kernel_reads_only_its_weight_before_it_waits():
+    """kernels.rms_norm with pdl, compiled for sm_90 without a GPU: one wait, then the next kernel's
+    launch; before the wait one load (the norm's weight) and no store, as the kernel before may
+    still write the rows and the residual stream; their loads and every store come after."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import triton.language as tl
+
+    if not hasattr(tl.extra.cuda, "gdc_wait"):
+        pytest.skip("this Triton has no griddepcontrol calls")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ttir = subprocess.run([sys.executable, "-c", NORM_PDL_COMPILE], env=env, capture_output=True, text=True,
+                          check=True).stdout
+    assert ttir.count("griddepcontrol.wait") == 1 and ttir.count("griddepcontrol.launch_dependents") == 1
+    before, after = ttir.split("griddepcontrol.wait")
+    assert len(re.findall(r"tt\.load", before)) == 1 and not re.search(r"tt\.store", before)
+    assert len(re.findall(r"tt\.load", after)) == 2 and len(re.findall(r"tt\.store", after)) == 2
 
 
 def test_rms_norm_keeps_the_torch_form_where_gradients_flow(monkeypatch):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrobust.models.transformer import TransformerLM
+from qrobust.models.transformer import RMSNorm, TransformerLM
 
 
 def concat_linears(layers: list[nn.Module], interleave: bool = False) -> nn.Module | None:
@@ -137,12 +137,20 @@ def use_half2(model: TransformerLM, on: bool = True) -> int:
     return _set_packed(model, "half2", on)
 
 
-def use_engine_pdl(model: TransformerLM, on: bool = True) -> int:
-    """For the batched engine on Hopper or later: the fragments products (QuantLinear.fragments_pdl)
-    and the attention kernel launch as programmatic dependent launches, so each loads its weights
-    and launches while the kernel before it finishes. Unlike use_pdl, the layers keep the
-    fragments layout. Elsewhere nothing changes; on=False goes back. Returns how many layers changed."""
-    return _dependent_launches(model, "fragments_pdl", on)
+def use_engine_pdl(model: TransformerLM, on: bool = True, norms: bool = True) -> int:
+    """For the batched engine on Hopper or later: the fragments products (QuantLinear.fragments_pdl),
+    the attention kernel and, with `norms`, the RMSNorm kernels (RMSNorm.pdl) launch as
+    programmatic dependent launches, so each loads its weights and launches while the kernel
+    before it finishes. Unlike use_pdl, the layers keep the fragments layout. Elsewhere nothing
+    changes; on=False goes back (norms too). Returns how many layers changed."""
+    from qrobust.kernels import pdl_supported
+
+    if not pdl_supported(model.device):
+        return 0
+    norm_layers = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    for norm in norm_layers:
+        norm.pdl = on and norms
+    return _dependent_launches(model, "fragments_pdl", on) + (len(norm_layers) if norms else 0)
 
 
 def _dependent_launches(model: TransformerLM, switch: str, on: bool) -> int:

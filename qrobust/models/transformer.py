@@ -60,6 +60,8 @@ class RMSNorm(nn.Module):
     the same; `kernel = False` keeps the torch form (for comparisons)."""
 
     kernel = True
+    # the kernel as a programmatic dependent launch (models.decode.use_engine_pdl; Hopper and later)
+    pdl = False
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -70,7 +72,7 @@ class RMSNorm(nn.Module):
         if self._uses_kernel(x):
             from qrobust.kernels.rms_norm import rms_norm
 
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, self.pdl)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -91,7 +93,7 @@ class RMSNorm(nn.Module):
         if residual is not None and x.shape == residual.shape and self._uses_kernel(x, residual):
             from qrobust.kernels.rms_norm import add_rms_norm
 
-            return add_rms_norm(x, residual, self.weight, self.eps)
+            return add_rms_norm(x, residual, self.weight, self.eps, self.pdl)
         h = residual_sum(x, residual)
         return self(h), h
 
