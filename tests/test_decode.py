@@ -296,7 +296,8 @@ def test_norms_fused_into_the_gemvs_decode_the_same_tokens(monkeypatch):
                 norm.weight.uniform_(0.5, 1.5)
     quantize_blocks_rtn(model, QuantSpec(3, 32, sym=False))
     prompt = torch.tensor([5, 17, 3, 44, 8])
-    expected = GreedyDecoder(model, max_len=20).generate(prompt, 10).tokens
+    new_tokens = 6  # five one-token steps after the prompt's forward
+    expected = GreedyDecoder(model, max_len=20).generate(prompt, new_tokens).tokens
     assert fuse_norms(model) == 0  # nothing fused to take the norms yet
     fuse_projections(model)
     import qrobust.quant.qlinear as qlinear
@@ -312,11 +313,12 @@ def test_norms_fused_into_the_gemvs_decode_the_same_tokens(monkeypatch):
                and m.leaves_split_sums(torch.device(DEVICE))}
     assert leaving == {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)}
     eager = GreedyDecoder(model, max_len=20, graphs=False)  # a graph would replay the calls uncounted
-    assert eager.generate(prompt, 10).tokens.tolist() == expected.tolist()
-    # nine one-token steps (the prompt's forward has too many rows); only the first block's first
+    assert eager.generate(prompt, new_tokens).tokens.tolist() == expected.tolist()
+    # one-token steps (the prompt's forward has too many rows); only the first block's first
     # product starts the stream without a residual, and the second block's takes split sums
-    assert len(calls) == 9 * 2 * 2 and sum(first for first, _ in calls) == 9
-    assert sum(dim == 3 for _, dim in calls) == 9 and len(split_calls) == 9 * 2
+    steps = new_tokens - 1
+    assert len(calls) == steps * 2 * 2 and sum(first for first, _ in calls) == steps
+    assert sum(dim == 3 for _, dim in calls) == steps and len(split_calls) == steps * 2
     fuse_norms(model, on=False)
     calls.clear()
     eager.generate(prompt, 3)
