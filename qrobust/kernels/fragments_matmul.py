@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -226,15 +227,6 @@ def _first_x_tiles(x_smem, x_ptrs, x_mask, ITERS: gl.constexpr):
 
 
 @gluon.jit
-def _grid_dependency_wait():
-    """griddepcontrol: wait until the kernel before has finished and its writes are visible, then
-    let the kernel after launch (its blocks wait likewise before they read what this one writes)."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
 def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, stride_x,
                              BITS: gl.constexpr, OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
                              ITERS: gl.constexpr, SPLIT: gl.constexpr, LAST_SUMS: gl.constexpr, AHEAD: gl.constexpr,
@@ -287,7 +279,8 @@ def _fragments_matmul_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, p_ptr, y_ptr, 
     a = _weights(loaded[0], tile, BITS, OFFSET, dtype, WG, w_layout, a_layout)
     acc = gl.zeros([OUTPUTS, BM], gl.float32, acc_layout)
     if PDL:  # the weights are constants: only x and what this kernel writes wait
-        _grid_dependency_wait()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
         _first_x_tiles(x_smem, x_ptrs, x_mask, ITERS)
     for i in gl.static_range(ITERS):
         async_copy.wait_group(X_STAGES - 2)  # x's tile of step i has landed
