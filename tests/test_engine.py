@@ -475,7 +475,7 @@ def test_readying_for_generation_drops_the_engine_built_on_the_unfused_layers(ti
     assert adapter.for_generation() == 0  # on CPU nothing is fused by default
 
 
-def test_engine_pdl_launches_the_fragments_products_and_the_attention_kernel_dependently(monkeypatch):
+def test_engine_pdl_launches_the_fragments_products_attention_and_norm_kernels_dependently(monkeypatch):
     """models.decode.use_engine_pdl: where dependent launches exist (faked here), every packed layer's
     fragments product is called with pdl, each layer's attention kernel launches with it and so
     does every norm's kernel (unless norms=False); the layers keep their layout (unlike use_pdl,
